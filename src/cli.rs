@@ -1,0 +1,206 @@
+//! The `berth` command line. Owns argument parsing and printing; every command except `server`,
+//! `shim` and `hook` is a request to the running daemon over its admin socket (`DIR/berth.sock`).
+//! Must not touch the store, the runtime or the repos directly: the daemon owns them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::{self, Request};
+
+/// Default data directory of the server and the client.
+pub const DEFAULT_DATA: &str = "/var/lib/berth";
+
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about = "A self-hosted git-push PaaS in one binary")]
+pub struct Cli {
+    /// berth's data directory; the client talks to DIR/berth.sock.
+    #[arg(long, global = true, env = "BERTH_DATA", default_value = DEFAULT_DATA, value_name = "DIR")]
+    pub data: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the berth server: proxy, SSH git endpoint, admin socket and deploys.
+    Server(ServerArgs),
+    /// Create an app.
+    #[command(name = "apps:create")]
+    AppsCreate { name: String },
+    /// List apps.
+    Apps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an app: URL, git remote, current release, containers.
+    #[command(name = "apps:info")]
+    AppsInfo {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy an app: its containers, route, repo, config and releases.
+    #[command(name = "apps:destroy")]
+    AppsDestroy {
+        name: String,
+        /// Required: destroying cannot be undone.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show an app's config vars.
+    Config {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one config var's value.
+    #[command(name = "config:get")]
+    ConfigGet { name: String, key: String },
+    /// Set config vars; makes a new release and restarts the app.
+    #[command(name = "config:set")]
+    ConfigSet {
+        name: String,
+        /// KEY=VALUE pairs.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// Store the vars but do not make a release or restart.
+        #[arg(long)]
+        no_restart: bool,
+    },
+    /// Unset config vars; makes a new release and restarts the app.
+    #[command(name = "config:unset")]
+    ConfigUnset {
+        name: String,
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+        /// Store the change but do not make a release or restart.
+        #[arg(long)]
+        no_restart: bool,
+    },
+    /// List the SSH keys allowed to push.
+    Keys {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow an SSH public key to push; FILE is an OpenSSH public key file, or - for stdin.
+    #[command(name = "keys:add")]
+    KeysAdd { name: String, file: String },
+    /// Remove an SSH key.
+    #[command(name = "keys:remove")]
+    KeysRemove { name: String },
+    /// List an app's releases, newest first.
+    Releases {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an app's containers.
+    Ps {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an app's logs.
+    Logs {
+        name: String,
+        /// Keep streaming new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many past lines to show.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        num: usize,
+    },
+    /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
+    #[command(name = "stack:build")]
+    StackBuild {
+        /// Rebuild even if they exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Internal: run one container under a shim (started by the daemon).
+    #[command(hide = true)]
+    Shim {
+        /// The container's directory, holding its `shim.json`.
+        dir: PathBuf,
+    },
+    /// Internal: git hooks (installed into each app's repo).
+    #[command(hide = true)]
+    Hook {
+        #[command(subcommand)]
+        hook: HookCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HookCommand {
+    /// Deploys a pushed main/master branch; run by git-receive-pack.
+    #[command(name = "pre-receive")]
+    PreReceive,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// HTTP address of the proxy.
+    #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR")]
+    pub http: String,
+    /// SSH address of the git endpoint.
+    #[arg(long, default_value = "0.0.0.0:2222", value_name = "ADDR")]
+    pub ssh: String,
+    /// Apps are served at http://APP.<domain>.
+    #[arg(long, default_value = "localhost")]
+    pub domain: String,
+    /// Host bridge the containers attach to.
+    #[arg(long, default_value = "berth0")]
+    pub bridge: String,
+    /// Private /16 subnet berth owns for containers (the bridge takes .0.1).
+    #[arg(long, default_value = "10.219.0.0/16")]
+    pub subnet: String,
+    /// Host CA bundle passed read-only to builds (pip/npm behind TLS-intercepting proxies);
+    /// empty to disable.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt", value_name = "FILE")]
+    pub build_ca_bundle: String,
+    /// On shutdown, also stop every container and remove the bridge (tests, throwaway servers).
+    #[arg(long)]
+    pub ephemeral: bool,
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Server(args) => crate::server::main(cli.data, args),
+        Command::Shim { dir } => return berth_runtime::shim::main(&dir),
+        Command::Hook { hook: HookCommand::PreReceive } => crate::hook::pre_receive(&cli.data),
+        command => admin::client::call(&cli.data, to_request(command)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    }
+}
+
+fn to_request(command: Command) -> Request {
+    match command {
+        Command::AppsCreate { name } => Request::AppsCreate { name },
+        Command::Apps { json } => Request::Apps { json },
+        Command::AppsInfo { name, json } => Request::AppsInfo { name, json },
+        Command::AppsDestroy { name, force } => Request::AppsDestroy { name, force },
+        Command::Config { name, json } => Request::Config { name, json },
+        Command::ConfigGet { name, key } => Request::ConfigGet { name, key },
+        Command::ConfigSet { name, pairs, no_restart } => Request::ConfigSet { name, pairs, no_restart },
+        Command::ConfigUnset { name, keys, no_restart } => Request::ConfigUnset { name, keys, no_restart },
+        Command::Keys { json } => Request::Keys { json },
+        Command::KeysAdd { name, file } => Request::KeysAdd { name, key: String::new(), file },
+        Command::KeysRemove { name } => Request::KeysRemove { name },
+        Command::Releases { name, json } => Request::Releases { name, json },
+        Command::Ps { name, json } => Request::Ps { name, json },
+        Command::Logs { name, follow, num } => Request::Logs { name, follow, num },
+        Command::StackBuild { force } => Request::StackBuild { force },
+        Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
+            unreachable!("handled before")
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! berth: a self-hosted git-push PaaS in one binary.
+//!
+//! Data flows one way: push → build → release → runtime → route.
+//!
+//! - [`cli`]: the `berth …` command line (client side; talks to the admin socket).
+//! - [`admin`]: the local admin socket protocol (JSON lines) and the server's command handlers.
+//! - [`server`]: `berth server`: wires store, proxy, SSH, admin socket and deploys; shutdown.
+//! - [`store`]: SQLite state (apps, config, releases, keys, containers) via sqlx.
+//! - [`app`]: app names and their validation.
+//! - [`config`]: config var keys and values.
+//! - [`keys`]: SSH public keys (parse, fingerprint).
+//! - [`ssh`]: the SSH server (russh): key auth, `git-receive-pack` only.
+//! - [`git`]: bare repos per app, the pre-receive hook, checking out a pushed commit.
+//! - [`hook`]: `berth hook pre-receive`, run by git inside a push.
+//! - [`image`]: the OCI content-addressed image store and the stack images.
+//! - [`build`]: buildpack builds (API v2) inside a build container; Procfile.
+//! - [`deploy`]: releases and the start → health check → swap route → stop old sequence.
+//! - [`proxy`]: the HTTP reverse proxy and its route table.
+//! - [`logs`]: the per-app log file.
+//!
+//! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
+
+pub mod cli;
