@@ -171,7 +171,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Server(args) => crate::server::main(cli.data, args),
         Command::Shim { dir } => return berth_runtime::shim::main(&dir),
         Command::Hook { hook: HookCommand::PreReceive } => crate::hook::pre_receive(&cli.data),
-        command => admin::client::call(&cli.data, to_request(command)),
+        command => to_request(command).and_then(|request| admin::client::call(&cli.data, request)),
     };
     match result {
         Ok(code) => code,
@@ -182,8 +182,8 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-fn to_request(command: Command) -> Request {
-    match command {
+fn to_request(command: Command) -> anyhow::Result<Request> {
+    Ok(match command {
         Command::AppsCreate { name } => Request::AppsCreate { name },
         Command::Apps { json } => Request::Apps { json },
         Command::AppsInfo { name, json } => Request::AppsInfo { name, json },
@@ -193,7 +193,7 @@ fn to_request(command: Command) -> Request {
         Command::ConfigSet { name, pairs, no_restart } => Request::ConfigSet { name, pairs, no_restart },
         Command::ConfigUnset { name, keys, no_restart } => Request::ConfigUnset { name, keys, no_restart },
         Command::Keys { json } => Request::Keys { json },
-        Command::KeysAdd { name, file } => Request::KeysAdd { name, key: String::new(), file },
+        Command::KeysAdd { name, file } => Request::KeysAdd { name, key: read_key_file(&file)? },
         Command::KeysRemove { name } => Request::KeysRemove { name },
         Command::Releases { name, json } => Request::Releases { name, json },
         Command::Ps { name, json } => Request::Ps { name, json },
@@ -202,5 +202,15 @@ fn to_request(command: Command) -> Request {
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")
         }
+    })
+}
+
+/// Reads a public key file, or stdin for `-`.
+fn read_key_file(file: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    if file == "-" {
+        return std::io::read_to_string(std::io::stdin()).context("cannot read the key from stdin");
     }
+    std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {file} — pass an OpenSSH public key file, e.g. ~/.ssh/id_ed25519.pub"))
 }

@@ -17,7 +17,23 @@
 //! - [`deploy`]: releases and the start → health check → swap route → stop old sequence.
 //! - [`proxy`]: the HTTP reverse proxy and its route table.
 //! - [`logs`]: the per-app log file.
+//! - [`paths`]: the layout of the data directory.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
+pub mod admin;
+pub mod app;
+pub mod build;
 pub mod cli;
+pub mod config;
+pub mod deploy;
+pub mod git;
+pub mod hook;
+pub mod image;
+pub mod keys;
+pub mod logs;
+pub mod paths;
+pub mod proxy;
+pub mod server;
+pub mod ssh;
+pub mod store;

@@ -1,0 +1,63 @@
+//! Accepts admin socket connections: reads one request, runs its handler, streams the events back.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{handlers, Event, Out, Request};
+use crate::server::Daemon;
+
+/// Serves the admin socket until `shutdown` fires. Requests in flight keep running.
+pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    warn!(%err, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(serve_connection(stream, daemon.clone()));
+    }
+}
+
+async fn serve_connection(stream: UnixStream, daemon: Arc<Daemon>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    if BufReader::new(read).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Event>(256);
+    let out = Out::new(tx);
+    let writer = tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let mut text = serde_json::to_string(&event).expect("events serialize");
+            text.push('\n');
+            if write.write_all(text.as_bytes()).await.is_err() {
+                break; // the client went away; dropping rx tells the handler
+            }
+        }
+    });
+    let final_event = match serde_json::from_str::<Request>(&line) {
+        Err(err) => Event::Error(format!(
+            "the server did not understand the request ({err}) — are the client and server the same berth version?"
+        )),
+        Ok(request) => {
+            debug!(?request, "admin request");
+            match handlers::handle(&daemon, request, &out).await {
+                Ok(()) => Event::Done,
+                Err(err) => Event::Error(format!("{err:#}")),
+            }
+        }
+    };
+    out.send(final_event).await;
+    drop(out);
+    let _ = writer.await;
+}

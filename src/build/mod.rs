@@ -1,0 +1,209 @@
+//! Builds: turns a pushed source tree into an OCI image with Heroku buildpacks (API v2).
+//! The buildpacks run inside a build container on the `berth/stack-build` image with the source
+//! at /app, the app's cache at /cache, its config at /env (one file per var) and the host CA
+//! bundle passed in; the result is one layer on top of `berth/stack-run`.
+//! Owns the build steps; must not start app containers or touch routes (that is `deploy`).
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use berth_runtime::{Bind, ContainerSpec, LogTarget};
+use rand::Rng;
+use thiserror::Error;
+use tracing::{info, info_span, Instrument};
+
+use crate::admin::Out;
+use crate::config::Config;
+use crate::image::{stack, ImageConfig, ImageError};
+use crate::server::Daemon;
+use crate::store::ProcessTypes;
+
+pub mod buildpacks;
+pub mod procfile;
+pub mod release;
+
+/// Where the host CA bundle appears inside build containers.
+const CA_BUNDLE_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{0} — check the server's disk space and permissions")]
+    Io(#[from] std::io::Error),
+    #[error("cannot start the build container: {0}")]
+    Runtime(#[from] berth_runtime::Error),
+    #[error("the build failed (exit code {0}) — see the output above, fix the app and push again")]
+    Failed(i32),
+    #[error("Procfile: {0}")]
+    Procfile(#[from] procfile::ProcfileError),
+    #[error("the buildpack's release output is malformed: {0}")]
+    Release(#[from] release::ReleaseError),
+    #[error("no process types: add a Procfile with a line like `web: python app.py`")]
+    NoProcessTypes,
+}
+
+/// What a build produced.
+pub struct Built {
+    pub image: String,
+    pub process_types: ProcessTypes,
+}
+
+/// One stack build at a time, however many pushes wait for it.
+static STACK_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Builds `source` (a checkout in `DATA/builds/ID/src`) for `app`. The scratch folder is removed
+/// afterwards, pass or fail; on success the built tree now lives in the image store.
+pub async fn build(
+    d: &Daemon,
+    app: &str,
+    source: PathBuf,
+    config: &Config,
+    out: &Out,
+) -> Result<Built, BuildError> {
+    let scratch = source.parent().map(Path::to_path_buf).unwrap_or_else(|| source.clone());
+    let result = run_build(d, app, &source, &scratch, config, out)
+        .instrument(info_span!("build", %app))
+        .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+async fn run_build(
+    d: &Daemon,
+    app: &str,
+    source: &Path,
+    scratch: &Path,
+    config: &Config,
+    out: &Out,
+) -> Result<Built, BuildError> {
+    let (build_image, run_image) = ensure_stacks(d, false, out).await?;
+    if source.join("Dockerfile").exists() {
+        out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
+            .await;
+    }
+    let env_dir = scratch.join("env");
+    let out_dir = scratch.join("out");
+    let cache_dir = d.paths.cache(app);
+    for dir in [&env_dir, &out_dir, &cache_dir] {
+        std::fs::create_dir_all(dir)?;
+    }
+    for (key, value) in config {
+        std::fs::write(env_dir.join(key), value)?;
+    }
+
+    let images = d.images.clone();
+    let stack_build = tokio::task::spawn_blocking(move || images.image(&build_image))
+        .await
+        .expect("image task")?;
+    let mut env = stack_build.config.env.clone();
+    env.extend(["HOME=/app".to_string(), "STACK=berth-bookworm".to_string()]);
+    if let Some(url) = config.get("BUILDPACK_URL") {
+        env.push(format!("BUILDPACK_URL={url}"));
+    }
+    let mut binds = vec![
+        bind(source, "/app", false),
+        bind(&cache_dir, "/cache", false),
+        bind(&env_dir, "/env", true),
+        bind(&out_dir, "/out", false),
+        bind(&d.paths.buildpacks(), "/buildpacks", true),
+        bind(Path::new("/etc/resolv.conf"), "/etc/resolv.conf", true),
+    ];
+    if let Some(ca) = &d.build_ca_bundle {
+        binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
+        for var in ["SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+            env.push(format!("{var}={CA_BUNDLE_IN_BUILD}"));
+        }
+    }
+    let suffix: u32 = rand::thread_rng().gen();
+    let spec = ContainerSpec {
+        id: format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]),
+        layers: stack_build.layer_dirs.clone(),
+        args: ["/bin/sh", "/buildpacks/runner.sh", "/app", "/cache", "/env", "/out"]
+            .map(String::from)
+            .to_vec(),
+        env,
+        cwd: "/app".into(),
+        hostname: "build".into(),
+        binds,
+        netns: None,
+        log: LogTarget::Inherit,
+        stop_grace_secs: 5,
+        memory_limit: None,
+    };
+
+    out.line(format!("-----> Building {app} with buildpacks")).await;
+    let runtime = d.runtime.clone();
+    let stream = out.clone();
+    let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
+        let mut child = runtime.run_attached(&spec)?;
+        if let Some(stdout) = child.stdout.take() {
+            for line in std::io::BufReader::new(stdout).split(b'\n') {
+                stream.blocking_line(String::from_utf8_lossy(&line?));
+            }
+        }
+        let status = child.wait()?;
+        let _ = runtime.remove(&spec.id);
+        Ok(status.code().unwrap_or(-1))
+    })
+    .await
+    .expect("build task")?;
+    if code != 0 {
+        return Err(BuildError::Failed(code));
+    }
+
+    let process_types = process_types(source, &out_dir)?;
+    out.line(format!(
+        "-----> Discovering process types: {}",
+        process_types.keys().cloned().collect::<Vec<_>>().join(", ")
+    ))
+    .await;
+
+    out.line("-----> Packing the image").await;
+    let images = d.images.clone();
+    let source = source.to_path_buf();
+    let image = tokio::task::spawn_blocking(move || -> Result<String, ImageError> {
+        let run = images.image(&run_image)?;
+        let app_layer = images.layer_from_dir(&source, "app")?;
+        let mut layers = run.layers.clone();
+        layers.push(app_layer);
+        let config = ImageConfig { env: run.config.env.clone(), working_dir: "/app".into(), cmd: vec![] };
+        images.put_image(&layers, &config)
+    })
+    .await
+    .expect("pack task")?;
+    info!(%image, "built");
+    Ok(Built { image, process_types })
+}
+
+fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
+    Bind { source: source.to_path_buf(), destination: destination.to_string(), readonly }
+}
+
+/// The Procfile's process types over the buildpack's defaults.
+fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildError> {
+    let mut types = ProcessTypes::new();
+    if let Ok(yaml) = std::fs::read_to_string(out_dir.join("release.yml")) {
+        types.extend(release::default_process_types(&yaml)?);
+    }
+    if let Ok(text) = std::fs::read_to_string(source.join("Procfile")) {
+        types.extend(procfile::parse(&text)?);
+    }
+    if types.is_empty() {
+        return Err(BuildError::NoProcessTypes);
+    }
+    Ok(types)
+}
+
+/// The stack images' digests, building them if missing (or all again with `force`), with
+/// progress streamed to `out`.
+pub async fn ensure_stacks(d: &Daemon, force: bool, out: &Out) -> Result<(String, String), BuildError> {
+    let _guard = STACK_LOCK.lock().await;
+    let images = d.images.clone();
+    let progress = out.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        stack::ensure_stacks(&images, force, &mut |line: &str| progress.blocking_line(format!("       {line}")))
+    })
+    .await
+    .expect("stack task")?)
+}

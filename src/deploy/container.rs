@@ -1,0 +1,176 @@
+//! Starting and stopping one container of a release: its id, address, netns, environment and
+//! command, and the store record that says it exists. The runtime crate does the OS work.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use berth_runtime::{ContainerSpec, LogTarget, State};
+use rand::Rng;
+use tracing::{info, warn};
+
+use super::DeployError;
+use crate::image::Image;
+use crate::server::Daemon;
+use crate::store::{ContainerRow, Release, Store};
+
+/// The port every container's app listens on, inside its own netns.
+pub const PORT: u16 = 5000;
+/// How long a stopping container gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE_SECS: u64 = 10;
+
+/// The command line that runs a process type: sources `.profile.d/*.sh`, then execs `command`.
+fn launcher(command: &str) -> Vec<String> {
+    let script = format!(
+        "for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; exec {command}"
+    );
+    vec!["/bin/sh".into(), "-c".into(), script]
+}
+
+/// A container id: readable, unique, at most 64 characters.
+fn container_id(app: &str, process_type: &str, number: u32) -> String {
+    let suffix: u32 = rand::thread_rng().gen();
+    let app = &app[..app.len().min(40)];
+    let process_type: String = process_type
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(12)
+        .collect();
+    format!("{app}-{process_type}-{number}-{suffix:08x}")
+}
+
+impl ContainerRow {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.parse().expect("stored IPs are valid"), self.port as u16)
+    }
+}
+
+/// Starts container `number` of `process_type` for `release`; returns once its process runs.
+pub async fn start(
+    d: &Daemon,
+    release: &Release,
+    image: &Image,
+    process_type: &str,
+    number: u32,
+) -> Result<ContainerRow, DeployError> {
+    let command = release
+        .process_types
+        .get(process_type)
+        .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
+    let id = container_id(&release.app, process_type, number);
+    let ip = d.addresses.allocate()?;
+    let netns = match berth_runtime::network::create_netns(
+        &d.paths.netns(),
+        &id,
+        &d.bridge,
+        ip,
+        d.addresses.prefix,
+        d.addresses.gateway,
+    )
+    .await
+    {
+        Ok(netns) => netns,
+        Err(err) => {
+            d.addresses.release(ip);
+            return Err(err.into());
+        }
+    };
+    let dyno = format!("{process_type}.{number}");
+    let mut env = image.config.env.clone();
+    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend([
+        format!("PORT={PORT}"),
+        format!("DYNO={dyno}"),
+        "HOME=/app".to_string(),
+    ]);
+    let spec = ContainerSpec {
+        id: id.clone(),
+        layers: image.layer_dirs.clone(),
+        args: launcher(command),
+        env,
+        cwd: "/app".into(),
+        hostname: id.chars().take(63).collect(),
+        binds: vec![],
+        netns: Some(netns),
+        log: LogTarget::File { path: d.paths.log(&release.app), prefix: format!("app[{dyno}]") },
+        stop_grace_secs: STOP_GRACE_SECS,
+        memory_limit: None,
+    };
+    let runtime = d.runtime.clone();
+    let started = tokio::task::spawn_blocking(move || runtime.start(&spec))
+        .await
+        .expect("runtime start task");
+    if let Err(err) = started {
+        cleanup_network(d, &id, ip).await;
+        return Err(err.into());
+    }
+    let row = ContainerRow {
+        id,
+        app: release.app.clone(),
+        release: release.version,
+        process_type: process_type.to_string(),
+        number: number.into(),
+        ip: ip.to_string(),
+        port: PORT.into(),
+        created_at: Store::timestamp(),
+    };
+    d.store.insert_container(&row).await?;
+    info!(id = %row.id, ip = %row.ip, "container started");
+    Ok(row)
+}
+
+/// Whether the container has exited, and with which code.
+pub fn exit_code(d: &Daemon, id: &str) -> Option<i32> {
+    match d.runtime.state(id) {
+        State::Running { .. } => None,
+        State::Exited { code } => Some(code),
+        State::Gone => Some(-1),
+    }
+}
+
+/// Stops the container (SIGTERM, SIGKILL after the grace period), removes it, its netns and its
+/// record. Errors are logged, not returned: stopping must always make progress.
+pub async fn stop(d: &Daemon, row: &ContainerRow) {
+    let runtime = d.runtime.clone();
+    let id = row.id.clone();
+    let stopped = tokio::task::spawn_blocking(move || {
+        runtime.stop(&id)?;
+        runtime.remove(&id)
+    })
+    .await
+    .expect("runtime stop task");
+    if let Err(err) = stopped {
+        warn!(id = %row.id, %err, "stopping a container failed");
+    }
+    cleanup_network(d, &row.id, row.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)).await;
+    if let Err(err) = d.store.delete_container(&row.id).await {
+        warn!(id = %row.id, %err, "forgetting a container failed");
+    }
+    info!(id = %row.id, "container stopped");
+}
+
+async fn cleanup_network(d: &Daemon, id: &str, ip: Ipv4Addr) {
+    if let Err(err) = berth_runtime::network::delete_netns(&d.paths.netns(), id).await {
+        warn!(%id, %err, "removing a netns failed");
+    }
+    d.addresses.release(ip);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_short_and_safe() {
+        let long = "a".repeat(63);
+        let id = container_id(&long, "Web_Server.Extra.Long", 12);
+        assert!(id.len() <= 64, "{id}");
+        assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{id}");
+        assert_ne!(container_id("a", "web", 1), container_id("a", "web", 1));
+    }
+
+    #[test]
+    fn launcher_sources_profile_d() {
+        let args = launcher("python app.py");
+        assert_eq!(args[0], "/bin/sh");
+        assert!(args[2].contains(".profile.d") && args[2].ends_with("exec python app.py"));
+    }
+}

@@ -1,0 +1,83 @@
+//! The layout of berth's data directory, in one place. Owns path names only; creates nothing
+//! but the top-level directories in [`Paths::create`].
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    root: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf() }
+    }
+
+    /// Creates the data directory and its top-level folders (mode 0700 for the root).
+    pub fn create(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&self.root)?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        for dir in [
+            self.repos(),
+            self.images(),
+            self.containers(),
+            self.netns(),
+            self.builds(),
+            self.caches(),
+            self.logs(),
+            self.buildpacks(),
+        ] {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn database(&self) -> PathBuf {
+        self.root.join("berth.db")
+    }
+    pub fn host_key(&self) -> PathBuf {
+        self.root.join("ssh_host_ed25519_key")
+    }
+    /// Bare git repos, `APP.git`.
+    pub fn repos(&self) -> PathBuf {
+        self.root.join("repos")
+    }
+    /// The OCI image store.
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    /// One directory per container (bundle, shim state).
+    pub fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    /// Named network namespaces of the containers.
+    pub fn netns(&self) -> PathBuf {
+        self.root.join("netns")
+    }
+    /// Scratch space of builds in progress.
+    pub fn builds(&self) -> PathBuf {
+        self.root.join("builds")
+    }
+    pub fn caches(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    /// The buildpack `CACHE_DIR` of an app, kept between builds.
+    pub fn cache(&self, app: &str) -> PathBuf {
+        self.caches().join(app)
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    /// The log of an app: its containers' output.
+    pub fn log(&self, app: &str) -> PathBuf {
+        self.logs().join(format!("{app}.log"))
+    }
+    /// The built-in buildpacks, written out of the binary at start.
+    pub fn buildpacks(&self) -> PathBuf {
+        self.root.join("buildpacks")
+    }
+}

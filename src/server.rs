@@ -1,0 +1,238 @@
+//! `berth server`: opens the store, the image store and the network, binds the proxy, SSH and
+//! admin listeners, re-adopts running containers, and shuts down cleanly on SIGTERM/SIGINT.
+//! Owns the wiring and [`Daemon`], the context every handler gets; owns no domain logic.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::future::BoxFuture;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cli::ServerArgs;
+use crate::deploy::{self, Addresses, AppLocks};
+use crate::image::ImageStore;
+use crate::paths::Paths;
+use crate::proxy::Routes;
+use crate::store::Store;
+use crate::{admin, build, ssh};
+
+/// Everything a request handler or a deploy needs.
+pub struct Daemon {
+    pub store: Store,
+    pub paths: Paths,
+    pub images: Arc<ImageStore>,
+    pub runtime: Arc<berth_runtime::Runtime>,
+    pub routes: Arc<Routes>,
+    pub domain: String,
+    pub addresses: Addresses,
+    pub bridge: String,
+    pub build_ca_bundle: Option<PathBuf>,
+    pub locks: AppLocks,
+    /// The git hook command installed into each app's repo.
+    pub hook_command: String,
+    /// The port of the SSH git endpoint, for the remotes berth prints.
+    pub ssh_port: u16,
+}
+
+impl Daemon {
+    /// The default URL of an app.
+    pub fn app_url(&self, app: &str) -> String {
+        format!("http://{}", self.app_host(app))
+    }
+
+    /// The Host an app's route answers to.
+    pub fn app_host(&self, app: &str) -> String {
+        format!("{app}.{}", self.domain)
+    }
+}
+
+/// Lets the SSH server ask the store about keys and apps.
+struct StoreGate(Store);
+
+impl ssh::Gate for StoreGate {
+    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>> {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let key = crate::keys::parse(&openssh_key).ok()?;
+            store.key_name(&key.openssh).await.ok().flatten()
+        })
+    }
+
+    fn app_exists(&self, app: String) -> BoxFuture<'static, bool> {
+        let store = self.0.clone();
+        Box::pin(async move { store.app_exists(&app).await.unwrap_or(false) })
+    }
+}
+
+/// Parses "A.B.0.0/16" into the gateway (A.B.0.1) and prefix length.
+fn parse_subnet(subnet: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
+    let hint = || format!("--subnet {subnet:?} is not a private IPv4 subnet like 10.219.0.0/16");
+    let (addr, len) = subnet.split_once('/').with_context(hint)?;
+    let addr: Ipv4Addr = addr.parse().with_context(hint)?;
+    let len: u8 = len.parse().with_context(hint)?;
+    if !addr.is_private() || !(8..=24).contains(&len) {
+        bail!("{} (prefix between /8 and /24)", hint());
+    }
+    let base = u32::from(addr) & (u32::MAX << (32 - len));
+    Ok((Ipv4Addr::from(base + 1), len))
+}
+
+/// Runs the server until SIGTERM or SIGINT; returns the exit code.
+pub fn main(data: PathBuf, args: ServerArgs) -> anyhow::Result<i32> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "berth=info,berth_runtime=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("berth server must run as root (it creates namespaces, mounts and network links) — run it with sudo");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve(data, args))?;
+    Ok(0)
+}
+
+async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
+    let paths = Paths::new(&data);
+    paths
+        .create()
+        .with_context(|| format!("cannot create the data directory {}", data.display()))?;
+    let socket = admin::socket_path(&data);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "another berth server is already running on {} — stop it first",
+            data.display()
+        );
+    }
+    let _ = std::fs::remove_file(&socket);
+
+    let (gateway, prefix) = parse_subnet(&args.subnet)?;
+    let store = Store::open(&paths.database()).await?;
+    let images = Arc::new(ImageStore::open(&paths.images())?);
+    build::buildpacks::install(&paths.buildpacks())?;
+    berth_runtime::network::ensure_bridge(&args.bridge, gateway, prefix)
+        .await
+        .with_context(|| format!("cannot set up the container bridge {}", args.bridge))?;
+
+    let http = TcpListener::bind(&args.http)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {} — is the port free?", args.http))?;
+    let ssh_listener = TcpListener::bind(&args.ssh)
+        .await
+        .with_context(|| format!("cannot listen for SSH on {} — is the port free?", args.ssh))?;
+    let (http_addr, ssh_addr) = (http.local_addr()?, ssh_listener.local_addr()?);
+
+    let exe = std::env::current_exe().context("cannot find the berth binary")?;
+    let build_ca_bundle = Some(PathBuf::from(&args.build_ca_bundle))
+        .filter(|p| !args.build_ca_bundle.is_empty() && p.is_file());
+    let daemon = Arc::new(Daemon {
+        store: store.clone(),
+        images,
+        runtime: Arc::new(berth_runtime::Runtime::new(paths.containers(), exe.clone())),
+        routes: Arc::new(Routes::default()),
+        domain: args.domain.clone(),
+        addresses: Addresses::new(gateway, prefix),
+        bridge: args.bridge.clone(),
+        build_ca_bundle,
+        locks: AppLocks::default(),
+        hook_command: format!(
+            "{} --data {} hook pre-receive",
+            shell_quote(&exe.to_string_lossy()),
+            shell_quote(&data.to_string_lossy())
+        ),
+        ssh_port: ssh_addr.port(),
+        paths,
+    });
+    deploy::readopt(&daemon).await?;
+    let admin_listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot create the admin socket {}", socket.display()))?;
+    set_mode(&socket, 0o600)?;
+
+    let shutdown = CancellationToken::new();
+    let ssh_config = ssh::SshConfig {
+        host_key: daemon.paths.host_key(),
+        repos_dir: daemon.paths.repos(),
+    };
+    ssh::load_or_create_host_key(&ssh_config.host_key)?;
+    let tasks = vec![
+        tokio::spawn(crate::proxy::run(http, daemon.routes.clone(), shutdown.clone())),
+        tokio::spawn({
+            let gate = Arc::new(StoreGate(daemon.store.clone()));
+            let shutdown = shutdown.clone();
+            async move {
+                if let Err(err) = ssh::run(ssh_listener, ssh_config, gate, shutdown).await {
+                    warn!(%err, "ssh server stopped");
+                }
+            }
+        }),
+        tokio::spawn(admin::server::run(admin_listener, daemon.clone(), shutdown.clone())),
+    ];
+    println!(
+        "berth server ready: http={http_addr} ssh={ssh_addr} admin={} domain={}",
+        socket.display(),
+        args.domain
+    );
+
+    wait_for_signal().await;
+    info!("shutting down");
+    shutdown.cancel();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    if args.ephemeral {
+        deploy::stop_everything(&daemon).await;
+        if let Err(err) = berth_runtime::network::remove_bridge(&args.bridge).await {
+            warn!(%err, "removing the bridge failed");
+        }
+    }
+    store.close().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Quotes a word for /bin/sh.
+pub fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets() {
+        assert_eq!(parse_subnet("10.219.0.0/16").unwrap(), (Ipv4Addr::new(10, 219, 0, 1), 16));
+        assert_eq!(parse_subnet("10.250.7.0/24").unwrap(), (Ipv4Addr::new(10, 250, 7, 1), 24));
+        for bad in ["8.8.8.0/24", "10.0.0.0", "10.0.0.0/30", "nonsense/16"] {
+            assert!(parse_subnet(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/var/lib/berth"), "'/var/lib/berth'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
