@@ -1,0 +1,406 @@
+//! Bare git repos per app: where they live, creating them with the pre-receive hook installed,
+//! deleting them, reading the `git-receive-pack` command an SSH client sends, and writing the tree
+//! of a pushed commit into a directory (called from inside the pre-receive hook).
+//!
+//! This module owns `REPOS_DIR/APP.git` and nothing else. It never speaks the git wire protocol
+//! (the real `git-receive-pack` does, spawned by [`crate::ssh`]) and never talks to the store or
+//! the daemon: the hook command it installs is given by the caller.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// What went wrong with a repo, a push command or a checkout. Each message says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("only git push is allowed here (got {command:?}) — push with: git push deploy main")]
+    NotAPush { command: String },
+    #[error(
+        "{name:?} is not a valid app name — use 1 to 63 lowercase letters, digits and dashes, \
+         starting with a letter"
+    )]
+    BadAppName { name: String },
+    #[error(
+        "could not {action} {path}: {source} — check that the directory exists and is writable"
+    )]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "git could not {action} {path}: {source} — check that it is a bare repo made by berth"
+    )]
+    Repo {
+        action: &'static str,
+        path: PathBuf,
+        source: git2::Error,
+    },
+    #[error("commit {rev:?} is not in {repo}: {source} — push it first")]
+    NoSuchCommit {
+        rev: String,
+        repo: PathBuf,
+        source: git2::Error,
+    },
+    #[error("the pushed tree has an unsafe path {name:?} — rename it and push again")]
+    UnsafePath { name: String },
+}
+
+/// Where the bare repo of `app` lives: `repos_dir/APP.git`.
+pub fn repo_path(repos_dir: &Path, app: &str) -> PathBuf {
+    repos_dir.join(format!("{app}.git"))
+}
+
+/// Creates the bare repo of `app` (HEAD → `refs/heads/main`) and installs `hooks/pre-receive`,
+/// which runs `hook_command` through `/bin/sh`. Safe to call again on an existing repo: it keeps
+/// the history and rewrites the hook (e.g. after the berth binary moved).
+pub fn create_repo(repos_dir: &Path, app: &str, hook_command: &str) -> Result<PathBuf, GitError> {
+    check_app_name(app)?;
+    let path = repo_path(repos_dir, app);
+    let mut opts = git2::RepositoryInitOptions::new();
+    opts.bare(true).mkpath(true).initial_head("main");
+    git2::Repository::init_opts(&path, &opts).map_err(|source| GitError::Repo {
+        action: "create a bare repo in",
+        path: path.clone(),
+        source,
+    })?;
+
+    let hooks = path.join("hooks");
+    let io_err = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| GitError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    fs::create_dir_all(&hooks).map_err(io_err("create", &hooks))?;
+    // Write next to the hook and rename, so a push never sees a half-written hook.
+    let hook = hooks.join("pre-receive");
+    let tmp = hooks.join("pre-receive.tmp");
+    let mut file = fs::File::create(&tmp).map_err(io_err("write", &tmp))?;
+    file.write_all(format!("#!/bin/sh\nexec {hook_command}\n").as_bytes())
+        .and_then(|()| file.set_permissions(fs::Permissions::from_mode(0o755)))
+        .map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, &hook).map_err(io_err("install", &hook))?;
+    Ok(path)
+}
+
+/// Deletes the bare repo of `app`. A repo that is already gone is not an error.
+pub fn delete_repo(repos_dir: &Path, app: &str) -> Result<(), GitError> {
+    check_app_name(app)?;
+    let path = repo_path(repos_dir, app);
+    match fs::remove_dir_all(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(GitError::Io {
+            action: "delete",
+            path,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the command an SSH client asks to run and returns the app it pushes to.
+///
+/// Accepts `git-receive-pack 'APP'` (or `git receive-pack`), where `'APP'` may also be `'/APP'`,
+/// `'APP.git'` or `'/APP.git'`, as git sends for `ssh://git@host/APP` and `git@host:APP` remotes.
+pub fn parse_receive_pack(command: &str) -> Result<String, GitError> {
+    let not_a_push = || GitError::NotAPush {
+        command: command.to_string(),
+    };
+    let quoted = command
+        .strip_prefix("git-receive-pack ")
+        .or_else(|| command.strip_prefix("git receive-pack "))
+        .ok_or_else(not_a_push)?;
+    let path = quoted
+        .strip_prefix('\'')
+        .and_then(|rest| rest.strip_suffix('\''))
+        .filter(|path| !path.contains('\''))
+        .ok_or_else(not_a_push)?;
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let name = path.strip_suffix(".git").unwrap_or(path);
+    check_app_name(name)?;
+    Ok(name.to_string())
+}
+
+/// Writes the tree of commit `rev` of `repo` into `dest` (created if missing; must not already
+/// hold any of the files) and returns `"<short sha> <first line of the message>"`.
+///
+/// Made to run inside the pre-receive hook: the pushed objects are then only visible through
+/// git's quarantine directories (`GIT_OBJECT_DIRECTORY`, `GIT_ALTERNATE_OBJECT_DIRECTORIES`),
+/// which are added to the repo's object database when set. Regular files keep their exec bit,
+/// symlinks stay symlinks, submodules are skipped.
+pub fn checkout(repo: &Path, rev: &str, dest: &Path) -> Result<String, GitError> {
+    let repository = open_with_quarantine(repo)?;
+    let commit = repository
+        .revparse_single(rev)
+        .and_then(|object| object.peel_to_commit())
+        .map_err(|source| GitError::NoSuchCommit {
+            rev: rev.to_string(),
+            repo: repo.to_path_buf(),
+            source,
+        })?;
+    let tree = commit.tree().map_err(|source| GitError::Repo {
+        action: "read the tree of the pushed commit in",
+        path: repo.to_path_buf(),
+        source,
+    })?;
+    fs::create_dir_all(dest).map_err(|source| GitError::Io {
+        action: "create",
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    write_tree(&repository, &tree, dest)?;
+
+    let sha = commit.id().to_string();
+    let subject = String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default());
+    Ok(format!("{} {subject}", &sha[..7]))
+}
+
+fn open_with_quarantine(repo: &Path) -> Result<git2::Repository, GitError> {
+    let repo_err = |action| {
+        move |source| GitError::Repo {
+            action,
+            path: repo.to_path_buf(),
+            source,
+        }
+    };
+    let repository = git2::Repository::open_bare(repo).map_err(repo_err("open"))?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("GIT_OBJECT_DIRECTORY") {
+        dirs.push(dir.into());
+    }
+    if let Some(list) = std::env::var_os("GIT_ALTERNATE_OBJECT_DIRECTORIES") {
+        dirs.extend(std::env::split_paths(&list));
+    }
+    if !dirs.is_empty() {
+        let odb = repository.odb().map_err(repo_err("open the objects of"))?;
+        for dir in dirs.iter().filter(|dir| !dir.as_os_str().is_empty()) {
+            // Relative paths are relative to the repo (git runs hooks with the repo as cwd).
+            let dir = repo.join(dir);
+            odb.add_disk_alternate(&dir.to_string_lossy())
+                .map_err(repo_err("add the quarantine objects to"))?;
+        }
+    }
+    Ok(repository)
+}
+
+fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result<(), GitError> {
+    for entry in tree.iter() {
+        let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(GitError::UnsafePath { name });
+        }
+        let path = dest.join(&name);
+        let io_err = |source| GitError::Io {
+            action: "write",
+            path: path.clone(),
+            source,
+        };
+        let object_err = |source| GitError::Repo {
+            action: "read the pushed objects in",
+            path: repo.path().to_path_buf(),
+            source,
+        };
+        match entry.kind() {
+            Some(git2::ObjectType::Tree) => {
+                let subtree = repo.find_tree(entry.id()).map_err(object_err)?;
+                fs::create_dir(&path).map_err(io_err)?;
+                write_tree(repo, &subtree, &path)?;
+            }
+            Some(git2::ObjectType::Blob) => {
+                let blob = repo.find_blob(entry.id()).map_err(object_err)?;
+                if entry.filemode() == i32::from(git2::FileMode::Link) {
+                    let target = String::from_utf8_lossy(blob.content()).into_owned();
+                    symlink(target, &path).map_err(io_err)?;
+                } else {
+                    let mode = if entry.filemode() == i32::from(git2::FileMode::BlobExecutable) {
+                        0o755
+                    } else {
+                        0o644
+                    };
+                    // create_new never follows an existing symlink out of dest.
+                    let mut file = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(io_err)?;
+                    file.write_all(blob.content())
+                        .and_then(|()| file.set_permissions(fs::Permissions::from_mode(mode)))
+                        .map_err(io_err)?;
+                }
+            }
+            // Submodules (commit entries) are not part of the pushed tree's content.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_app_name(name: &str) -> Result<(), GitError> {
+    let mut chars = name.chars();
+    let valid = name.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(GitError::BadAppName {
+            name: name.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_receive_pack_accepts_push_commands_only() {
+        let long = "a".repeat(63);
+        let too_long = "a".repeat(64);
+        let ok: &[(&str, &str)] = &[
+            ("git-receive-pack 'hello'", "hello"),
+            ("git-receive-pack '/hello'", "hello"),
+            ("git-receive-pack 'hello.git'", "hello"),
+            ("git-receive-pack '/hello.git'", "hello"),
+            ("git receive-pack '/hello.git'", "hello"),
+            ("git-receive-pack 'my-app-2'", "my-app-2"),
+            ("git-receive-pack 'a'", "a"),
+        ];
+        for (command, app) in ok {
+            assert_eq!(parse_receive_pack(command).unwrap(), *app, "{command}");
+        }
+        let long_command = format!("git-receive-pack '{long}'");
+        assert_eq!(parse_receive_pack(&long_command).unwrap(), long);
+
+        let too_long_command = format!("git-receive-pack '{too_long}'");
+        let bad: &[&str] = &[
+            "git-upload-pack 'hello'",
+            "git-upload-archive 'hello'",
+            "ls",
+            "",
+            "git-receive-pack",
+            "git-receive-pack ''",
+            "git-receive-pack hello",
+            "git-receive-pack 'hello",
+            "git-receive-pack 'Hello'",
+            "git-receive-pack '../hello'",
+            "git-receive-pack '/../hello.git'",
+            "git-receive-pack 'a/b'",
+            "git-receive-pack '//hello'",
+            "git-receive-pack 'hello.git.git'",
+            "git-receive-pack '1app'",
+            "git-receive-pack '-app'",
+            "git-receive-pack 'hello'; rm -rf /",
+            "git-receive-pack 'hel'lo'",
+            "git-receive-pack 'hello;ls'",
+            "git-receive-pack '$(ls)'",
+            "git-receive-pack \"hello\"",
+            "git-receive-pack  'hello'",
+            "sh -c \"git-receive-pack 'hello'\"",
+            &too_long_command,
+        ];
+        for command in bad {
+            assert!(
+                parse_receive_pack(command).is_err(),
+                "{command:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_receive_pack_errors_say_what_was_refused() {
+        let err = parse_receive_pack("ls").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "only git push is allowed here (got \"ls\") — push with: git push deploy main"
+        );
+        let err = parse_receive_pack("git-receive-pack 'Hello'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("\"Hello\" is not a valid app name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn create_repo_installs_the_hook_and_delete_repo_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = create_repo(dir.path(), "hello", "'/bin/berth' hook pre-receive").unwrap();
+        assert_eq!(path, dir.path().join("hello.git"));
+        let repo = git2::Repository::open_bare(&path).unwrap();
+        assert_eq!(
+            repo.find_reference("HEAD").unwrap().symbolic_target_bytes(),
+            Some(&b"refs/heads/main"[..])
+        );
+        let hook = path.join("hooks/pre-receive");
+        assert_eq!(
+            fs::read_to_string(&hook).unwrap(),
+            "#!/bin/sh\nexec '/bin/berth' hook pre-receive\n"
+        );
+        assert_eq!(
+            fs::metadata(&hook).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+
+        // Again: the hook is rewritten, nothing else breaks.
+        create_repo(dir.path(), "hello", "/new/berth hook pre-receive").unwrap();
+        assert!(fs::read_to_string(&hook).unwrap().contains("/new/berth"));
+
+        assert!(create_repo(dir.path(), "../evil", "true").is_err());
+        delete_repo(dir.path(), "hello").unwrap();
+        assert!(!path.exists());
+        delete_repo(dir.path(), "hello").unwrap();
+    }
+
+    #[test]
+    fn checkout_writes_files_exec_bits_symlinks_and_subdirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
+        let blob = |content: &[u8]| repo.blob(content).unwrap();
+        let mut sub = repo.treebuilder(None).unwrap();
+        sub.insert("inner.txt", blob(b"inner\n"), 0o100644).unwrap();
+        let sub = sub.write().unwrap();
+        // A submodule entry points at a commit that is not in this repo.
+        let submodule = git2::Oid::from_str("0123456789012345678901234567890123456789").unwrap();
+        let mut root = repo.treebuilder(None).unwrap();
+        root.insert("README", blob(b"hi\n"), 0o100644).unwrap();
+        root.insert("run.sh", blob(b"#!/bin/sh\n"), 0o100755)
+            .unwrap();
+        root.insert("link", blob(b"README"), 0o120000).unwrap();
+        root.insert("sub", sub, 0o040000).unwrap();
+        root.insert("vendor", submodule, 0o160000).unwrap();
+        let tree = repo.find_tree(root.write().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let commit = repo
+            .commit(Some("HEAD"), &sig, &sig, "First line\n\nbody", &tree, &[])
+            .unwrap();
+
+        let dest = dir.path().join("out");
+        let described = checkout(repo.path(), "HEAD", &dest).unwrap();
+        assert_eq!(
+            described,
+            format!("{} First line", &commit.to_string()[..7])
+        );
+
+        assert_eq!(fs::read_to_string(dest.join("README")).unwrap(), "hi\n");
+        assert_eq!(
+            fs::read_to_string(dest.join("sub/inner.txt")).unwrap(),
+            "inner\n"
+        );
+        let mode = |p: &str| fs::metadata(dest.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("run.sh"), 0o755);
+        assert_eq!(mode("README"), 0o644);
+        assert_eq!(
+            fs::read_link(dest.join("link")).unwrap(),
+            Path::new("README")
+        );
+        assert!(!dest.join("vendor").exists());
+
+        let missing = checkout(repo.path(), "refs/heads/nope", &dir.path().join("x"));
+        assert!(matches!(missing, Err(GitError::NoSuchCommit { .. })));
+    }
+}

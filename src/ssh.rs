@@ -1,0 +1,428 @@
+//! The SSH git endpoint: `git push` over SSH, and nothing else.
+//!
+//! Owns the SSH host key file and the SSH listener. A client logs in with a public key that the
+//! [`Gate`] knows (any user name; users write `git@`), then may only run `git-receive-pack` for an
+//! existing app: the real `git-receive-pack` is spawned on the app's bare repo (see [`crate::git`])
+//! and its stdin/stdout/stderr are joined to the SSH channel, with russh's flow control. Every
+//! other request (shell, other commands, subsystems) gets one `error: …` line and exit status 1.
+//!
+//! This module never reads the store itself (the [`Gate`] answers for it), never writes to repos
+//! (git-receive-pack and its hooks do) and never deploys (the pre-receive hook does).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rand::RngCore;
+use russh::keys::ssh_key::{private::Ed25519Keypair, LineEnding};
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg, Disconnect, MethodKind, MethodSet};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{field, info, info_span, warn, Instrument, Span};
+
+use crate::git;
+
+/// What the SSH endpoint asks the rest of berth: who a key belongs to, and which apps exist.
+pub trait Gate: Send + Sync + 'static {
+    /// The stored key's name if this OpenSSH public key (as "ssh-ed25519 AAAA…" / "ssh-rsa …", no comment) may push; None refuses auth.
+    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>>;
+    /// Whether the app exists.
+    fn app_exists(&self, app: String) -> BoxFuture<'static, bool>;
+}
+
+/// Where the SSH endpoint keeps its host key and finds the apps' bare repos.
+pub struct SshConfig {
+    pub host_key: PathBuf,
+    pub repos_dir: PathBuf,
+}
+
+/// Why the SSH endpoint could not start. Each message says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("could not read the SSH host key {path}: {source} — fix its permissions, or move it away to make a new one")]
+    ReadHostKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the SSH host key {path} is not an OpenSSH private key: {source} — restore it, or move it away to make a new one (clients will then see a changed host key)")]
+    ParseHostKey {
+        path: PathBuf,
+        source: russh::keys::ssh_key::Error,
+    },
+    #[error("could not write a new SSH host key to {path}: {source} — check that its directory is writable")]
+    WriteHostKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Serves SSH connections from `listener` until `shutdown` is cancelled, then disconnects the
+/// clients still connected and returns once their connections have ended.
+pub async fn run(
+    listener: TcpListener,
+    config: SshConfig,
+    gate: Arc<dyn Gate>,
+    shutdown: CancellationToken,
+) -> Result<(), SshError> {
+    let host_key = load_or_create_host_key(&config.host_key)?;
+    let russh_config = Arc::new(russh::server::Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // OpenSSH always probes with "none" first; only real refusals pay the delay.
+        auth_rejection_time: Duration::from_secs(1),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: Some(Duration::from_secs(600)),
+        ..Default::default()
+    });
+    let repos_dir = Arc::new(config.repos_dir);
+    info!(addr = ?listener.local_addr().ok(), "ssh git endpoint listening");
+
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let span = info_span!("ssh", %peer, key = field::Empty, app = field::Empty);
+                    let handler = Connection {
+                        gate: gate.clone(),
+                        repos_dir: repos_dir.clone(),
+                        span: span.clone(),
+                        key_name: None,
+                        channels: HashMap::new(),
+                    };
+                    let serve = serve(russh_config.clone(), stream, handler, shutdown.clone());
+                    connections.spawn(serve.instrument(span));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait a little instead of spinning.
+                    warn!(error = %e, "ssh accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Loads the ed25519 host key at `path`, or makes one (mode 0600, OpenSSH format) when the file
+/// does not exist yet, so clients see the same host key across restarts.
+pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, SshError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(text).map_err(|source| SshError::ParseHostKey {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_host_key(path),
+        Err(source) => Err(SshError::ReadHostKey {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn create_host_key(path: &Path) -> Result<PrivateKey, SshError> {
+    let write_err = |source| SshError::WriteHostKey {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| write_err(std::io::Error::other(e)))?;
+    // Write a temporary file and rename it, so a crash never leaves half a key behind.
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_err)?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(write_err)?;
+    info!(path = %path.display(), fingerprint = %key.public_key().fingerprint(Default::default()), "made a new ssh host key");
+    Ok(key)
+}
+
+async fn serve(
+    config: Arc<russh::server::Config>,
+    stream: TcpStream,
+    handler: Connection,
+    shutdown: CancellationToken,
+) {
+    let session = match russh::server::run_stream(config, stream, handler).await {
+        Ok(session) => session,
+        Err(e) => {
+            info!(error = %e, "ssh handshake failed");
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::select! {
+        ended = session => match ended {
+            Ok(()) => info!("ssh connection closed"),
+            Err(e) => info!(error = %e, "ssh connection ended"),
+        },
+        () = shutdown.cancelled() => {
+            let reason = "berth is shutting down".to_string();
+            // The client may be gone already; nothing more to do then.
+            let _ = handle.disconnect(Disconnect::ByApplication, reason, "en".into()).await;
+        }
+    }
+}
+
+/// One SSH connection: its key, once authenticated, and the session channels not yet running
+/// a command.
+struct Connection {
+    gate: Arc<dyn Gate>,
+    repos_dir: Arc<PathBuf>,
+    span: Span,
+    key_name: Option<String>,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Ask about the bare key: no comment, whatever the client's file said.
+        let Ok(openssh) = PublicKey::new(key.public_key.key_data().clone(), "").to_openssh() else {
+            return Ok(Auth::reject());
+        };
+        match self.gate.key_name(openssh).await {
+            Some(name) => {
+                self.span.record("key", name.as_str());
+                info!(parent: &self.span, "key accepted");
+                self.key_name = Some(name);
+                Ok(Auth::Accept)
+            }
+            None => {
+                let fingerprint = key.public_key.fingerprint(Default::default());
+                info!(parent: &self.span, %fingerprint, "unknown key refused");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The shell or command that follows gets the explanation.
+        session.channel_failure(channel)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        session.channel_success(channel)?;
+        refuse(
+            session,
+            channel,
+            "only git push is allowed here (got a shell) — push with: git push deploy main",
+        )
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        session.channel_success(channel)?;
+        let refused = git::GitError::NotAPush {
+            command: format!("subsystem {name}"),
+        };
+        refuse(session, channel, &refused.to_string())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel_id: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            // A second command on a channel that already runs one.
+            return session.channel_failure(channel_id);
+        };
+        session.channel_success(channel_id)?;
+        let command = String::from_utf8_lossy(data);
+        let app = match git::parse_receive_pack(&command) {
+            Ok(app) => app,
+            Err(e) => return refuse(session, channel_id, &e.to_string()),
+        };
+        self.span.record("app", app.as_str());
+        if !self.gate.app_exists(app.clone()).await {
+            let missing = format!(
+                "app {app:?} does not exist — create it first with: berth apps:create {app}"
+            );
+            return refuse(session, channel_id, &missing);
+        }
+
+        let mut receive_pack = tokio::process::Command::new("git-receive-pack");
+        receive_pack
+            .arg(git::repo_path(&self.repos_dir, &app))
+            .env("BERTH_APP", &app)
+            .env(
+                "BERTH_KEY_NAME",
+                self.key_name.as_deref().unwrap_or_default(),
+            );
+        info!(parent: &self.span, "push started");
+        tokio::spawn(pipe_to_process(channel, receive_pack).instrument(self.span.clone()));
+        Ok(())
+    }
+}
+
+/// Answers a request berth does not serve: one `error: …` line on stderr, exit status 1.
+fn refuse(session: &mut Session, channel: ChannelId, message: &str) -> Result<(), russh::Error> {
+    info!(message, "request refused");
+    session.extended_data(channel, 1, format!("error: {message}\n"))?;
+    session.exit_status_request(channel, 1)?;
+    session.eof(channel)?;
+    session.close(channel)
+}
+
+/// Runs `command` with the channel as its stdin, stdout and stderr (extended data 1), then sends
+/// its exit status, EOF and close. Writes wait for the client's window; reads wait for the
+/// process, which holds back the connection (and so the client) when the process is slow.
+async fn pipe_to_process(channel: Channel<Msg>, mut command: tokio::process::Command) {
+    let (mut from_client, to_client) = channel.split();
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            warn!(error = %e, "could not start git-receive-pack");
+            let message = format!(
+                "error: the server could not start git-receive-pack: {e} — install git on the berth server\n"
+            );
+            let _ = to_client.extended_data_bytes(1, message).await;
+            let _ = to_client.exit_status(1).await;
+            let _ = to_client.eof().await;
+            let _ = to_client.close().await;
+            return;
+        }
+    };
+    let (Some(stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        unreachable!("stdin, stdout and stderr are piped");
+    };
+
+    // Client → process. Keeps draining the channel after the process stops reading, so the
+    // connection never stalls on data nobody wants; ends when the channel closes.
+    tokio::spawn(
+        async move {
+            let mut stdin = Some(stdin);
+            while let Some(msg) = from_client.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        if let Some(pipe) = stdin.as_mut() {
+                            if pipe.write_all(&data).await.is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    // Dropping the pipe is what tells the process its input ended.
+                    ChannelMsg::Eof => stdin = None,
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+        }
+        .in_current_span(),
+    );
+
+    // Process → client.
+    let mut out = to_client.make_writer();
+    let mut err = to_client.make_writer_ext(Some(1));
+    let (copied_out, copied_err) = tokio::join!(
+        tokio::io::copy(&mut stdout, &mut out),
+        tokio::io::copy(&mut stderr, &mut err)
+    );
+    if let Err(e) = copied_out.and(copied_err) {
+        // The client went away: stop the push rather than wait on a process nobody reads.
+        info!(error = %e, "client gone, stopping git-receive-pack");
+        let _ = child.start_kill();
+    }
+    let code = match child.wait().await {
+        Ok(status) => status
+            .code()
+            .and_then(|c| u32::try_from(c).ok())
+            .unwrap_or(1),
+        Err(e) => {
+            warn!(error = %e, "could not wait for git-receive-pack");
+            1
+        }
+    };
+    info!(code, "push finished");
+    let _ = to_client.exit_status(code).await;
+    let _ = to_client.eof().await;
+    let _ = to_client.close().await;
+}
