@@ -226,14 +226,16 @@ async fn start_all(
             container::exit_code(d, &c.id)
         })
         .await;
-        let log_tail = || logs::tail_matching(&d.paths.log(&c.app), &format!("app[{dyno}]"), 20);
+        let logs = || logs::tail_matching(&d.paths.log(&c.app), &format!("app[{dyno}]"), 20);
         match checked {
             Ok(()) => out.line(format!("       {dyno} is up")).await,
             Err(health::Unhealthy::Exited(code)) => {
-                return Err(DeployError::Crashed { dyno, code, logs: log_tail() })
+                let logs = logs();
+                return Err(DeployError::Crashed { dyno, code, logs });
             }
             Err(health::Unhealthy::Timeout) => {
-                return Err(DeployError::Timeout { dyno, secs: START_DEADLINE.as_secs(), logs: log_tail() })
+                let logs = logs();
+                return Err(DeployError::Timeout { dyno, secs: START_DEADLINE.as_secs(), logs });
             }
         }
     }
