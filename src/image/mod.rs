@@ -1,0 +1,671 @@
+//! The OCI content-addressed image store (`DATA/images`) and, in [`stack`], the stack images.
+//!
+//! Owns everything under its root directory:
+//! - `oci-layout`, `index.json` and `blobs/sha256/<hex>`: an OCI image layout. Layers are stored
+//!   uncompressed (`application/vnd.oci.image.layer.v1.tar`), so a layer's digest is its diff_id.
+//! - `l/<first 12 hex of the layer digest>`: each layer extracted once, ready to be an overlay
+//!   `lowerdir`. The paths are short on purpose: overlay's mount options are capped at one page.
+//! - `refs/<name, '/' escaped as %2F>`: tags, one file holding a manifest digest. `refs/` is the
+//!   source of truth; `index.json` is rewritten from it on every tag for OCI tools.
+//!
+//! Must not touch: mounts, namespaces or containers (the runtime crate does that with the
+//! directories [`ImageStore::image`] returns), and nothing outside its root.
+//!
+//! Layers carry no OCI whiteouts: berth's layers only add files (a stack, an app directory).
+
+pub mod stack;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+/// How many hex digits of a layer digest name its extracted directory under `l/`.
+const SHORT_LEN: usize = 12;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("layer tar {} has entry `{entry}` that escapes the layer root; refusing it — build the tar with relative paths inside the root", tar.display())]
+    UnsafeEntry { tar: PathBuf, entry: String },
+    #[error("bad layer prefix `{0}`: use a relative path such as `app`")]
+    BadPrefix(String),
+    #[error("bad image name `{0}`: use a non-empty name such as `berth/stack-run` or `app/web`")]
+    BadName(String),
+    #[error("bad digest `{0}`: expected `sha256:` and 64 hex digits")]
+    BadDigest(String),
+    #[error("{what} is not in the image store — rebuild the image (stacks: `berth stack:build`)")]
+    NotFound { what: String },
+    #[error("{what} {digest} in the image store is unreadable ({detail}); delete it and rebuild the image")]
+    Corrupt {
+        what: &'static str,
+        digest: String,
+        detail: String,
+    },
+    #[error("{tool} is not installed — install it with `apt-get install {package}` and retry")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("building {image} failed: {reason}\n--- last lines of mmdebstrap ---\n{log_tail}\n--- end ---\nCheck that the Debian mirror ({mirror}) is reachable from this host, then run `berth stack:build --force`")]
+    StackBuild {
+        image: String,
+        reason: String,
+        mirror: String,
+        log_tail: String,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
+    let path = path.to_path_buf();
+    move |source| ImageError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A stored layer: its blob digest and the directory it is extracted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub digest: String,
+    pub dir: PathBuf,
+}
+
+/// The part of an OCI image config berth uses to start processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub cmd: Vec<String>,
+}
+
+/// An image read back from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub digest: String,
+    pub config: ImageConfig,
+    /// Extracted layers, TOP-most first: the order of an overlay `lowerdir=` list.
+    pub layer_dirs: Vec<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<HashMap<String, String>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OciConfig {
+    architecture: String,
+    os: String,
+    config: OciRunConfig,
+    rootfs: RootFs,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OciRunConfig {
+    #[serde(rename = "Env", default)]
+    env: Vec<String>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: String,
+    #[serde(rename = "Cmd", default)]
+    cmd: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RootFs {
+    #[serde(rename = "type")]
+    kind: String,
+    diff_ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Index {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    manifests: Vec<Descriptor>,
+}
+
+/// The image store rooted at one directory (normally `DATA/images`).
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+impl ImageStore {
+    /// Opens the store, creating its layout on first use.
+    pub fn open(root: &Path) -> Result<Self, ImageError> {
+        let store = ImageStore {
+            root: root.to_path_buf(),
+        };
+        for dir in [
+            store.blob_dir(),
+            store.root.join("l"),
+            store.root.join("refs"),
+        ] {
+            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        }
+        let layout = store.root.join("oci-layout");
+        if !layout.exists() {
+            write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        if !store.root.join("index.json").exists() {
+            store.write_index()?;
+        }
+        Ok(store)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Stores an uncompressed layer tar as a blob and extracts it once under `l/`.
+    ///
+    /// Keeps modes, ownership, symlinks and hard links; skips device nodes and fifos (the
+    /// runtime provides `/dev`); refuses the whole tar if an entry would land outside the root.
+    pub fn import_layer_tar(&self, tar: &Path) -> Result<Layer, ImageError> {
+        check_tar_paths(tar)?;
+        let mut src = File::open(tar).map_err(io_err("opening", tar))?;
+        let digest = self.put_blob_from(&mut src, tar)?;
+        let dir = self.layer_dir(&digest);
+        if !dir.exists() {
+            self.extract_layer(&digest, &dir)?;
+        }
+        Ok(Layer { digest, dir })
+    }
+
+    /// Packs `dir` as a layer whose files live under `/<prefix>` (e.g. `app` → `/app`).
+    ///
+    /// The tar is deterministic (sorted names, mtime 0), so equal directories give equal
+    /// digests. `dir` is consumed: it is moved into place as the extracted layer (no second
+    /// copy), or removed if the store already holds that layer.
+    pub fn layer_from_dir(&self, dir: &Path, prefix: &str) -> Result<Layer, ImageError> {
+        let prefix_path = Path::new(prefix);
+        if prefix.is_empty()
+            || !prefix_path
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(ImageError::BadPrefix(prefix.to_string()));
+        }
+        let tmp = self.tmp_path("layer.tar");
+        let written = write_dir_tar(dir, prefix_path, &tmp);
+        let digest = written.and_then(|()| {
+            let mut file = File::open(&tmp).map_err(io_err("opening", &tmp))?;
+            self.put_blob_from(&mut file, &tmp)
+        });
+        let _ = fs::remove_file(&tmp);
+        let digest = digest?;
+
+        let layer_dir = self.layer_dir(&digest);
+        if layer_dir.exists() {
+            fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
+            return Ok(Layer {
+                digest,
+                dir: layer_dir,
+            });
+        }
+        let staging = self.tmp_path("layer");
+        let target = staging.join(prefix_path);
+        let parent = target.parent().expect("prefix has a component");
+        fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        match fs::rename(dir, &target) {
+            Ok(()) => {
+                fs::rename(&staging, &layer_dir).map_err(io_err("moving", &layer_dir))?;
+                Ok(Layer {
+                    digest,
+                    dir: layer_dir,
+                })
+            }
+            // Another filesystem: extract the blob instead, then drop the source.
+            Err(e) if e.raw_os_error() == Some(18 /* EXDEV */) => {
+                let _ = fs::remove_dir_all(&staging);
+                self.extract_layer(&digest, &layer_dir)?;
+                fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
+                Ok(Layer {
+                    digest,
+                    dir: layer_dir,
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                Err(io_err("moving", dir)(e))
+            }
+        }
+    }
+
+    /// Writes the config and manifest blobs of an image made of `layers` (bottom-most first)
+    /// and returns the manifest digest (`sha256:…`).
+    pub fn put_image(&self, layers: &[Layer], config: &ImageConfig) -> Result<String, ImageError> {
+        let mut layer_descs = Vec::new();
+        for layer in layers {
+            layer_descs.push(Descriptor {
+                media_type: LAYER_MEDIA_TYPE.to_string(),
+                digest: layer.digest.clone(),
+                size: self.blob_size(&layer.digest)?,
+                annotations: None,
+            });
+        }
+        let oci_config = OciConfig {
+            architecture: oci_arch().to_string(),
+            os: "linux".to_string(),
+            config: OciRunConfig {
+                env: config.env.clone(),
+                working_dir: config.working_dir.clone(),
+                cmd: config.cmd.clone(),
+            },
+            rootfs: RootFs {
+                kind: "layers".to_string(),
+                diff_ids: layers.iter().map(|l| l.digest.clone()).collect(),
+            },
+        };
+        let config_json = serde_json::to_vec(&oci_config).expect("config serializes");
+        let config_desc = Descriptor {
+            media_type: CONFIG_MEDIA_TYPE.to_string(),
+            digest: self.put_blob_bytes(&config_json)?,
+            size: config_json.len() as u64,
+            annotations: None,
+        };
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MANIFEST_MEDIA_TYPE.to_string(),
+            config: config_desc,
+            layers: layer_descs,
+        };
+        let manifest_json = serde_json::to_vec(&manifest).expect("manifest serializes");
+        self.put_blob_bytes(&manifest_json)
+    }
+
+    /// Points the tag `name` at a manifest digest (replacing what it pointed at).
+    pub fn tag(&self, name: &str, digest: &str) -> Result<(), ImageError> {
+        let path = self.ref_path(name)?;
+        if !self.blob_path(digest)?.exists() {
+            return Err(ImageError::NotFound {
+                what: digest.to_string(),
+            });
+        }
+        write_atomic(&path, digest.as_bytes())?;
+        self.write_index()
+    }
+
+    /// The manifest digest a tag points at, if the tag exists.
+    pub fn resolve(&self, name: &str) -> Option<String> {
+        let path = self.ref_path(name).ok()?;
+        let digest = fs::read_to_string(path).ok()?;
+        Some(digest.trim().to_string())
+    }
+
+    /// Reads an image back: its config and its extracted layers, top-most first.
+    ///
+    /// A layer whose extracted directory is missing is extracted again from its blob.
+    pub fn image(&self, digest: &str) -> Result<Image, ImageError> {
+        let manifest: Manifest = self.read_json_blob("manifest", digest)?;
+        let config: OciConfig = self.read_json_blob("image config", &manifest.config.digest)?;
+        let mut layer_dirs = Vec::new();
+        for layer in manifest.layers.iter().rev() {
+            let dir = self.layer_dir(&layer.digest);
+            if !dir.exists() {
+                self.extract_layer(&layer.digest, &dir)?;
+            }
+            layer_dirs.push(dir);
+        }
+        Ok(Image {
+            digest: digest.to_string(),
+            config: ImageConfig {
+                env: config.config.env,
+                working_dir: config.config.working_dir,
+                cmd: config.config.cmd,
+            },
+            layer_dirs,
+        })
+    }
+
+    fn blob_dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        let hex = digest_hex(digest)?;
+        Ok(self.blob_dir().join(hex))
+    }
+
+    fn blob_size(&self, digest: &str) -> Result<u64, ImageError> {
+        let path = self.blob_path(digest)?;
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImageError::NotFound {
+                what: digest.to_string(),
+            }),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    }
+
+    /// `l/<short>`; callers pass digests the store produced or read from its own manifests.
+    fn layer_dir(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.root.join("l").join(&hex[..SHORT_LEN.min(hex.len())])
+    }
+
+    fn ref_path(&self, name: &str) -> Result<PathBuf, ImageError> {
+        if name.is_empty() || name == "." || name == ".." || name.contains('\0') {
+            return Err(ImageError::BadName(name.to_string()));
+        }
+        let escaped = name.replace('%', "%25").replace('/', "%2F");
+        Ok(self.root.join("refs").join(escaped))
+    }
+
+    /// A unique temporary path inside the store (same filesystem, so renames are atomic).
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join(format!(".tmp-{}-{}-{what}", std::process::id(), n))
+    }
+
+    fn put_blob_bytes(&self, bytes: &[u8]) -> Result<String, ImageError> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let path = self.blob_path(&digest)?;
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(digest)
+    }
+
+    /// Copies a stream into a blob while hashing it; returns its digest.
+    fn put_blob_from(&self, src: &mut dyn Read, src_path: &Path) -> Result<String, ImageError> {
+        let tmp = self.tmp_path("blob");
+        let result = (|| {
+            let mut out = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = src.read(&mut buf).map_err(io_err("reading", src_path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err("writing", &tmp))?;
+            }
+            out.sync_all().map_err(io_err("writing", &tmp))?;
+            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+            let path = self.blob_path(&digest)?;
+            fs::rename(&tmp, &path).map_err(io_err("storing", &path))?;
+            Ok(digest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn read_json_blob<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &'static str,
+        digest: &str,
+    ) -> Result<T, ImageError> {
+        let path = self.blob_path(digest)?;
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NotFound {
+                    what: digest.to_string(),
+                })
+            }
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::Corrupt {
+            what,
+            digest: digest.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Extracts a layer blob into `dir` via a staging directory, so `dir` is all or nothing.
+    fn extract_layer(&self, digest: &str, dir: &Path) -> Result<(), ImageError> {
+        let blob = self.blob_path(digest)?;
+        if !blob.exists() {
+            return Err(ImageError::NotFound {
+                what: digest.to_string(),
+            });
+        }
+        let staging = self.tmp_path("extract");
+        let result = extract_tar(&blob, &staging)
+            .and_then(|()| fs::rename(&staging, dir).map_err(io_err("moving", dir)));
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        result
+    }
+
+    /// Rewrites `index.json` from `refs/` (for OCI tools; refs stay the source of truth).
+    fn write_index(&self) -> Result<(), ImageError> {
+        let refs = self.root.join("refs");
+        let mut names: Vec<_> = fs::read_dir(&refs)
+            .map_err(io_err("listing", &refs))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut manifests = Vec::new();
+        for escaped in names {
+            let name = escaped.replace("%2F", "/").replace("%25", "%");
+            let Some(digest) = self.resolve(&name) else {
+                continue;
+            };
+            let Ok(size) = self.blob_size(&digest) else {
+                continue;
+            };
+            manifests.push(Descriptor {
+                media_type: MANIFEST_MEDIA_TYPE.to_string(),
+                digest,
+                size,
+                annotations: Some(HashMap::from([(
+                    "org.opencontainers.image.ref.name".to_string(),
+                    name,
+                )])),
+            });
+        }
+        let index = Index {
+            schema_version: 2,
+            media_type: INDEX_MEDIA_TYPE.to_string(),
+            manifests,
+        };
+        let json = serde_json::to_vec(&index).expect("index serializes");
+        write_atomic(&self.root.join("index.json"), &json)
+    }
+}
+
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn digest_hex(digest: &str) -> Result<&str, ImageError> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(hex),
+        _ => Err(ImageError::BadDigest(digest.to_string())),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let tmp = path.with_file_name(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    fs::write(&tmp, bytes).map_err(io_err("writing", &tmp))?;
+    fs::rename(&tmp, path).map_err(io_err("writing", path))
+}
+
+/// Refuses a tar with any entry (or hard link target) outside the root. Done before storing
+/// anything, because the `tar` crate would silently skip such entries.
+fn check_tar_paths(tar: &Path) -> Result<(), ImageError> {
+    let file = File::open(tar).map_err(io_err("opening", tar))?;
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    let entries = archive.entries().map_err(io_err("reading", tar))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err("reading", tar))?;
+        let path = entry.path().map_err(io_err("reading", tar))?.into_owned();
+        let link = if entry.header().entry_type().is_hard_link() {
+            entry.link_name().map_err(io_err("reading", tar))?
+        } else {
+            None
+        };
+        for p in std::iter::once(path.as_path()).chain(link.as_deref()) {
+            if p.components().any(|c| c == Component::ParentDir) {
+                return Err(ImageError::UnsafeEntry {
+                    tar: tar.to_path_buf(),
+                    entry: p.display().to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Extracts a (checked) tar into `dst`, keeping modes and ownership, skipping device nodes.
+fn extract_tar(tar: &Path, dst: &Path) -> Result<(), ImageError> {
+    fs::create_dir_all(dst).map_err(io_err("creating", dst))?;
+    let file = File::open(tar).map_err(io_err("opening", tar))?;
+    let mut archive = tar::Archive::new(BufReader::new(file));
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    // Directories last, deepest first, so a read-only directory does not block its children
+    // and directory mtimes survive.
+    let mut directories = Vec::new();
+    for entry in archive.entries().map_err(io_err("reading", tar))? {
+        let mut entry = entry.map_err(io_err("reading", tar))?;
+        match entry.header().entry_type() {
+            tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => continue,
+            tar::EntryType::Directory => directories.push(entry),
+            _ => {
+                entry.unpack_in(dst).map_err(io_err("extracting", tar))?;
+            }
+        }
+    }
+    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut dir in directories {
+        dir.unpack_in(dst).map_err(io_err("extracting", tar))?;
+    }
+    // The layer root itself: like any image root, 0755.
+    fs::set_permissions(dst, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", dst))
+}
+
+/// Writes `dir` as a deterministic tar under `prefix/`: sorted names, mtime 0, real modes and
+/// owners, hard links kept as links, sockets and device nodes left out.
+fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError> {
+    let file = File::create(out).map_err(io_err("creating", out))?;
+    let mut builder = tar::Builder::new(io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+
+    // Parent directories of the prefix (e.g. `a/` for `a/b`), owned by root.
+    let mut parent = PathBuf::new();
+    let components: Vec<_> = prefix.components().collect();
+    for c in &components[..components.len() - 1] {
+        parent.push(c);
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(0o755);
+        header.set_size(0);
+        builder
+            .append_data(&mut header, &parent, io::empty())
+            .map_err(io_err("writing", out))?;
+    }
+
+    let mut seen_inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut stack = vec![(dir.to_path_buf(), prefix.to_path_buf())];
+    while let Some((src, name)) = stack.pop() {
+        let meta = fs::symlink_metadata(&src).map_err(io_err("reading", &src))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(meta.mode() & 0o7777);
+        header.set_uid(meta.uid() as u64);
+        header.set_gid(meta.gid() as u64);
+        header.set_mtime(0);
+        header.set_size(0);
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            header.set_entry_type(tar::EntryType::Directory);
+            builder
+                .append_data(&mut header, &name, io::empty())
+                .map_err(io_err("writing", out))?;
+            let mut children: Vec<_> = fs::read_dir(&src)
+                .map_err(io_err("listing", &src))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()
+                .map_err(io_err("listing", &src))?;
+            // Reverse-sorted onto the stack, so they come off in sorted order.
+            children.sort();
+            for child in children.into_iter().rev() {
+                stack.push((src.join(&child), name.join(&child)));
+            }
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&src).map_err(io_err("reading", &src))?;
+            header.set_entry_type(tar::EntryType::Symlink);
+            builder
+                .append_link(&mut header, &name, &target)
+                .map_err(io_err("writing", out))?;
+        } else if ft.is_file() {
+            let key = (meta.dev(), meta.ino());
+            if meta.nlink() > 1 {
+                if let Some(first) = seen_inodes.get(&key) {
+                    header.set_entry_type(tar::EntryType::Link);
+                    builder
+                        .append_link(&mut header, &name, first)
+                        .map_err(io_err("writing", out))?;
+                    continue;
+                }
+                seen_inodes.insert(key, name.clone());
+            }
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(meta.len());
+            let data = File::open(&src).map_err(io_err("opening", &src))?;
+            builder
+                .append_data(&mut header, &name, data)
+                .map_err(io_err("writing", out))?;
+        }
+    }
+    let writer = builder.into_inner().map_err(io_err("writing", out))?;
+    writer
+        .into_inner()
+        .map_err(|e| io_err("writing", out)(e.into_error()))?
+        .sync_all()
+        .map_err(io_err("writing", out))
+}

@@ -1,0 +1,362 @@
+//! The stack images buildpacks build on and apps run on, made by berth itself (no registry):
+//! `mmdebstrap --variant=minbase bookworm` from the host's own apt mirror, packed as one OCI
+//! layer each and tagged in the [`ImageStore`].
+//!
+//! - [`STACK_BUILD`]: what builds run in (python3, venv/ensurepip, ca-certificates).
+//! - [`STACK_RUN`]: what apps run on (python3, ca-certificates) — the same Debian python at the
+//!   same path, so a venv built at `/app/.venv` on the build stack runs here.
+//!
+//! Both are built concurrently (two mmdebstrap runs), which on these hosts takes about as long
+//! as one. Owns only the two stack tags; must not touch mounts or containers itself (mmdebstrap
+//! does its own chroot work).
+
+use super::{ImageConfig, ImageError, ImageStore};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+pub const STACK_BUILD: &str = "berth/stack-build";
+pub const STACK_RUN: &str = "berth/stack-run";
+
+const SUITE: &str = "bookworm";
+const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
+const RUN_PACKAGES: &str = "python3,ca-certificates";
+const BUILD_PACKAGES: &str = "python3,python3-venv,ca-certificates";
+/// mmdebstrap lines kept for an error message.
+const LOG_TAIL_LINES: usize = 25;
+
+/// The environment both stacks start processes with.
+pub fn stack_env() -> Vec<String> {
+    vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "LANG=C.UTF-8".to_string(),
+    ]
+}
+
+/// Makes sure both stack images exist (all of them again if `force`) and returns
+/// `(build digest, run digest)`. Progress and mmdebstrap's own output go to `progress`.
+pub fn ensure_stacks(
+    store: &ImageStore,
+    force: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(String, String), ImageError> {
+    let present = |name: &str| {
+        store
+            .resolve(name)
+            .filter(|digest| store.image(digest).is_ok())
+    };
+    let mut todo = Vec::new();
+    for (name, packages) in [(STACK_BUILD, BUILD_PACKAGES), (STACK_RUN, RUN_PACKAGES)] {
+        if force || present(name).is_none() {
+            todo.push((name, packages));
+        }
+    }
+    if !todo.is_empty() {
+        build_stacks(store, &todo, progress)?;
+    }
+    let digest = |name: &str| {
+        present(name).ok_or_else(|| ImageError::NotFound {
+            what: name.to_string(),
+        })
+    };
+    Ok((digest(STACK_BUILD)?, digest(STACK_RUN)?))
+}
+
+/// Runs one mmdebstrap per image concurrently, then imports and tags each.
+fn build_stacks(
+    store: &ImageStore,
+    todo: &[(&str, &str)],
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    if which("mmdebstrap").is_none() {
+        return Err(ImageError::MissingTool {
+            tool: "mmdebstrap",
+            package: "mmdebstrap",
+        });
+    }
+    let sources = host_sources();
+    let mirror = sources[0]
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let names: Vec<&str> = todo.iter().map(|(name, _)| *name).collect();
+    progress(&format!(
+        "Building {} with mmdebstrap from {mirror} (about 30 s, once)",
+        names.join(" and ")
+    ));
+
+    struct Run {
+        name: String,
+        tar: PathBuf,
+        child: std::process::Child,
+        tail: VecDeque<String>,
+        started: Instant,
+    }
+    let (tx, rx) = mpsc::channel::<(usize, String)>();
+    let mut runs = Vec::new();
+    for (i, (name, packages)) in todo.iter().enumerate() {
+        let tar = store.tmp_path("stack.tar");
+        let mut child = mmdebstrap_command(packages, &tar, &sources)
+            .spawn()
+            .map_err(|source| ImageError::Io {
+                action: "starting mmdebstrap for",
+                path: tar.clone(),
+                source,
+            })?;
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send((i, line));
+                }
+            });
+        }
+        runs.push(Run {
+            name: name.to_string(),
+            tar,
+            child,
+            tail: VecDeque::new(),
+            started: Instant::now(),
+        });
+    }
+    drop(tx);
+    // Ends when every output pipe is closed, i.e. both mmdebstraps are done.
+    for (i, line) in rx {
+        let short = runs[i].name.trim_start_matches("berth/").to_string();
+        progress(&format!("[{short}] {line}"));
+        let tail = &mut runs[i].tail;
+        tail.push_back(line);
+        if tail.len() > LOG_TAIL_LINES {
+            tail.pop_front();
+        }
+    }
+
+    let mut failure = None;
+    let mut built = Vec::new();
+    for run in &mut runs {
+        let status = run.child.wait().map_err(|source| ImageError::Io {
+            action: "waiting for mmdebstrap for",
+            path: run.tar.clone(),
+            source,
+        })?;
+        let secs = run.started.elapsed().as_secs_f64();
+        if status.success() {
+            built.push((run.name.clone(), run.tar.clone(), secs));
+        } else if failure.is_none() {
+            failure = Some(ImageError::StackBuild {
+                image: run.name.clone(),
+                reason: format!("mmdebstrap exited with {status} after {secs:.1} s"),
+                mirror: mirror.clone(),
+                log_tail: Vec::from(run.tail.clone()).join("\n"),
+            });
+        }
+    }
+    if let Some(err) = failure {
+        for run in &runs {
+            let _ = std::fs::remove_file(&run.tar);
+        }
+        return Err(err);
+    }
+
+    for (name, tar, secs) in built {
+        let size = std::fs::metadata(&tar).map(|m| m.len()).unwrap_or(0);
+        let imported = store.import_layer_tar(&tar);
+        let _ = std::fs::remove_file(&tar);
+        let layer = imported?;
+        let config = ImageConfig {
+            env: stack_env(),
+            working_dir: "/app".to_string(),
+            cmd: Vec::new(),
+        };
+        let digest = store.put_image(&[layer], &config)?;
+        store.tag(&name, &digest)?;
+        progress(&format!(
+            "Built {name} in {secs:.1} s ({} MB): {digest}",
+            size / 1_000_000
+        ));
+    }
+    Ok(())
+}
+
+fn mmdebstrap_command(packages: &str, tar: &Path, sources: &[String]) -> Command {
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg("--variant=minbase")
+        .arg(format!("--include={packages}"))
+        .arg("--aptopt=APT::Install-Recommends \"false\"")
+        // Like Debian's slim images: no docs, man pages or translations.
+        .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+        .arg("--dpkgopt=path-include=/usr/share/doc/*/copyright")
+        .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/info/*")
+        .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
+        // Empty files the runtime bind-mounts over; /app for the app; a sticky /tmp.
+        .arg(
+            "--customize-hook=rm -f \"$1/etc/resolv.conf\" \"$1/etc/hosts\" && \
+             : > \"$1/etc/resolv.conf\" && : > \"$1/etc/hosts\" && \
+             mkdir -p \"$1/app\" \"$1/tmp\" && chmod 1777 \"$1/tmp\"",
+        )
+        .arg(SUITE)
+        .arg(tar)
+        .args(sources)
+        // Without mirrors on the command line mmdebstrap would read sources from stdin.
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The host's bookworm apt sources as one-line `deb URI SUITE COMPONENTS…` entries, read from
+/// `/etc/apt/sources.list` and `/etc/apt/sources.list.d/*.{list,sources}`; never empty.
+fn host_sources() -> Vec<String> {
+    let mut sources = Vec::new();
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("sources") => sources.extend(parse_deb822(&text)),
+            Some("list") => sources.extend(parse_one_line(&text)),
+            _ => {}
+        }
+    }
+    if sources.is_empty() {
+        sources.push(format!("deb {FALLBACK_MIRROR} {SUITE} main"));
+    }
+    sources
+}
+
+fn wanted_suite(suite: &str) -> bool {
+    suite == SUITE
+        || suite.starts_with(&format!("{SUITE}-"))
+        || suite.starts_with(&format!("{SUITE}/"))
+}
+
+/// `deb [options] URI SUITE COMPONENTS…` lines (sources.list format).
+fn parse_one_line(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let rest = match rest.strip_prefix('[') {
+            Some(opts) => opts.split_once(']').map(|(_, r)| r).unwrap_or(""),
+            None => rest,
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() >= 3 && wanted_suite(fields[1]) {
+            out.push(format!("deb {}", fields.join(" ")));
+        }
+    }
+    out
+}
+
+/// deb822 `.sources` stanzas (Types/URIs/Suites/Components/Enabled).
+fn parse_deb822(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let stanzas = text.split("\n\n").filter(|s| !s.trim().is_empty());
+    for stanza in stanzas {
+        let field = |key: &str| -> Vec<String> {
+            stanza
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        if !field("Types").iter().any(|t| t == "deb")
+            || field("Enabled")
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case("no"))
+        {
+            continue;
+        }
+        let components = field("Components").join(" ");
+        for uri in field("URIs") {
+            for suite in field("Suites") {
+                if wanted_suite(&suite) && !components.is_empty() {
+                    out.push(format!("deb {uri} {suite} {components}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bookworm_sources_in_both_formats() {
+        let cases: &[(&str, bool, &str, &[&str])] = &[
+            (
+                "deb822 with comments, two stanzas",
+                true,
+                "Types: deb\n# snapshot\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /k.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\n",
+                &[
+                    "deb http://deb.debian.org/debian bookworm main",
+                    "deb http://deb.debian.org/debian bookworm-updates main",
+                    "deb http://deb.debian.org/debian-security bookworm-security main",
+                ],
+            ),
+            (
+                "deb822 other distro and deb-src skipped",
+                true,
+                "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\nComponents: main\n\nTypes: deb-src\nURIs: http://m/debian\nSuites: bookworm\nComponents: main\n",
+                &[],
+            ),
+            (
+                "deb822 disabled",
+                true,
+                "Types: deb\nURIs: http://m/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n",
+                &[],
+            ),
+            (
+                "one-line with options and a comment",
+                false,
+                "# mirror\ndeb [arch=amd64 signed-by=/k.gpg] http://m/debian bookworm main contrib # x\ndeb-src http://m/debian bookworm main\ndeb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n",
+                &["deb http://m/debian bookworm main contrib"],
+            ),
+        ];
+        for (what, deb822, text, want) in cases {
+            let got = if *deb822 {
+                parse_deb822(text)
+            } else {
+                parse_one_line(text)
+            };
+            assert_eq!(got, *want, "{what}");
+        }
+    }
+}
