@@ -254,8 +254,9 @@ impl russh::server::Handler for Connection {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // The shell or command that follows gets the explanation.
-        session.channel_failure(channel)
+        // No terminal is ever made, but saying yes lets the shell or command that follows get
+        // the explanation: `ssh -tt` gives up silently when its pty request fails.
+        session.channel_success(channel)
     }
 
     async fn x11_request(

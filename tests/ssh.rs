@@ -1,0 +1,594 @@
+//! End-to-end tests of the SSH git endpoint: the server runs in-process on 127.0.0.1:0 and is
+//! driven by the real OpenSSH client, real git and keys made by the real ssh-keygen.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth::git;
+use berth::ssh::{self, Gate, SshConfig};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Every external command must finish within this, or the test fails.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct TestGate {
+    keys: HashMap<String, String>,
+    apps: HashSet<String>,
+}
+
+impl Gate for TestGate {
+    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>> {
+        let name = self.keys.get(&openssh_key).cloned();
+        async move { name }.boxed()
+    }
+
+    fn app_exists(&self, app: String) -> BoxFuture<'static, bool> {
+        let exists = self.apps.contains(&app);
+        async move { exists }.boxed()
+    }
+}
+
+/// A running server with its own temp dir, one app repo per name in `apps`, and a client key
+/// the gate knows as "laptop".
+struct TestServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    key: PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ssh::SshError>>,
+}
+
+impl TestServer {
+    /// Starts a server whose repos run `hook_command` as their pre-receive hook.
+    async fn start(apps: &[&str], hook_command: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let key = new_client_key(dir.path(), "laptop");
+        for app in apps {
+            git::create_repo(&dir.path().join("repos"), app, hook_command).unwrap();
+        }
+        TestServer::start_in(dir, key).await
+    }
+
+    /// Starts a server on an existing temp dir (its host key and repos are kept).
+    async fn start_in(dir: tempfile::TempDir, key: PathBuf) -> TestServer {
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let mut fields = public.split_whitespace();
+        let bare = format!("{} {}", fields.next().unwrap(), fields.next().unwrap());
+        let mut apps = HashSet::new();
+        if let Ok(entries) = std::fs::read_dir(dir.path().join("repos")) {
+            for entry in entries {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                apps.insert(name.trim_end_matches(".git").to_string());
+            }
+        }
+        let gate = TestGate {
+            keys: HashMap::from([(bare, "laptop".to_string())]),
+            apps,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let config = SshConfig {
+            host_key: dir.path().join("ssh_host_ed25519_key"),
+            repos_dir: dir.path().join("repos"),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ssh::run(listener, config, Arc::new(gate), shutdown.clone()));
+        TestServer {
+            dir,
+            port,
+            key,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("server did not stop")
+            .unwrap()
+            .unwrap();
+        self.dir
+    }
+
+    fn repo(&self, app: &str) -> git2::Repository {
+        git2::Repository::open_bare(git::repo_path(&self.dir.path().join("repos"), app)).unwrap()
+    }
+
+    /// The plain `ssh` command line for this server, with `key`, as git and users run it.
+    fn ssh_command(&self, key: &Path) -> String {
+        format!(
+            "ssh -F /dev/null -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no \
+             -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
+            key.display()
+        )
+    }
+
+    fn url(&self, app_path: &str) -> String {
+        format!("ssh://git@127.0.0.1:{}/{app_path}", self.port)
+    }
+
+    /// Runs `ssh git@server ARGS…` with `key`.
+    async fn ssh(&self, key: &Path, args: &[&str]) -> Output {
+        let line = format!("{} -p {} git@127.0.0.1", self.ssh_command(key), self.port);
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        words.extend_from_slice(args);
+        let mut command = tokio::process::Command::new(words[0]);
+        command.args(&words[1..]).stdin(std::process::Stdio::null());
+        run(command).await
+    }
+
+    /// Runs `git push REMOTE main` from `work` with `key` (`-p PORT` added for scp-like remotes).
+    async fn push(&self, work: &Path, key: &Path, remote: &str) -> Output {
+        let mut ssh = self.ssh_command(key);
+        if !remote.starts_with("ssh://") {
+            ssh = format!("{ssh} -p {}", self.port);
+        }
+        let mut command = git_command(work);
+        command
+            .args(["push", remote, "main"])
+            .env("GIT_SSH_COMMAND", ssh);
+        run(command).await
+    }
+}
+
+fn new_client_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = std::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "someone@laptop",
+            "-f",
+        ])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+/// Writes an executable hook script into `dir` and returns the hook command that runs it.
+fn hook_script(dir: &Path, body: &str) -> String {
+    let path = dir.join("hook.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!("'{}'", path.display())
+}
+
+/// Prints the pushed refs, the app and the key name, and accepts the push unless a file
+/// `reject` sits next to the script.
+const ACCEPTING_HOOK: &str = r#"while read old new ref; do
+  echo "-----> test hook got $ref for $BERTH_APP by $BERTH_KEY_NAME"
+done
+if [ -e "$(dirname "$0")/reject" ]; then
+  echo "-----> test hook says no" >&2
+  exit 1
+fi"#;
+
+fn git_command(dir: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("git");
+    command
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    command
+}
+
+async fn run(mut command: tokio::process::Command) -> Output {
+    command.kill_on_drop(true);
+    tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{command:?} did not finish in {DEADLINE:?}"))
+        .unwrap()
+}
+
+async fn git_ok(dir: &Path, args: &[&str]) -> String {
+    let mut command = git_command(dir);
+    command.args(args);
+    let output = run(command).await;
+    assert!(output.status.success(), "git {args:?}: {}", text(&output));
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// A work repo on branch main with one commit; returns its path.
+async fn work_repo(parent: &Path) -> PathBuf {
+    let work = parent.join("work");
+    std::fs::create_dir(&work).unwrap();
+    git_ok(&work, &["init", "-q", "-b", "main"]).await;
+    commit(&work, "README", "hello\n").await;
+    work
+}
+
+/// Writes `file` and commits it; returns the new commit's sha.
+async fn commit(work: &Path, file: &str, content: &str) -> String {
+    std::fs::write(work.join(file), content).unwrap();
+    git_ok(work, &["add", "-A"]).await;
+    git_ok(work, &["commit", "-q", "-m", &format!("change {file}")]).await;
+    git_ok(work, &["rev-parse", "HEAD"]).await
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn main_ref(repo: &git2::Repository) -> Option<String> {
+    repo.refname_to_id("refs/heads/main")
+        .ok()
+        .map(|id| id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_runs_the_hook_and_updates_the_ref() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let work = work_repo(server.dir.path()).await;
+    let head = git_ok(&work, &["rev-parse", "HEAD"]).await;
+
+    let output = server.push(&work, &server.key, &server.url("hello")).await;
+
+    assert!(output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("remote: -----> test hook got refs/heads/main for hello by laptop"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(main_ref(&server.repo("hello")), Some(head));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_hook_rejects_the_push_and_keeps_the_ref() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let work = work_repo(server.dir.path()).await;
+    let first = git_ok(&work, &["rev-parse", "HEAD"]).await;
+    let output = server.push(&work, &server.key, &server.url("hello")).await;
+    assert!(output.status.success(), "{}", text(&output));
+
+    std::fs::write(scripts.path().join("reject"), "").unwrap();
+    commit(&work, "second", "2\n").await;
+    let output = server.push(&work, &server.key, &server.url("hello")).await;
+
+    assert!(!output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("remote: -----> test hook says no"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        stderr.contains("pre-receive hook declined"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(main_ref(&server.repo("hello")), Some(first));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_remote_forms_reach_the_app() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let work = work_repo(server.dir.path()).await;
+    // git sends 'hello' and 'hello.git' for scp-like remotes, '/hello' and '/hello.git' for URLs.
+    let remotes = [
+        "git@127.0.0.1:hello".to_string(),
+        "git@127.0.0.1:hello.git".to_string(),
+        server.url("hello"),
+        server.url("hello.git"),
+    ];
+    for (i, remote) in remotes.iter().enumerate() {
+        let head = commit(&work, "counter", &format!("{i}\n")).await;
+        let output = server.push(&work, &server.key, remote).await;
+        assert!(output.status.success(), "{remote}: {}", text(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("remote: -----> test hook got"),
+            "{remote}: {}",
+            text(&output)
+        );
+        assert_eq!(main_ref(&server.repo("hello")), Some(head), "{remote}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_missing_app_says_how_to_create_it() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let work = work_repo(server.dir.path()).await;
+
+    let output = server.push(&work, &server.key, &server.url("nope")).await;
+
+    assert!(!output.status.success(), "{}", text(&output));
+    let expected =
+        "error: app \"nope\" does not exist — create it first with: berth apps:create nope";
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(expected),
+        "{}",
+        text(&output)
+    );
+    assert!(!git::repo_path(&server.dir.path().join("repos"), "nope").exists());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_is_refused() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let stranger = new_client_key(scripts.path(), "stranger");
+
+    let output = server.ssh(&stranger, &["git-receive-pack '/hello'"]).await;
+    assert_eq!(output.status.code(), Some(255), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("Permission denied (publickey)"),
+        "{}",
+        text(&output)
+    );
+
+    let work = work_repo(scripts.path()).await;
+    let output = server.push(&work, &stranger, &server.url("hello")).await;
+    assert!(!output.status.success(), "{}", text(&output));
+    assert_eq!(main_ref(&server.repo("hello")), None);
+
+    // The known key gets through to the same command: git-receive-pack advertises its
+    // capabilities, then exits 128 on the empty input, and that status reaches the client.
+    let output = server
+        .ssh(&server.key, &["git-receive-pack '/hello'"])
+        .await;
+    assert_eq!(output.status.code(), Some(128), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("report-status"),
+        "{}",
+        text(&output)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anything_but_a_push_is_refused_with_one_line() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["ls"],
+            "error: only git push is allowed here (got \"ls\") — push with: git push deploy main\n",
+        ),
+        (
+            &["git-upload-pack '/hello'"],
+            "error: only git push is allowed here (got \"git-upload-pack '/hello'\") — push with: git push deploy main\n",
+        ),
+        (
+            &["git-receive-pack '../hello'"],
+            "error: \"../hello\" is not a valid app name — use 1 to 63 lowercase letters, digits and dashes, starting with a letter\n",
+        ),
+        (
+            &[],
+            "error: only git push is allowed here (got a shell) — push with: git push deploy main\n",
+        ),
+        (
+            &["-tt"],
+            "error: only git push is allowed here (got a shell) — push with: git push deploy main\n",
+        ),
+        (
+            &["-tt", "ls"],
+            "error: only git push is allowed here (got \"ls\") — push with: git push deploy main\n",
+        ),
+        (
+            &["-s", "sftp"],
+            "error: only git push is allowed here (got \"subsystem sftp\") — push with: git push deploy main\n",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = server.ssh(&server.key, args).await;
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", text(&output));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stderr),
+            *expected,
+            "{args:?}: {}",
+            text(&output)
+        );
+        assert!(output.stdout.is_empty(), "{args:?}: {}", text(&output));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_key_survives_a_restart() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let first = host_key_seen_by_client(server.port).await;
+    let key = server.key.clone();
+    let dir = server.stop().await;
+
+    let host_key = dir.path().join("ssh_host_ed25519_key");
+    let mode = std::fs::metadata(&host_key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let server = TestServer::start_in(dir, key).await;
+    let second = host_key_seen_by_client(server.port).await;
+
+    assert_eq!(first, second);
+    let stored = ssh::load_or_create_host_key(&host_key).unwrap();
+    assert_eq!(stored.public_key().to_openssh().unwrap(), first);
+    server.stop().await;
+}
+
+/// The host key the real OpenSSH tools see, as "ssh-ed25519 AAAA…".
+async fn host_key_seen_by_client(port: u16) -> String {
+    let mut command = tokio::process::Command::new("ssh-keyscan");
+    command.args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"]);
+    let output = run(command).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| !line.starts_with('#'))
+        .unwrap_or_else(|| panic!("no host key: {}", text(&output)));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    format!("{} {}", fields[1], fields[2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_pushes_and_chatty_hooks_go_through() {
+    let scripts = tempfile::tempdir().unwrap();
+    // About 3 MB of hook output travels back to the pusher, beyond any initial SSH window.
+    let hook = hook_script(
+        scripts.path(),
+        "cat >/dev/null\nseq 1 300000 | sed 's/^/-----> line /'\necho '-----> hook done'",
+    );
+    let server = TestServer::start(&["hello"], &hook).await;
+    let work = work_repo(server.dir.path()).await;
+    // 24 MB that does not compress: many times the SSH window in the other direction.
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    let mut big = std::fs::File::create(work.join("big.bin")).unwrap();
+    std::io::copy(&mut std::io::Read::take(&mut random, 24 << 20), &mut big).unwrap();
+    let head = commit(&work, "small", "x\n").await;
+
+    let output = server.push(&work, &server.key, &server.url("hello")).await;
+
+    assert!(output.status.success(), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines = stderr
+        .lines()
+        .filter(|l| l.starts_with("remote: -----> line "))
+        .count();
+    assert_eq!(
+        lines,
+        300000,
+        "stderr tail: {}",
+        &stderr[stderr.len().saturating_sub(500)..]
+    );
+    assert!(stderr.contains("remote: -----> hook done"));
+    assert_eq!(main_ref(&server.repo("hello")), Some(head));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_to_many_apps() {
+    let scripts = tempfile::tempdir().unwrap();
+    let apps = [
+        "app-0", "app-1", "app-2", "app-3", "app-4", "app-5", "app-6", "app-7",
+    ];
+    let server = TestServer::start(&apps, &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let mut pushes = Vec::new();
+    for app in apps {
+        let dir = server.dir.path().join(format!("client-{app}"));
+        std::fs::create_dir(&dir).unwrap();
+        let work = work_repo(&dir).await;
+        let head = git_ok(&work, &["rev-parse", "HEAD"]).await;
+        pushes.push((app, work, head));
+    }
+
+    let urls: Vec<String> = apps.iter().map(|app| server.url(app)).collect();
+    let outputs = futures::future::join_all(
+        pushes
+            .iter()
+            .zip(&urls)
+            .map(|((_, work, _), url)| server.push(work, &server.key, url)),
+    )
+    .await;
+
+    for ((app, _, head), output) in pushes.iter().zip(outputs) {
+        assert!(output.status.success(), "{app}: {}", text(&output));
+        let expected = format!("remote: -----> test hook got refs/heads/main for {app} by laptop");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(&expected),
+            "{app}: {}",
+            text(&output)
+        );
+        assert_eq!(main_ref(&server.repo(app)), Some(head.clone()), "{app}");
+    }
+    server.stop().await;
+}
+
+/// Not a test on its own: the pre-receive hook of `checkout_sees_the_pushed_commit_in_quarantine`
+/// runs this test binary filtered to this function, with `BERTH_TEST_CHECKOUT_DEST` set.
+#[test]
+fn hook_helper_checkout_in_quarantine() {
+    let Some(dest) = std::env::var_os("BERTH_TEST_CHECKOUT_DEST") else {
+        return;
+    };
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let new = line.split_whitespace().nth(1).unwrap().to_string();
+    let repo = PathBuf::from(std::env::var("GIT_DIR").unwrap());
+
+    let visible_without_quarantine = git2::Repository::open_bare(&repo)
+        .unwrap()
+        .find_commit(git2::Oid::from_str(&new).unwrap())
+        .is_ok();
+    println!("-----> visible without quarantine: {visible_without_quarantine}");
+    match git::checkout(&repo, &new, Path::new(&dest)) {
+        Ok(described) => println!("-----> checked out {described}"),
+        Err(e) => println!("-----> checkout failed: {e}"),
+    }
+    // Refuse the push, so the pushed objects never leave the quarantine.
+    std::process::exit(1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_sees_the_pushed_commit_in_quarantine() {
+    let scripts = tempfile::tempdir().unwrap();
+    let dest = scripts.path().join("checkout");
+    let helper = std::env::current_exe().unwrap();
+    let hook = hook_script(
+        scripts.path(),
+        &format!(
+            "BERTH_TEST_CHECKOUT_DEST='{}' exec '{}' --exact hook_helper_checkout_in_quarantine --nocapture --quiet",
+            dest.display(),
+            helper.display()
+        ),
+    );
+    let server = TestServer::start(&["hello"], &hook).await;
+    let work = work_repo(server.dir.path()).await;
+    std::fs::create_dir(work.join("bin")).unwrap();
+    std::fs::write(work.join("bin/run"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(work.join("bin/run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let head = commit(&work, "Procfile", "web: bin/run\n").await;
+
+    let output = server.push(&work, &server.key, &server.url("hello")).await;
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("remote: -----> visible without quarantine: false"),
+        "{}",
+        text(&output)
+    );
+    let expected = format!("remote: -----> checked out {} change Procfile", &head[..7]);
+    assert!(stderr.contains(&expected), "{}", text(&output));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("Procfile")).unwrap(),
+        "web: bin/run\n"
+    );
+    let mode = std::fs::metadata(dest.join("bin/run"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    // The hook refused the push: the commit stayed in quarantine and was thrown away.
+    assert!(!output.status.success(), "{}", text(&output));
+    assert_eq!(main_ref(&server.repo("hello")), None);
+    server.stop().await;
+}
