@@ -12,7 +12,11 @@ use crate::admin::{self, Request};
 pub const DEFAULT_DATA: &str = "/var/lib/berth";
 
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about = "A self-hosted git-push PaaS in one binary")]
+#[command(
+    name = "berth",
+    version,
+    about = "A self-hosted git-push PaaS in one binary"
+)]
 pub struct Cli {
     /// berth's data directory; the client talks to DIR/berth.sock.
     #[arg(long, global = true, env = "BERTH_DATA", default_value = DEFAULT_DATA, value_name = "DIR")]
@@ -158,7 +162,11 @@ pub struct ServerArgs {
     pub subnet: String,
     /// Host CA bundle passed read-only to builds (pip/npm behind TLS-intercepting proxies);
     /// empty to disable.
-    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt", value_name = "FILE")]
+    #[arg(
+        long,
+        default_value = "/etc/ssl/certs/ca-certificates.crt",
+        value_name = "FILE"
+    )]
     pub build_ca_bundle: String,
     /// On shutdown, also stop every container and remove the bridge (tests, throwaway servers).
     #[arg(long)]
@@ -170,7 +178,9 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Server(args) => crate::server::main(cli.data, args),
         Command::Shim { dir } => return berth_runtime::shim::main(&dir),
-        Command::Hook { hook: HookCommand::PreReceive } => crate::hook::pre_receive(&cli.data),
+        Command::Hook {
+            hook: HookCommand::PreReceive,
+        } => crate::hook::pre_receive(&cli.data),
         command => to_request(command).and_then(|request| admin::client::call(&cli.data, request)),
     };
     match result {
@@ -190,10 +200,29 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::AppsDestroy { name, force } => Request::AppsDestroy { name, force },
         Command::Config { name, json } => Request::Config { name, json },
         Command::ConfigGet { name, key } => Request::ConfigGet { name, key },
-        Command::ConfigSet { name, pairs, no_restart } => Request::ConfigSet { name, pairs, no_restart },
-        Command::ConfigUnset { name, keys, no_restart } => Request::ConfigUnset { name, keys, no_restart },
+        Command::ConfigSet {
+            name,
+            pairs,
+            no_restart,
+        } => Request::ConfigSet {
+            name,
+            pairs,
+            no_restart,
+        },
+        Command::ConfigUnset {
+            name,
+            keys,
+            no_restart,
+        } => Request::ConfigUnset {
+            name,
+            keys,
+            no_restart,
+        },
         Command::Keys { json } => Request::Keys { json },
-        Command::KeysAdd { name, file } => Request::KeysAdd { name, key: read_key_file(&file)? },
+        Command::KeysAdd { name, file } => Request::KeysAdd {
+            name,
+            key: read_key_file(&file)?,
+        },
         Command::KeysRemove { name } => Request::KeysRemove { name },
         Command::Releases { name, json } => Request::Releases { name, json },
         Command::Ps { name, json } => Request::Ps { name, json },
@@ -211,6 +240,7 @@ fn read_key_file(file: &str) -> anyhow::Result<String> {
     if file == "-" {
         return std::io::read_to_string(std::io::stdin()).context("cannot read the key from stdin");
     }
-    std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {file} — pass an OpenSSH public key file, e.g. ~/.ssh/id_ed25519.pub"))
+    std::fs::read_to_string(file).with_context(|| {
+        format!("cannot read {file} — pass an OpenSSH public key file, e.g. ~/.ssh/id_ed25519.pub")
+    })
 }

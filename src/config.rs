@@ -27,7 +27,9 @@ pub enum ConfigError {
 /// Checks a config key: `^[A-Za-z_][A-Za-z0-9_]*$` and not reserved.
 pub fn validate_key(key: &str) -> Result<(), ConfigError> {
     let mut chars = key.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(ConfigError::InvalidKey(key.to_string()));
     }

@@ -22,7 +22,8 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         let mut fields = line.split_whitespace();
-        let (Some(_old), Some(new), Some(refname)) = (fields.next(), fields.next(), fields.next()) else {
+        let (Some(_old), Some(new), Some(refname)) = (fields.next(), fields.next(), fields.next())
+        else {
             bail!("git sent an unexpected hook line {line:?}");
         };
         if !DEPLOYED_BRANCHES.contains(&refname) {
@@ -33,7 +34,9 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
             println!("-----> {refname} deleted; the running release keeps serving");
             continue;
         }
-        let scratch = data.join("builds").join(format!("{:016x}", rand::thread_rng().gen::<u64>()));
+        let scratch = data
+            .join("builds")
+            .join(format!("{:016x}", rand::thread_rng().gen::<u64>()));
         let source = scratch.join("src");
         std::fs::create_dir_all(&source)?;
         let description = match git::checkout(&repo, new, &source) {
@@ -46,7 +49,11 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
         println!("-----> Deploying {app} from {description}");
         let deployed = client::call(
             data,
-            Request::Deploy { app: app.clone(), source, description: format!("Deploy {description}") },
+            Request::Deploy {
+                app: app.clone(),
+                source,
+                description: format!("Deploy {description}"),
+            },
         );
         if !matches!(deployed, Ok(0)) {
             let _ = std::fs::remove_dir_all(&scratch);

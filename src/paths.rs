@@ -10,7 +10,9 @@ pub struct Paths {
 
 impl Paths {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
 
     /// Creates the data directory and its top-level folders (mode 0700 for the root).

@@ -43,7 +43,13 @@ impl Routes {
             if addrs.is_empty() {
                 table.remove(&host);
             } else {
-                table.insert(host.clone(), Arc::new(Upstreams { addrs: addrs.clone(), next: 0.into() }));
+                table.insert(
+                    host.clone(),
+                    Arc::new(Upstreams {
+                        addrs: addrs.clone(),
+                        next: 0.into(),
+                    }),
+                );
             }
             table
         });
@@ -51,7 +57,11 @@ impl Routes {
 
     /// The upstreams `host` points at now.
     pub fn get(&self, host: &str) -> Vec<SocketAddr> {
-        self.table.load().get(host).map(|u| u.addrs.clone()).unwrap_or_default()
+        self.table
+            .load()
+            .get(host)
+            .map(|u| u.addrs.clone())
+            .unwrap_or_default()
     }
 
     fn pick(&self, host: &str) -> Option<SocketAddr> {
@@ -74,10 +84,15 @@ pub async fn run(listener: TcpListener, routes: Arc<Routes>, shutdown: Cancellat
     connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
     connector.set_nodelay(true);
     let client = Client::builder(TokioExecutor::new()).build(connector);
-    let app = Router::new().fallback(forward).with_state(Proxy { routes, client });
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let app = Router::new()
+        .fallback(forward)
+        .with_state(Proxy { routes, client });
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
     if let Err(err) = served {
         warn!(%err, "proxy stopped");
     }
@@ -102,12 +117,18 @@ async fn forward(
     mut req: Request,
 ) -> Response {
     let Some(host) = request_host(&req) else {
-        return (StatusCode::BAD_REQUEST, "berth: the request has no Host header\n").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "berth: the request has no Host header\n",
+        )
+            .into_response();
     };
     let Some(upstream) = proxy.routes.pick(&host) else {
         return (
             StatusCode::NOT_FOUND,
-            format!("berth: no app is served at {host} — check the app name and that it is deployed\n"),
+            format!(
+                "berth: no app is served at {host} — check the app name and that it is deployed\n"
+            ),
         )
             .into_response();
     };
@@ -118,7 +139,13 @@ async fn forward(
     };
     *req.uri_mut() = uri;
     let headers = req.headers_mut();
-    for hop in [header::CONNECTION, header::PROXY_AUTHORIZATION, header::TE, header::TRAILER, header::UPGRADE] {
+    for hop in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+    ] {
         headers.remove(hop);
     }
     headers.remove("keep-alive");
@@ -131,7 +158,11 @@ async fn forward(
         Ok(response) => response.map(Body::new),
         Err(err) => {
             debug!(%err, %upstream, %host, "upstream failed");
-            (StatusCode::BAD_GATEWAY, format!("berth: the app at {host} did not answer\n")).into_response()
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("berth: the app at {host} did not answer\n"),
+            )
+                .into_response()
         }
     }
 }
@@ -147,7 +178,9 @@ mod tests {
         let b: SocketAddr = "10.0.0.3:5000".parse().unwrap();
         assert_eq!(routes.pick("hello.localhost"), None);
         routes.set("Hello.localhost", vec![a, b]);
-        let picks: Vec<_> = (0..4).map(|_| routes.pick("hello.localhost").unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| routes.pick("hello.localhost").unwrap())
+            .collect();
         assert_eq!(picks, vec![a, b, a, b]);
         routes.set("hello.localhost", vec![b]);
         assert_eq!(routes.get("hello.localhost"), vec![b]);

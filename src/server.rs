@@ -122,9 +122,12 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot set up the container bridge {}", args.bridge))?;
 
-    let http = TcpListener::bind(&args.http)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {} — is the port free?", args.http))?;
+    let http = TcpListener::bind(&args.http).await.with_context(|| {
+        format!(
+            "cannot listen for HTTP on {} — is the port free?",
+            args.http
+        )
+    })?;
     let ssh_listener = TcpListener::bind(&args.ssh)
         .await
         .with_context(|| format!("cannot listen for SSH on {} — is the port free?", args.ssh))?;
@@ -163,7 +166,11 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     };
     ssh::load_or_create_host_key(&ssh_config.host_key)?;
     let tasks = vec![
-        tokio::spawn(crate::proxy::run(http, daemon.routes.clone(), shutdown.clone())),
+        tokio::spawn(crate::proxy::run(
+            http,
+            daemon.routes.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn({
             let gate = Arc::new(StoreGate(daemon.store.clone()));
             let shutdown = shutdown.clone();
@@ -173,7 +180,11 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
         }),
-        tokio::spawn(admin::server::run(admin_listener, daemon.clone(), shutdown.clone())),
+        tokio::spawn(admin::server::run(
+            admin_listener,
+            daemon.clone(),
+            shutdown.clone(),
+        )),
     ];
     println!(
         "berth server ready: http={http_addr} ssh={ssh_addr} admin={} domain={}",
@@ -223,8 +234,14 @@ mod tests {
 
     #[test]
     fn subnets() {
-        assert_eq!(parse_subnet("10.219.0.0/16").unwrap(), (Ipv4Addr::new(10, 219, 0, 1), 16));
-        assert_eq!(parse_subnet("10.250.7.0/24").unwrap(), (Ipv4Addr::new(10, 250, 7, 1), 24));
+        assert_eq!(
+            parse_subnet("10.219.0.0/16").unwrap(),
+            (Ipv4Addr::new(10, 219, 0, 1), 16)
+        );
+        assert_eq!(
+            parse_subnet("10.250.7.0/24").unwrap(),
+            (Ipv4Addr::new(10, 250, 7, 1), 24)
+        );
         for bad in ["8.8.8.0/24", "10.0.0.0", "10.0.0.0/30", "nonsense/16"] {
             assert!(parse_subnet(bad).is_err(), "{bad}");
         }

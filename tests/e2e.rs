@@ -31,7 +31,10 @@ fn prerequisites_met() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let message = format!("e2e prerequisites missing: {} (scripts/test installs them)", missing.join(", "));
+    let message = format!(
+        "e2e prerequisites missing: {} (scripts/test installs them)",
+        missing.join(", ")
+    );
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{message}");
     }
@@ -52,16 +55,32 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
-        let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("berth-e2e-")
+            .tempdir_in("/tmp")
+            .unwrap();
         let pid = std::process::id();
         let bridge = format!("bt{}", pid % 100_000);
         let subnet = format!("10.{}.0.0/16", 200 + pid % 50);
         let mut child = Command::new(BERTH)
-            .args(["--data", dir.path().join("data").to_str().unwrap(), "server"])
-            .args(["--http", "127.0.0.1:0", "--ssh", "127.0.0.1:0", "--domain", "localhost"])
+            .args([
+                "--data",
+                dir.path().join("data").to_str().unwrap(),
+                "server",
+            ])
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--ssh",
+                "127.0.0.1:0",
+                "--domain",
+                "localhost",
+            ])
             .args(["--bridge", &bridge, "--subnet", &subnet, "--ephemeral"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("server.log")).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("server.log")).unwrap(),
+            ))
             .spawn()
             .expect("starting berth server");
         let stdout = child.stdout.take().unwrap();
@@ -72,13 +91,20 @@ impl Server {
             let _ = std::io::BufRead::read_line(&mut reader, &mut line);
             let _ = tx.send(line);
         });
-        let mut server = Server { child: Some(child), dir, http: ([0, 0, 0, 0], 0).into(), ssh: ([0, 0, 0, 0], 0).into(), bridge };
+        let mut server = Server {
+            child: Some(child),
+            dir,
+            http: ([0, 0, 0, 0], 0).into(),
+            ssh: ([0, 0, 0, 0], 0).into(),
+            bridge,
+        };
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let log = server.log();
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{name}=")))
                 .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("server did not get ready: {line:?}\n{}", server.log()))
+                .unwrap_or_else(|| panic!("server did not get ready: {line:?}\n{log}"))
         };
         server.http = field("http");
         server.ssh = field("ssh");
@@ -95,13 +121,21 @@ impl Server {
 
     /// Runs the berth CLI against this server.
     fn berth(&self, args: &[&str]) -> Output {
-        run(Command::new(BERTH).arg("--data").arg(self.data()).args(args))
+        run(Command::new(BERTH)
+            .arg("--data")
+            .arg(self.data())
+            .args(args))
     }
 
     /// Runs the berth CLI and requires success.
     fn berth_ok(&self, args: &[&str]) -> String {
         let out = self.berth(args);
-        assert!(out.status.success(), "berth {args:?} failed:\n{}\n--- server log:\n{}", text(&out), self.log());
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed:\n{}\n--- server log:\n{}",
+            text(&out),
+            self.log()
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -113,7 +147,10 @@ impl Server {
     /// Stops the server with SIGTERM and waits for it to exit.
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -132,22 +169,40 @@ impl Server {
         let data_str = data.to_string_lossy().into_owned();
         let mut left = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             if cmdline.contains(&data_str) {
-                left.push(format!("process {}: {cmdline}", entry.file_name().to_string_lossy()));
+                left.push(format!(
+                    "process {}: {cmdline}",
+                    entry.file_name().to_string_lossy()
+                ));
             }
         }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        left.extend(mountinfo.lines().filter(|l| l.contains(&data_str)).map(|l| format!("mount: {l}")));
+        left.extend(
+            mountinfo
+                .lines()
+                .filter(|l| l.contains(&data_str))
+                .map(|l| format!("mount: {l}")),
+        );
         if let Ok(entries) = std::fs::read_dir(data.join("netns")) {
-            left.extend(entries.flatten().map(|e| format!("netns file: {}", e.path().display())));
+            left.extend(
+                entries
+                    .flatten()
+                    .map(|e| format!("netns file: {}", e.path().display())),
+            );
         }
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
             left.push(format!("bridge {}", self.bridge));
         }
         let ids: Vec<String> = std::fs::read_dir(data.join("containers"))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         for id in &ids {
             left.push(format!("container dir {id}"));
@@ -165,10 +220,15 @@ impl Server {
     fn sweep(&self) {
         let data_str = self.data().to_string_lossy().into_owned();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             if String::from_utf8_lossy(&cmdline).contains(&data_str) {
                 if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::SIGKILL,
+                    );
                 }
             }
         }
@@ -182,11 +242,14 @@ impl Server {
         for m in mounts {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         if let Ok(entries) = std::fs::read_dir(self.data().join("containers")) {
             for id in entries.flatten() {
                 for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-                    let _ = std::fs::remove_dir(controller.path().join("berth").join(id.file_name()));
+                    let _ =
+                        std::fs::remove_dir(controller.path().join("berth").join(id.file_name()));
                 }
             }
         }
@@ -201,21 +264,44 @@ impl Drop for Server {
 }
 
 fn run(command: &mut Command) -> Output {
-    command.stdin(Stdio::null()).output().expect("running a command")
+    command
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a command")
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn http_get(addr: SocketAddr, host: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connecting to the proxy");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connecting to the proxy");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("reading the response");
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -230,7 +316,9 @@ impl Laptop {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let key = root.join(format!("{name}_key"));
-        let out = run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key));
+        let out = run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key));
         assert!(out.status.success(), "{}", text(&out));
         let laptop = Laptop { dir, key };
         laptop.git(&["init", "-q", "-b", "main"]);
@@ -248,7 +336,10 @@ impl Laptop {
             "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
             self.key.display()
         );
-        run(Command::new("git").current_dir(&self.dir).env("GIT_SSH_COMMAND", ssh).args(args))
+        run(Command::new("git")
+            .current_dir(&self.dir)
+            .env("GIT_SSH_COMMAND", ssh)
+            .args(args))
     }
 
     fn commit(&self, message: &str) {
@@ -261,8 +352,24 @@ impl Laptop {
         run(Command::new("ssh")
             .args(["-i"])
             .arg(&self.key)
-            .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-            .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-p", &port.to_string(), "git@127.0.0.1", command]))
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-p",
+                &port.to_string(),
+                "git@127.0.0.1",
+                command,
+            ]))
     }
 }
 
@@ -294,8 +401,16 @@ fn slow_push_deploy_config_and_bad_input() {
     let garbage = server.dir.path().join("garbage.pub");
     std::fs::write(&garbage, "not a key\n").unwrap();
     let out = server.berth(&["keys:add", "bad", garbage.to_str().unwrap()]);
-    assert!(!out.status.success() && text(&out).contains("error: not an OpenSSH public key"), "{}", text(&out));
-    server.berth_ok(&["keys:add", "laptop", laptop.key.with_extension("pub").to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out).contains("error: not an OpenSSH public key"),
+        "{}",
+        text(&out)
+    );
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
     assert!(server.berth_ok(&["keys"]).contains("laptop  SHA256:"));
 
     // App names: bad ones change nothing.
@@ -303,12 +418,19 @@ fn slow_push_deploy_config_and_bad_input() {
         let out = server.berth(&["apps:create", bad]);
         assert!(!out.status.success(), "{bad} was accepted");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.starts_with("error: invalid app name") && stderr.lines().count() == 1, "{stderr}");
+        assert!(
+            stderr.starts_with("error: invalid app name") && stderr.lines().count() == 1,
+            "{stderr}"
+        );
     }
     server.berth_ok(&["apps:create", "hello"]);
     assert_eq!(server.berth_ok(&["apps"]).trim(), "hello");
     let out = server.berth(&["apps:create", "hello"]);
-    assert!(!out.status.success() && text(&out).contains("already exists"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("already exists"),
+        "{}",
+        text(&out)
+    );
 
     // The first push builds with the python buildpack and goes live.
     laptop.write("app.py", APP_PY);
@@ -319,16 +441,29 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.git(&["remote", "add", "deploy", &remote]);
     let push = laptop.git(&["push", "deploy", "main"]);
     let push_text = text(&push);
-    assert!(push.status.success(), "push failed:\n{push_text}\n--- server log:\n{}", server.log());
+    assert!(
+        push.status.success(),
+        "push failed:\n{push_text}\n--- server log:\n{}",
+        server.log()
+    );
     assert!(push_text.contains("Python app detected"), "{push_text}");
-    assert!(push_text.contains("-----> hello v1 is live at http://hello.localhost"), "{push_text}");
-    assert_eq!(server.get("hello.localhost"), (200, "hello from berth\n".to_string()));
+    assert!(
+        push_text.contains("-----> hello v1 is live at http://hello.localhost"),
+        "{push_text}"
+    );
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hello from berth\n".to_string())
+    );
     assert_eq!(server.get("nope.localhost").0, 404);
 
     // config:set makes v2 and restarts the app with the new env.
     let out = server.berth_ok(&["config:set", "hello", "GREETING=hi"]);
     assert!(out.contains("v2"), "{out}");
-    assert_eq!(server.get("hello.localhost"), (200, "hi from berth\n".to_string()));
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hi from berth\n".to_string())
+    );
     let releases = server.berth_ok(&["releases", "hello", "--json"]);
     let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
     assert_eq!(releases[0]["version"], 2);
@@ -337,33 +472,82 @@ fn slow_push_deploy_config_and_bad_input() {
 
     // Values round-trip exactly; bad keys change nothing.
     let weird = "two words \"double\" 'single'\nsecond line ünïcødé ✓ $HOME `x`";
-    server.berth_ok(&["config:set", "hello", &format!("WEIRD={weird}"), "--no-restart"]);
-    assert_eq!(server.berth_ok(&["config:get", "hello", "WEIRD"]), format!("{weird}\n"));
+    server.berth_ok(&[
+        "config:set",
+        "hello",
+        &format!("WEIRD={weird}"),
+        "--no-restart",
+    ]);
+    assert_eq!(
+        server.berth_ok(&["config:get", "hello", "WEIRD"]),
+        format!("{weird}\n")
+    );
     let before = server.berth_ok(&["config", "hello", "--json"]);
     let out = server.berth(&["config:set", "hello", "1BAD=x"]);
-    assert!(!out.status.success() && text(&out).contains("invalid config key"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("invalid config key"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(server.berth_ok(&["config", "hello", "--json"]), before);
-    assert_eq!(server.berth_ok(&["releases", "hello", "--json"]).matches("\"version\"").count(), 2);
+    assert_eq!(
+        server
+            .berth_ok(&["releases", "hello", "--json"])
+            .matches("\"version\"")
+            .count(),
+        2
+    );
 
     // SSH refusals: an unknown key, a missing app, a shell command.
     stranger.write("x", "x");
     stranger.commit("x");
     let out = stranger.git(&["push", &remote, "main"]);
-    assert!(!out.status.success() && text(&out).contains("Permission denied"), "{}", text(&out));
-    let out = laptop.git(&["push", &format!("ssh://git@127.0.0.1:{}/nope", server.ssh.port()), "main"]);
-    assert!(!out.status.success() && text(&out).contains("berth apps:create nope"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("Permission denied"),
+        "{}",
+        text(&out)
+    );
+    let out = laptop.git(&[
+        "push",
+        &format!("ssh://git@127.0.0.1:{}/nope", server.ssh.port()),
+        "main",
+    ]);
+    assert!(
+        !out.status.success() && text(&out).contains("berth apps:create nope"),
+        "{}",
+        text(&out)
+    );
     let out = laptop.ssh(server.ssh.port(), "ls");
-    assert!(!out.status.success() && text(&out).contains("only git push"), "{}", text(&out));
+    assert!(
+        !out.status.success() && text(&out).contains("only git push"),
+        "{}",
+        text(&out)
+    );
 
     // A broken push is rejected with pip's error, and v2 keeps serving.
-    laptop.write("requirements.txt", "flask\nthis-package-does-not-exist-berth==1.0\n");
+    laptop.write(
+        "requirements.txt",
+        "flask\nthis-package-does-not-exist-berth==1.0\n",
+    );
     laptop.commit("Broken requirements");
     let push = laptop.git(&["push", "deploy", "main"]);
     let push_text = text(&push);
-    assert!(!push.status.success(), "broken push was accepted:\n{push_text}");
-    assert!(push_text.contains("this-package-does-not-exist-berth"), "{push_text}");
-    assert!(push_text.contains("pre-receive hook declined"), "{push_text}");
-    assert_eq!(server.get("hello.localhost"), (200, "hi from berth\n".to_string()));
+    assert!(
+        !push.status.success(),
+        "broken push was accepted:\n{push_text}"
+    );
+    assert!(
+        push_text.contains("this-package-does-not-exist-berth"),
+        "{push_text}"
+    );
+    assert!(
+        push_text.contains("pre-receive hook declined"),
+        "{push_text}"
+    );
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hi from berth\n".to_string())
+    );
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up  v2"), "{ps}");
 

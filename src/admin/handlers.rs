@@ -21,7 +21,8 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
                 return print_json(out, &apps).await;
             }
             if apps.is_empty() {
-                out.line("No apps yet: create one with `berth apps:create NAME`").await;
+                out.line("No apps yet: create one with `berth apps:create NAME`")
+                    .await;
             }
             for a in apps {
                 out.line(a.name).await;
@@ -38,19 +39,24 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             out.line(format!("=== {name} config vars")).await;
             let width = config.keys().map(String::len).max().unwrap_or(0) + 1;
             for (key, value) in &config {
-                out.line(format!("{:width$} {value}", format!("{key}:"))).await;
+                out.line(format!("{:width$} {value}", format!("{key}:")))
+                    .await;
             }
             Ok(())
         }
         Request::ConfigGet { name, key } => {
             let config = d.store.config(&name).await?;
-            let value = config
-                .get(&key)
-                .with_context(|| format!("{key} is not set for {name} — see `berth config {name}`"))?;
+            let value = config.get(&key).with_context(|| {
+                format!("{key} is not set for {name} — see `berth config {name}`")
+            })?;
             out.line(value).await;
             Ok(())
         }
-        Request::ConfigSet { name, pairs, no_restart } => {
+        Request::ConfigSet {
+            name,
+            pairs,
+            no_restart,
+        } => {
             let changes = config::parse_pairs(&pairs)?;
             let mut config = d.store.config(&name).await?;
             let keys: Vec<_> = changes.keys().cloned().collect();
@@ -58,7 +64,11 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             let description = format!("Set {} config vars", keys.join(", "));
             apply_config(d, &name, config, &description, !no_restart, out).await
         }
-        Request::ConfigUnset { name, keys, no_restart } => {
+        Request::ConfigUnset {
+            name,
+            keys,
+            no_restart,
+        } => {
             let mut config = d.store.config(&name).await?;
             for key in &keys {
                 config::validate_key(key)?;
@@ -75,7 +85,8 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
                 return print_json(out, &keys).await;
             }
             if keys.is_empty() {
-                out.line("No keys yet: add one with `berth keys:add NAME ~/.ssh/id_ed25519.pub`").await;
+                out.line("No keys yet: add one with `berth keys:add NAME ~/.ssh/id_ed25519.pub`")
+                    .await;
             }
             for k in keys {
                 out.line(format!("{}  {}", k.name, k.fingerprint)).await;
@@ -83,12 +94,16 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             Ok(())
         }
         Request::KeysAdd { name, key } => {
-            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if name.is_empty()
+                || name.len() > 64
+                || name.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 bail!("invalid key name {name:?}: use up to 64 characters without spaces (e.g. laptop)");
             }
             let parsed = keys::parse(&key)?;
             d.store.add_key(&name, &parsed).await?;
-            out.line(format!("Added key {name} ({})", parsed.fingerprint)).await;
+            out.line(format!("Added key {name} ({})", parsed.fingerprint))
+                .await;
             Ok(())
         }
         Request::KeysRemove { name } => {
@@ -103,7 +118,11 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             }
             out.line(format!("=== {name} releases")).await;
             for r in releases {
-                out.line(format!("v{:<4} {:<40} {}", r.version, r.description, r.created_at)).await;
+                out.line(format!(
+                    "v{:<4} {:<40} {}",
+                    r.version, r.description, r.created_at
+                ))
+                .await;
             }
             Ok(())
         }
@@ -121,8 +140,15 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
                     None => "up".to_string(),
                     Some(code) => format!("crashed (exit {code})"),
                 };
-                out.line(format!("{}.{}: {state}  v{}  {}  {}", c.process_type, c.number, c.release, c.addr(), c.id))
-                    .await;
+                out.line(format!(
+                    "{}.{}: {state}  v{}  {}  {}",
+                    c.process_type,
+                    c.number,
+                    c.release,
+                    c.addr(),
+                    c.id
+                ))
+                .await;
             }
             Ok(())
         }
@@ -132,10 +158,17 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
         }
         Request::StackBuild { force } => {
             let (build, run) = build::ensure_stacks(d, force, out).await?;
-            out.line(format!("berth/stack-build {build}\nberth/stack-run   {run}")).await;
+            out.line(format!(
+                "berth/stack-build {build}\nberth/stack-run   {run}"
+            ))
+            .await;
             Ok(())
         }
-        Request::Deploy { app, source, description } => {
+        Request::Deploy {
+            app,
+            source,
+            description,
+        } => {
             d.store.require_app(&app).await?;
             deploy::deploy_source(d, &app, source, &description, out).await?;
             Ok(())
@@ -156,7 +189,11 @@ async fn apps_create(d: &Daemon, name: &str, out: &Out) -> anyhow::Result<()> {
         return Err(err.into());
     }
     out.line(format!("Created {name}. Deploy it with:")).await;
-    out.line(format!("  git remote add deploy ssh://git@SERVER:{}/{name}", d.ssh_port)).await;
+    out.line(format!(
+        "  git remote add deploy ssh://git@SERVER:{}/{name}",
+        d.ssh_port
+    ))
+    .await;
     out.line("  git push deploy main").await;
     Ok(())
 }
@@ -185,9 +222,12 @@ async fn apps_info(d: &Daemon, name: &str, json: bool, out: &Out) -> anyhow::Res
     out.line(format!("=== {name}")).await;
     out.line(format!("URL:        {}", info.url)).await;
     out.line(format!("Git remote: {}", info.git_remote)).await;
-    let release = info.release.map_or("none (push to deploy)".to_string(), |v| format!("v{v}"));
+    let release = info
+        .release
+        .map_or("none (push to deploy)".to_string(), |v| format!("v{v}"));
     out.line(format!("Release:    {release}")).await;
-    out.line(format!("Containers: {}", info.containers.len())).await;
+    out.line(format!("Containers: {}", info.containers.len()))
+        .await;
     Ok(())
 }
 
@@ -216,14 +256,31 @@ async fn apply_config(
 ) -> anyhow::Result<()> {
     d.store.require_app(name).await?;
     match deploy::change_config(d, name, config, description, restart, out).await? {
-        Some(release) => out.line(format!("{description}: {name} is now v{}", release.version)).await,
-        None if restart => out.line(format!("{description}: stored; they apply on the next push")).await,
-        None => out.line(format!("{description}: stored without restarting")).await,
+        Some(release) => {
+            out.line(format!("{description}: {name} is now v{}", release.version))
+                .await
+        }
+        None if restart => {
+            out.line(format!(
+                "{description}: stored; they apply on the next push"
+            ))
+            .await
+        }
+        None => {
+            out.line(format!("{description}: stored without restarting"))
+                .await
+        }
     }
     Ok(())
 }
 
-async fn logs_command(d: &Daemon, name: &str, follow: bool, num: usize, out: &Out) -> anyhow::Result<()> {
+async fn logs_command(
+    d: &Daemon,
+    name: &str,
+    follow: bool,
+    num: usize,
+    out: &Out,
+) -> anyhow::Result<()> {
     let path = d.paths.log(name);
     let mut offset = logs::end(&path);
     for line in logs::tail(&path, num) {

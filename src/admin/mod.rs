@@ -16,23 +16,70 @@ pub mod server;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    AppsCreate { name: String },
-    Apps { json: bool },
-    AppsInfo { name: String, json: bool },
-    AppsDestroy { name: String, force: bool },
-    Config { name: String, json: bool },
-    ConfigGet { name: String, key: String },
-    ConfigSet { name: String, pairs: Vec<String>, no_restart: bool },
-    ConfigUnset { name: String, keys: Vec<String>, no_restart: bool },
-    Keys { json: bool },
-    KeysAdd { name: String, key: String },
-    KeysRemove { name: String },
-    Releases { name: String, json: bool },
-    Ps { name: String, json: bool },
-    Logs { name: String, follow: bool, num: usize },
-    StackBuild { force: bool },
+    AppsCreate {
+        name: String,
+    },
+    Apps {
+        json: bool,
+    },
+    AppsInfo {
+        name: String,
+        json: bool,
+    },
+    AppsDestroy {
+        name: String,
+        force: bool,
+    },
+    Config {
+        name: String,
+        json: bool,
+    },
+    ConfigGet {
+        name: String,
+        key: String,
+    },
+    ConfigSet {
+        name: String,
+        pairs: Vec<String>,
+        no_restart: bool,
+    },
+    ConfigUnset {
+        name: String,
+        keys: Vec<String>,
+        no_restart: bool,
+    },
+    Keys {
+        json: bool,
+    },
+    KeysAdd {
+        name: String,
+        key: String,
+    },
+    KeysRemove {
+        name: String,
+    },
+    Releases {
+        name: String,
+        json: bool,
+    },
+    Ps {
+        name: String,
+        json: bool,
+    },
+    Logs {
+        name: String,
+        follow: bool,
+        num: usize,
+    },
+    StackBuild {
+        force: bool,
+    },
     /// From the pre-receive hook: build `source` (a checkout of `rev`) and deploy it.
-    Deploy { app: String, source: PathBuf, description: String },
+    Deploy {
+        app: String,
+        source: PathBuf,
+        description: String,
+    },
 }
 
 /// One line of the daemon's answer.
@@ -60,17 +107,25 @@ impl Out {
 
     /// Writes one line to the client's stdout. A gone client is not an error: the work goes on.
     pub async fn line(&self, text: impl AsRef<str>) {
-        let _ = self.0.send(Event::Out(format!("{}\n", text.as_ref()))).await;
+        let _ = self
+            .0
+            .send(Event::Out(format!("{}\n", text.as_ref())))
+            .await;
     }
 
     /// Writes one line from blocking code (build output readers).
     pub fn blocking_line(&self, text: impl AsRef<str>) {
-        let _ = self.0.blocking_send(Event::Out(format!("{}\n", text.as_ref())));
+        let _ = self
+            .0
+            .blocking_send(Event::Out(format!("{}\n", text.as_ref())));
     }
 
     /// Writes one line to the client's stderr.
     pub async fn warn(&self, text: impl AsRef<str>) {
-        let _ = self.0.send(Event::Err(format!("{}\n", text.as_ref()))).await;
+        let _ = self
+            .0
+            .send(Event::Err(format!("{}\n", text.as_ref())))
+            .await;
     }
 
     /// Whether the client has gone (for endless streams such as `logs -f`).

@@ -7,12 +7,30 @@ use std::path::Path;
 /// (path under buildpacks/, contents). Everything is written executable.
 const FILES: &[(&str, &str)] = &[
     ("runner.sh", include_str!("../../buildpacks/runner.sh")),
-    ("python/bin/detect", include_str!("../../buildpacks/python/bin/detect")),
-    ("python/bin/compile", include_str!("../../buildpacks/python/bin/compile")),
-    ("python/bin/release", include_str!("../../buildpacks/python/bin/release")),
-    ("procfile/bin/detect", include_str!("../../buildpacks/procfile/bin/detect")),
-    ("procfile/bin/compile", include_str!("../../buildpacks/procfile/bin/compile")),
-    ("procfile/bin/release", include_str!("../../buildpacks/procfile/bin/release")),
+    (
+        "python/bin/detect",
+        include_str!("../../buildpacks/python/bin/detect"),
+    ),
+    (
+        "python/bin/compile",
+        include_str!("../../buildpacks/python/bin/compile"),
+    ),
+    (
+        "python/bin/release",
+        include_str!("../../buildpacks/python/bin/release"),
+    ),
+    (
+        "procfile/bin/detect",
+        include_str!("../../buildpacks/procfile/bin/detect"),
+    ),
+    (
+        "procfile/bin/compile",
+        include_str!("../../buildpacks/procfile/bin/compile"),
+    ),
+    (
+        "procfile/bin/release",
+        include_str!("../../buildpacks/procfile/bin/release"),
+    ),
 ];
 
 /// Writes the built-in buildpacks into `dir`, replacing older copies.
@@ -34,7 +52,10 @@ mod tests {
         super::install(dir.path()).unwrap();
         for (path, contents) in super::FILES {
             let meta = std::fs::metadata(dir.path().join(path)).unwrap();
-            assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o755);
+            assert_eq!(
+                std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+                0o755
+            );
             assert!(contents.starts_with("#!"), "{path} needs a shebang");
         }
     }

@@ -61,7 +61,10 @@ pub async fn build(
     config: &Config,
     out: &Out,
 ) -> Result<Built, BuildError> {
-    let scratch = source.parent().map(Path::to_path_buf).unwrap_or_else(|| source.clone());
+    let scratch = source
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| source.clone());
     let result = run_build(d, app, &source, &scratch, config, out)
         .instrument(info_span!("build", %app))
         .await;
@@ -111,17 +114,29 @@ async fn run_build(
     ];
     if let Some(ca) = &d.build_ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
-        for var in ["SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+        for var in [
+            "SSL_CERT_FILE",
+            "PIP_CERT",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+        ] {
             env.push(format!("{var}={CA_BUNDLE_IN_BUILD}"));
         }
     }
     let suffix: u32 = rand::thread_rng().gen();
     let spec = ContainerSpec {
         id: format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]),
-        layers: stack_build.layer_dirs.clone(),
-        args: ["/bin/sh", "/buildpacks/runner.sh", "/app", "/cache", "/env", "/out"]
-            .map(String::from)
-            .to_vec(),
+        layers: stack_build.layer_dirs(),
+        args: [
+            "/bin/sh",
+            "/buildpacks/runner.sh",
+            "/app",
+            "/cache",
+            "/env",
+            "/out",
+        ]
+        .map(String::from)
+        .to_vec(),
         env,
         cwd: "/app".into(),
         hostname: "build".into(),
@@ -132,7 +147,8 @@ async fn run_build(
         memory_limit: None,
     };
 
-    out.line(format!("-----> Building {app} with buildpacks")).await;
+    out.line(format!("-----> Building {app} with buildpacks"))
+        .await;
     let runtime = d.runtime.clone();
     let stream = out.clone();
     let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
@@ -167,17 +183,28 @@ async fn run_build(
         let app_layer = images.layer_from_dir(&source, "app")?;
         let mut layers = run.layers.clone();
         layers.push(app_layer);
-        let config = ImageConfig { env: run.config.env.clone(), working_dir: "/app".into(), cmd: vec![] };
+        let config = ImageConfig {
+            env: run.config.env.clone(),
+            working_dir: "/app".into(),
+            cmd: vec![],
+        };
         images.put_image(&layers, &config)
     })
     .await
     .expect("pack task")?;
     info!(%image, "built");
-    Ok(Built { image, process_types })
+    Ok(Built {
+        image,
+        process_types,
+    })
 }
 
 fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
-    Bind { source: source.to_path_buf(), destination: destination.to_string(), readonly }
+    Bind {
+        source: source.to_path_buf(),
+        destination: destination.to_string(),
+        readonly,
+    }
 }
 
 /// The Procfile's process types over the buildpack's defaults.
@@ -197,12 +224,18 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
 
 /// The stack images' digests, building them if missing (or all again with `force`), with
 /// progress streamed to `out`.
-pub async fn ensure_stacks(d: &Daemon, force: bool, out: &Out) -> Result<(String, String), BuildError> {
+pub async fn ensure_stacks(
+    d: &Daemon,
+    force: bool,
+    out: &Out,
+) -> Result<(String, String), BuildError> {
     let _guard = STACK_LOCK.lock().await;
     let images = d.images.clone();
     let progress = out.clone();
     Ok(tokio::task::spawn_blocking(move || {
-        stack::ensure_stacks(&images, force, &mut |line: &str| progress.blocking_line(format!("       {line}")))
+        stack::ensure_stacks(&images, force, &mut |line: &str| {
+            progress.blocking_line(format!("       {line}"))
+        })
     })
     .await
     .expect("stack task")?)

@@ -15,7 +15,11 @@ pub struct Addresses {
 impl Addresses {
     /// `gateway` is the bridge's own address (the subnet's first).
     pub fn new(gateway: Ipv4Addr, prefix: u8) -> Self {
-        Self { gateway, prefix, used: Mutex::new(BTreeSet::new()) }
+        Self {
+            gateway,
+            prefix,
+            used: Mutex::new(BTreeSet::new()),
+        }
     }
 
     /// Takes the lowest free address after the gateway.

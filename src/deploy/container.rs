@@ -31,7 +31,13 @@ fn container_id(app: &str, process_type: &str, number: u32) -> String {
     let app = &app[..app.len().min(40)];
     let process_type: String = process_type
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .take(12)
         .collect();
     format!("{app}-{process_type}-{number}-{suffix:08x}")
@@ -39,7 +45,10 @@ fn container_id(app: &str, process_type: &str, number: u32) -> String {
 
 impl ContainerRow {
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::new(self.ip.parse().expect("stored IPs are valid"), self.port as u16)
+        SocketAddr::new(
+            self.ip.parse().expect("stored IPs are valid"),
+            self.port as u16,
+        )
     }
 }
 
@@ -83,14 +92,17 @@ pub async fn start(
     ]);
     let spec = ContainerSpec {
         id: id.clone(),
-        layers: image.layer_dirs.clone(),
+        layers: image.layer_dirs(),
         args: launcher(command),
         env,
         cwd: "/app".into(),
         hostname: id.chars().take(63).collect(),
         binds: vec![],
         netns: Some(netns),
-        log: LogTarget::File { path: d.paths.log(&release.app), prefix: format!("app[{dyno}]") },
+        log: LogTarget::File {
+            path: d.paths.log(&release.app),
+            prefix: format!("app[{dyno}]"),
+        },
         stop_grace_secs: STOP_GRACE_SECS,
         memory_limit: None,
     };
@@ -163,7 +175,11 @@ mod tests {
         let long = "a".repeat(63);
         let id = container_id(&long, "Web_Server.Extra.Long", 12);
         assert!(id.len() <= 64, "{id}");
-        assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{id}");
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "{id}"
+        );
         assert_ne!(container_id("a", "web", 1), container_id("a", "web", 1));
     }
 

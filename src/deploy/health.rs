@@ -47,5 +47,9 @@ async fn answers_http(addr: SocketAddr, host: &str) -> bool {
         stream.read_exact(&mut head).await.ok()?;
         head.starts_with(b"HTTP/").then_some(())
     };
-    tokio::time::timeout(Duration::from_secs(5), attempt).await.ok().flatten().is_some()
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }

@@ -47,9 +47,17 @@ pub enum DeployError {
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]
     NoWeb,
     #[error("{dyno} exited with code {code} before answering HTTP on $PORT — fix the app; its last log lines:\n{logs}")]
-    Crashed { dyno: String, code: i32, logs: String },
+    Crashed {
+        dyno: String,
+        code: i32,
+        logs: String,
+    },
     #[error("{dyno} did not answer HTTP on $PORT within {secs} s — make sure it listens on 0.0.0.0:$PORT; its last log lines:\n{logs}")]
-    Timeout { dyno: String, secs: u64, logs: String },
+    Timeout {
+        dyno: String,
+        secs: u64,
+        logs: String,
+    },
     #[error("app {0:?} has no release yet — push code first: git push deploy main")]
     NothingDeployed(String),
 }
@@ -60,7 +68,13 @@ pub struct AppLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
 impl AppLocks {
     pub async fn lock(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self.0.lock().expect("app locks").entry(app.to_string()).or_default().clone();
+        let lock = self
+            .0
+            .lock()
+            .expect("app locks")
+            .entry(app.to_string())
+            .or_default()
+            .clone();
         lock.lock_owned().await
     }
 }
@@ -80,7 +94,10 @@ pub async fn deploy_source(
         let config = d.store.config(app).await?;
         let built = build::build(d, app, source, &config, out).await?;
         let previous = d.store.current_release(app).await?;
-        let formation = formation_for(&built.process_types, previous.as_ref().map(|r| &r.formation));
+        let formation = formation_for(
+            &built.process_types,
+            previous.as_ref().map(|r| &r.formation),
+        );
         let new = NewRelease {
             image: built.image,
             config,
@@ -164,7 +181,11 @@ async fn release(
     };
     roll_out(d, &candidate, out).await?;
     let recorded = d.store.insert_release(app, version, &new).await?;
-    out.line(format!("-----> {app} v{version} is live at {}", d.app_url(app))).await;
+    out.line(format!(
+        "-----> {app} v{version} is live at {}",
+        d.app_url(app)
+    ))
+    .await;
     info!(%app, version, "release live");
     Ok(recorded)
 }
@@ -172,7 +193,9 @@ async fn release(
 async fn load_image(d: &Daemon, digest: &str) -> Result<Image, DeployError> {
     let images = d.images.clone();
     let digest = digest.to_string();
-    Ok(tokio::task::spawn_blocking(move || images.image(&digest)).await.expect("image task")?)
+    Ok(tokio::task::spawn_blocking(move || images.image(&digest))
+        .await
+        .expect("image task")?)
 }
 
 /// Start new → health check → swap route → stop old.
@@ -181,24 +204,38 @@ async fn roll_out(d: &Daemon, release: &Release, out: &Out) -> Result<(), Deploy
     let image = load_image(d, &release.image).await?;
     let old = d.store.containers(Some(app)).await?;
 
-    out.line(format!("-----> Starting v{}", release.version)).await;
+    out.line(format!("-----> Starting v{}", release.version))
+        .await;
     let mut started: Vec<ContainerRow> = Vec::new();
     let result = start_all(d, release, &image, &mut started, out).await;
     if let Err(err) = result {
         for c in &started {
             container::stop(d, c).await;
         }
-        out.line(format!("-----> v{} did not start; the previous release keeps serving", release.version))
-            .await;
+        out.line(format!(
+            "-----> v{} did not start; the previous release keeps serving",
+            release.version
+        ))
+        .await;
         return Err(err);
     }
 
-    let web: Vec<_> = started.iter().filter(|c| c.process_type == "web").map(|c| c.addr()).collect();
+    let web: Vec<_> = started
+        .iter()
+        .filter(|c| c.process_type == "web")
+        .map(|c| c.addr())
+        .collect();
     d.routes.set(&d.app_host(app), web);
-    out.line(format!("       Routed {} to v{}", d.app_host(app), release.version)).await;
+    out.line(format!(
+        "       Routed {} to v{}",
+        d.app_host(app),
+        release.version
+    ))
+    .await;
 
     if !old.is_empty() {
-        out.line(format!("-----> Stopping {} old container(s)", old.len())).await;
+        out.line(format!("-----> Stopping {} old container(s)", old.len()))
+            .await;
         for c in &old {
             container::stop(d, c).await;
         }
@@ -221,11 +258,13 @@ async fn start_all(
     }
     for c in started.iter().filter(|c| c.process_type == "web") {
         let dyno = format!("{}.{}", c.process_type, c.number);
-        out.line(format!("       Waiting for {dyno} to answer HTTP on $PORT")).await;
-        let checked = health::wait_until_answers(c.addr(), &d.app_host(&c.app), START_DEADLINE, || {
-            container::exit_code(d, &c.id)
-        })
-        .await;
+        out.line(format!("       Waiting for {dyno} to answer HTTP on $PORT"))
+            .await;
+        let checked =
+            health::wait_until_answers(c.addr(), &d.app_host(&c.app), START_DEADLINE, || {
+                container::exit_code(d, &c.id)
+            })
+            .await;
         let logs = || logs::tail_matching(&d.paths.log(&c.app), &format!("app[{dyno}]"), 20);
         match checked {
             Ok(()) => out.line(format!("       {dyno} is up")).await,
@@ -235,7 +274,11 @@ async fn start_all(
             }
             Err(health::Unhealthy::Timeout) => {
                 let logs = logs();
-                return Err(DeployError::Timeout { dyno, secs: START_DEADLINE.as_secs(), logs });
+                return Err(DeployError::Timeout {
+                    dyno,
+                    secs: START_DEADLINE.as_secs(),
+                    logs,
+                });
             }
         }
     }
@@ -257,7 +300,8 @@ pub async fn readopt(d: &Daemon) -> Result<(), DeployError> {
     let mut routes: HashMap<String, Vec<std::net::SocketAddr>> = HashMap::new();
     for c in d.store.containers(None).await? {
         if container::exit_code(d, &c.id).is_none() {
-            d.addresses.mark_used(c.ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
+            d.addresses
+                .mark_used(c.ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
             if c.process_type == "web" {
                 routes.entry(c.app.clone()).or_default().push(c.addr());
             }
@@ -291,10 +335,16 @@ mod tests {
 
     #[test]
     fn formations() {
-        let types: crate::store::ProcessTypes =
-            [("web".to_string(), "a".to_string()), ("worker".to_string(), "b".to_string())].into();
+        let types: crate::store::ProcessTypes = [
+            ("web".to_string(), "a".to_string()),
+            ("worker".to_string(), "b".to_string()),
+        ]
+        .into();
         assert_eq!(formation_for(&types, None), [("web".to_string(), 1)].into());
         let previous: Formation = [("web".to_string(), 3), ("gone".to_string(), 2)].into();
-        assert_eq!(formation_for(&types, Some(&previous)), [("web".to_string(), 3)].into());
+        assert_eq!(
+            formation_for(&types, Some(&previous)),
+            [("web".to_string(), 3)].into()
+        );
     }
 }

@@ -97,8 +97,15 @@ pub struct ImageConfig {
 pub struct Image {
     pub digest: String,
     pub config: ImageConfig,
-    /// Extracted layers, TOP-most first: the order of an overlay `lowerdir=` list.
-    pub layer_dirs: Vec<PathBuf>,
+    /// The layers, bottom-most first (the manifest's order), extracted.
+    pub layers: Vec<Layer>,
+}
+
+impl Image {
+    /// The extracted layer directories, TOP-most first: the order of an overlay `lowerdir=` list.
+    pub fn layer_dirs(&self) -> Vec<PathBuf> {
+        self.layers.iter().rev().map(|l| l.dir.clone()).collect()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -331,13 +338,16 @@ impl ImageStore {
     pub fn image(&self, digest: &str) -> Result<Image, ImageError> {
         let manifest: Manifest = self.read_json_blob("manifest", digest)?;
         let config: OciConfig = self.read_json_blob("image config", &manifest.config.digest)?;
-        let mut layer_dirs = Vec::new();
-        for layer in manifest.layers.iter().rev() {
+        let mut layers = Vec::new();
+        for layer in &manifest.layers {
             let dir = self.layer_dir(&layer.digest);
             if !dir.exists() {
                 self.extract_layer(&layer.digest, &dir)?;
             }
-            layer_dirs.push(dir);
+            layers.push(Layer {
+                digest: layer.digest.clone(),
+                dir,
+            });
         }
         Ok(Image {
             digest: digest.to_string(),
@@ -346,7 +356,7 @@ impl ImageStore {
                 working_dir: config.config.working_dir,
                 cmd: config.config.cmd,
             },
-            layer_dirs,
+            layers,
         })
     }
 

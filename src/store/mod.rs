@@ -108,7 +108,10 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .foreign_keys(true)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -155,7 +158,10 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| AppRow { name: r.get("name"), created_at: r.get("created_at") })
+            .map(|r| AppRow {
+                name: r.get("name"),
+                created_at: r.get("created_at"),
+            })
             .collect())
     }
 
@@ -177,13 +183,19 @@ impl Store {
             .bind(app)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(|r| (r.get("key"), r.get("value"))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("key"), r.get("value")))
+            .collect())
     }
 
     /// Replaces the app's config with `config` in one transaction.
     pub async fn replace_config(&self, app: &str, config: &Config) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM config WHERE app = ?").bind(app).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM config WHERE app = ?")
+            .bind(app)
+            .execute(&mut *tx)
+            .await?;
         for (key, value) in config {
             sqlx::query("INSERT INTO config (app, key, value) VALUES (?, ?, ?)")
                 .bind(app)
@@ -216,16 +228,22 @@ impl Store {
 
     /// The version the next release of `app` will get.
     pub async fn next_version(&self, app: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM releases WHERE app = ?")
-            .bind(app)
-            .fetch_one(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM releases WHERE app = ?")
+                .bind(app)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(row.get("v"))
     }
 
     /// Records release `version` of `app`. Callers hold the app's deploy lock, so versions are
     /// assigned by [`Store::next_version`] without races; the primary key still refuses a twin.
-    pub async fn insert_release(&self, app: &str, version: i64, new: &NewRelease) -> Result<Release> {
+    pub async fn insert_release(
+        &self,
+        app: &str,
+        version: i64,
+        new: &NewRelease,
+    ) -> Result<Release> {
         let created_at = now();
         sqlx::query(
             "INSERT INTO releases (app, version, image, config, process_types, formation, description, created_at)
@@ -327,7 +345,10 @@ impl Store {
     }
 
     pub async fn delete_container(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM containers WHERE id = ?").bind(id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM containers WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -387,8 +408,14 @@ mod tests {
     async fn apps_config_releases() {
         let (_dir, s) = store().await;
         s.create_app("hello").await.unwrap();
-        assert!(matches!(s.create_app("hello").await, Err(StoreError::AppExists(_))));
-        assert!(matches!(s.config("nope").await, Err(StoreError::AppNotFound(_))));
+        assert!(matches!(
+            s.create_app("hello").await,
+            Err(StoreError::AppExists(_))
+        ));
+        assert!(matches!(
+            s.config("nope").await,
+            Err(StoreError::AppNotFound(_))
+        ));
 
         let mut config = Config::new();
         config.insert("GREETING".into(), "hi \"there\"\nünï".into());
@@ -404,29 +431,59 @@ mod tests {
             description: "Deploy 1234567".into(),
         };
         s.insert_release("hello", 1, &new).await.unwrap();
-        assert!(s.insert_release("hello", 1, &new).await.is_err(), "versions are unique");
+        assert!(
+            s.insert_release("hello", 1, &new).await.is_err(),
+            "versions are unique"
+        );
         s.insert_release("hello", 2, &new).await.unwrap();
         let releases = s.releases("hello").await.unwrap();
-        assert_eq!(releases.iter().map(|r| r.version).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(
+            releases.iter().map(|r| r.version).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
         assert_eq!(releases[0].config, config);
-        assert_eq!(s.current_release("hello").await.unwrap().unwrap().version, 2);
+        assert_eq!(
+            s.current_release("hello").await.unwrap().unwrap().version,
+            2
+        );
 
         s.delete_app("hello").await.unwrap();
         assert!(!s.app_exists("hello").await.unwrap());
-        assert_eq!(s.next_version("hello").await.unwrap(), 1, "releases went with the app");
+        assert_eq!(
+            s.next_version("hello").await.unwrap(),
+            1,
+            "releases went with the app"
+        );
     }
 
     #[tokio::test]
     async fn keys() {
         let (_dir, s) = store().await;
-        let key = ParsedKey { openssh: "ssh-ed25519 AAAA".into(), fingerprint: "SHA256:x".into() };
+        let key = ParsedKey {
+            openssh: "ssh-ed25519 AAAA".into(),
+            fingerprint: "SHA256:x".into(),
+        };
         s.add_key("laptop", &key).await.unwrap();
-        assert!(matches!(s.add_key("other", &key).await, Err(StoreError::KeyExists(n)) if n == "laptop"));
-        let key2 = ParsedKey { openssh: "ssh-ed25519 BBBB".into(), fingerprint: "SHA256:y".into() };
-        assert!(matches!(s.add_key("laptop", &key2).await, Err(StoreError::KeyNameTaken(_))));
-        assert_eq!(s.key_name("ssh-ed25519 AAAA").await.unwrap().as_deref(), Some("laptop"));
+        assert!(
+            matches!(s.add_key("other", &key).await, Err(StoreError::KeyExists(n)) if n == "laptop")
+        );
+        let key2 = ParsedKey {
+            openssh: "ssh-ed25519 BBBB".into(),
+            fingerprint: "SHA256:y".into(),
+        };
+        assert!(matches!(
+            s.add_key("laptop", &key2).await,
+            Err(StoreError::KeyNameTaken(_))
+        ));
+        assert_eq!(
+            s.key_name("ssh-ed25519 AAAA").await.unwrap().as_deref(),
+            Some("laptop")
+        );
         s.remove_key("laptop").await.unwrap();
         assert_eq!(s.key_name("ssh-ed25519 AAAA").await.unwrap(), None);
-        assert!(matches!(s.remove_key("laptop").await, Err(StoreError::KeyNotFound(_))));
+        assert!(matches!(
+            s.remove_key("laptop").await,
+            Err(StoreError::KeyNotFound(_))
+        ));
     }
 }
