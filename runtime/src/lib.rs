@@ -1,2 +1,83 @@
-//! berth-runtime: the embedded container runtime. The only code in berth that clones, mounts,
-//! touches namespaces, cgroups or network links. (Skeleton: the runtime helper fills this in.)
+//! berth-runtime: the embedded container runtime.
+//!
+//! This crate is the only code in berth that clones processes into namespaces, mounts
+//! filesystems, creates cgroups or touches network links. The rest of berth describes a
+//! container with a [`ContainerSpec`] and drives it through [`Runtime`]; for networking it
+//! calls [`network`].
+//!
+//! Every container runs under its own single-threaded **shim** ([`shim`]): the `berth` binary
+//! re-executed as `berth shim DIR`. The shim owns the container (rootfs, libcontainer, logs,
+//! exit code) and outlives the daemon, which finds its containers again with [`Runtime::list`]
+//! and [`Runtime::state`]. libcontainer is only ever called inside a shim, never in the
+//! multithreaded daemon (it deadlocks in malloc there).
+//!
+//! - [`Runtime`] (daemon side): start, run attached, state, stop, remove, list.
+//! - [`shim`]: the process that owns one container.
+//! - [`rootfs`]: the overlay root filesystem of a container.
+//! - [`spec`]: the OCI runtime config written for libcontainer.
+//! - [`network`]: bridge, per-container network namespaces and veth pairs (netlink).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+mod control;
+mod error;
+mod layout;
+pub mod network;
+pub mod rootfs;
+pub mod shim;
+pub mod spec;
+
+pub use control::{Runtime, State};
+pub use error::Error;
+
+/// Everything needed to run one container. The daemon writes it as `DIR/shim.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// `[a-z0-9-]{1,64}`; also the libcontainer id and the cgroup name (`/berth/<id>`).
+    pub id: String,
+    /// Extracted image layer directories, top-most first (overlay lowerdir order).
+    pub layers: Vec<PathBuf>,
+    pub args: Vec<String>,
+    /// `KEY=VALUE`; a default `PATH` is added when missing.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub hostname: String,
+    /// Extra bind mounts; the destination is created in the rootfs when missing.
+    pub binds: Vec<Bind>,
+    /// `Some(path)`: join that network namespace; `None`: share the host network (builds).
+    pub netns: Option<PathBuf>,
+    pub log: LogTarget,
+    /// On stop: SIGTERM, then SIGKILL after this many seconds.
+    pub stop_grace_secs: u64,
+    /// Memory limit in bytes (cgroup v1 `memory.limit_in_bytes`).
+    pub memory_limit: Option<i64>,
+}
+
+/// A host path bind-mounted (recursively) into the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub destination: String,
+    pub readonly: bool,
+}
+
+/// Where the container's stdout and stderr go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogTarget {
+    /// The shim's own stdout/stderr (builds: the daemon reads the shim's piped stdout).
+    Inherit,
+    /// The shim appends `"<RFC3339 UTC timestamp> <prefix>: <line>\n"` to `path`, one write
+    /// per line.
+    File { path: PathBuf, prefix: String },
+}
+
+/// Whether `id` is a valid container id: `[a-z0-9-]{1,64}`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}

@@ -1,0 +1,331 @@
+//! The daemon side of the runtime: [`Runtime`] starts shims (`exe shim DIR/<id>`), reads their
+//! state from the container directory, asks them to stop and removes what they leave. It never
+//! calls libcontainer and never mounts anything, so it is safe in the multithreaded daemon.
+
+use std::fs;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{layout, rootfs, valid_id, ContainerSpec, Error};
+
+/// How long [`Runtime::start`] waits for the shim to report the container running.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long [`Runtime::stop`] waits beyond the grace period for the shim to finish.
+const STOP_SLACK: Duration = Duration::from_secs(15);
+
+/// What a container is doing, as its directory tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Running: `pid` is the container's init process (the shim's pid in the few milliseconds
+    /// while the shim is still starting it).
+    Running { pid: i32 },
+    /// Exited with `code` (128+signal if killed; [`crate::shim::START_FAILED`] if it never started;
+    /// -1 if its shim died without recording it).
+    Exited { code: i32 },
+    /// No such container directory.
+    Gone,
+}
+
+/// Runs containers, each under its own shim, in directories `dir/<id>`.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    dir: PathBuf,
+    exe: PathBuf,
+}
+
+impl Runtime {
+    /// `dir` holds one directory per container (e.g. `DATA/containers`); `exe` is the berth
+    /// binary, re-executed as `exe shim DIR/<id>`.
+    pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
+        Runtime { dir, exe }
+    }
+
+    /// The directory of container `id`.
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Starts a detached shim for `spec` and returns once the container's process runs, or with
+    /// the reason it could not start (then its directory is gone again).
+    pub fn start(&self, spec: &ContainerSpec) -> Result<(), Error> {
+        let dir = self.prepare(spec)?;
+        let mut command = self.shim_command(&dir);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe; it detaches the shim from our session so it
+        // survives us and our terminal.
+        unsafe {
+            command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
+        }
+        let mut child = self.spawn(&mut command, &dir, &spec.id)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let exited = child.try_wait().ok().flatten();
+            if let Some(reason) = layout::read(&dir, layout::ERROR) {
+                let _ = child.wait();
+                self.discard(&dir);
+                return Err(Error::StartFailed {
+                    id: spec.id.clone(),
+                    reason,
+                });
+            }
+            if dir.join(layout::PID).exists() {
+                if exited.is_none() {
+                    reap_in_background(child);
+                }
+                tracing::debug!(id = spec.id, "container started");
+                return Ok(());
+            }
+            if let Some(status) = exited {
+                self.discard(&dir);
+                return Err(Error::StartFailed {
+                    id: spec.id.clone(),
+                    reason: format!("its shim exited ({status}) without saying why"),
+                });
+            }
+            if Instant::now() >= deadline {
+                reap_in_background(child);
+                return Err(Error::StartTimeout {
+                    id: spec.id.clone(),
+                    secs: START_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Runs `spec` under a shim whose stdout carries the container's stdout and stderr (and
+    /// the shim's own errors). The shim's exit code is the container's. The caller waits for
+    /// the child and then calls [`Runtime::remove`].
+    pub fn run_attached(&self, spec: &ContainerSpec) -> Result<Child, Error> {
+        let dir = self.prepare(spec)?;
+        let mut command = self.shim_command(&dir);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: dup2 is async-signal-safe; it merges the shim's stderr into its stdout pipe.
+        unsafe {
+            command.pre_exec(|| match nix::libc::dup2(1, 2) {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            });
+        }
+        self.spawn(&mut command, &dir, &spec.id)
+    }
+
+    /// The state of container `id`.
+    pub fn state(&self, id: &str) -> State {
+        let dir = self.container_dir(id);
+        if !valid_id(id) || !dir.is_dir() {
+            return State::Gone;
+        }
+        if let Some(code) = layout::read_i32(&dir, layout::EXIT) {
+            return State::Exited { code };
+        }
+        let shim = shim_pid(&dir);
+        match layout::read_i32(&dir, layout::PID) {
+            Some(pid) if alive(pid) => State::Running { pid },
+            _ => match shim {
+                Some(shim) => State::Running { pid: shim },
+                None => State::Exited { code: -1 },
+            },
+        }
+    }
+
+    /// Stops container `id`: SIGTERM to its shim, which forwards it and sends SIGKILL after the
+    /// grace period. Blocks until the shim has cleaned up and exited. Returns the exit code, or
+    /// `None` if there is no such container or its code was lost.
+    pub fn stop(&self, id: &str) -> Result<Option<i32>, Error> {
+        let dir = self.container_dir(id);
+        if !valid_id(id) || !dir.is_dir() {
+            return Ok(None);
+        }
+        if let Some(shim) = shim_pid(&dir) {
+            let grace = read_spec(&dir).map_or(10, |spec| spec.stop_grace_secs);
+            let limit = Duration::from_secs(grace) + STOP_SLACK;
+            let pidfd = pidfd_open(shim)?;
+            tracing::debug!(id, shim, "stopping container");
+            let _ = kill(Pid::from_raw(shim), Signal::SIGTERM);
+            if let Some(pidfd) = pidfd {
+                wait_readable(&pidfd, limit);
+            }
+            if shim_pid(&dir).is_some() {
+                return Err(Error::StopTimeout {
+                    id: id.to_string(),
+                    secs: limit.as_secs(),
+                });
+            }
+        }
+        Ok(layout::read_i32(&dir, layout::EXIT))
+    }
+
+    /// Removes container `id`'s directory, stopping it first if it still runs. Succeeds if
+    /// there is no such container.
+    pub fn remove(&self, id: &str) -> Result<(), Error> {
+        if !valid_id(id) {
+            return Err(Error::InvalidId(id.to_string()));
+        }
+        let dir = self.container_dir(id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        if shim_pid(&dir).is_some() {
+            self.stop(id)?;
+        }
+        self.discard(&dir);
+        match layout::mounts_under(&dir).into_iter().next() {
+            Some(mounted) => Err(Error::StillMounted(mounted)),
+            None if dir.exists() => Err(Error::Io {
+                context: format!("removing {}", dir.display()),
+                source: std::io::Error::other("the directory is still there"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The ids of the containers that have a directory (to re-adopt after a daemon restart).
+    pub fn list(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = entries
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().is_dir())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|id| valid_id(id))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Validates `spec`, creates its directory and writes `shim.json`.
+    fn prepare(&self, spec: &ContainerSpec) -> Result<PathBuf, Error> {
+        if !valid_id(&spec.id) {
+            return Err(Error::InvalidId(spec.id.clone()));
+        }
+        rootfs::check_layers(&spec.layers)?;
+        fs::create_dir_all(&self.dir)
+            .map_err(Error::io(format!("creating {}", self.dir.display())))?;
+        let dir = self.container_dir(&spec.id);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::Exists(spec.id.clone()))
+            }
+            Err(err) => return Err(Error::io(format!("creating {}", dir.display()))(err)),
+        }
+        let json = serde_json::to_string_pretty(spec).expect("a ContainerSpec always serializes");
+        if let Err(err) = layout::write(&dir, layout::SPEC, &json) {
+            self.discard(&dir);
+            return Err(err);
+        }
+        Ok(dir)
+    }
+
+    fn shim_command(&self, dir: &Path) -> Command {
+        let mut command = Command::new(&self.exe);
+        command.arg("shim").arg(dir);
+        command
+    }
+
+    fn spawn(&self, command: &mut Command, dir: &Path, id: &str) -> Result<Child, Error> {
+        command.spawn().map_err(|err| {
+            self.discard(dir);
+            Error::StartFailed {
+                id: id.to_string(),
+                reason: format!("cannot run the shim {}: {err}", self.exe.display()),
+            }
+        })
+    }
+
+    /// Deletes a container directory, unless something is still mounted in it (deleting would
+    /// then reach into the mounted filesystem).
+    fn discard(&self, dir: &Path) {
+        if !layout::mounts_under(dir).is_empty() {
+            tracing::warn!(dir = %dir.display(), "not deleting a container directory with mounts");
+            return;
+        }
+        if let Err(err) = fs::remove_dir_all(dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), "deleting the container directory: {err}");
+            }
+        }
+    }
+}
+
+fn read_spec(dir: &Path) -> Option<ContainerSpec> {
+    serde_json::from_slice(&fs::read(dir.join(layout::SPEC)).ok()?).ok()
+}
+
+/// The pid of the live shim of the container in `dir`, checked against its command line so a
+/// recycled pid is not mistaken for it.
+fn shim_pid(dir: &Path) -> Option<i32> {
+    let pid = layout::read_i32(dir, layout::SHIM_PID)?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let is_shim = args.windows(2).any(|pair| {
+        pair[0] == b"shim" && Path::new(std::str::from_utf8(pair[1]).unwrap_or("")) == dir
+    });
+    let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true);
+    (is_shim && !zombie).then_some(pid)
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// A pidfd for `pid` (readable once it exits); `None` if it already exited.
+fn pidfd_open(pid: i32) -> Result<Option<OwnedFd>, Error> {
+    // SAFETY: plain syscall; on success it returns a new fd we own.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let err = nix::Error::last();
+        return match err {
+            nix::Error::ESRCH => Ok(None),
+            err => Err(Error::sys(format!("pidfd_open({pid})"))(err)),
+        };
+    }
+    // SAFETY: fd is a fresh descriptor returned by pidfd_open.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+fn wait_readable(fd: &OwnedFd, limit: Duration) {
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
+            .unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Waits for a detached shim in a thread so it never lingers as a zombie of the daemon.
+fn reap_in_background(mut child: Child) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}

@@ -1,0 +1,311 @@
+//! Container networking over netlink (rtnetlink; never shells out to `ip`): the host bridge,
+//! one named network namespace per container (a file under `netns_dir`, bind-mounted from
+//! the namespace) and the veth pair joining the two, with `eth0`, `lo` and the default route
+//! set up inside. Switching namespaces happens only on dedicated std threads, never on a tokio
+//! worker. Touches only the links, addresses and namespaces it is named.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use nix::mount::{umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::Error;
+
+/// Creates the bridge `name` if missing, gives it `gateway/prefix_len` and sets it up.
+/// Idempotent.
+pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
+    let handle = connect()?;
+    if link_index(&handle, name).await?.is_none() {
+        let added = handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await;
+        if let Err(err) = added {
+            if errno(&err) != Some(nix::libc::EEXIST) {
+                return Err(Error::netlink(format!("creating bridge {name}"))(err));
+            }
+        }
+    }
+    let index = link_index(&handle, name)
+        .await?
+        .ok_or_else(|| missing(format!("bridge {name} vanished after it was created")))?;
+    handle
+        .address()
+        .add(index, IpAddr::V4(gateway), prefix_len)
+        .replace()
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "giving bridge {name} the address {gateway}/{prefix_len}"
+        )))?;
+    set_up(&handle, index, name).await
+}
+
+/// Deletes the bridge `name`; succeeds if there is none.
+pub async fn remove_bridge(name: &str) -> Result<(), Error> {
+    let handle = connect()?;
+    delete_link(&handle, name).await
+}
+
+/// Creates the network namespace `netns_dir/<id>` with `eth0` = `ip/prefix_len`, `lo` up and a
+/// default route via `gateway`, joined to `bridge` by a veth pair. Returns the namespace path.
+/// On failure nothing is left behind.
+pub async fn create_netns(
+    netns_dir: &Path,
+    id: &str,
+    bridge: &str,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+) -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(netns_dir)
+        .map_err(Error::io(format!("creating {}", netns_dir.display())))?;
+    let path = netns_dir.join(id);
+    let ns_path = path.clone();
+    on_thread(move || new_netns(&ns_path)).await?;
+    let wired = wire(&path, id, bridge, ip, prefix_len, gateway).await;
+    if let Err(err) = wired {
+        if let Err(cleanup) = delete_netns(netns_dir, id).await {
+            tracing::warn!(id, "cleaning up a half-made network namespace: {cleanup}");
+        }
+        return Err(err);
+    }
+    Ok(path)
+}
+
+/// Deletes container `id`'s veth pair and network namespace file. Idempotent.
+pub async fn delete_netns(netns_dir: &Path, id: &str) -> Result<(), Error> {
+    let handle = connect()?;
+    delete_link(&handle, &veth_names(id).0).await?;
+    let path = netns_dir.join(id);
+    match umount2(&path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+        Err(err) => return Err(Error::sys(format!("unmounting {}", path.display()))(err)),
+    }
+    match std::fs::remove_file(&path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("deleting {}", path.display()))(err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The host-side veth name and the peer's temporary name (both at most 15 bytes), derived
+/// from the container id.
+pub fn veth_names(id: &str) -> (String, String) {
+    // FNV-1a: stable across runs and versions, unlike std's hasher.
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let short = hash & 0xffff_ffff_ffff;
+    (format!("vb{short:012x}"), format!("vp{short:012x}"))
+}
+
+/// The veth pair: host side on the bridge and up, peer moved into the namespace and set up
+/// there.
+async fn wire(
+    path: &Path,
+    id: &str,
+    bridge: &str,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+) -> Result<(), Error> {
+    let handle = connect()?;
+    let bridge_index = link_index(&handle, bridge).await?.ok_or_else(|| {
+        missing(format!(
+            "bridge {bridge} does not exist: call ensure_bridge first"
+        ))
+    })?;
+    let (host, peer) = veth_names(id);
+    delete_link(&handle, &host).await?;
+    handle
+        .link()
+        .add(LinkVeth::new(&host, &peer).build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("creating veth pair {host}/{peer}")))?;
+    let ns = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    let peer_index = link_index(&handle, &peer)
+        .await?
+        .ok_or_else(|| missing(format!("veth {peer} vanished after it was created")))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(peer_index)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "moving {peer} into {}",
+            path.display()
+        )))?;
+    let host_index = link_index(&handle, &host)
+        .await?
+        .ok_or_else(|| missing(format!("veth {host} vanished after it was created")))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(host_index)
+                .controller(bridge_index)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("attaching {host} to {bridge}")))?;
+    set_up(&handle, host_index, &host).await?;
+    let path = path.to_path_buf();
+    on_thread(move || in_netns(&path, configure_inside(peer, ip, prefix_len, gateway))).await
+}
+
+/// Inside the namespace: peer renamed `eth0` with its address and up, `lo` up, default route.
+async fn configure_inside(
+    peer: String,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+) -> Result<(), Error> {
+    let handle = connect()?;
+    let eth0 = link_index(&handle, &peer)
+        .await?
+        .ok_or_else(|| missing(format!("veth {peer} is not in the namespace")))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(eth0).name("eth0").build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("renaming {peer} to eth0")))?;
+    handle
+        .address()
+        .add(eth0, IpAddr::V4(ip), prefix_len)
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("giving eth0 {ip}/{prefix_len}")))?;
+    set_up(&handle, eth0, "eth0").await?;
+    let lo = link_index(&handle, "lo")
+        .await?
+        .ok_or_else(|| missing("the namespace has no lo".to_string()))?;
+    set_up(&handle, lo, "lo").await?;
+    handle
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "adding the default route via {gateway}"
+        )))
+}
+
+/// On the calling (dedicated) thread: a new network namespace bind-mounted at `path`.
+fn new_netns(path: &Path) -> Result<(), Error> {
+    File::create(path).map_err(Error::io(format!("creating {}", path.display())))?;
+    let made = nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+        .map_err(Error::sys("creating a network namespace"))
+        .and_then(|()| {
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(Error::sys(format!(
+                "bind-mounting the namespace at {}",
+                path.display()
+            )))
+        });
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
+/// On the calling (dedicated) thread: enters the namespace at `path` and runs `work` on a
+/// current-thread runtime, so its netlink socket lives in that namespace.
+fn in_netns(path: &Path, work: impl Future<Output = Result<(), Error>>) -> Result<(), Error> {
+    let ns = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)
+        .map_err(Error::sys(format!("entering {}", path.display())))?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting a runtime inside the namespace"))?
+        .block_on(work)
+}
+
+/// Runs `work` on a new std thread (whose namespaces it may change) and awaits its result.
+async fn on_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let (send, receive) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(work());
+    });
+    receive
+        .await
+        .unwrap_or_else(|_| Err(missing("the namespace thread panicked".to_string())))
+}
+
+fn connect() -> Result<Handle, Error> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(Error::io("opening a netlink socket"))?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, Error> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(link) => Ok(link.map(|link| link.header.index)),
+        Err(err) if errno(&err) == Some(nix::libc::ENODEV) => Ok(None),
+        Err(err) => Err(Error::netlink(format!("looking up link {name}"))(err)),
+    }
+}
+
+async fn set_up(handle: &Handle, index: u32, name: &str) -> Result<(), Error> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("setting {name} up")))
+}
+
+async fn delete_link(handle: &Handle, name: &str) -> Result<(), Error> {
+    let Some(index) = link_index(handle, name).await? else {
+        return Ok(());
+    };
+    match handle.link().del(index).execute().await {
+        Err(err) if errno(&err) != Some(nix::libc::ENODEV) => {
+            Err(Error::netlink(format!("deleting link {name}"))(err))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn missing(reason: String) -> Error {
+    Error::Netlink {
+        context: "network setup".to_string(),
+        reason,
+    }
+}

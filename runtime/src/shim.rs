@@ -1,0 +1,380 @@
+//! The shim: `berth shim DIR`, one single-threaded process per container (like containerd-shim
+//! or conmon). It reads `DIR/shim.json`, mounts the rootfs, creates and starts the container
+//! with libcontainer, writes its pid, copies its output to the log, forwards SIGTERM/SIGINT to
+//! it (SIGKILL after the grace period), waits for it, cleans up (libcontainer state, cgroup,
+//! mount) and finally writes `DIR/exit` and exits with the container's code.
+//!
+//! It never starts a thread: libcontainer deadlocks in multithreaded processes. Its mounts are
+//! made in a private mount namespace of its own, so they vanish with it even if it is killed.
+//! If the container cannot start, the reason goes to `DIR/error` (and stderr), the exit code is
+//! [`START_FAILED`], and nothing is left mounted or in the cgroup tree.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::{layout, rootfs, spec, ContainerSpec, Error, LogTarget};
+
+/// Exit code of a shim whose container could not start.
+pub const START_FAILED: i32 = 125;
+
+/// Longest log line; longer output is split.
+const MAX_LINE: usize = 64 * 1024;
+
+/// How long to wait for the last output after the container exited.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Set by SIGTERM/SIGINT before the signalfd takes over.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: nix::libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Runs the container described by `DIR/shim.json`; returns the process exit code.
+pub fn main(dir: &Path) -> i32 {
+    let dir = match std::path::absolute(dir) {
+        Ok(dir) => dir,
+        Err(err) => {
+            eprintln!("error: berth shim: bad directory {}: {err}", dir.display());
+            return START_FAILED;
+        }
+    };
+    match run(&dir) {
+        Ok(code) => code,
+        Err(err) => {
+            let reason = err.to_string();
+            eprintln!("error: {reason}");
+            let _ = layout::write(&dir, layout::ERROR, &reason);
+            let _ = layout::write(&dir, layout::EXIT, &START_FAILED.to_string());
+            START_FAILED
+        }
+    }
+}
+
+fn run(dir: &Path) -> Result<i32, Error> {
+    layout::write(dir, layout::SHIM_PID, &std::process::id().to_string())?;
+    let path = dir.join(layout::SPEC);
+    let json = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
+    let spec: ContainerSpec = serde_json::from_slice(&json).map_err(|err| Error::Io {
+        context: format!("parsing {}", path.display()),
+        source: err.into(),
+    })?;
+    install_stop_handler()?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(Error::sys("becoming child subreaper"))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(Error::sys("creating the shim's mount namespace"))?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(Error::sys("making the shim's mounts private"))?;
+
+    let (log, container_out) = match &spec.log {
+        LogTarget::Inherit => (None, None),
+        LogTarget::File { path, prefix } => {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(Error::sys("creating the log pipe"))?;
+            (Some(LogPump::new(path, prefix, read)?), Some(write))
+        }
+    };
+
+    rootfs::mount(dir, &spec.layers)?;
+    let mut container = match start(dir, &spec, container_out) {
+        Ok(container) => container,
+        Err(err) => {
+            let _ = rootfs::unmount(dir);
+            return Err(err);
+        }
+    };
+    // libcontainer uses an older nix; its Pid is a different type.
+    let init = container
+        .pid()
+        .map(|pid| Pid::from_raw(pid.as_raw()))
+        .ok_or(Error::Libcontainer {
+            context: "starting the container",
+            reason: "libcontainer reported no pid".into(),
+        })?;
+    layout::write(dir, layout::PID, &init.to_string())?;
+    tracing::info!(id = spec.id, pid = init.as_raw(), "container started");
+
+    let code = supervise(init, log, Duration::from_secs(spec.stop_grace_secs))?;
+
+    if let Err(err) = container.delete(true) {
+        tracing::warn!(id = spec.id, "deleting the container: {}", chain(&err));
+    }
+    rootfs::unmount(dir)?;
+    layout::write(dir, layout::EXIT, &code.to_string())?;
+    Ok(code)
+}
+
+/// SIGTERM/SIGINT set a flag until [`supervise`] reads them from a signalfd. Handlers are reset
+/// by exec, so the container does not inherit them (it inherits no blocked signals either).
+fn install_stop_handler() -> Result<(), Error> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(signal, &action) }.map_err(Error::sys("installing a signal handler"))?;
+    }
+    Ok(())
+}
+
+/// Writes config.json and creates + starts the container. On failure nothing is left behind
+/// but the rootfs mount, which the caller removes.
+fn start(dir: &Path, spec: &ContainerSpec, out: Option<OwnedFd>) -> Result<Container, Error> {
+    let oci = spec::build(spec, Path::new("rootfs"))?;
+    let config = dir.join("config.json");
+    oci.save(&config)
+        .map_err(|err| Error::Spec(format!("writing {}: {err}", config.display())))?;
+    let state = dir.join(layout::STATE);
+    std::fs::create_dir_all(&state).map_err(Error::io(format!("creating {}", state.display())))?;
+
+    let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
+        .with_root_path(&state)
+        .map_err(lc("setting the state directory"))?;
+    if let Some(out) = out {
+        let err = out
+            .try_clone()
+            .map_err(Error::io("duplicating the log pipe"))?;
+        builder = builder.with_stdout(out).with_stderr(err);
+    }
+    let created = builder
+        .as_init(dir)
+        .with_systemd(false)
+        .with_detach(true)
+        .build();
+    let mut container = match created {
+        Ok(container) => container,
+        Err(err) => {
+            discard(&state, &spec.id);
+            return Err(lc("creating the container")(err));
+        }
+    };
+    if let Err(err) = container.start() {
+        let _ = container.delete(true);
+        return Err(lc("starting the container")(err));
+    }
+    Ok(container)
+}
+
+/// Deletes a half-created container (kills its init, removes its cgroup and state).
+fn discard(state: &Path, id: &str) {
+    if let Ok(mut container) = Container::load(state.join(id)) {
+        if let Err(err) = container.delete(true) {
+            tracing::warn!(id, "removing a half-created container: {}", chain(&err));
+        }
+    }
+}
+
+/// Waits for the container's init to exit while copying its output to the log and turning
+/// stop signals into SIGTERM, then SIGKILL after `grace`. Returns the exit code.
+fn supervise(init: Pid, mut log: Option<LogPump>, grace: Duration) -> Result<i32, Error> {
+    let mut mask = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        mask.add(signal);
+    }
+    mask.thread_block()
+        .map_err(Error::sys("blocking signals"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(Error::sys("creating a signalfd"))?;
+
+    let mut kill_at = None;
+    if STOP_REQUESTED.load(Ordering::SeqCst) {
+        kill_at = Some(request_stop(init, grace));
+    }
+    let mut code = reap(init);
+    while code.is_none() {
+        let timeout = match kill_at {
+            Some(at) => timeout_until(at),
+            None => PollTimeout::NONE,
+        };
+        let (signal_ready, log_ready) = {
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(pump) = log.as_ref().filter(|pump| pump.open) {
+                fds.push(PollFd::new(pump.pipe.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(err) => return Err(Error::sys("waiting for the container")(err)),
+            }
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if signal_ready {
+            while let Ok(Some(info)) = signals.read_signal() {
+                let signo = info.ssi_signo as i32;
+                if (signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32)
+                    && kill_at.is_none()
+                {
+                    kill_at = Some(request_stop(init, grace));
+                }
+            }
+            code = reap(init);
+        }
+        if log_ready {
+            if let Some(pump) = log.as_mut() {
+                pump.pump();
+            }
+        }
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
+            tracing::info!(pid = init.as_raw(), "grace period over, sending SIGKILL");
+            let _ = kill(init, Signal::SIGKILL);
+            kill_at = None;
+        }
+    }
+    if let Some(pump) = log.as_mut() {
+        pump.drain(Instant::now() + DRAIN);
+    }
+    Ok(code.unwrap_or(START_FAILED))
+}
+
+fn request_stop(init: Pid, grace: Duration) -> Instant {
+    tracing::info!(pid = init.as_raw(), "stop requested, sending SIGTERM");
+    let _ = kill(init, Signal::SIGTERM);
+    Instant::now() + grace
+}
+
+fn timeout_until(at: Instant) -> PollTimeout {
+    let left = at.saturating_duration_since(Instant::now());
+    PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1).unwrap_or(PollTimeout::MAX)
+}
+
+/// Reaps every exited child; returns the init's exit code once it has exited.
+fn reap(init: Pid) -> Option<i32> {
+    let mut code = None;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, status)) if pid == init => code = Some(status),
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == init => {
+                code = Some(128 + signal as i32)
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return code,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Copies the container's output, line by line, to the log file with a timestamp and prefix.
+struct LogPump {
+    file: File,
+    prefix: String,
+    pipe: File,
+    buf: Vec<u8>,
+    open: bool,
+}
+
+impl LogPump {
+    fn new(path: &PathBuf, prefix: &str, pipe: OwnedFd) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(Error::io(format!("opening the log {}", path.display())))?;
+        Ok(LogPump {
+            file,
+            prefix: prefix.to_string(),
+            pipe: File::from(pipe),
+            buf: Vec::new(),
+            open: true,
+        })
+    }
+
+    /// Reads what is available (call when the pipe is readable) and writes complete lines.
+    fn pump(&mut self) {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.pipe.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                self.open = false;
+                let rest = std::mem::take(&mut self.buf);
+                if !rest.is_empty() {
+                    self.write_line(&rest);
+                }
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=end).collect();
+                    self.write_line(&line[..end]);
+                }
+                if self.buf.len() >= MAX_LINE {
+                    let line = std::mem::take(&mut self.buf);
+                    self.write_line(&line);
+                }
+            }
+        }
+    }
+
+    /// Copies the remaining output until every writer closed the pipe or `deadline` passes.
+    fn drain(&mut self, deadline: Instant) {
+        while self.open && Instant::now() < deadline {
+            let mut fds = [PollFd::new(self.pipe.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout_until(deadline)) {
+                Ok(0) => break,
+                Ok(_) => self.pump(),
+                Err(nix::Error::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.write_line(&rest);
+        }
+    }
+
+    fn write_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let stamp = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut record = Vec::with_capacity(line.len() + self.prefix.len() + 32);
+        record.extend_from_slice(format!("{stamp} {}: ", self.prefix).as_bytes());
+        record.extend_from_slice(line);
+        record.push(b'\n');
+        if let Err(err) = self.file.write_all(&record) {
+            tracing::warn!("writing the log: {err}");
+        }
+    }
+}
+
+/// Maps a libcontainer error with its whole cause chain.
+fn lc(context: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Error {
+    move |err| Error::Libcontainer {
+        context,
+        reason: chain(&err),
+    }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

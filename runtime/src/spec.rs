@@ -1,0 +1,152 @@
+//! The OCI runtime config (`config.json`) libcontainer runs a [`ContainerSpec`] with: the
+//! default mounts (/proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys read-only, cgroups
+//! read-only), pid/mount/uts/ipc/cgroup namespaces plus the network namespace (joined by path,
+//! or the host's when there is none), cgroup `/berth/<id>`, Docker's default capability set,
+//! the binds as `rbind` mounts, and the caller's hard open-files limit. Touches nothing on the
+//! host.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use oci_spec::runtime::{
+    get_default_mounts, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, MountBuilder,
+    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+};
+
+use crate::{ContainerSpec, Error};
+
+/// `PATH` given to containers whose env does not set one.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The cgroup path of container `id`.
+pub fn cgroup_path(id: &str) -> String {
+    format!("/berth/{id}")
+}
+
+/// Docker's (containerd's) default capabilities: enough for package managers in builds.
+const CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// Builds the OCI config for `spec`, with `rootfs` as the root path (relative to the bundle).
+pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
+    let mut env = spec.env.clone();
+    if !env.iter().any(|var| var.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    let caps: HashSet<Capability> = CAPABILITIES.into_iter().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()
+        .map_err(invalid)?;
+    // As many open files as the shim may have: raising the hard limit needs CAP_SYS_RESOURCE.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((1024, 1024));
+    let nofile = PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .soft(hard)
+        .hard(hard)
+        .build()
+        .map_err(invalid)?;
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(spec.args.clone())
+        .env(env)
+        .cwd(spec.cwd.clone())
+        .capabilities(capabilities)
+        .rlimits(vec![nofile])
+        .no_new_privileges(true)
+        .build()
+        .map_err(invalid)?;
+
+    let mut mounts = get_default_mounts();
+    for bind in &spec.binds {
+        let mut options = vec!["rbind".to_string()];
+        if bind.readonly {
+            options.push("ro".to_string());
+        }
+        mounts.push(
+            MountBuilder::default()
+                .destination(&bind.destination)
+                .typ("bind")
+                .source(&bind.source)
+                .options(options)
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+
+    let mut namespaces: Vec<LinuxNamespace> = [
+        LinuxNamespaceType::Pid,
+        LinuxNamespaceType::Mount,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Cgroup,
+    ]
+    .into_iter()
+    .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+    .collect::<Result<_, _>>()
+    .map_err(invalid)?;
+    if let Some(netns) = &spec.netns {
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(netns)
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+
+    let mut memory = LinuxMemoryBuilder::default();
+    if let Some(limit) = spec.memory_limit {
+        memory = memory.limit(limit);
+    }
+    let resources = LinuxResourcesBuilder::default()
+        .memory(memory.build().map_err(invalid)?)
+        .build()
+        .map_err(invalid)?;
+    let defaults = oci_spec::runtime::Linux::default();
+    let linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(cgroup_path(&spec.id))
+        .resources(resources)
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .build()
+        .map_err(invalid)?;
+
+    let root = RootBuilder::default()
+        .path(rootfs)
+        .readonly(false)
+        .build()
+        .map_err(invalid)?;
+    let mut oci = Spec::default();
+    oci.set_hostname(Some(spec.hostname.clone()))
+        .set_root(Some(root))
+        .set_process(Some(process))
+        .set_mounts(Some(mounts))
+        .set_linux(Some(linux));
+    Ok(oci)
+}
+
+fn invalid(err: oci_spec::OciSpecError) -> Error {
+    Error::Spec(err.to_string())
+}

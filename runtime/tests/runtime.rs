@@ -1,0 +1,531 @@
+//! berth-runtime against the real kernel: shims, overlay rootfs, libcontainer, cgroups, netns,
+//! veth and bridge. No mocks. Needs root, overlayfs and /bin/busybox (busybox-static); under
+//! CI=true a missing prerequisite fails the run instead of skipping it.
+//!
+//! This test binary has its own `main` (harness = false) because it doubles as the shim:
+//! `runtime shim DIR` runs `berth_runtime::shim::main`, exactly like `berth shim DIR`.
+//! Tests run one after another; each cleans up through a Drop guard and then checks that no
+//! mount, cgroup, netns, veth or process is left.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::symlink;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth_runtime::{network, Bind, ContainerSpec, Error, LogTarget, Runtime, State};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("shim") {
+        let dir = args.get(2).expect("usage: runtime shim DIR");
+        // BERTH_SHIM_LOG=debug shows libcontainer's own logs on the shim's stderr.
+        if let Ok(filter) = std::env::var("BERTH_SHIM_LOG") {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+        }
+        std::process::exit(berth_runtime::shim::main(Path::new(dir)));
+    }
+    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    let tests: &[(&str, fn())] = &[
+        (
+            "attached_output_and_exit_code",
+            attached_output_and_exit_code,
+        ),
+        (
+            "detached_logs_and_stop_with_sigterm",
+            detached_logs_and_stop_with_sigterm,
+        ),
+        ("stop_kills_after_grace", stop_kills_after_grace),
+        (
+            "remove_stops_a_running_container",
+            remove_stops_a_running_container,
+        ),
+        ("binds_memory_limit_and_env", binds_memory_limit_and_env),
+        ("network_http_over_bridge", network_http_over_bridge),
+        ("missing_layer_is_refused", missing_layer_is_refused),
+        ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
+        ("start_to_exit_timing", start_to_exit_timing),
+    ];
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    let started = Instant::now();
+    if let Some(reason) = missing_prerequisite() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            eprintln!("error: runtime tests cannot run here: {reason}");
+            println!("test result: FAILED. 0 passed; {} failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s", selected.len());
+            std::process::exit(1);
+        }
+        println!("skipping the runtime tests: {reason}");
+        println!("test result: ok. 0 passed; 0 failed; {} ignored; 0 measured; 0 filtered out; finished in 0.00s", selected.len());
+        return;
+    }
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, test) in &selected {
+        let t = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(test));
+        let secs = t.elapsed().as_secs_f64();
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({secs:.2}s)");
+            }
+            Err(_) => {
+                failed.push(*name);
+                println!("test {name} ... FAILED ({secs:.2}s)");
+            }
+        }
+    }
+    if !failed.is_empty() {
+        println!("\nfailures:\n    {}", failed.join("\n    "));
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; 0 ignored; 0 measured; {} filtered out; finished in {:.2}s\n",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len(),
+        tests.len() - selected.len(),
+        started.elapsed().as_secs_f64()
+    );
+    std::process::exit(if failed.is_empty() { 0 } else { 101 });
+}
+
+fn missing_prerequisite() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("/bin/busybox is missing (apt-get install busybox-static)".into());
+    }
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems.contains("overlay") {
+        return Some("the kernel has no overlay filesystem".into());
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// One test's world: a busybox image, a container directory, and the things to clean up.
+/// Dropping it stops and removes every container, deletes netns/veth/bridge, and removes the
+/// directory, even when the test failed.
+struct Fixture {
+    root: PathBuf,
+    image: PathBuf,
+    runtime: Runtime,
+    ids: Vec<String>,
+    netns: Vec<String>,
+    bridge: Option<String>,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Fixture {
+        let root = PathBuf::from(format!("/tmp/berth-rt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let image = root.join("image");
+        for dir in ["bin", "proc", "dev", "sys", "tmp", "etc", "www"] {
+            std::fs::create_dir_all(image.join(dir)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", image.join("bin/busybox")).unwrap();
+        for tool in [
+            "sh", "echo", "cat", "sleep", "httpd", "wget", "true", "touch", "ls", "env",
+        ] {
+            symlink("busybox", image.join("bin").join(tool)).unwrap();
+        }
+        std::fs::write(image.join("www/index.html"), "hello from berth\n").unwrap();
+        let exe = std::env::current_exe().unwrap();
+        Fixture {
+            runtime: Runtime::new(root.join("containers"), exe),
+            root,
+            image,
+            ids: Vec::new(),
+            netns: Vec::new(),
+            bridge: None,
+        }
+    }
+
+    /// A spec for a container `t<pid>-<name>` running `args` on the busybox image.
+    fn spec(&mut self, name: &str, args: &[&str]) -> ContainerSpec {
+        let id = format!("t{}-{name}", std::process::id());
+        self.ids.push(id.clone());
+        ContainerSpec {
+            id,
+            layers: vec![self.image.clone()],
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: vec!["GREETING=hi".into()],
+            cwd: "/".into(),
+            hostname: name.into(),
+            binds: Vec::new(),
+            netns: None,
+            log: LogTarget::Inherit,
+            stop_grace_secs: 5,
+            memory_limit: None,
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.join("app.log")
+    }
+
+    /// Asserts that nothing of container `id` is left on the host.
+    fn assert_clean(&self, id: &str) {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = self.root.to_str().unwrap();
+        assert!(
+            !mountinfo.contains(root),
+            "mounts left under {root}:\n{mountinfo}"
+        );
+        for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
+            let cgroup = controller.unwrap().path().join("berth").join(id);
+            assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+        }
+        assert!(
+            !self.runtime.container_dir(id).exists(),
+            "container directory left for {id}"
+        );
+        assert!(
+            !self.root.join("netns").join(id).exists(),
+            "netns file left for {id}"
+        );
+        let veth = network::veth_names(id).0;
+        assert!(
+            !Path::new("/sys/class/net").join(&veth).exists(),
+            "veth {veth} left"
+        );
+        let left = processes_mentioning(root);
+        assert!(left.is_empty(), "processes left: {left:?}");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            if let Err(err) = self.runtime.remove(id) {
+                eprintln!("cleanup: removing {id}: {err}");
+            }
+        }
+        if !self.netns.is_empty() || self.bridge.is_some() {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                for id in &self.netns {
+                    if let Err(err) = network::delete_netns(&self.root.join("netns"), id).await {
+                        eprintln!("cleanup: netns {id}: {err}");
+                    }
+                }
+                if let Some(bridge) = &self.bridge {
+                    if let Err(err) = network::remove_bridge(bridge).await {
+                        eprintln!("cleanup: bridge {bridge}: {err}");
+                    }
+                }
+            });
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Pids (other than ours) whose command line mentions `needle`: shims of this fixture.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmd| String::from_utf8_lossy(&cmd).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Polls `check` until it returns Some or `within` passes.
+fn wait_for<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run_attached(fx: &Fixture, spec: &ContainerSpec) -> (String, i32) {
+    let mut child = fx.runtime.run_attached(spec).expect("run_attached");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let code = child.wait().unwrap().code().expect("shim exit code");
+    (out, code)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn attached_output_and_exit_code() {
+    let mut fx = Fixture::new("attached");
+    let spec = fx.spec("attached", &["sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+    let (out, code) = run_attached(&fx, &spec);
+    assert_eq!(out, "hi\noops\n");
+    assert_eq!(code, 3);
+    assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: 3 });
+    assert_eq!(fx.runtime.list(), vec![spec.id.clone()]);
+    fx.runtime.remove(&spec.id).unwrap();
+    assert_eq!(fx.runtime.state(&spec.id), State::Gone);
+    fx.assert_clean(&spec.id);
+}
+
+fn detached_logs_and_stop_with_sigterm() {
+    let mut fx = Fixture::new("logs");
+    let mut spec = fx.spec(
+        "logs",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo one; echo two >&2; \
+             printf 'no newline'; echo; while true; do sleep 0.05; done",
+        ],
+    );
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "app[web.1]".into(),
+    };
+    fx.runtime.start(&spec).unwrap();
+    let State::Running { pid } = fx.runtime.state(&spec.id) else {
+        panic!("not running: {:?}", fx.runtime.state(&spec.id));
+    };
+    assert!(pid > 1);
+    let log = wait_for(Duration::from_secs(10), "two log lines", || {
+        let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+        (log.lines().count() >= 3).then_some(log)
+    });
+    let lines: Vec<&str> = log.lines().collect();
+    for (line, text) in lines.iter().zip(["one", "two", "no newline"]) {
+        let (stamp, rest) = line.split_once(' ').unwrap();
+        chrono::DateTime::parse_from_rfc3339(stamp).expect("RFC3339 timestamp");
+        assert!(stamp.ends_with('Z'), "not UTC: {stamp}");
+        assert_eq!(rest, format!("app[web.1]: {text}"));
+    }
+    let t = Instant::now();
+    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(7));
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "SIGTERM not honoured promptly"
+    );
+    let log = std::fs::read_to_string(fx.log_path()).unwrap();
+    assert!(
+        log.lines()
+            .last()
+            .unwrap()
+            .ends_with("app[web.1]: got TERM"),
+        "{log}"
+    );
+    assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: 7 });
+    assert_eq!(
+        fx.runtime.stop(&spec.id).unwrap(),
+        Some(7),
+        "stop is idempotent"
+    );
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+fn stop_kills_after_grace() {
+    let mut fx = Fixture::new("grace");
+    let mut spec = fx.spec(
+        "grace",
+        &["sh", "-c", "trap '' TERM; while true; do sleep 0.05; done"],
+    );
+    spec.stop_grace_secs = 1;
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "app[worker.1]".into(),
+    };
+    fx.runtime.start(&spec).unwrap();
+    let t = Instant::now();
+    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(128 + 9));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(5),
+        "SIGKILL after {took:?}, grace was 1s"
+    );
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+fn remove_stops_a_running_container() {
+    let mut fx = Fixture::new("remove");
+    let mut spec = fx.spec("remove", &["sleep", "1000"]);
+    spec.stop_grace_secs = 1;
+    fx.runtime.start(&spec).unwrap();
+    assert!(matches!(fx.runtime.state(&spec.id), State::Running { .. }));
+    assert!(matches!(fx.runtime.start(&spec), Err(Error::Exists(_))));
+    // sleep as pid 1 has no TERM handler, so the kernel ignores SIGTERM: SIGKILL after grace.
+    fx.runtime.remove(&spec.id).unwrap();
+    assert_eq!(fx.runtime.state(&spec.id), State::Gone);
+    assert!(fx.runtime.list().is_empty());
+    fx.assert_clean(&spec.id);
+}
+
+fn binds_memory_limit_and_env() {
+    let mut fx = Fixture::new("binds");
+    let data = fx.root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("hello.txt"), "from the host\n").unwrap();
+    let mut spec = fx.spec(
+        "binds",
+        &[
+            "sh",
+            "-c",
+            "cat /mnt/data/hello.txt; touch /mnt/data/new 2>/dev/null && echo writable; \
+             echo $GREETING $(cat /proc/self/cgroup | grep memory | cut -d: -f3); hostname; \
+             cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ],
+    );
+    spec.binds.push(Bind {
+        source: data.clone(),
+        destination: "/mnt/data".into(),
+        readonly: true,
+    });
+    spec.memory_limit = Some(64 * 1024 * 1024);
+    let (out, code) = run_attached(&fx, &spec);
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "from the host");
+    assert!(
+        !out.contains("writable"),
+        "read-only bind was writable: {out}"
+    );
+    assert!(lines[1].starts_with("hi "), "{out}");
+    assert_eq!(lines[2], "binds");
+    assert_eq!(lines[3], (64 * 1024 * 1024).to_string());
+    assert!(!data.join("new").exists());
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+fn network_http_over_bridge() {
+    let mut fx = Fixture::new("net");
+    let pid = std::process::id();
+    let bridge = format!("bt{pid}");
+    let subnet = 20 + (pid % 200) as u8;
+    let gateway = Ipv4Addr::new(10, 250, subnet, 1);
+    let ip = Ipv4Addr::new(10, 250, subnet, 2);
+    let mut spec = fx.spec("net", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+    spec.stop_grace_secs = 1;
+    fx.bridge = Some(bridge.clone());
+    fx.netns.push(spec.id.clone());
+    let netns_dir = fx.root.join("netns");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let netns = rt.block_on(async {
+        network::ensure_bridge(&bridge, gateway, 24).await.unwrap();
+        network::ensure_bridge(&bridge, gateway, 24)
+            .await
+            .expect("idempotent");
+        network::create_netns(&netns_dir, &spec.id, &bridge, ip, 24, gateway)
+            .await
+            .unwrap()
+    });
+    spec.netns = Some(netns);
+    fx.runtime.start(&spec).unwrap();
+
+    let addr = SocketAddr::from((ip, 8080));
+    let body = wait_for(Duration::from_secs(10), "httpd to answer", || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    });
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    assert!(body.ends_with("hello from berth\n"), "{body}");
+
+    fx.runtime.stop(&spec.id).unwrap();
+    fx.runtime.remove(&spec.id).unwrap();
+    rt.block_on(async {
+        network::delete_netns(&netns_dir, &spec.id).await.unwrap();
+        network::delete_netns(&netns_dir, &spec.id)
+            .await
+            .expect("idempotent");
+        network::remove_bridge(&bridge).await.unwrap();
+    });
+    assert!(!Path::new("/sys/class/net").join(&bridge).exists());
+    fx.assert_clean(&spec.id);
+}
+
+fn missing_layer_is_refused() {
+    let mut fx = Fixture::new("nolayer");
+    let mut spec = fx.spec("nolayer", &["true"]);
+    spec.layers.insert(0, fx.root.join("no-such-layer"));
+    match fx.runtime.start(&spec) {
+        Err(Error::MissingLayer(path)) => assert!(path.ends_with("no-such-layer")),
+        other => panic!("expected MissingLayer, got {other:?}"),
+    }
+    match fx.runtime.run_attached(&spec) {
+        Err(Error::MissingLayer(_)) => {}
+        other => panic!("expected MissingLayer, got {other:?}"),
+    }
+    spec.layers.clear();
+    assert!(matches!(fx.runtime.start(&spec), Err(Error::NoLayers)));
+    spec.id = "Bad_Id".into();
+    assert!(matches!(fx.runtime.start(&spec), Err(Error::InvalidId(_))));
+    assert!(fx.runtime.list().is_empty());
+    fx.assert_clean(&format!("t{}-nolayer", std::process::id()));
+}
+
+fn missing_binary_fails_cleanly() {
+    let mut fx = Fixture::new("nobin");
+    let spec = fx.spec("nobin", &["/bin/no-such-binary", "arg"]);
+    match fx.runtime.start(&spec) {
+        Err(err @ Error::StartFailed { .. }) => {
+            let text = err.to_string();
+            assert!(text.contains("no-such-binary"), "unclear error: {text}");
+            println!("    start error: {text}");
+        }
+        other => panic!("expected StartFailed, got {other:?}"),
+    }
+    fx.assert_clean(&spec.id);
+    let (out, code) = run_attached(&fx, &spec);
+    assert_eq!(code, berth_runtime::shim::START_FAILED);
+    assert!(out.contains("no-such-binary"), "{out}");
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+fn start_to_exit_timing() {
+    let mut fx = Fixture::new("timing");
+    let mut times = Vec::new();
+    for n in 0..5 {
+        let spec = fx.spec(&format!("timing{n}"), &["true"]);
+        let t = Instant::now();
+        let (_, code) = run_attached(&fx, &spec);
+        times.push(t.elapsed());
+        assert_eq!(code, 0);
+        fx.runtime.remove(&spec.id).unwrap();
+        fx.assert_clean(&spec.id);
+    }
+    times.sort();
+    println!(
+        "    start-to-exit of `true` (spawn shim .. shim exited): min {:?}, median {:?}, max {:?}",
+        times[0], times[2], times[4]
+    );
+}
