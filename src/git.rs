@@ -189,7 +189,13 @@ fn open_with_quarantine(repo: &Path) -> Result<git2::Repository, GitError> {
 fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result<(), GitError> {
     for entry in tree.iter() {
         let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
-        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        // The names git itself refuses to check out: they would escape dest or fake a repo.
+        let unsafe_name = name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.eq_ignore_ascii_case(".git")
+            || name.contains('/');
+        if unsafe_name {
             return Err(GitError::UnsafePath { name });
         }
         let path = dest.join(&name);
@@ -402,5 +408,33 @@ mod tests {
 
         let missing = checkout(repo.path(), "refs/heads/nope", &dir.path().join("x"));
         assert!(matches!(missing, Err(GitError::NoSuchCommit { .. })));
+    }
+
+    #[test]
+    fn checkout_refuses_trees_that_would_escape_dest() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
+        let blob = repo.blob(b"x").unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        for name in ["..", ".", ".git", ".GIT", "a/b"] {
+            // libgit2's tree builder refuses these names, so write the raw tree object,
+            // as a hostile client could push it.
+            let mut raw = format!("100644 {name}\0").into_bytes();
+            raw.extend_from_slice(blob.as_bytes());
+            let tree_id = repo
+                .odb()
+                .unwrap()
+                .write(git2::ObjectType::Tree, &raw)
+                .unwrap();
+            let tree = repo.find_tree(tree_id).unwrap();
+            let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
+
+            let dest = dir.path().join("out").join(commit.to_string());
+            let result = checkout(repo.path(), &commit.to_string(), &dest);
+            assert!(
+                matches!(&result, Err(GitError::UnsafePath { name: n }) if n == name),
+                "{name:?}: {result:?}"
+            );
+        }
     }
 }

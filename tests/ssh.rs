@@ -12,6 +12,7 @@ use berth::git;
 use berth::ssh::{self, Gate, SshConfig};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -116,14 +117,21 @@ impl TestServer {
         format!("ssh://git@127.0.0.1:{}/{app_path}", self.port)
     }
 
-    /// Runs `ssh git@server ARGS…` with `key`.
+    /// Runs `ssh git@server ARGS…` with `key` and no input.
     async fn ssh(&self, key: &Path, args: &[&str]) -> Output {
+        let mut command = self.ssh_to(key, args);
+        command.stdin(std::process::Stdio::null());
+        run(command).await
+    }
+
+    /// The command `ssh git@server ARGS…` with `key`.
+    fn ssh_to(&self, key: &Path, args: &[&str]) -> tokio::process::Command {
         let line = format!("{} -p {} git@127.0.0.1", self.ssh_command(key), self.port);
         let mut words: Vec<&str> = line.split_whitespace().collect();
         words.extend_from_slice(args);
         let mut command = tokio::process::Command::new(words[0]);
-        command.args(&words[1..]).stdin(std::process::Stdio::null());
-        run(command).await
+        command.args(&words[1..]).kill_on_drop(true);
+        command
     }
 
     /// Runs `git push REMOTE main` from `work` with `key` (`-p PORT` added for scp-like remotes).
@@ -434,6 +442,38 @@ async fn the_host_key_survives_a_restart() {
     let stored = ssh::load_or_create_host_key(&host_key).unwrap();
     assert_eq!(stored.public_key().to_openssh().unwrap(), first);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_disconnects_clients_and_returns() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    // A push that has started and waits for the client's input.
+    let mut client = server
+        .ssh_to(&server.key, &["git-receive-pack '/hello'"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut advertisement = [0u8; 4];
+    let mut stdout = client.stdout.take().unwrap();
+    tokio::time::timeout(DEADLINE, stdout.read_exact(&mut advertisement))
+        .await
+        .expect("no ref advertisement")
+        .unwrap();
+
+    server.stop().await;
+
+    let status = tokio::time::timeout(DEADLINE, client.wait())
+        .await
+        .expect("the client stayed connected after shutdown")
+        .unwrap();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    let mut pipe = client.stderr.take().unwrap();
+    pipe.read_to_string(&mut stderr).await.unwrap();
+    assert!(stderr.contains("berth is shutting down"), "{stderr}");
 }
 
 /// The host key the real OpenSSH tools see, as "ssh-ed25519 AAAA…".
