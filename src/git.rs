@@ -245,17 +245,9 @@ fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result
 }
 
 fn check_app_name(name: &str) -> Result<(), GitError> {
-    let mut chars = name.chars();
-    let valid = name.len() <= 63
-        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if valid {
-        Ok(())
-    } else {
-        Err(GitError::BadAppName {
-            name: name.to_string(),
-        })
-    }
+    crate::app::validate(name).map_err(|_| GitError::BadAppName {
+        name: name.to_string(),
+    })
 }
 
 #[cfg(test)]
