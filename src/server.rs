@@ -91,6 +91,7 @@ pub fn main(data: PathBuf, args: ServerArgs) -> anyhow::Result<i32> {
                 .unwrap_or_else(|_| "berth=info,berth_runtime=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if !nix::unistd::Uid::effective().is_root() {
         bail!("berth server must run as root (it creates namespaces, mounts and network links) — run it with sudo");

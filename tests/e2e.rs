@@ -446,6 +446,7 @@ fn slow_push_deploy_config_and_bad_input() {
         "push failed:\n{push_text}\n--- server log:\n{}",
         server.log()
     );
+    eprintln!("--- the first push, as the developer sees it:\n{push_text}");
     assert!(push_text.contains("Python app detected"), "{push_text}");
     assert!(
         push_text.contains("-----> hello v1 is live at http://hello.localhost"),
