@@ -45,6 +45,9 @@ impl Runtime {
     /// `dir` holds one directory per container (e.g. `DATA/containers`); `exe` is the berth
     /// binary, re-executed as `exe shim DIR/<id>`.
     pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
+        // Absolute, so the shims' command lines name their directory the same way whatever
+        // the working directory of a later daemon.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         Runtime { dir, exe }
     }
 
@@ -274,9 +277,13 @@ fn shim_pid(dir: &Path) -> Option<i32> {
     let pid = layout::read_i32(dir, layout::SHIM_PID)?;
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let is_shim = args.windows(2).any(|pair| {
-        pair[0] == b"shim" && Path::new(std::str::from_utf8(pair[1]).unwrap_or("")) == dir
-    });
+    let same_dir = |arg: &[u8]| {
+        let arg = Path::new(std::str::from_utf8(arg).unwrap_or(""));
+        arg == dir || fs::canonicalize(arg).ok() == fs::canonicalize(dir).ok()
+    };
+    let is_shim = args
+        .windows(2)
+        .any(|pair| pair[0] == b"shim" && same_dir(pair[1]));
     let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| {
             stat.rsplit(')')

@@ -309,3 +309,17 @@ fn missing(reason: String) -> Error {
         reason,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::veth_names;
+
+    #[test]
+    fn veth_names_are_short_stable_and_distinct() {
+        let (host, peer) = veth_names("myapp-web-1-0123456789abcdef0123456789abcdef");
+        assert!(host.len() <= 15 && peer.len() <= 15, "{host} {peer}");
+        assert_ne!(host, peer);
+        assert_eq!(veth_names("a").0, veth_names("a").0);
+        assert_ne!(veth_names("app-web-1").0, veth_names("app-web-2").0);
+    }
+}

@@ -150,3 +150,63 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
 fn invalid(err: oci_spec::OciSpecError) -> Error {
     Error::Spec(err.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use oci_spec::runtime::LinuxNamespaceType;
+
+    use crate::{Bind, ContainerSpec, LogTarget};
+
+    fn spec(netns: Option<PathBuf>) -> ContainerSpec {
+        ContainerSpec {
+            id: "app-web-1".into(),
+            layers: vec![PathBuf::from("/layers/a")],
+            args: vec!["sh".into()],
+            env: vec!["A=b".into()],
+            cwd: "/app".into(),
+            hostname: "app".into(),
+            binds: vec![Bind {
+                source: "/etc/ssl/certs/ca-certificates.crt".into(),
+                destination: "/etc/ssl/ca.crt".into(),
+                readonly: true,
+            }],
+            netns,
+            log: LogTarget::Inherit,
+            stop_grace_secs: 10,
+            memory_limit: Some(1 << 28),
+        }
+    }
+
+    #[test]
+    fn host_network_when_no_netns() {
+        let oci = super::build(&spec(None), Path::new("rootfs")).unwrap();
+        let linux = oci.linux().as_ref().unwrap();
+        let namespaces = linux.namespaces().as_ref().unwrap();
+        assert!(namespaces
+            .iter()
+            .all(|ns| ns.typ() != LinuxNamespaceType::Network));
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/berth/app-web-1"))
+        );
+        let process = oci.process().as_ref().unwrap();
+        assert_eq!(process.env().as_ref().unwrap()[0], super::DEFAULT_PATH);
+        let bind = oci.mounts().as_ref().unwrap().last().unwrap().clone();
+        assert_eq!(bind.destination(), Path::new("/etc/ssl/ca.crt"));
+        assert_eq!(bind.options().as_ref().unwrap(), &["rbind", "ro"]);
+    }
+
+    #[test]
+    fn joins_the_given_netns() {
+        let oci = super::build(&spec(Some("/run/b/ns1".into())), Path::new("rootfs")).unwrap();
+        let namespaces = oci.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let net = namespaces
+            .iter()
+            .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+            .unwrap();
+        assert_eq!(net.path().as_deref(), Some(Path::new("/run/b/ns1")));
+        assert!(!oci.root().as_ref().unwrap().readonly().unwrap_or(true));
+    }
+}

@@ -29,6 +29,13 @@ fn main() {
         }
         std::process::exit(berth_runtime::shim::main(Path::new(dir)));
     }
+    if args.get(1).map(String::as_str) == Some("start-helper") {
+        // A short-lived "daemon": starts one container and exits, like a daemon that dies.
+        let runtime = Runtime::new(args[2].clone().into(), std::env::current_exe().unwrap());
+        let spec: ContainerSpec = serde_json::from_str(&args[3]).unwrap();
+        runtime.start(&spec).unwrap();
+        return;
+    }
     let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let tests: &[(&str, fn())] = &[
         (
@@ -44,6 +51,7 @@ fn main() {
             "remove_stops_a_running_container",
             remove_stops_a_running_container,
         ),
+        ("shim_outlives_its_starter", shim_outlives_its_starter),
         ("binds_memory_limit_and_env", binds_memory_limit_and_env),
         ("network_http_over_bridge", network_http_over_bridge),
         ("missing_layer_is_refused", missing_layer_is_refused),
@@ -375,6 +383,39 @@ fn remove_stops_a_running_container() {
     fx.runtime.remove(&spec.id).unwrap();
     assert_eq!(fx.runtime.state(&spec.id), State::Gone);
     assert!(fx.runtime.list().is_empty());
+    fx.assert_clean(&spec.id);
+}
+
+fn shim_outlives_its_starter() {
+    let mut fx = Fixture::new("adopt");
+    let mut spec = fx.spec(
+        "adopt",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 0.05; done",
+        ],
+    );
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "app[web.1]".into(),
+    };
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("start-helper")
+        .arg(fx.root.join("containers"))
+        .arg(serde_json::to_string(&spec).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the starter failed");
+    // The starter is gone; a new Runtime (a restarted daemon) finds and controls the container.
+    let runtime = Runtime::new(fx.root.join("containers"), std::env::current_exe().unwrap());
+    assert_eq!(runtime.list(), vec![spec.id.clone()]);
+    let State::Running { pid } = runtime.state(&spec.id) else {
+        panic!("not running: {:?}", runtime.state(&spec.id));
+    };
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    assert_eq!(runtime.stop(&spec.id).unwrap(), Some(0));
+    runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
 }
 
