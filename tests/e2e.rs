@@ -51,6 +51,7 @@ struct Server {
     http: SocketAddr,
     ssh: SocketAddr,
     bridge: String,
+    subnet: String,
 }
 
 impl Server {
@@ -60,30 +61,37 @@ impl Server {
             .tempdir_in("/tmp")
             .unwrap();
         let pid = std::process::id();
-        let bridge = format!("bt{}", pid % 100_000);
-        let subnet = format!("10.{}.0.0/16", 200 + pid % 50);
+        let mut server = Server {
+            child: None,
+            dir,
+            http: ([0, 0, 0, 0], 0).into(),
+            ssh: ([0, 0, 0, 0], 0).into(),
+            bridge: format!("bt{}", pid % 100_000),
+            subnet: format!("10.{}.0.0/16", 200 + pid % 50),
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts `berth server` on this data dir (again), on fresh free ports.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
         let mut child = Command::new(BERTH)
-            .args([
-                "--data",
-                dir.path().join("data").to_str().unwrap(),
-                "server",
-            ])
-            .args([
-                "--http",
-                "127.0.0.1:0",
-                "--ssh",
-                "127.0.0.1:0",
-                "--domain",
-                "localhost",
-            ])
-            .args(["--bridge", &bridge, "--subnet", &subnet, "--ephemeral"])
+            .arg("--data")
+            .arg(self.data())
+            .args(["server", "--http", "127.0.0.1:0", "--ssh", "127.0.0.1:0"])
+            .args(["--domain", "localhost", "--ephemeral"])
+            .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("server.log")).unwrap(),
-            ))
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("starting berth server");
         let stdout = child.stdout.take().unwrap();
+        self.child = Some(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut reader = std::io::BufReader::new(stdout);
@@ -91,24 +99,23 @@ impl Server {
             let _ = std::io::BufRead::read_line(&mut reader, &mut line);
             let _ = tx.send(line);
         });
-        let mut server = Server {
-            child: Some(child),
-            dir,
-            http: ([0, 0, 0, 0], 0).into(),
-            ssh: ([0, 0, 0, 0], 0).into(),
-            bridge,
-        };
         let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        let log = server.log();
+        let log = self.log();
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{name}=")))
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("server did not get ready: {line:?}\n{log}"))
         };
-        server.http = field("http");
-        server.ssh = field("ssh");
-        server
+        self.http = field("http");
+        self.ssh = field("ssh");
+    }
+
+    /// Kills the server with SIGKILL, as a crash would: its containers keep running.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     fn data(&self) -> PathBuf {
@@ -538,8 +545,8 @@ fn slow_push_deploy_config_and_bad_input() {
         "broken push was accepted:\n{push_text}"
     );
     assert!(
-        push_text.contains("this-package-does-not-exist-berth"),
-        "{push_text}"
+        push_text.contains("No matching distribution found for this-package-does-not-exist-berth"),
+        "pip's error is not shown:\n{push_text}"
     );
     assert!(
         push_text.contains("pre-receive hook declined"),
@@ -552,9 +559,44 @@ fn slow_push_deploy_config_and_bad_input() {
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up  v2"), "{ps}");
 
+    // An app that crashes on start is rejected with its exit code and output; v2 keeps serving.
+    laptop.write("requirements.txt", "flask\n");
+    laptop.write(
+        "Procfile",
+        "web: python -c 'import sys; print(\"boom: no database\", flush=True); sys.exit(3)'\n",
+    );
+    laptop.commit("Crashing web process");
+    let push = laptop.git(&["push", "deploy", "main"]);
+    let push_text = text(&push);
+    assert!(
+        !push.status.success(),
+        "crashing push was accepted:\n{push_text}"
+    );
+    assert!(
+        push_text.contains("web.1 exited with code 3"),
+        "{push_text}"
+    );
+    assert!(push_text.contains("boom: no database"), "{push_text}");
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hi from berth\n".to_string())
+    );
+    let releases = server.berth_ok(&["releases", "hello", "--json"]);
+    assert_eq!(releases.matches("\"version\"").count(), 2, "{releases}");
+
     // Logs show the app's output.
     let logs = server.berth_ok(&["logs", "hello", "-n", "50"]);
     assert!(logs.contains("app[web.1]:"), "{logs}");
+
+    // A killed daemon: the app's containers keep running, and a new server takes them back.
+    server.kill();
+    server.launch();
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hi from berth\n".to_string())
+    );
+    let ps = server.berth_ok(&["ps", "hello"]);
+    assert!(ps.contains("web.1: up  v2"), "{ps}");
 
     // A clean stop leaves nothing behind.
     server.stop();

@@ -36,7 +36,16 @@ fn main() {
         runtime.start(&spec).unwrap();
         return;
     }
-    let filters: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
+    // libtest's conventions: positional filters, `--skip PATTERN`; other flags are ignored.
+    let (mut filters, mut skips) = (Vec::new(), Vec::new());
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        if arg == "--skip" {
+            skips.extend(rest.next());
+        } else if !arg.starts_with('-') {
+            filters.push(arg);
+        }
+    }
     let tests: &[(&str, fn())] = &[
         (
             "attached_output_and_exit_code",
@@ -61,6 +70,7 @@ fn main() {
     let selected: Vec<_> = tests
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .filter(|(name, _)| !skips.iter().any(|s| name.contains(s.as_str())))
         .collect();
     let started = Instant::now();
     if let Some(reason) = missing_prerequisite() {
