@@ -97,7 +97,8 @@ pub struct ImageConfig {
 pub struct Image {
     pub digest: String,
     pub config: ImageConfig,
-    /// The layers, bottom-most first (the manifest's order), extracted.
+    /// The layers, bottom-most first (as [`ImageStore::put_image`] takes them), so an image can
+    /// be extended: `put_image(&[stack.layers, vec![app]].concat(), …)`.
     pub layers: Vec<Layer>,
 }
 
@@ -246,6 +247,16 @@ impl ImageStore {
         let target = staging.join(prefix_path);
         let parent = target.parent().expect("prefix has a component");
         fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
+        let chmod_755 = |p: &Path| {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
+        };
+        let mut fixed = staging.clone();
+        chmod_755(&fixed)?;
+        for c in prefix_path.parent().unwrap_or(Path::new("")).components() {
+            fixed.push(c);
+            chmod_755(&fixed)?;
+        }
         match fs::rename(dir, &target) {
             Ok(()) => {
                 fs::rename(&staging, &layer_dir).map_err(io_err("moving", &layer_dir))?;
@@ -339,13 +350,14 @@ impl ImageStore {
         let manifest: Manifest = self.read_json_blob("manifest", digest)?;
         let config: OciConfig = self.read_json_blob("image config", &manifest.config.digest)?;
         let mut layers = Vec::new();
-        for layer in &manifest.layers {
-            let dir = self.layer_dir(&layer.digest);
+        for desc in &manifest.layers {
+            digest_hex(&desc.digest)?;
+            let dir = self.layer_dir(&desc.digest);
             if !dir.exists() {
-                self.extract_layer(&layer.digest, &dir)?;
+                self.extract_layer(&desc.digest, &dir)?;
             }
             layers.push(Layer {
-                digest: layer.digest.clone(),
+                digest: desc.digest.clone(),
                 dir,
             });
         }

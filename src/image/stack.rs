@@ -85,7 +85,7 @@ fn build_stacks(
         .to_string();
     let names: Vec<&str> = todo.iter().map(|(name, _)| *name).collect();
     progress(&format!(
-        "Building {} with mmdebstrap from {mirror} (about 30 s, once)",
+        "Building {} with mmdebstrap from {mirror} (30 s to 2 min, once)",
         names.join(" and ")
     ));
 

@@ -1,0 +1,617 @@
+//! The image store on real files, and (slow) the stack images built with mmdebstrap and the
+//! python buildpack run inside them for real.
+
+use berth::image::stack::{ensure_stacks, STACK_BUILD, STACK_RUN};
+use berth::image::{Image, ImageConfig, ImageError, ImageStore};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+fn header(kind: tar::EntryType, mode: u32, uid: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_mtime(1_700_000_000);
+    h.set_size(size);
+    h
+}
+
+/// A layer tar with a directory, an owned file, a symlink, a hard link and a device node.
+fn sample_tar(path: &Path) {
+    use tar::EntryType::*;
+    let mut b = tar::Builder::new(fs::File::create(path).unwrap());
+    let mut dir = header(Directory, 0o750, 0, 0);
+    b.append_data(&mut dir, "./etc/", std::io::empty()).unwrap();
+    let mut file = header(Regular, 0o640, 1234, 5);
+    b.append_data(&mut file, "./etc/secret", &b"hello"[..])
+        .unwrap();
+    let mut link = header(Symlink, 0o777, 0, 0);
+    b.append_link(&mut link, "etc/alias", "secret").unwrap();
+    let mut hard = header(Link, 0o640, 1234, 0);
+    b.append_link(&mut hard, "etc/hard", "./etc/secret")
+        .unwrap();
+    let mut dev = header(Char, 0o666, 0, 0);
+    dev.set_device_major(1).unwrap();
+    dev.set_device_minor(3).unwrap();
+    b.append_data(&mut dev, "dev/null", std::io::empty())
+        .unwrap();
+    b.finish().unwrap();
+}
+
+#[test]
+fn import_layer_tar_stores_blob_and_extracts_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let tar_path = tmp.path().join("layer.tar");
+    sample_tar(&tar_path);
+
+    let layer = store.import_layer_tar(&tar_path).unwrap();
+    let bytes = fs::read(&tar_path).unwrap();
+    let hex = hex::encode(Sha256::digest(&bytes));
+    assert_eq!(layer.digest, format!("sha256:{hex}"));
+    let root = tmp.path().join("images");
+    assert_eq!(
+        fs::read(root.join("blobs/sha256").join(&hex)).unwrap(),
+        bytes
+    );
+    assert_eq!(layer.dir, root.join("l").join(&hex[..12]));
+    assert!(root.join("oci-layout").is_file());
+
+    let secret = fs::metadata(layer.dir.join("etc/secret")).unwrap();
+    assert_eq!(secret.mode() & 0o7777, 0o640);
+    assert_eq!((secret.uid(), secret.gid()), (1234, 1234));
+    assert_eq!(fs::read(layer.dir.join("etc/secret")).unwrap(), b"hello");
+    assert_eq!(
+        fs::metadata(layer.dir.join("etc")).unwrap().mode() & 0o7777,
+        0o750
+    );
+    assert_eq!(
+        fs::read_link(layer.dir.join("etc/alias")).unwrap(),
+        Path::new("secret")
+    );
+    assert_eq!(
+        fs::metadata(layer.dir.join("etc/hard")).unwrap().ino(),
+        secret.ino()
+    );
+    assert!(
+        fs::symlink_metadata(layer.dir.join("dev/null")).is_err(),
+        "device nodes are skipped"
+    );
+
+    // Importing the same tar again finds the same layer.
+    assert_eq!(store.import_layer_tar(&tar_path).unwrap(), layer);
+}
+
+/// A tar entry named `name`, written raw: the tar crate refuses to write `..` itself.
+fn raw_tar(path: &Path, name: &[u8], kind: tar::EntryType, link: &[u8]) {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    let data: &[u8] = if kind == tar::EntryType::Regular {
+        b"owned"
+    } else {
+        b""
+    };
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut b = tar::Builder::new(fs::File::create(path).unwrap());
+    b.append(&h, data).unwrap();
+    b.finish().unwrap();
+}
+
+#[test]
+fn import_refuses_entries_escaping_the_root() {
+    let cases: &[(&str, &[u8], tar::EntryType, &[u8])] = &[
+        (
+            "file above the root",
+            b"../evil",
+            tar::EntryType::Regular,
+            b"",
+        ),
+        (
+            "file deep above",
+            b"a/../../evil",
+            tar::EntryType::Regular,
+            b"",
+        ),
+        (
+            "hard link to outside",
+            b"inside",
+            tar::EntryType::Link,
+            b"../../etc/passwd",
+        ),
+    ];
+    for (what, name, kind, link) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store/images");
+        let store = ImageStore::open(&root).unwrap();
+        let tar_path = tmp.path().join("bad.tar");
+        raw_tar(&tar_path, name, *kind, link);
+        match store.import_layer_tar(&tar_path) {
+            Err(e @ ImageError::UnsafeEntry { .. }) => {
+                assert!(e.to_string().contains("refusing"), "{what}: {e}")
+            }
+            other => panic!("{what}: expected UnsafeEntry, got {other:?}"),
+        }
+        assert!(!tmp.path().join("store/evil").exists(), "{what}");
+        assert_eq!(fs::read_dir(root.join("l")).unwrap().count(), 0, "{what}");
+        assert_eq!(
+            fs::read_dir(root.join("blobs/sha256")).unwrap().count(),
+            0,
+            "{what}: nothing stored"
+        );
+    }
+}
+
+fn sample_app(dir: &Path, mtime_seed: u64) {
+    fs::create_dir_all(dir.join("src/pkg")).unwrap();
+    fs::write(dir.join("Procfile"), "web: python app.py\n").unwrap();
+    fs::write(dir.join("src/pkg/mod.py"), "x = 1\n").unwrap();
+    fs::write(dir.join("run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(dir.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("src/pkg/mod.py", dir.join("link.py")).unwrap();
+    fs::hard_link(dir.join("Procfile"), dir.join("Procfile.bak")).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    // Different modification times must not change the digest.
+    let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(mtime_seed);
+    fs::File::options()
+        .write(true)
+        .open(dir.join("src/pkg/mod.py"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+#[test]
+fn layer_from_dir_is_deterministic_and_moves_the_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    sample_app(&a, 1_000);
+    sample_app(&b, 2_000_000);
+    sample_app(&c, 1_000);
+    fs::write(c.join("src/pkg/mod.py"), "x = 2\n").unwrap();
+
+    let la = store.layer_from_dir(&a, "app").unwrap();
+    assert!(!a.exists(), "the source dir is moved, not copied");
+    assert_eq!(
+        fs::read_to_string(la.dir.join("app/src/pkg/mod.py")).unwrap(),
+        "x = 1\n"
+    );
+    assert_eq!(
+        fs::read_link(la.dir.join("app/link.py")).unwrap(),
+        Path::new("src/pkg/mod.py")
+    );
+    let lb = store.layer_from_dir(&b, "app").unwrap();
+    assert_eq!(la, lb, "equal dirs give equal layers");
+    assert!(!b.exists(), "a duplicate source dir is consumed too");
+    let lc = store.layer_from_dir(&c, "app").unwrap();
+    assert_ne!(la.digest, lc.digest, "different content, different digest");
+
+    // The blob is a tar of app/… with mtime 0, the hard link kept as a link.
+    let hex = la.digest.trim_start_matches("sha256:");
+    let blob = tmp.path().join("images/blobs/sha256").join(hex);
+    let mut archive = tar::Archive::new(fs::File::open(blob).unwrap());
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(entry.header().mtime().unwrap(), 0);
+        let name = entry.path().unwrap().display().to_string();
+        if entry.header().entry_type() == tar::EntryType::Link {
+            names.push(format!(
+                "{name} => {}",
+                entry.link_name().unwrap().unwrap().display()
+            ));
+        } else {
+            names.push(name);
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "app",
+            "app/Procfile",
+            "app/Procfile.bak => app/Procfile",
+            "app/link.py",
+            "app/run.sh",
+            "app/src",
+            "app/src/pkg",
+            "app/src/pkg/mod.py"
+        ]
+    );
+    assert!(matches!(
+        store.layer_from_dir(tmp.path(), "../x"),
+        Err(ImageError::BadPrefix(_))
+    ));
+}
+
+#[test]
+fn put_image_round_trips_with_layers_top_most_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let tar_path = tmp.path().join("base.tar");
+    sample_tar(&tar_path);
+    let base = store.import_layer_tar(&tar_path).unwrap();
+    let app_dir = tmp.path().join("app");
+    sample_app(&app_dir, 0);
+    let app = store.layer_from_dir(&app_dir, "app").unwrap();
+    let config = ImageConfig {
+        env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
+        working_dir: "/app".into(),
+        cmd: vec!["python".into(), "app.py".into()],
+    };
+
+    let digest = store
+        .put_image(&[base.clone(), app.clone()], &config)
+        .unwrap();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert_eq!(
+        store
+            .put_image(&[base.clone(), app.clone()], &config)
+            .unwrap(),
+        digest,
+        "same image, same digest"
+    );
+    let image: Image = store.image(&digest).unwrap();
+    assert_eq!(image.digest, digest);
+    assert_eq!(image.config, config);
+    assert_eq!(image.layer_dirs(), vec![app.dir.clone(), base.dir.clone()]);
+    assert_eq!(image.layers, vec![base.clone(), app.clone()]);
+
+    // The OCI config lists diff_ids bottom-most first.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(root.join("blobs/sha256").join(&digest[7..])).unwrap())
+            .unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let oci: serde_json::Value = serde_json::from_slice(
+        &fs::read(root.join("blobs/sha256").join(&config_digest[7..])).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        oci["rootfs"]["diff_ids"],
+        serde_json::json!([base.digest, app.digest])
+    );
+    assert_eq!(oci["config"]["WorkingDir"], "/app");
+
+    // Tags, with a `/` in the name; index.json follows them.
+    assert_eq!(store.resolve("web/app"), None);
+    store.tag("web/app", &digest).unwrap();
+    assert_eq!(store.resolve("web/app"), Some(digest.clone()));
+    let index = fs::read_to_string(root.join("index.json")).unwrap();
+    assert!(
+        index.contains(&digest) && index.contains("web/app"),
+        "{index}"
+    );
+    assert!(store
+        .tag("other", &format!("sha256:{}", "0".repeat(64)))
+        .is_err());
+    assert!(matches!(
+        store.tag("..", &digest),
+        Err(ImageError::BadName(_))
+    ));
+
+    // A lost extracted layer comes back from its blob.
+    fs::remove_dir_all(&base.dir).unwrap();
+    let again = store.image(&digest).unwrap();
+    assert_eq!(
+        fs::read(again.layer_dirs()[1].join("etc/secret")).unwrap(),
+        b"hello"
+    );
+    assert!(matches!(
+        store.image(&format!("sha256:{}", "a".repeat(64))),
+        Err(ImageError::NotFound { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow: real stacks from the Debian mirror, real pip from PyPI.
+
+/// True if the slow test can run; under CI=true a missing prerequisite fails instead.
+fn slow_prerequisites() -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for tool in ["mmdebstrap", "unshare", "mount", "chroot"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(tool.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("slow stack test needs: {}", missing.join(", "));
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: missing prerequisites fail)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+const HOST_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+const IMAGE_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Mounts `image` as an overlay in a private mount namespace (`unshare -m`: every mount goes
+/// away with the namespace, even when something fails), binds the host's resolv.conf and CA
+/// bundle plus `binds` (host dir, path in the image), and runs `cmd` chrooted, with a clean
+/// environment. Returns (success, stdout + stderr).
+fn run_in_image(
+    image: &Image,
+    work: &Path,
+    binds: &[(&Path, &str)],
+    cmd: &[&str],
+) -> (bool, String) {
+    let lower: Vec<String> = image
+        .layer_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    let bind_lines: String = binds
+        .iter()
+        .map(|(src, dst)| format!("{} {dst}\n", src.display()))
+        .collect();
+    let script = r#"
+        m=$WORK/merged
+        mkdir -p "$WORK/upper" "$WORK/work" "$m"
+        mount -t overlay overlay -o "lowerdir=$LOWER,upperdir=$WORK/upper,workdir=$WORK/work" "$m"
+        mount -t proc proc "$m/proc"
+        mount --rbind /dev "$m/dev"
+        mount --bind /etc/resolv.conf "$m/etc/resolv.conf"
+        mount --bind -o ro "$HOST_CA" "$m$IMAGE_CA"
+        printf '%s' "$BINDS" | while read -r src dst; do
+            mkdir -p "$m$dst"
+            mount --bind "$src" "$m$dst"
+        done
+        exec chroot "$m" /usr/bin/env -i \
+            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            LANG=C.UTF-8 HOME=/root \
+            SSL_CERT_FILE="$IMAGE_CA" PIP_CERT="$IMAGE_CA" "$@"
+    "#;
+    let out: Output = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-euc", script, "sh"])
+        .args(cmd)
+        .env("WORK", work)
+        .env("LOWER", lower.join(":"))
+        .env("BINDS", bind_lines)
+        .env("HOST_CA", HOST_CA)
+        .env("IMAGE_CA", IMAGE_CA)
+        .output()
+        .expect("unshare runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn buildpacks_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("buildpacks")
+}
+
+/// Runs the buildpack runner on `app` in the build stack; returns (success, output).
+fn run_buildpacks(
+    build: &Image,
+    work: &Path,
+    app: &Path,
+    cache: &Path,
+    env: &Path,
+    out: &Path,
+) -> (bool, String) {
+    for d in [cache, env, out] {
+        fs::create_dir_all(d).unwrap();
+    }
+    run_in_image(
+        build,
+        work,
+        &[
+            (&buildpacks_dir(), "/buildpacks"),
+            (app, "/app"),
+            (cache, "/cache"),
+            (env, "/env"),
+            (out, "/out"),
+        ],
+        &[
+            "sh",
+            "/buildpacks/runner.sh",
+            "/app",
+            "/cache",
+            "/env",
+            "/out",
+        ],
+    )
+}
+
+#[test]
+fn slow_stack_images_build_and_run_the_python_buildpack() {
+    if !slow_prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let mut log = Vec::new();
+    let started = Instant::now();
+    let (build_digest, run_digest) = ensure_stacks(&store, false, &mut |line: &str| {
+        eprintln!("{line}");
+        log.push(line.to_string());
+    })
+    .unwrap_or_else(|e| panic!("ensure_stacks: {e}"));
+    eprintln!("stacks built in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(log.iter().any(|l| l.contains("with mmdebstrap")), "{log:?}");
+    assert_eq!(store.resolve(STACK_BUILD), Some(build_digest.clone()));
+    assert_eq!(store.resolve(STACK_RUN), Some(run_digest.clone()));
+
+    // Present stacks are not rebuilt.
+    let mut again = Vec::new();
+    let digests = ensure_stacks(&store, false, &mut |l: &str| again.push(l.to_string())).unwrap();
+    assert_eq!(digests, (build_digest.clone(), run_digest.clone()));
+    assert!(
+        again.is_empty(),
+        "nothing to build, nothing said: {again:?}"
+    );
+
+    let build = store.image(&build_digest).unwrap();
+    let run = store.image(&run_digest).unwrap();
+    for image in [&build, &run] {
+        assert_eq!(
+            image.config.env,
+            [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8"
+            ]
+        );
+        let top = &image.layer_dirs()[0];
+        for f in ["etc/resolv.conf", "etc/hosts"] {
+            let meta = fs::metadata(top.join(f)).unwrap();
+            assert!(meta.is_file() && meta.len() == 0, "{f} is an empty file");
+        }
+        assert!(top.join("app").is_dir());
+        assert_eq!(
+            fs::metadata(top.join("tmp")).unwrap().mode() & 0o7777,
+            0o1777
+        );
+    }
+    let mut n = 0;
+    let mut work = || {
+        n += 1;
+        tmp.path().join(format!("work{n}"))
+    };
+
+    // Python with TLS and venv works in both stacks.
+    for image in [&build, &run] {
+        let (ok, out) = run_in_image(
+            image,
+            &work(),
+            &[],
+            &["python3", "-c", "import ssl, venv; print(1)"],
+        );
+        assert!(
+            ok && out.trim() == "1",
+            "python3 in {}: {out}",
+            image.digest
+        );
+    }
+
+    // The python buildpack, for real, from PyPI.
+    let app = tmp.path().join("app");
+    fs::create_dir_all(&app).unwrap();
+    fs::write(app.join("requirements.txt"), "six==1.16.0\n").unwrap();
+    fs::write(app.join("Procfile"), "web: python -c 'import six'\n").unwrap();
+    let (cache, env, out) = (
+        tmp.path().join("cache"),
+        tmp.path().join("env"),
+        tmp.path().join("out"),
+    );
+    fs::create_dir_all(&env).unwrap();
+    fs::write(env.join("SECRET_TOKEN"), "berth-secret-value-7731").unwrap();
+    fs::write(env.join("PIP_DEFAULT_TIMEOUT"), "90").unwrap();
+    let started = Instant::now();
+    let (ok, output) = run_buildpacks(&build, &work(), &app, &cache, &env, &out);
+    eprintln!(
+        "{output}\npython buildpack took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(ok, "python buildpack failed:\n{output}");
+    for want in [
+        "-----> Python app detected",
+        "       Installing requirements with pip",
+        "Successfully installed six-1.16.0",
+    ] {
+        assert!(output.contains(want), "missing {want:?} in:\n{output}");
+    }
+    assert!(
+        !output.contains("berth-secret-value-7731"),
+        "config values are never printed"
+    );
+    assert!(app
+        .join(".venv/lib/python3.11/site-packages/six.py")
+        .is_file());
+    assert!(fs::read_to_string(app.join(".profile.d/python.sh"))
+        .unwrap()
+        .contains("/app/.venv/bin"));
+    assert_eq!(
+        fs::read_to_string(out.join("buildpacks")).unwrap(),
+        "python\n"
+    );
+    let release = fs::read_to_string(out.join("release.yml")).unwrap();
+    assert_eq!(
+        berth::build::release::default_process_types(&release),
+        Ok(vec![])
+    );
+    assert!(
+        cache.join("python/pip").is_dir(),
+        "pip's cache lives in CACHE_DIR"
+    );
+
+    // The venv built on the build stack runs on the run stack, as an app image.
+    let app_layer = store.layer_from_dir(&app, "app").unwrap();
+    let app_image = store
+        .put_image(
+            &[run.layers.clone(), vec![app_layer]].concat(),
+            &ImageConfig {
+                env: run.config.env.clone(),
+                working_dir: "/app".into(),
+                cmd: vec![],
+            },
+        )
+        .unwrap();
+    let app_image = store.image(&app_image).unwrap();
+    assert_eq!(app_image.layer_dirs().len(), 2);
+    let (ok, output) = run_in_image(
+        &app_image,
+        &work(),
+        &[],
+        &["sh", "-c", ". /app/.profile.d/python.sh && cd /app && python -c 'import six, sys; print(six.__version__, sys.prefix)'"],
+    );
+    assert!(
+        ok && output.trim() == "1.16.0 /app/.venv",
+        "venv on the run stack: {output}"
+    );
+
+    // A requirement PyPI does not have fails the build with pip's own error.
+    let bad = tmp.path().join("bad");
+    fs::create_dir_all(&bad).unwrap();
+    fs::write(
+        bad.join("requirements.txt"),
+        "this-package-does-not-exist-berth==1.0\n",
+    )
+    .unwrap();
+    let (ok, output) = run_buildpacks(
+        &build,
+        &work(),
+        &bad,
+        &cache,
+        &env,
+        &tmp.path().join("out2"),
+    );
+    assert!(!ok, "a bad requirement must fail the build:\n{output}");
+    assert!(
+        output
+            .contains("No matching distribution found for this-package-does-not-exist-berth==1.0"),
+        "pip's error is visible:\n{output}"
+    );
+    assert!(
+        output.contains("buildpack python failed to compile"),
+        "{output}"
+    );
+}
