@@ -169,16 +169,8 @@ async fn release(
     if !new.process_types.contains_key("web") {
         return Err(DeployError::NoWeb);
     }
-    let candidate = Release {
-        app: app.to_string(),
-        version,
-        image: new.image.clone(),
-        config: new.config.clone(),
-        process_types: new.process_types.clone(),
-        formation: new.formation.clone(),
-        description: new.description.clone(),
-        created_at: String::new(),
-    };
+    // Not recorded yet: it becomes a release only once it serves.
+    let candidate = new.release(app, version, String::new());
     roll_out(d, &candidate, out).await?;
     let recorded = d.store.insert_release(app, version, &new).await?;
     out.line(format!(

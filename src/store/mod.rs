@@ -70,6 +70,22 @@ pub struct NewRelease {
     pub description: String,
 }
 
+impl NewRelease {
+    /// The release this becomes as version `version` of `app`.
+    pub fn release(&self, app: &str, version: i64, created_at: String) -> Release {
+        Release {
+            app: app.to_string(),
+            version,
+            image: self.image.clone(),
+            config: self.config.clone(),
+            process_types: self.process_types.clone(),
+            formation: self.formation.clone(),
+            description: self.description.clone(),
+            created_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct KeyRow {
     pub name: String,
@@ -259,16 +275,7 @@ impl Store {
         .bind(&created_at)
         .execute(&self.pool)
         .await?;
-        Ok(Release {
-            app: app.to_string(),
-            version,
-            image: new.image.clone(),
-            config: new.config.clone(),
-            process_types: new.process_types.clone(),
-            formation: new.formation.clone(),
-            description: new.description.clone(),
-            created_at,
-        })
+        Ok(new.release(app, version, created_at))
     }
 
     pub async fn keys(&self) -> Result<Vec<KeyRow>> {
