@@ -192,11 +192,6 @@ impl ImageStore {
         Ok(store)
     }
 
-    /// The store's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Stores an uncompressed layer tar as a blob and extracts it once under `l/`.
     ///
     /// Keeps modes, ownership, symlinks and hard links; skips device nodes and fifos (the
