@@ -286,6 +286,10 @@ fn text(out: &Output) -> String {
 }
 
 fn http_get(addr: SocketAddr, host: &str) -> (u16, String) {
+    http_get_path(addr, host, "/")
+}
+
+fn http_get_path(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
     let mut stream =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connecting to the proxy");
     stream
@@ -293,7 +297,7 @@ fn http_get(addr: SocketAddr, host: &str) -> (u16, String) {
         .unwrap();
     write!(
         stream,
-        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -587,6 +591,40 @@ fn slow_push_deploy_config_and_bad_input() {
     // Logs show the app's output.
     let logs = server.berth_ok(&["logs", "hello", "-n", "50"]);
     assert!(logs.contains("app[web.1]:"), "{logs}");
+    // `logs -f` streams new lines: the request below shows up in Flask's access log.
+    let mut follow = Command::new(BERTH)
+        .arg("--data")
+        .arg(server.data())
+        .args(["logs", "hello", "-f", "-n", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("app[web.1]") && l.contains("GET /?follow"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "logs -f did not show the request: {seen:#?}"
+        );
+        let _ = http_get_path(server.http, "hello.localhost", "/?follow");
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.push(line);
+        }
+    }
+    follow.kill().unwrap();
+    follow.wait().unwrap();
 
     // A killed daemon: the app's containers keep running, and a new server takes them back.
     server.kill();

@@ -28,7 +28,8 @@ fn launcher(command: &str) -> Vec<String> {
 /// A container id: readable, unique, at most 64 characters.
 fn container_id(app: &str, process_type: &str, number: u32) -> String {
     let suffix: u32 = rand::thread_rng().gen();
-    let app = &app[..app.len().min(40)];
+    // 36 + 1 + 12 + 1 + up to 5 digits + 1 + 8 = 64 at most.
+    let app = &app[..app.len().min(36)];
     let process_type: String = process_type
         .chars()
         .map(|c| {
