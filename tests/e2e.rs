@@ -359,6 +359,22 @@ impl Laptop {
         assert!(out.status.success(), "{}", text(&out));
     }
 
+    /// Pushes main to `deploy` and requires the push to fail with output containing `expected`.
+    fn push_rejected(&self, expected: &[&str]) {
+        let push = self.git(&["push", "deploy", "main"]);
+        let push_text = text(&push);
+        assert!(
+            !push.status.success(),
+            "the push was accepted:\n{push_text}"
+        );
+        for e in expected {
+            assert!(
+                push_text.contains(e),
+                "{e:?} is not in the push output:\n{push_text}"
+            );
+        }
+    }
+
     fn ssh(&self, port: u16, command: &str) -> Output {
         run(Command::new("ssh")
             .args(["-i"])
@@ -542,20 +558,10 @@ fn slow_push_deploy_config_and_bad_input() {
         "flask\nthis-package-does-not-exist-berth==1.0\n",
     );
     laptop.commit("Broken requirements");
-    let push = laptop.git(&["push", "deploy", "main"]);
-    let push_text = text(&push);
-    assert!(
-        !push.status.success(),
-        "broken push was accepted:\n{push_text}"
-    );
-    assert!(
-        push_text.contains("No matching distribution found for this-package-does-not-exist-berth"),
-        "pip's error is not shown:\n{push_text}"
-    );
-    assert!(
-        push_text.contains("pre-receive hook declined"),
-        "{push_text}"
-    );
+    laptop.push_rejected(&[
+        "No matching distribution found for this-package-does-not-exist-berth",
+        "pre-receive hook declined",
+    ]);
     assert_eq!(
         server.get("hello.localhost"),
         (200, "hi from berth\n".to_string())
@@ -570,17 +576,7 @@ fn slow_push_deploy_config_and_bad_input() {
         "web: python -c 'import sys; print(\"boom: no database\", flush=True); sys.exit(3)'\n",
     );
     laptop.commit("Crashing web process");
-    let push = laptop.git(&["push", "deploy", "main"]);
-    let push_text = text(&push);
-    assert!(
-        !push.status.success(),
-        "crashing push was accepted:\n{push_text}"
-    );
-    assert!(
-        push_text.contains("web.1 exited with code 3"),
-        "{push_text}"
-    );
-    assert!(push_text.contains("boom: no database"), "{push_text}");
+    laptop.push_rejected(&["web.1 exited with code 3", "boom: no database"]);
     assert_eq!(
         server.get("hello.localhost"),
         (200, "hi from berth\n".to_string())
