@@ -28,6 +28,17 @@ const BUILD_PACKAGES: &str = "python3,python3-venv,ca-certificates";
 /// mmdebstrap lines kept for an error message.
 const LOG_TAIL_LINES: usize = 25;
 
+/// Whether an mmdebstrap line is shown to the pusher: milestones, warnings and errors. The
+/// rest goes to the server log (and to the error message if the build fails).
+fn worth_showing(line: &str) -> bool {
+    const MILESTONES: &[&str] = &[
+        "I: downloading packages",
+        "I: installing remaining",
+        "I: success",
+    ];
+    !line.starts_with("I: ") || MILESTONES.iter().any(|m| line.starts_with(m))
+}
+
 /// The environment both stacks start processes with.
 pub fn stack_env() -> Vec<String> {
     vec![
@@ -139,7 +150,11 @@ fn build_stacks(
     // Ends when every output pipe is closed, i.e. both mmdebstraps are done.
     for (i, line) in rx {
         let short = runs[i].name.trim_start_matches("berth/").to_string();
-        progress(&format!("[{short}] {line}"));
+        if worth_showing(&line) {
+            progress(&format!("[{short}] {line}"));
+        } else {
+            tracing::debug!(stack = %short, "{line}");
+        }
         let tail = &mut runs[i].tail;
         tail.push_back(line);
         if tail.len() > LOG_TAIL_LINES {
@@ -317,6 +332,27 @@ fn parse_deb822(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shows_milestones_warnings_and_errors_only() {
+        for (line, shown) in [
+            ("I: downloading packages with apt...", true),
+            ("I: success in 31.2 seconds", true),
+            ("W: something looks off", true),
+            ("E: apt-get update failed", true),
+            (
+                "Err:1 http://deb.debian.org/debian bookworm InRelease",
+                true,
+            ),
+            (
+                "I: chroot architecture amd64 is equal to the host's architecture",
+                false,
+            ),
+            ("I: using /tmp/mmdebstrap.x as tempdir", false),
+        ] {
+            assert_eq!(worth_showing(line), shown, "{line}");
+        }
+    }
 
     #[test]
     fn reads_bookworm_sources_in_both_formats() {
