@@ -15,6 +15,7 @@
 //! - [`shim`]: the process that owns one container.
 //! - [`rootfs`]: the overlay root filesystem of a container.
 //! - [`spec`]: the OCI runtime config written for libcontainer.
+//! - [`seccomp`]: the default seccomp profile of every container.
 //! - [`network`]: bridge, per-container network namespaces and veth pairs (netlink).
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ mod error;
 mod layout;
 pub mod network;
 pub mod rootfs;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 

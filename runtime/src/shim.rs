@@ -49,6 +49,18 @@ extern "C" fn on_stop_signal(_: nix::libc::c_int) {
 
 /// Runs the container described by `DIR/shim.json`; returns the process exit code.
 pub fn main(dir: &Path) -> i32 {
+    main_with(dir, true)
+}
+
+/// [`main`] without the default seccomp profile. Only for berth-runtime's own tests, which
+/// prove with it that the profile, not the capability set, is what denies a syscall; berth
+/// never calls it.
+#[doc(hidden)]
+pub fn main_without_seccomp(dir: &Path) -> i32 {
+    main_with(dir, false)
+}
+
+fn main_with(dir: &Path, seccomp: bool) -> i32 {
     let dir = match std::path::absolute(dir) {
         Ok(dir) => dir,
         Err(err) => {
@@ -56,7 +68,7 @@ pub fn main(dir: &Path) -> i32 {
             return START_FAILED;
         }
     };
-    match run(&dir) {
+    match run(&dir, seccomp) {
         Ok(code) => code,
         Err(err) => {
             let reason = err.to_string();
@@ -68,7 +80,7 @@ pub fn main(dir: &Path) -> i32 {
     }
 }
 
-fn run(dir: &Path) -> Result<i32, Error> {
+fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
     layout::write(dir, layout::SHIM_PID, &std::process::id().to_string())?;
     let path = dir.join(layout::SPEC);
     let json = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
@@ -99,7 +111,7 @@ fn run(dir: &Path) -> Result<i32, Error> {
     };
 
     rootfs::mount(dir, &spec.layers)?;
-    let mut container = match start(dir, &spec, container_out) {
+    let mut container = match start(dir, &spec, container_out, seccomp) {
         Ok(container) => container,
         Err(err) => {
             let _ = rootfs::unmount(dir);
@@ -144,8 +156,18 @@ fn install_stop_handler() -> Result<(), Error> {
 
 /// Writes config.json and creates + starts the container. On failure nothing is left behind
 /// but the rootfs mount, which the caller removes.
-fn start(dir: &Path, spec: &ContainerSpec, out: Option<OwnedFd>) -> Result<Container, Error> {
-    let oci = spec::build(spec, Path::new("rootfs"))?;
+fn start(
+    dir: &Path,
+    spec: &ContainerSpec,
+    out: Option<OwnedFd>,
+    seccomp: bool,
+) -> Result<Container, Error> {
+    let mut oci = spec::build(spec, Path::new("rootfs"))?;
+    if !seccomp {
+        if let Some(linux) = oci.linux_mut() {
+            linux.set_seccomp(None);
+        }
+    }
     let config = dir.join("config.json");
     oci.save(&config)
         .map_err(|err| Error::Spec(format!("writing {}: {err}", config.display())))?;

@@ -2,8 +2,8 @@
 //! default mounts (/proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys read-only, cgroups
 //! read-only), pid/mount/uts/ipc/cgroup namespaces plus the network namespace (joined by path,
 //! or the host's when there is none), cgroup `/berth/<id>`, Docker's default capability set,
-//! the binds as `rbind` mounts, and the caller's hard open-files limit. Touches nothing on the
-//! host.
+//! `no_new_privileges`, the default seccomp profile ([`crate::seccomp`]), the binds as `rbind`
+//! mounts, and the caller's hard open-files limit. Touches nothing on the host.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -130,6 +130,7 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         .resources(resources)
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .seccomp(crate::seccomp::default_profile()?)
         .build()
         .map_err(invalid)?;
 
@@ -196,6 +197,17 @@ mod tests {
         let bind = oci.mounts().as_ref().unwrap().last().unwrap().clone();
         assert_eq!(bind.destination(), Path::new("/etc/ssl/ca.crt"));
         assert_eq!(bind.options().as_ref().unwrap(), &["rbind", "ro"]);
+    }
+
+    #[test]
+    fn default_seccomp_profile_and_no_new_privileges() {
+        let oci = super::build(&spec(None), Path::new("rootfs")).unwrap();
+        assert_eq!(
+            oci.linux().as_ref().unwrap().seccomp().as_ref(),
+            Some(&crate::seccomp::default_profile().unwrap())
+        );
+        let process = oci.process().as_ref().unwrap();
+        assert_eq!(process.no_new_privileges(), Some(true));
     }
 
     #[test]

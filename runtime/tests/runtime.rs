@@ -1,5 +1,5 @@
 //! berth-runtime against the real kernel: shims, overlay rootfs, libcontainer, cgroups, netns,
-//! veth and bridge. No mocks. Needs root, overlayfs and /bin/busybox (busybox-static); under
+//! veth, bridge and the seccomp profile. No mocks. Needs root, overlayfs and /bin/busybox (busybox-static); under
 //! CI=true a missing prerequisite fails the run instead of skipping it.
 //!
 //! This test binary has its own `main` (harness = false) because it doubles as the shim:
@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use berth_runtime::{network, Bind, ContainerSpec, Error, LogTarget, Runtime, State};
 
+/// A link to this binary with this name is a shim that applies no seccomp profile, for the one
+/// test that proves the profile is what denies.
+const UNCONFINED_SHIM: &str = "shim-without-seccomp";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
@@ -27,7 +31,13 @@ fn main() {
                 .with_writer(std::io::stderr)
                 .init();
         }
-        std::process::exit(berth_runtime::shim::main(Path::new(dir)));
+        // Shims started through a link named UNCONFINED_SHIM run without the seccomp profile.
+        let main = if Path::new(&args[0]).file_name() == Some(UNCONFINED_SHIM.as_ref()) {
+            berth_runtime::shim::main_without_seccomp
+        } else {
+            berth_runtime::shim::main
+        };
+        std::process::exit(main(Path::new(dir)));
     }
     if args.get(1).map(String::as_str) == Some("start-helper") {
         // A short-lived "daemon": starts one container and exits, like a daemon that dies.
@@ -65,6 +75,10 @@ fn main() {
         ("network_http_over_bridge", network_http_over_bridge),
         ("missing_layer_is_refused", missing_layer_is_refused),
         ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
+        (
+            "seccomp_denies_new_namespaces",
+            seccomp_denies_new_namespaces,
+        ),
         ("start_to_exit_timing", start_to_exit_timing),
     ];
     let selected: Vec<_> = tests
@@ -277,7 +291,11 @@ fn wait_for<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T
 }
 
 fn run_attached(fx: &Fixture, spec: &ContainerSpec) -> (String, i32) {
-    let mut child = fx.runtime.run_attached(spec).expect("run_attached");
+    run_attached_with(&fx.runtime, spec)
+}
+
+fn run_attached_with(runtime: &Runtime, spec: &ContainerSpec) -> (String, i32) {
+    let mut child = runtime.run_attached(spec).expect("run_attached");
     let mut out = String::new();
     child
         .stdout
@@ -560,6 +578,48 @@ fn missing_binary_fails_cleanly() {
     assert!(out.contains("no-such-binary"), "{out}");
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
+}
+
+/// The default seccomp profile is loaded (with no_new_privs) and denies `unshare` with EPERM.
+/// Creating a user namespace needs no capability, so the same command succeeds in the same
+/// container without the profile: the profile, not the capability set, is what denies it.
+fn seccomp_denies_new_namespaces() {
+    let mut fx = Fixture::new("seccomp");
+    let script = "busybox grep -E '^(NoNewPrivs|Seccomp|Seccomp_filters):' /proc/self/status; \
+                  busybox unshare -U true && echo unshare ok; \
+                  echo 'fork and exec still work' | busybox cat";
+    let confined = fx.spec("seccomp", &["sh", "-c", script]);
+    let (out, code) = run_attached(&fx, &confined);
+    assert_eq!(code, 0, "{out}");
+    let status: Vec<&str> = out.lines().take(3).collect();
+    assert_eq!(
+        status,
+        ["NoNewPrivs:\t1", "Seccomp:\t2", "Seccomp_filters:\t1"],
+        "{out}"
+    );
+    assert!(
+        out.contains("unshare(0x10000000): Operation not permitted"),
+        "unshare was not denied with EPERM: {out}"
+    );
+    assert!(!out.contains("unshare ok"), "{out}");
+    assert!(out.contains("fork and exec still work"), "{out}");
+    fx.runtime.remove(&confined.id).unwrap();
+    fx.assert_clean(&confined.id);
+
+    let link = fx.root.join(UNCONFINED_SHIM);
+    symlink(std::env::current_exe().unwrap(), &link).unwrap();
+    let unconfined_runtime = Runtime::new(fx.root.join("containers"), link);
+    let unconfined = fx.spec("noseccomp", &["sh", "-c", script]);
+    let (out, code) = run_attached_with(&unconfined_runtime, &unconfined);
+    assert_eq!(code, 0, "{out}");
+    let status: Vec<&str> = out.lines().take(2).collect();
+    assert_eq!(status, ["NoNewPrivs:\t1", "Seccomp:\t0"], "{out}");
+    assert!(
+        out.contains("unshare ok"),
+        "unshare failed without the profile: {out}"
+    );
+    unconfined_runtime.remove(&unconfined.id).unwrap();
+    fx.assert_clean(&unconfined.id);
 }
 
 fn start_to_exit_timing() {
