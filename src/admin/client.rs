@@ -13,9 +13,9 @@ use super::{socket_path, Event, Request};
 /// exit code (0 when the daemon says done).
 pub fn call(data: &Path, request: Request) -> anyhow::Result<i32> {
     let path = socket_path(data);
-    let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the berth server at {} — is `berth server --data {}` running?",
+    let mut stream = UnixStream::connect(&path).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot reach the berth server at {} ({err}) — is `berth server --data {}` running?",
             path.display(),
             data.display()
         )
