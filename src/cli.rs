@@ -31,7 +31,10 @@ pub enum Command {
     Server(ServerArgs),
     /// Create an app.
     #[command(name = "apps:create")]
-    AppsCreate { name: String },
+    AppsCreate {
+        /// The app's name: lowercase letters, digits and '-', starting with a letter.
+        name: String,
+    },
     /// List apps.
     Apps {
         #[arg(long)]
@@ -40,6 +43,7 @@ pub enum Command {
     /// Show an app: URL, git remote, current release, containers.
     #[command(name = "apps:info")]
     AppsInfo {
+        /// The app's name.
         name: String,
         #[arg(long)]
         json: bool,
@@ -47,6 +51,7 @@ pub enum Command {
     /// Destroy an app: its containers, route, repo, config and releases.
     #[command(name = "apps:destroy")]
     AppsDestroy {
+        /// The app's name.
         name: String,
         /// Required: destroying cannot be undone.
         #[arg(long)]
@@ -54,16 +59,22 @@ pub enum Command {
     },
     /// Show an app's config vars.
     Config {
+        /// The app's name.
         name: String,
         #[arg(long)]
         json: bool,
     },
     /// Print one config var's value.
     #[command(name = "config:get")]
-    ConfigGet { name: String, key: String },
+    ConfigGet {
+        /// The app's name.
+        name: String,
+        key: String,
+    },
     /// Set config vars; makes a new release and restarts the app.
     #[command(name = "config:set")]
     ConfigSet {
+        /// The app's name.
         name: String,
         /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -75,6 +86,7 @@ pub enum Command {
     /// Unset config vars; makes a new release and restarts the app.
     #[command(name = "config:unset")]
     ConfigUnset {
+        /// The app's name.
         name: String,
         #[arg(required = true, value_name = "KEY")]
         keys: Vec<String>,
@@ -89,24 +101,34 @@ pub enum Command {
     },
     /// Allow an SSH public key to push; FILE is an OpenSSH public key file, or - for stdin.
     #[command(name = "keys:add")]
-    KeysAdd { name: String, file: String },
+    KeysAdd {
+        /// A name for the key, e.g. laptop.
+        name: String,
+        file: String,
+    },
     /// Remove an SSH key.
     #[command(name = "keys:remove")]
-    KeysRemove { name: String },
+    KeysRemove {
+        /// The key's name, as `berth keys` lists it.
+        name: String,
+    },
     /// List an app's releases, newest first.
     Releases {
+        /// The app's name.
         name: String,
         #[arg(long)]
         json: bool,
     },
     /// List an app's containers.
     Ps {
+        /// The app's name.
         name: String,
         #[arg(long)]
         json: bool,
     },
     /// Show an app's logs.
     Logs {
+        /// The app's name.
         name: String,
         /// Keep streaming new lines.
         #[arg(short = 'f', long)]
