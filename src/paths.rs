@@ -1,5 +1,5 @@
 //! The layout of berth's data directory, in one place. Owns path names only; creates nothing
-//! but the top-level directories in [`Paths::create`].
+//! but the top-level directories in [`Paths::create`], and clears only build scratch.
 
 use std::path::{Path, PathBuf};
 
@@ -64,6 +64,14 @@ impl Paths {
     pub fn builds(&self) -> PathBuf {
         self.root.join("builds")
     }
+    /// Deletes the scratch of builds that were cut short.
+    pub fn clear_builds(&self) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(self.builds())? {
+            std::fs::remove_dir_all(entry?.path())?;
+        }
+        Ok(())
+    }
+
     pub fn caches(&self) -> PathBuf {
         self.root.join("cache")
     }

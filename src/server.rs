@@ -156,6 +156,9 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         paths,
     });
     deploy::readopt(&daemon).await?;
+    // No build runs before the admin socket is up: scratch left in builds/ is from builds cut
+    // short by a crash.
+    daemon.paths.clear_builds()?;
     let admin_listener = UnixListener::bind(&socket)
         .with_context(|| format!("cannot create the admin socket {}", socket.display()))?;
     set_mode(&socket, 0o600)?;

@@ -343,14 +343,22 @@ impl Laptop {
     }
 
     fn git(&self, args: &[&str]) -> Output {
+        run(&mut self.git_command(args))
+    }
+
+    /// A git command in the work tree that pushes over SSH with this laptop's key.
+    fn git_command(&self, args: &[&str]) -> Command {
         let ssh = format!(
             "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
             self.key.display()
         );
-        run(Command::new("git")
+        let mut command = Command::new("git");
+        command
             .current_dir(&self.dir)
             .env("GIT_SSH_COMMAND", ssh)
-            .args(args))
+            .args(args)
+            .stdin(Stdio::null());
+        command
     }
 
     fn commit(&self, message: &str) {
@@ -631,6 +639,52 @@ fn slow_push_deploy_config_and_bad_input() {
     );
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up  v2"), "{ps}");
+
+    // A daemon killed in the middle of a build: the push fails, v2 keeps serving once a new
+    // server runs, and the cut-short build leaves no container and no scratch behind.
+    laptop.write("Procfile", "web: python app.py\n");
+    laptop.commit("Interrupted deploy");
+    let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
+    laptop.git(&["remote", "set-url", "deploy", &remote]);
+    let mut push = laptop
+        .git_command(&["push", "deploy", "main"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = push.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("Installing requirements with pip"))
+    {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push(line),
+            Err(err) => panic!("the build did not start ({err}): {seen:#?}"),
+        }
+    }
+    server.kill();
+    let pushed = push.wait().unwrap();
+    assert!(!pushed.success(), "a push whose server died was accepted");
+    server.launch();
+    assert_eq!(
+        server.get("hello.localhost"),
+        (200, "hi from berth\n".to_string())
+    );
+    let containers = std::fs::read_dir(server.data().join("containers"))
+        .unwrap()
+        .count();
+    assert_eq!(containers, 1, "only v2's web.1 should be left");
+    let scratch = std::fs::read_dir(server.data().join("builds"))
+        .unwrap()
+        .count();
+    assert_eq!(scratch, 0, "build scratch was left behind");
 
     // A clean stop leaves nothing behind.
     server.stop();

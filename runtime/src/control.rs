@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -319,11 +319,8 @@ fn wait_readable(fd: &OwnedFd, limit: Duration) {
     use std::os::fd::AsFd;
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let timeout = PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
-            .unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, timeout) {
+        match poll(&mut fds, crate::shim::timeout_until(deadline)) {
             Ok(0) | Err(nix::Error::EINTR) => continue,
             _ => return,
         }

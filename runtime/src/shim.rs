@@ -279,7 +279,8 @@ fn request_stop(init: Pid, grace: Duration) -> Instant {
     Instant::now() + grace
 }
 
-fn timeout_until(at: Instant) -> PollTimeout {
+/// A poll timeout that ends just after `at` (at most a minute; callers loop).
+pub(crate) fn timeout_until(at: Instant) -> PollTimeout {
     let left = at.saturating_duration_since(Instant::now());
     PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1).unwrap_or(PollTimeout::MAX)
 }

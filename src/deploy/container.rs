@@ -112,7 +112,8 @@ pub async fn start(
         .await
         .expect("runtime start task");
     if let Err(err) = started {
-        cleanup_network(d, &id, ip).await;
+        remove(d, &id).await;
+        d.addresses.release(ip);
         return Err(err.into());
     }
     let row = ContainerRow {
@@ -139,32 +140,32 @@ pub fn exit_code(d: &Daemon, id: &str) -> Option<i32> {
     }
 }
 
-/// Stops the container (SIGTERM, SIGKILL after the grace period), removes it, its netns and its
-/// record. Errors are logged, not returned: stopping must always make progress.
+/// Stops the container (SIGTERM, SIGKILL after the grace period), removes it, its netns, its
+/// address and its record. Errors are logged, not returned: stopping must always make progress.
 pub async fn stop(d: &Daemon, row: &ContainerRow) {
-    let runtime = d.runtime.clone();
-    let id = row.id.clone();
-    let stopped = tokio::task::spawn_blocking(move || {
-        runtime.stop(&id)?;
-        runtime.remove(&id)
-    })
-    .await
-    .expect("runtime stop task");
-    if let Err(err) = stopped {
-        warn!(id = %row.id, %err, "stopping a container failed");
-    }
-    cleanup_network(d, &row.id, row.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)).await;
+    remove(d, &row.id).await;
+    d.addresses
+        .release(row.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED));
     if let Err(err) = d.store.delete_container(&row.id).await {
         warn!(id = %row.id, %err, "forgetting a container failed");
     }
     info!(id = %row.id, "container stopped");
 }
 
-async fn cleanup_network(d: &Daemon, id: &str, ip: Ipv4Addr) {
+/// Stops and removes container `id` (the runtime stops a running one first) and its netns.
+/// Alone, for containers the store has no record of.
+pub async fn remove(d: &Daemon, id: &str) {
+    let runtime = d.runtime.clone();
+    let owned = id.to_string();
+    let removed = tokio::task::spawn_blocking(move || runtime.remove(&owned))
+        .await
+        .expect("runtime remove task");
+    if let Err(err) = removed {
+        warn!(%id, %err, "removing a container failed");
+    }
     if let Err(err) = berth_runtime::network::delete_netns(&d.paths.netns(), id).await {
         warn!(%id, %err, "removing a netns failed");
     }
-    d.addresses.release(ip);
 }
 
 #[cfg(test)]

@@ -287,10 +287,18 @@ pub async fn stop_app(d: &Daemon, app: &str) -> Result<(), DeployError> {
 }
 
 /// On server start: takes back the containers whose shims kept running, routes to them, and
-/// cleans up those that died while the server was away.
+/// cleans up those that died while the server was away and those it has no record of.
 pub async fn readopt(d: &Daemon) -> Result<(), DeployError> {
     let mut routes: HashMap<String, Vec<std::net::SocketAddr>> = HashMap::new();
-    for c in d.store.containers(None).await? {
+    let known = d.store.containers(None).await?;
+    // Containers with no record: a build cut short, or a start the server died in.
+    for id in d.runtime.list() {
+        if !known.iter().any(|c| c.id == id) {
+            warn!(%id, "removing a container the server has no record of");
+            container::remove(d, &id).await;
+        }
+    }
+    for c in known {
         if container::exit_code(d, &c.id).is_none() {
             d.addresses
                 .mark_used(c.ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
