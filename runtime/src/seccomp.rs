@@ -1,6 +1,6 @@
 //! The default seccomp profile every berth container runs under (builds and apps alike): the
-//! [`DENIED`] syscalls and `clone` with any of the [`NAMESPACE_FLAGS`] fail with `EPERM`;
-//! everything else is allowed. This module owns that list and why each entry is on it;
+//! [`DENIED`] syscalls and `clone` with any of the [`NAMESPACE_FLAGS`] fail with `EPERM`,
+//! `clone3` with `ENOSYS`; everything else is allowed. This module owns that list and why each entry is on it;
 //! [`spec`](crate::spec) puts the profile into every OCI config.
 //!
 //! It is a deny list on top of what the capability set already forbids (containers are root in
@@ -10,9 +10,9 @@
 //! added later does not silently hand them out. It follows Docker's default profile where that
 //! profile denies a call without `CAP_SYS_ADMIN`, `CAP_SYS_MODULE` and friends.
 //!
-//! Not denied, on purpose: `clone3` (glibc starts threads and `posix_spawn` with it; Docker
-//! answers it with `ENOSYS` to force glibc's `clone` fallback, which also means namespace
-//! flags in its argument struct, unreadable by seccomp, stay possible here), `personality`
+//! `clone3` fails with `ENOSYS`, as in Docker's profile: seccomp cannot read the flags in its
+//! argument struct, and `ENOSYS` makes glibc (threads, `posix_spawn`) fall back to `clone`,
+//! whose flags the filter does read. Not denied, on purpose: `personality`
 //! (harmless values are common and seccomp cannot allow a set of values in a deny list),
 //! `adjtimex`/`clock_adjtime` (glibc's `ntp_gettime` reads the clock state with them; setting
 //! needs `CAP_SYS_TIME`), and `chroot`/`mknod`/`sethostname`, which the capability set
@@ -128,7 +128,7 @@ const ARCHITECTURES: &[Arch] = &[Arch::ScmpArchAarch64, Arch::ScmpArchArm];
 const ARCHITECTURES: &[Arch] = &[Arch::ScmpArchNative];
 
 /// The profile: allow by default, `EPERM` for [`DENIED`] and for `clone` with any of the
-/// [`NAMESPACE_FLAGS`].
+/// [`NAMESPACE_FLAGS`], `ENOSYS` for `clone3` (so glibc uses `clone`).
 pub fn default_profile() -> Result<LinuxSeccomp, Error> {
     let denied = errno_rule(LinuxSyscallBuilder::default().names(names(DENIED)))?;
     // One comparison per flag on the same argument: libcontainer adds each as its own rule,
@@ -150,10 +150,16 @@ pub fn default_profile() -> Result<LinuxSeccomp, Error> {
             .names(names(&["clone"]))
             .args(args),
     )?;
+    let clone3 = LinuxSyscallBuilder::default()
+        .names(names(&["clone3"]))
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(nix::libc::ENOSYS as u32)
+        .build()
+        .map_err(invalid)?;
     LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActAllow)
         .architectures(ARCHITECTURES.to_vec())
-        .syscalls(vec![denied, clone])
+        .syscalls(vec![denied, clone, clone3])
         .build()
         .map_err(invalid)
 }
@@ -187,6 +193,7 @@ mod tests {
             .iter()
             .flatten()
             .filter(|rule| rule.args().is_none())
+            .filter(|rule| rule.errno_ret() == Some(nix::libc::EPERM as u32))
             .flat_map(|rule| rule.names().clone())
             .collect()
     }
@@ -198,7 +205,12 @@ mod tests {
         assert!(!profile.architectures().as_ref().unwrap().is_empty());
         for rule in profile.syscalls().as_ref().unwrap() {
             assert_eq!(rule.action(), LinuxSeccompAction::ScmpActErrno);
-            assert_eq!(rule.errno_ret(), Some(nix::libc::EPERM as u32));
+            let errno = if rule.names() == &["clone3"] {
+                nix::libc::ENOSYS
+            } else {
+                nix::libc::EPERM
+            };
+            assert_eq!(rule.errno_ret(), Some(errno as u32));
         }
     }
 
@@ -284,8 +296,12 @@ mod tests {
             .flatten()
             .filter(|rule| rule.names().iter().any(|n| n == "clone" || n == "clone3"))
             .collect();
-        assert_eq!(clones.len(), 1);
+        assert_eq!(clones.len(), 2);
         assert_eq!(clones[0].names(), &["clone"]);
+        // clone3 answers ENOSYS (glibc then falls back to clone), never EPERM.
+        assert_eq!(clones[1].names(), &["clone3"]);
+        assert_eq!(clones[1].errno_ret(), Some(nix::libc::ENOSYS as u32));
+        assert!(clones[1].args().is_none());
         let args = clones[0]
             .args()
             .as_ref()
