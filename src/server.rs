@@ -204,6 +204,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     }
     if args.ephemeral {
         deploy::stop_everything(&daemon).await;
+        berth_runtime::spec::remove_cgroup_parent();
         if let Err(err) = berth_runtime::network::remove_bridge(&args.bridge).await {
             warn!(%err, "removing the bridge failed");
         }

@@ -211,6 +211,16 @@ impl Server {
                     .collect()
             })
             .unwrap_or_default();
+        for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            // The shared parent counts only when empty: another berth on this machine may use it.
+            let parent = controller.path().join("berth");
+            let children = std::fs::read_dir(&parent)
+                .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+                .unwrap_or(1);
+            if children == 0 {
+                left.push(format!("empty cgroup {}", parent.display()));
+            }
+        }
         for id in &ids {
             left.push(format!("container dir {id}"));
             for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
@@ -252,6 +262,7 @@ impl Server {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
+        berth_runtime::spec::remove_cgroup_parent();
         if let Ok(entries) = std::fs::read_dir(self.data().join("containers")) {
             for id in entries.flatten() {
                 for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {

@@ -19,9 +19,25 @@ use crate::{ContainerSpec, Error};
 /// `PATH` given to containers whose env does not set one.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The cgroup (in every controller) that holds the containers' cgroups.
+pub const CGROUP_PARENT: &str = "berth";
+
 /// The cgroup path of container `id`.
 pub fn cgroup_path(id: &str) -> String {
-    format!("/berth/{id}")
+    format!("/{CGROUP_PARENT}/{id}")
+}
+
+/// Removes the parent cgroup from every controller where it is empty (the last container of
+/// every server on this machine is gone); where containers still run it stays. For servers
+/// that shut down for good (`--ephemeral`) and tests.
+pub fn remove_cgroup_parent() {
+    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for controller in controllers.flatten() {
+        // rmdir(2) refuses a cgroup with children or processes: exactly the ones to keep.
+        let _ = std::fs::remove_dir(controller.path().join(CGROUP_PARENT));
+    }
 }
 
 /// Docker's (containerd's) default capabilities: enough for package managers in builds.

@@ -114,6 +114,9 @@ fn main() {
             }
         }
     }
+    // The tests' containers are gone; so goes the parent cgroup they made (if no other berth
+    // on this machine has containers in it).
+    berth_runtime::spec::remove_cgroup_parent();
     if !failed.is_empty() {
         println!("\nfailures:\n    {}", failed.join("\n    "));
     }
