@@ -90,16 +90,11 @@ impl Server {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting berth server");
-        let stdout = child.stdout.take().unwrap();
+        let ready = lines(child.stdout.take().unwrap());
         self.child = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = std::io::BufRead::read_line(&mut reader, &mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let line = ready
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_default();
         let log = self.log();
         let field = |name: &str| -> SocketAddr {
             line.split_whitespace()
@@ -144,6 +139,16 @@ impl Server {
             self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Requires GET / through the proxy with the given Host to answer 200 with `body`.
+    fn assert_serves(&self, host: &str, body: &str) {
+        assert_eq!(
+            self.get(host),
+            (200, body.to_string()),
+            "--- server log:\n{}",
+            self.log()
+        );
     }
 
     /// GET / through the proxy with the given Host; returns (status, body).
@@ -279,6 +284,19 @@ impl Drop for Server {
         self.stop();
         self.sweep();
     }
+}
+
+/// The lines `reader` yields, read on a thread so that callers can wait with a deadline.
+fn lines(reader: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(reader)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn run(command: &mut Command) -> Output {
@@ -498,19 +516,13 @@ fn slow_push_deploy_config_and_bad_input() {
         push_text.contains("-----> hello v1 is live at http://hello.localhost"),
         "{push_text}"
     );
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hello from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hello from berth\n");
     assert_eq!(server.get("nope.localhost").0, 404);
 
     // config:set makes v2 and restarts the app with the new env.
     let out = server.berth_ok(&["config:set", "hello", "GREETING=hi"]);
     assert!(out.contains("v2"), "{out}");
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hi from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hi from berth\n");
     let releases = server.berth_ok(&["releases", "hello", "--json"]);
     let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
     assert_eq!(releases[0]["version"], 2);
@@ -581,10 +593,7 @@ fn slow_push_deploy_config_and_bad_input() {
         "No matching distribution found for this-package-does-not-exist-berth",
         "pre-receive hook declined",
     ]);
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hi from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hi from berth\n");
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up  v2"), "{ps}");
 
@@ -596,10 +605,7 @@ fn slow_push_deploy_config_and_bad_input() {
     );
     laptop.commit("Crashing web process");
     laptop.push_rejected(&["web.1 exited with code 3", "boom: no database"]);
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hi from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hi from berth\n");
     let releases = server.berth_ok(&["releases", "hello", "--json"]);
     assert_eq!(releases.matches("\"version\"").count(), 2, "{releases}");
 
@@ -614,15 +620,7 @@ fn slow_push_deploy_config_and_bad_input() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follow.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines(follow.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     while !seen
@@ -644,10 +642,7 @@ fn slow_push_deploy_config_and_bad_input() {
     // A killed daemon: the app's containers keep running, and a new server takes them back.
     server.kill();
     server.launch();
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hi from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hi from berth\n");
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up  v2"), "{ps}");
 
@@ -662,13 +657,7 @@ fn slow_push_deploy_config_and_bad_input() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = push.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines(push.stderr.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen = Vec::new();
     while !seen
@@ -684,10 +673,7 @@ fn slow_push_deploy_config_and_bad_input() {
     let pushed = push.wait().unwrap();
     assert!(!pushed.success(), "a push whose server died was accepted");
     server.launch();
-    assert_eq!(
-        server.get("hello.localhost"),
-        (200, "hi from berth\n".to_string())
-    );
+    server.assert_serves("hello.localhost", "hi from berth\n");
     let containers = std::fs::read_dir(server.data().join("containers"))
         .unwrap()
         .count();

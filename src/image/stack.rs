@@ -40,9 +40,9 @@ fn worth_showing(line: &str) -> bool {
 }
 
 /// The environment both stacks start processes with.
-pub fn stack_env() -> Vec<String> {
+fn stack_env() -> Vec<String> {
     vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        berth_runtime::spec::DEFAULT_PATH.to_string(),
         "LANG=C.UTF-8".to_string(),
     ]
 }
