@@ -36,7 +36,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct AppRow {
     pub name: String,
     pub created_at: String,
@@ -86,7 +86,7 @@ impl NewRelease {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct KeyRow {
     pub name: String,
     pub fingerprint: String,
@@ -94,7 +94,7 @@ pub struct KeyRow {
 }
 
 /// A container the daemon started.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ContainerRow {
     pub id: String,
     pub app: String,
@@ -169,16 +169,11 @@ impl Store {
     }
 
     pub async fn apps(&self) -> Result<Vec<AppRow>> {
-        let rows = sqlx::query("SELECT name, created_at FROM apps ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AppRow {
-                name: r.get("name"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        Ok(
+            sqlx::query_as("SELECT name, created_at FROM apps ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Deletes the app with its config and releases.
@@ -279,17 +274,11 @@ impl Store {
     }
 
     pub async fn keys(&self) -> Result<Vec<KeyRow>> {
-        let rows = sqlx::query("SELECT name, fingerprint, created_at FROM keys ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| KeyRow {
-                name: r.get("name"),
-                fingerprint: r.get("fingerprint"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        Ok(
+            sqlx::query_as("SELECT name, fingerprint, created_at FROM keys ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn add_key(&self, name: &str, key: &ParsedKey) -> Result<()> {
@@ -361,25 +350,12 @@ impl Store {
 
     /// Containers of `app`, or of every app when `app` is None.
     pub async fn containers(&self, app: Option<&str>) -> Result<Vec<ContainerRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT * FROM containers WHERE ?1 IS NULL OR app = ?1 ORDER BY app, process_type, number",
         )
         .bind(app)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| ContainerRow {
-                id: r.get("id"),
-                app: r.get("app"),
-                release: r.get("release"),
-                process_type: r.get("process_type"),
-                number: r.get("number"),
-                ip: r.get("ip"),
-                port: r.get("port"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
+        .await?)
     }
 
     /// A new container's creation time, in the store's format.
@@ -419,6 +395,32 @@ mod tests {
             s.create_app("hello").await,
             Err(StoreError::AppExists(_))
         ));
+        let apps = s.apps().await.unwrap();
+        assert_eq!(
+            apps.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+            ["hello"]
+        );
+
+        let c = ContainerRow {
+            id: "hello-web-1-00000001".into(),
+            app: "hello".into(),
+            release: 1,
+            process_type: "web".into(),
+            number: 1,
+            ip: "10.9.0.2".into(),
+            port: 5000,
+            created_at: Store::timestamp(),
+        };
+        s.insert_container(&c).await.unwrap();
+        let listed = s.containers(Some("hello")).await.unwrap();
+        assert_eq!(
+            (listed[0].id.as_str(), listed[0].port),
+            (c.id.as_str(), 5000)
+        );
+        assert!(s.containers(Some("other")).await.unwrap().is_empty());
+        assert_eq!(s.containers(None).await.unwrap().len(), 1);
+        s.delete_container(&c.id).await.unwrap();
+        assert!(s.containers(None).await.unwrap().is_empty());
         assert!(matches!(
             s.config("nope").await,
             Err(StoreError::AppNotFound(_))
@@ -485,6 +487,11 @@ mod tests {
         assert_eq!(
             s.key_name("ssh-ed25519 AAAA").await.unwrap().as_deref(),
             Some("laptop")
+        );
+        let keys = s.keys().await.unwrap();
+        assert_eq!(
+            (keys[0].name.as_str(), keys[0].fingerprint.as_str()),
+            ("laptop", "SHA256:x")
         );
         s.remove_key("laptop").await.unwrap();
         assert_eq!(s.key_name("ssh-ed25519 AAAA").await.unwrap(), None);
