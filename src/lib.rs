@@ -17,6 +17,7 @@
 //! - [`deploy`]: releases and the start → health check → swap route → stop old sequence.
 //! - [`proxy`]: the HTTP reverse proxy and its route table.
 //! - [`logs`]: the per-app log file.
+//! - [`network`]: the container bridge's subnet and addresses; a netns per container.
 //! - [`paths`]: the layout of the data directory.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
@@ -32,6 +33,7 @@ pub mod hook;
 pub mod image;
 pub mod keys;
 pub mod logs;
+pub mod network;
 pub mod paths;
 pub mod proxy;
 pub mod server;

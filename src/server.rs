@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cli::ServerArgs;
-use crate::deploy::{self, Addresses, AppLocks};
+use crate::deploy::{self, AppLocks};
+use crate::network::Network;
 use crate::image::ImageStore;
 use crate::paths::Paths;
 use crate::proxy::Routes;
@@ -30,8 +31,7 @@ pub struct Daemon {
     pub runtime: Arc<berth_runtime::Runtime>,
     pub routes: Arc<Routes>,
     pub domain: String,
-    pub addresses: Addresses,
-    pub bridge: String,
+    pub network: Arc<Network>,
     pub build_ca_bundle: Option<PathBuf>,
     pub locks: AppLocks,
     /// The git hook command installed into each app's repo.
@@ -143,8 +143,12 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         runtime: Arc::new(berth_runtime::Runtime::new(paths.containers(), exe.clone())),
         routes: Arc::new(Routes::default()),
         domain: args.domain.clone(),
-        addresses: Addresses::new(gateway, prefix),
-        bridge: args.bridge.clone(),
+        network: Arc::new(Network::new(
+            args.bridge.clone(),
+            gateway,
+            prefix,
+            paths.netns(),
+        )),
         build_ca_bundle,
         locks: AppLocks::default(),
         hook_command: format!(

@@ -66,23 +66,7 @@ pub async fn start(
         .get(process_type)
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
-    let ip = d.addresses.allocate()?;
-    let netns = match berth_runtime::network::create_netns(
-        &d.paths.netns(),
-        &id,
-        &d.bridge,
-        ip,
-        d.addresses.prefix,
-        d.addresses.gateway,
-    )
-    .await
-    {
-        Ok(netns) => netns,
-        Err(err) => {
-            d.addresses.release(ip);
-            return Err(err.into());
-        }
-    };
+    let (ip, netns) = d.network.attach(&id).await?;
     let dyno = format!("{process_type}.{number}");
     let mut env = image.config.env.clone();
     env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
@@ -112,8 +96,7 @@ pub async fn start(
         .await
         .expect("runtime start task");
     if let Err(err) = started {
-        remove(d, &id).await;
-        d.addresses.release(ip);
+        remove(d, &id, Some(ip)).await;
         return Err(err.into());
     }
     let row = ContainerRow {
@@ -143,18 +126,16 @@ pub fn exit_code(d: &Daemon, id: &str) -> Option<i32> {
 /// Stops the container (SIGTERM, SIGKILL after the grace period), removes it, its netns, its
 /// address and its record. Errors are logged, not returned: stopping must always make progress.
 pub async fn stop(d: &Daemon, row: &ContainerRow) {
-    remove(d, &row.id).await;
-    d.addresses
-        .release(row.ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED));
+    remove(d, &row.id, row.ip.parse().ok()).await;
     if let Err(err) = d.store.delete_container(&row.id).await {
         warn!(id = %row.id, %err, "forgetting a container failed");
     }
     info!(id = %row.id, "container stopped");
 }
 
-/// Stops and removes container `id` (the runtime stops a running one first) and its netns.
-/// Alone, for containers the store has no record of.
-pub async fn remove(d: &Daemon, id: &str) {
+/// Stops and removes container `id` (the runtime stops a running one first), its netns and its
+/// address. Alone, for containers the store has no record of.
+pub async fn remove(d: &Daemon, id: &str, ip: Option<Ipv4Addr>) {
     let runtime = d.runtime.clone();
     let owned = id.to_string();
     let removed = tokio::task::spawn_blocking(move || runtime.remove(&owned))
@@ -163,9 +144,7 @@ pub async fn remove(d: &Daemon, id: &str) {
     if let Err(err) = removed {
         warn!(%id, %err, "removing a container failed");
     }
-    if let Err(err) = berth_runtime::network::delete_netns(&d.paths.netns(), id).await {
-        warn!(%id, %err, "removing a netns failed");
-    }
+    d.network.detach(id, ip).await;
 }
 
 #[cfg(test)]

@@ -21,11 +21,8 @@ use crate::logs;
 use crate::server::Daemon;
 use crate::store::{ContainerRow, Formation, NewRelease, Release, StoreError};
 
-mod addresses;
 pub mod container;
 mod health;
-
-pub use addresses::Addresses;
 
 /// How long a new `web` container gets to answer HTTP.
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -40,8 +37,8 @@ pub enum DeployError {
     Image(#[from] ImageError),
     #[error("{0} — check `berth ps` and the server log")]
     Runtime(#[from] berth_runtime::Error),
-    #[error("no free container address left in berth's subnet — stop some apps or use a larger --subnet")]
-    NoAddresses,
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("the release has no process type {0:?} — check the Procfile")]
     NoSuchProcessType(String),
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]
@@ -295,12 +292,12 @@ pub async fn readopt(d: &Daemon) -> Result<(), DeployError> {
     for id in d.runtime.list() {
         if !known.iter().any(|c| c.id == id) {
             warn!(%id, "removing a container the server has no record of");
-            container::remove(d, &id).await;
+            container::remove(d, &id, None).await;
         }
     }
     for c in known {
         if container::exit_code(d, &c.id).is_none() {
-            d.addresses
+            d.network
                 .mark_used(c.ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
             if c.process_type == "web" {
                 routes.entry(c.app.clone()).or_default().push(c.addr());
