@@ -1,190 +1,1209 @@
-//! The built-in HTTP reverse proxy and its route table. A route maps a Host to the live `web`
-//! containers of an app; [`Routes::set`] swaps it atomically (ArcSwap), so a request sees either
-//! the old upstreams or the new ones, never none. Must not touch the store or the runtime:
-//! `deploy` tells it what to route.
+//! The built-in HTTP reverse proxy and its route table.
+//!
+//! Owns: the route table ([`Routes`]: Host → the live `web` containers of an app, swapped
+//! atomically with ArcSwap, so a request sees either the old upstreams or the new ones), the
+//! in-flight count per upstream that `deploy` drains on, per-host counters, and serving HTTP/1.1
+//! ([`run`]): keep-alive both ways with pooled upstream connections, timeouts against slow
+//! clients and slow apps, a body limit, a connection cap, hop-by-hop and `X-Forwarded-*`
+//! headers, request ids, retries, WebSocket bridging and one access-log line per request
+//! (target `berth::access`).
+//!
+//! Must not touch the store or the runtime: `deploy` tells it what to route.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
+use bytes::Bytes;
+use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::http::{request, uri};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
+use tracing::{debug, info, warn};
 
-/// The upstreams of one route, served round-robin.
-#[derive(Debug, Default)]
-struct Upstreams {
-    addrs: Vec<SocketAddr>,
+/// Requests counted for one host since it was first [`Routes::set`], by status class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostStats {
+    /// Every request answered for the host, whatever its status.
+    pub requests: u64,
+    /// 1xx answers (WebSocket upgrades are 101).
+    pub informational: u64,
+    /// 2xx answers.
+    pub success: u64,
+    /// 3xx answers.
+    pub redirection: u64,
+    /// 4xx answers.
+    pub client_error: u64,
+    /// 5xx answers, including berth's own 502, 503 and 504.
+    pub server_error: u64,
+}
+
+/// What outlives a [`Routes::set`] of a host: its counters, and the signal that its upstreams changed.
+#[derive(Default)]
+struct HostState {
+    requests: AtomicU64,
+    /// Answers by status class, 1xx at index 0.
+    by_class: [AtomicU64; 5],
+    changed: Notify,
+}
+
+impl HostState {
+    fn record(&self, status: StatusCode) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(class) = self
+            .by_class
+            .get(usize::from(status.as_u16() / 100).wrapping_sub(1))
+        {
+            class.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn stats(&self) -> HostStats {
+        let class = |i: usize| self.by_class[i].load(Ordering::Relaxed);
+        HostStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            informational: class(0),
+            success: class(1),
+            redirection: class(2),
+            client_error: class(3),
+            server_error: class(4),
+        }
+    }
+}
+
+/// Requests in flight to one upstream address, whichever hosts route to it.
+#[derive(Default)]
+struct Gauge {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One request counted in its upstream's [`Gauge`] until dropped.
+struct InFlight(Arc<Gauge>);
+
+impl InFlight {
+    fn new(gauge: &Arc<Gauge>) -> Self {
+        gauge.count.fetch_add(1, Ordering::AcqRel);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// One upstream of a route.
+struct Upstream {
+    addr: SocketAddr,
+    /// `addr` as the authority of the URI sent upstream.
+    authority: Authority,
+    gauge: Arc<Gauge>,
+    /// Milliseconds since [`Routes::epoch`] until which the upstream is skipped after it
+    /// refused a connection; 0 while it is in the rotation.
+    down_until: AtomicU64,
+}
+
+/// The upstreams a host points at now, served round-robin.
+struct Route {
+    state: Arc<HostState>,
+    upstreams: Vec<Upstream>,
     next: AtomicUsize,
 }
 
-/// Host → upstreams. Reads are lock-free; writers replace the whole map.
-#[derive(Default)]
+impl Route {
+    /// The next upstream in turn that is in the rotation, other than `avoid`; one out of the
+    /// rotation when all are; `None` when there is no upstream besides `avoid`.
+    fn pick(&self, now_ms: u64, avoid: Option<SocketAddr>) -> Option<&Upstream> {
+        let len = self.upstreams.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for upstream in (0..len).map(|i| &self.upstreams[(start + i) % len]) {
+            if Some(upstream.addr) == avoid {
+                continue;
+            }
+            if upstream.down_until.load(Ordering::Relaxed) <= now_ms {
+                return Some(upstream);
+            }
+            fallback.get_or_insert(upstream);
+        }
+        fallback
+    }
+}
+
+/// Host → upstreams, plus in-flight counts per upstream and counters per host.
+///
+/// Reads of the table are lock-free (ArcSwap); writers (`set`, `remove`) replace the whole map
+/// under the `gauges` lock, so a request sees either the old upstreams or the new ones.
 pub struct Routes {
-    table: ArcSwap<HashMap<String, Arc<Upstreams>>>,
+    table: ArcSwap<HashMap<String, Arc<Route>>>,
+    gauges: Mutex<HashMap<SocketAddr, Arc<Gauge>>>,
+    epoch: Instant,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self {
+            table: ArcSwap::default(),
+            gauges: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Routes {
-    /// Points `host` at `addrs` (replacing what it pointed at), or removes it when `addrs` is empty.
+    /// Points `host` at `addrs`, replacing what it pointed at. An empty `addrs` keeps the host
+    /// known with no live container: requests wait a moment for one, then get 503.
     pub fn set(&self, host: &str, addrs: Vec<SocketAddr>) {
         let host = host.to_ascii_lowercase();
-        self.table.rcu(|table| {
-            let mut table = HashMap::clone(table);
-            if addrs.is_empty() {
-                table.remove(&host);
-            } else {
-                table.insert(
-                    host.clone(),
-                    Arc::new(Upstreams {
-                        addrs: addrs.clone(),
-                        next: 0.into(),
-                    }),
-                );
-            }
-            table
-        });
+        let mut gauges = self.lock_gauges();
+        let mut table = HashMap::clone(&self.table.load());
+        let state = table
+            .get(&host)
+            .map(|route| route.state.clone())
+            .unwrap_or_default();
+        let upstreams = addrs
+            .into_iter()
+            .map(|addr| Upstream {
+                addr,
+                authority: Authority::try_from(addr.to_string())
+                    .expect("a socket address is a valid URI authority"),
+                gauge: gauges.entry(addr).or_default().clone(),
+                down_until: AtomicU64::new(0),
+            })
+            .collect();
+        table.insert(
+            host,
+            Arc::new(Route {
+                state: state.clone(),
+                upstreams,
+                next: AtomicUsize::new(0),
+            }),
+        );
+        self.table.store(Arc::new(table));
+        prune(&mut gauges);
+        state.changed.notify_waiters();
+    }
+
+    /// Forgets `host` and its counters: its requests get 404.
+    pub fn remove(&self, host: &str) {
+        let host = host.to_ascii_lowercase();
+        let mut gauges = self.lock_gauges();
+        let mut table = HashMap::clone(&self.table.load());
+        let removed = table.remove(&host);
+        self.table.store(Arc::new(table));
+        prune(&mut gauges);
+        if let Some(route) = removed {
+            route.state.changed.notify_waiters();
+        }
     }
 
     /// The upstreams `host` points at now.
     pub fn get(&self, host: &str) -> Vec<SocketAddr> {
-        self.table
-            .load()
-            .get(host)
-            .map(|u| u.addrs.clone())
+        self.route(&host.to_ascii_lowercase())
+            .map(|route| route.upstreams.iter().map(|u| u.addr).collect())
             .unwrap_or_default()
     }
 
-    fn pick(&self, host: &str) -> Option<SocketAddr> {
-        let table = self.table.load();
-        let upstreams = table.get(host)?;
-        let n = upstreams.next.fetch_add(1, Ordering::Relaxed);
-        upstreams.addrs.get(n % upstreams.addrs.len()).copied()
+    /// The counters of `host`, or `None` when it is not routed.
+    pub fn stats(&self, host: &str) -> Option<HostStats> {
+        self.route(&host.to_ascii_lowercase())
+            .map(|route| route.state.stats())
+    }
+
+    /// Requests being forwarded to `addr` now: from the moment it was picked until the response
+    /// body was sent or the client went away; an open WebSocket or event stream counts until it
+    /// closes.
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        self.lock_gauges()
+            .get(&addr)
+            .map_or(0, |gauge| gauge.count.load(Ordering::Acquire))
+    }
+
+    /// Waits until no request is in flight to `addr`, at most `deadline`; true if it became idle.
+    pub async fn wait_idle(&self, addr: SocketAddr, deadline: Duration) -> bool {
+        let gauge = self.lock_gauges().entry(addr).or_default().clone();
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let idle = gauge.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if gauge.count.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                return gauge.count.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+
+    fn route(&self, host: &str) -> Option<Arc<Route>> {
+        self.table.load().get(host).cloned()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock_gauges(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Gauge>>> {
+        // The map stays consistent even if a holder panicked: every change is one insert/remove.
+        self.gauges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-#[derive(Clone)]
+/// Drops the gauges nothing refers to any more (no route, no request, no waiter). Under the
+/// lock nobody can take a new reference to such a gauge, so none is dropped while counted.
+fn prune(gauges: &mut HashMap<SocketAddr, Arc<Gauge>>) {
+    gauges.retain(|_, gauge| Arc::strong_count(gauge) > 1);
+}
+
+/// Settings of the proxy; [`Default`] is what `berth server` uses.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// How long a client may take to send a request's headers; also how long an idle keep-alive
+    /// connection waits for its next request. Either way the connection is then closed.
+    pub header_timeout: Duration,
+    /// The longest pause allowed between two parts of a request body (→ 408).
+    pub body_timeout: Duration,
+    /// The largest request body forwarded, in bytes (→ 413).
+    pub max_body: usize,
+    /// How long an upstream may take to send its response headers (→ 504).
+    pub upstream_timeout: Duration,
+    /// How long a request to a host with no live container waits for one (→ 503).
+    pub upstream_wait: Duration,
+    /// How long an upstream that refused a connection stays out of the rotation.
+    pub down_for: Duration,
+    /// How long connecting to an upstream may take (→ 502).
+    pub connect_timeout: Duration,
+    /// Idle pooled upstream connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per upstream.
+    pub pool_max_idle: usize,
+    /// Client connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_body: 100 << 20,
+            upstream_timeout: Duration::from_secs(60),
+            upstream_wait: Duration::from_secs(5),
+            down_for: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 256,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Why berth answered a request itself. `Display` is the one-line body sent to the client.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("berth: the request has no Host header — send the app's domain as Host")]
+    NoHost,
+    #[error("berth: no app is served at {0} — check the app name and its domains")]
+    UnknownHost(String),
+    #[error("berth: the app at {0} has no running web container — check `berth ps` and `berth logs` for it")]
+    NoUpstream(String),
+    #[error("berth: the request target is not a path — send one such as /index.html")]
+    BadTarget,
+    #[error("berth: the request body is larger than {0} bytes — send a smaller body")]
+    TooLarge(usize),
+    #[error("berth: the request body stalled — send it without long pauses")]
+    BodyStalled,
+    #[error("berth: the app at {host} refused the connection — it may be restarting; check `berth logs` for it")]
+    Refused {
+        host: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("berth: the app at {host} closed the connection without an answer — check `berth logs` for it")]
+    Failed {
+        host: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("berth: the app at {host} did not answer within {after:?} — make it answer sooner or check `berth logs` for it")]
+    Timeout { host: String, after: Duration },
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::NoHost | Self::BadTarget => StatusCode::BAD_REQUEST,
+            Self::UnknownHost(_) => StatusCode::NOT_FOUND,
+            Self::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyStalled => StatusCode::REQUEST_TIMEOUT,
+            Self::Refused { .. } | Self::Failed { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Sorts a failed upstream request by where it went wrong: the client's body or the upstream.
+    fn from_client(host: &str, max_body: usize, source: ClientError) -> Self {
+        let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
+            std::iter::successors(Some(&source as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(is)
+        };
+        if caused_by(|e| e.is::<LengthLimitError>()) {
+            Self::TooLarge(max_body)
+        } else if caused_by(|e| e.is::<TimeoutError>()) {
+            Self::BodyStalled
+        } else if source.is_connect() {
+            Self::Refused {
+                host: host.to_owned(),
+                source,
+            }
+        } else {
+            Self::Failed {
+                host: host.to_owned(),
+                source,
+            }
+        }
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        debug!(
+            error = &self as &dyn std::error::Error,
+            "berth answered itself"
+        );
+        let mut response =
+            Response::new(Either::Right(Full::new(Bytes::from(format!("{self}\n")))));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+type ClientError = hyper_util::client::legacy::Error;
+/// A request body on its way to an upstream: limited in size and in pauses, or none.
+type UpstreamBody = Either<Pin<Box<TimeoutBody<Limited<Incoming>>>>, Empty<Bytes>>;
+/// A response body on its way to the client: the upstream's, or berth's own one line.
+type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The client side of one accepted connection.
+#[derive(Clone, Copy)]
+struct Conn {
+    peer: IpAddr,
+    local_port: u16,
+}
+
 struct Proxy {
     routes: Arc<Routes>,
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpConnector, UpstreamBody>,
+    config: ProxyConfig,
 }
 
-/// Serves HTTP on `listener` until `shutdown` fires.
-pub async fn run(listener: TcpListener, routes: Arc<Routes>, shutdown: CancellationToken) {
+/// Serves HTTP/1.1 on `listener` until `shutdown` fires, then lets open requests finish.
+pub async fn run(
+    listener: TcpListener,
+    routes: Arc<Routes>,
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) {
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    connector.set_connect_timeout(Some(config.connect_timeout));
     connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new()).build(connector);
-    let app = Router::new()
-        .fallback(forward)
-        .with_state(Proxy { routes, client });
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
-    if let Err(err) = served {
-        warn!(%err, "proxy stopped");
-    }
-}
-
-/// The Host of a request, lowercased, without a port.
-fn request_host(req: &Request) -> Option<String> {
-    let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.chars().all(|c| c.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
+    let client = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle)
+        .build(connector);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let proxy = Arc::new(Proxy {
+        routes,
+        client,
+        config,
     });
-    Some(host.to_ascii_lowercase())
+    let connections = TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    warn!(%err, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(%err, "TCP_NODELAY");
+        }
+        let conn = Conn {
+            peer: peer.ip(),
+            local_port: stream.local_addr().map_or(0, |addr| addr.port()),
+        };
+        let service = {
+            let proxy = proxy.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(conn, req).await) }
+            })
+        };
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = shutdown.cancelled() => {
+                    // Finishes the request in progress, then closes instead of keeping alive.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = served {
+                debug!(%err, %peer, "client connection ended");
+            }
+            drop(slot);
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
-async fn forward(
-    State(proxy): State<Proxy>,
-    axum::extract::ConnectInfo(client_addr): axum::extract::ConnectInfo<SocketAddr>,
-    mut req: Request,
-) -> Response {
-    let Some(host) = request_host(&req) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "berth: the request has no Host header\n",
-        )
-            .into_response();
-    };
-    let Some(upstream) = proxy.routes.pick(&host) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!(
-                "berth: no app is served at {host} — check the app name and that it is deployed\n"
-            ),
-        )
-            .into_response();
-    };
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = match format!("http://{upstream}{path}").parse() {
-        Ok(uri) => uri,
-        Err(_) => return (StatusCode::BAD_REQUEST, "berth: bad request path\n").into_response(),
-    };
-    *req.uri_mut() = uri;
-    let headers = req.headers_mut();
-    for hop in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-    ] {
-        headers.remove(hop);
+impl Proxy {
+    async fn handle(&self, conn: Conn, req: Request<Incoming>) -> Response<Tracked> {
+        let mut exchange = Exchange::start(&req);
+        let (mut response, upgrade) = match self.forward(conn, req, &mut exchange).await {
+            Ok((mut response, client_upgrade)) => {
+                let upgrade =
+                    client_upgrade.map(|client| (client, hyper::upgrade::on(&mut response)));
+                (response.map(Either::Left), upgrade)
+            }
+            Err(err) => (err.into_response(), None),
+        };
+        exchange.status = response.status();
+        if let Some(state) = &exchange.host_state {
+            state.record(exchange.status);
+        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, exchange.request_id.clone());
+        let exchange = match upgrade {
+            Some((client, upstream)) => {
+                tokio::spawn(bridge(client, upstream, exchange));
+                None
+            }
+            None => Some(exchange),
+        };
+        response.map(|body| Tracked { body, exchange })
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if let Ok(value) = HeaderValue::from_str(&client_addr.ip().to_string()) {
-        headers.insert("x-forwarded-for", value);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    match proxy.client.request(req).await {
-        Ok(response) => response.map(Body::new),
-        Err(err) => {
-            debug!(%err, %upstream, %host, "upstream failed");
+
+    /// Sends `req` to one of its host's upstreams (and, for an idempotent request without a
+    /// body whose upstream failed, once more to another). Returns the upstream's response and,
+    /// when it switched protocols, the client side of the upgrade.
+    async fn forward(
+        &self,
+        conn: Conn,
+        mut req: Request<Incoming>,
+        exchange: &mut Exchange,
+    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
+        let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
+        exchange.host.clone_from(&host);
+        let route = self.route_with_upstreams(&host).await?;
+        exchange.host_state = Some(route.state.clone());
+        if req.body().size_hint().lower() > self.config.max_body as u64 {
+            return Err(ProxyError::TooLarge(self.config.max_body));
+        }
+        let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let forwarded_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&host).ok());
+        strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        set_forwarding(
+            &mut parts.headers,
+            conn,
+            forwarded_host,
+            &exchange.request_id,
+        );
+        let retry_headers =
+            (is_idempotent(&parts.method) && body.is_end_stream() && route.upstreams.len() > 1)
+                .then(|| parts.headers.clone());
+        let body = if body.is_end_stream() {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(Box::pin(TimeoutBody::new(
+                self.config.body_timeout,
+                Limited::new(body, self.config.max_body),
+            )))
+        };
+        let Some(first) = route.pick(self.routes.now_ms(), None) else {
+            return Err(ProxyError::NoUpstream(host));
+        };
+        let sent = self
+            .send(&host, first, &parts, parts.headers.clone(), body, exchange)
+            .await;
+        let mut response = match (sent, retry_headers) {
             (
-                StatusCode::BAD_GATEWAY,
-                format!("berth: the app at {host} did not answer\n"),
-            )
-                .into_response()
+                Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. })),
+                Some(headers),
+            ) => match route.pick(self.routes.now_ms(), Some(first.addr)) {
+                Some(second) => {
+                    debug!(error = %err, upstream = %first.addr, "retrying on another upstream");
+                    self.send(
+                        &host,
+                        second,
+                        &parts,
+                        headers,
+                        Either::Right(Empty::new()),
+                        exchange,
+                    )
+                    .await
+                }
+                None => Err(err),
+            },
+            (sent, _) => sent,
+        }?;
+        let switched =
+            client_upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(response.headers_mut(), switched);
+        Ok((response, client_upgrade.filter(|_| switched)))
+    }
+
+    /// The route of `host` once it has an upstream, waiting up to `upstream_wait` for one.
+    async fn route_with_upstreams(&self, host: &str) -> Result<Arc<Route>, ProxyError> {
+        let deadline = tokio::time::Instant::now() + self.config.upstream_wait;
+        loop {
+            let route = self
+                .routes
+                .route(host)
+                .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+            if !route.upstreams.is_empty() {
+                return Ok(route);
+            }
+            let changed = route.state.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            // A `set` between the load above and `enable` would otherwise go unnoticed.
+            if !self
+                .routes
+                .route(host)
+                .is_some_and(|now| Arc::ptr_eq(&now, &route))
+            {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(ProxyError::NoUpstream(host.to_owned()));
+            }
         }
     }
+
+    /// One try of a request against `upstream`, counted in flight from here on.
+    async fn send(
+        &self,
+        host: &str,
+        upstream: &Upstream,
+        parts: &request::Parts,
+        headers: HeaderMap,
+        body: UpstreamBody,
+        exchange: &mut Exchange,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        exchange.upstream = Some(upstream.addr);
+        exchange.in_flight = Some(InFlight::new(&upstream.gauge));
+        let mut target = uri::Parts::default();
+        target.scheme = Some(Scheme::HTTP);
+        target.authority = Some(upstream.authority.clone());
+        target.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = Uri::from_parts(target).map_err(|_| ProxyError::BadTarget)?;
+        *req.headers_mut() = headers;
+        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(req)).await {
+            Ok(Ok(response)) => {
+                upstream.down_until.store(0, Ordering::Relaxed);
+                Ok(response)
+            }
+            Ok(Err(source)) => {
+                let err = ProxyError::from_client(host, self.config.max_body, source);
+                if matches!(err, ProxyError::Refused { .. }) {
+                    let until = self.routes.now_ms() + self.config.down_for.as_millis() as u64;
+                    upstream.down_until.store(until, Ordering::Relaxed);
+                }
+                Err(err)
+            }
+            Err(_) => Err(ProxyError::Timeout {
+                host: host.to_owned(),
+                after: self.config.upstream_timeout,
+            }),
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream; the request stays in flight
+/// until either side closes.
+async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let copied = tokio::io::copy_bidirectional(
+                &mut TokioIo::new(client),
+                &mut TokioIo::new(upstream),
+            )
+            .await;
+            if let Err(err) = copied {
+                debug!(%err, "upgraded connection ended");
+            }
+        }
+        Err(err) => debug!(%err, "upgrade failed"),
+    }
+    drop(exchange);
+}
+
+/// One request from start to end: counted in flight while forwarded, logged when dropped.
+struct Exchange {
+    started: Instant,
+    method: Method,
+    uri: Uri,
+    request_id: HeaderValue,
+    host: String,
+    host_state: Option<Arc<HostState>>,
+    upstream: Option<SocketAddr>,
+    in_flight: Option<InFlight>,
+    status: StatusCode,
+}
+
+impl Exchange {
+    fn start(req: &Request<Incoming>) -> Self {
+        Self {
+            started: Instant::now(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            request_id: request_id(req.headers()),
+            host: String::new(),
+            host_state: None,
+            upstream: None,
+            in_flight: None,
+            status: StatusCode::OK,
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        info!(
+            target: "berth::access",
+            host = %self.host,
+            method = %self.method,
+            path = self.uri.path(),
+            status = self.status.as_u16(),
+            ms = self.started.elapsed().as_millis() as u64,
+            upstream = %self.upstream.map_or_else(|| "-".to_owned(), |addr| addr.to_string()),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+        );
+    }
+}
+
+/// A response body that holds its request's [`Exchange`] until the last frame was taken or the
+/// client went away (hyper drops the body then).
+pub struct Tracked {
+    body: ProxyBody,
+    exchange: Option<Exchange>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            this.exchange = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// non-standard ones proxies commonly drop.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The Host a request is for, lowercased, without a port: from an absolute-form target, else
+/// the Host header.
+fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+    let authority = match uri.authority() {
+        Some(authority) => authority.clone(),
+        None => headers
+            .get(header::HOST)?
+            .to_str()
+            .ok()?
+            .parse::<Authority>()
+            .ok()?,
+    };
+    Some(authority.host().to_ascii_lowercase()).filter(|host| !host.is_empty())
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Removes the hop-by-hop headers and those the `Connection` header names. With `upgrade`,
+/// keeps the `Upgrade` protocol and sends `Connection: upgrade` on.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let protocol = upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(protocol) = protocol {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// Tells the upstream who asked: `X-Forwarded-For` gets the peer appended, the other
+/// forwarding headers are berth's alone (client copies replaced, `Forwarded` dropped).
+fn set_forwarding(
+    headers: &mut HeaderMap,
+    conn: Conn,
+    host: Option<HeaderValue>,
+    request_id: &HeaderValue,
+) {
+    let peer = conn.peer.to_string();
+    let prior: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .collect();
+    let forwarded_for = if prior.is_empty() {
+        peer.clone()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    headers.remove(header::FORWARDED);
+    for (name, value) in [
+        (X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).ok()),
+        (X_REAL_IP, HeaderValue::from_str(&peer).ok()),
+        (X_FORWARDED_PROTO, Some(HeaderValue::from_static("http"))),
+        (X_FORWARDED_HOST, host),
+        (X_FORWARDED_PORT, Some(HeaderValue::from(conn.local_port))),
+        (X_REQUEST_ID, Some(request_id.clone())),
+    ] {
+        match value {
+            Some(value) => headers.insert(name, value),
+            None => headers.remove(name),
+        };
+    }
+}
+
+/// The client's `X-Request-Id` when it is a sane token, else a new random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|value| is_valid_request_id(value.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&hex::encode(rand::random::<[u8; 16]>()))
+                .expect("hex digits are a valid header value")
+        })
+}
+
+fn is_valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:+=/".contains(b))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn pick(routes: &Routes, host: &str) -> Option<SocketAddr> {
+        let route = routes.route(host)?;
+        let addr = route.pick(routes.now_ms(), None)?.addr;
+        Some(addr)
+    }
+
+    /// Counts one request to `addr` as `Proxy::send` does, through the route of `host`.
+    fn start_request(routes: &Routes, host: &str, addr: SocketAddr) -> InFlight {
+        let route = routes.route(host).unwrap();
+        let upstream = route.upstreams.iter().find(|u| u.addr == addr).unwrap();
+        InFlight::new(&upstream.gauge)
+    }
+
     #[test]
-    fn routes_swap_and_round_robin() {
+    fn set_remove_and_round_robin() {
         let routes = Routes::default();
-        let a: SocketAddr = "10.0.0.2:5000".parse().unwrap();
-        let b: SocketAddr = "10.0.0.3:5000".parse().unwrap();
-        assert_eq!(routes.pick("hello.localhost"), None);
+        let (a, b) = (addr("10.0.0.2:5000"), addr("10.0.0.3:5000"));
+        assert!(routes.route("hello.localhost").is_none());
         routes.set("Hello.localhost", vec![a, b]);
         let picks: Vec<_> = (0..4)
-            .map(|_| routes.pick("hello.localhost").unwrap())
+            .map(|_| pick(&routes, "hello.localhost").unwrap())
             .collect();
         assert_eq!(picks, vec![a, b, a, b]);
         routes.set("hello.localhost", vec![b]);
-        assert_eq!(routes.get("hello.localhost"), vec![b]);
+        assert_eq!(routes.get("HELLO.localhost"), vec![b]);
+        // Empty keeps the host known (503, not 404).
         routes.set("hello.localhost", vec![]);
-        assert_eq!(routes.pick("hello.localhost"), None);
+        assert!(routes.route("hello.localhost").is_some());
+        assert_eq!(pick(&routes, "hello.localhost"), None);
+        routes.remove("hello.localhost");
+        assert!(routes.route("hello.localhost").is_none());
+        assert_eq!(routes.stats("hello.localhost"), None);
+    }
+
+    #[test]
+    fn down_upstreams_are_skipped_until_set_again() {
+        let routes = Routes::default();
+        let (a, b) = (addr("10.0.0.2:5000"), addr("10.0.0.3:5000"));
+        routes.set("app.localhost", vec![a, b]);
+        let route = routes.route("app.localhost").unwrap();
+        route.upstreams[0]
+            .down_until
+            .store(u64::MAX, Ordering::Relaxed);
+        let picks: Vec<_> = (0..3)
+            .map(|_| pick(&routes, "app.localhost").unwrap())
+            .collect();
+        assert_eq!(picks, vec![b, b, b]);
+        // All down: still one to try rather than none; avoiding the only other leaves none.
+        route.upstreams[1]
+            .down_until
+            .store(u64::MAX, Ordering::Relaxed);
+        assert!(route.pick(routes.now_ms(), None).is_some());
+        assert_eq!(
+            route.pick(routes.now_ms(), Some(a)).map(|u| u.addr),
+            Some(b)
+        );
+        routes.set("app.localhost", vec![a, b]);
+        let picks: Vec<_> = (0..2)
+            .map(|_| pick(&routes, "app.localhost").unwrap())
+            .collect();
+        assert_eq!(picks, vec![a, b]);
+    }
+
+    #[test]
+    fn stats_survive_set_of_the_same_host() {
+        let routes = Routes::default();
+        routes.set("app.localhost", vec![addr("10.0.0.2:5000")]);
+        let state = routes.route("app.localhost").unwrap().state.clone();
+        for status in [200, 201, 304, 404, 502, 101] {
+            state.record(StatusCode::from_u16(status).unwrap());
+        }
+        routes.set("app.localhost", vec![addr("10.0.0.3:5000")]);
+        routes.set("app.localhost", vec![]);
+        let expected = HostStats {
+            requests: 6,
+            informational: 1,
+            success: 2,
+            redirection: 1,
+            client_error: 1,
+            server_error: 1,
+        };
+        assert_eq!(routes.stats("APP.localhost"), Some(expected));
+    }
+
+    #[tokio::test]
+    async fn in_flight_counts_per_address_across_sets_and_wait_idle_wakes() {
+        let routes = Arc::new(Routes::default());
+        let a = addr("10.0.0.2:5000");
+        routes.set("app.localhost", vec![a]);
+        let first = start_request(&routes, "app.localhost", a);
+        let second = start_request(&routes, "app.localhost", a);
+        // The deploy swaps the route away; the requests still count until they end.
+        routes.set("app.localhost", vec![addr("10.0.0.3:5000")]);
+        assert_eq!(routes.in_flight(a), 2);
+        assert!(!routes.wait_idle(a, Duration::from_millis(50)).await);
+        let waiter = tokio::spawn({
+            let routes = routes.clone();
+            async move { routes.wait_idle(a, Duration::from_secs(5)).await }
+        });
+        drop(first);
+        assert_eq!(routes.in_flight(a), 1);
+        drop(second);
+        assert!(waiter.await.unwrap());
+        assert_eq!(routes.in_flight(a), 0);
+        assert!(routes.wait_idle(addr("10.9.9.9:1"), Duration::ZERO).await);
+    }
+
+    #[test]
+    fn request_host_table() {
+        let cases: [(&str, Option<&str>, Option<&str>); 6] = [
+            ("/", Some("App.Localhost"), Some("app.localhost")),
+            ("/", Some("app.localhost:8080"), Some("app.localhost")),
+            ("/", Some("[::1]:8080"), Some("[::1]")),
+            ("/", None, None),
+            ("/", Some("bad host"), None),
+            (
+                "http://Other.localhost/x",
+                Some("app.localhost"),
+                Some("other.localhost"),
+            ),
+        ];
+        for (target, host, expected) in cases {
+            let mut headers = HeaderMap::new();
+            if let Some(host) = host {
+                headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            let uri: Uri = target.parse().unwrap();
+            assert_eq!(
+                request_host(&uri, &headers).as_deref(),
+                expected,
+                "{target} {host:?}"
+            );
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<String> {
+        let mut names: Vec<_> = map.keys().map(|k| k.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn strip_hop_by_hop_table() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+        let cases: [Case; 5] = [
+            (
+                &[
+                    ("connection", "keep-alive"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-app", "1"),
+                ],
+                false,
+                &["x-app"],
+            ),
+            (
+                &[
+                    ("connection", "close, X-Secret"),
+                    ("x-secret", "s"),
+                    ("x-app", "1"),
+                ],
+                false,
+                &["x-app"],
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("te", "trailers"),
+                    ("trailer", "x"),
+                    ("proxy-authorization", "p"),
+                    ("proxy-connection", "keep-alive"),
+                    ("upgrade", "websocket"),
+                    ("content-type", "text/plain"),
+                ],
+                false,
+                &["content-type"],
+            ),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &["connection", "upgrade"],
+            ),
+            (
+                &[
+                    ("connection", "x-a"),
+                    ("connection", "x-b"),
+                    ("x-a", "1"),
+                    ("x-b", "2"),
+                ],
+                false,
+                &[],
+            ),
+        ];
+        for (input, upgrade, kept) in cases {
+            let mut map = headers(input);
+            strip_hop_by_hop(&mut map, upgrade);
+            assert_eq!(names(&map), kept, "{input:?}");
+            if upgrade {
+                assert_eq!(map[header::CONNECTION], "upgrade");
+                assert_eq!(map[header::UPGRADE], "websocket");
+            }
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_table() {
+        let conn = Conn {
+            peer: "192.0.2.7".parse().unwrap(),
+            local_port: 8080,
+        };
+        let cases: [(&[(&str, &str)], &str); 3] = [
+            (&[], "192.0.2.7"),
+            (
+                &[("x-forwarded-for", "203.0.113.1")],
+                "203.0.113.1, 192.0.2.7",
+            ),
+            (
+                &[
+                    ("x-forwarded-for", "203.0.113.1"),
+                    ("x-forwarded-for", "10.1.1.1"),
+                ],
+                "203.0.113.1, 10.1.1.1, 192.0.2.7",
+            ),
+        ];
+        for (input, forwarded_for) in cases {
+            let mut map = headers(input);
+            map.insert(header::FORWARDED, HeaderValue::from_static("for=evil"));
+            map.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
+            map.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+            let host = Some(HeaderValue::from_static("app.localhost:8080"));
+            set_forwarding(&mut map, conn, host, &HeaderValue::from_static("id-1"));
+            assert_eq!(map.get_all(X_FORWARDED_FOR).iter().count(), 1);
+            assert_eq!(map[X_FORWARDED_FOR], forwarded_for);
+            assert_eq!(map[X_REAL_IP], "192.0.2.7");
+            assert_eq!(map[X_FORWARDED_PROTO], "http");
+            assert_eq!(map[X_FORWARDED_HOST], "app.localhost:8080");
+            assert_eq!(map[X_FORWARDED_PORT], "8080");
+            assert_eq!(map[X_REQUEST_ID], "id-1");
+            assert!(!map.contains_key(header::FORWARDED));
+        }
+    }
+
+    #[test]
+    fn request_id_table() {
+        let cases: [(Option<&str>, bool); 5] = [
+            (Some("abc-123_x.y"), true),
+            (Some(""), false),
+            (Some("has space"), false),
+            (Some(&"a".repeat(129)), false),
+            (None, false),
+        ];
+        for (sent, kept) in cases {
+            let mut map = HeaderMap::new();
+            if let Some(sent) = sent {
+                map.insert(X_REQUEST_ID, HeaderValue::from_str(sent).unwrap());
+            }
+            let id = request_id(&map);
+            assert_eq!(Some(id.to_str().unwrap()) == sent, kept, "{sent:?}");
+            assert!(is_valid_request_id(id.as_bytes()));
+        }
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
     }
 }

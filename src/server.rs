@@ -177,6 +177,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::proxy::run(
             http,
             daemon.routes.clone(),
+            crate::proxy::ProxyConfig::default(),
             shutdown.clone(),
         )),
         tokio::spawn({
