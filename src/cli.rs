@@ -126,6 +126,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set how many containers of each process type run; a new release, zero downtime.
+    #[command(name = "ps:scale")]
+    PsScale {
+        /// The app's name.
+        name: String,
+        /// TYPE=COUNT pairs, e.g. web=2 worker=1.
+        #[arg(required = true, value_name = "TYPE=COUNT")]
+        pairs: Vec<String>,
+    },
+    /// Restart an app's containers (all, or one process type) with zero downtime.
+    #[command(name = "ps:restart")]
+    PsRestart {
+        /// The app's name.
+        name: String,
+        /// Only this process type, e.g. web.
+        process_type: Option<String>,
+    },
+    /// Make a new release from an earlier one's code and config (default: the previous one).
+    #[command(name = "releases:rollback", alias = "rollback")]
+    ReleasesRollback {
+        /// The app's name.
+        name: String,
+        /// The release to go back to, e.g. v3.
+        version: Option<String>,
+    },
     /// Show an app's logs.
     Logs {
         /// The app's name.
@@ -248,6 +273,9 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::KeysRemove { name } => Request::KeysRemove { name },
         Command::Releases { name, json } => Request::Releases { name, json },
         Command::Ps { name, json } => Request::Ps { name, json },
+        Command::PsScale { name, pairs } => Request::PsScale { name, pairs },
+        Command::PsRestart { name, process_type } => Request::PsRestart { name, process_type },
+        Command::ReleasesRollback { name, version } => Request::ReleasesRollback { name, version },
         Command::Logs { name, follow, num } => Request::Logs { name, follow, num },
         Command::StackBuild { force } => Request::StackBuild { force },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {

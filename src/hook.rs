@@ -53,6 +53,7 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
                 app: app.clone(),
                 source,
                 description: format!("Deploy {description}"),
+                key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
             },
         );
         if !matches!(deployed, Ok(0)) {

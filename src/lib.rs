@@ -3,8 +3,8 @@
 //! Data flows one way: push → build → release → runtime → route.
 //!
 //! - [`cli`]: the `berth …` command line (client side; talks to the admin socket).
-//! - [`admin`]: the local admin socket protocol (JSON lines) and the server's command handlers.
-//! - [`server`]: `berth server`: wires store, proxy, SSH, admin socket and deploys; shutdown.
+//! - [`admin`]: the local admin socket protocol (JSON lines), the command handlers and their handles.
+//! - [`server`]: `berth server`: hands each part its handles, runs the listeners; shutdown.
 //! - [`store`]: SQLite state (apps, config, releases, keys, containers) via sqlx.
 //! - [`app`]: app names and their validation.
 //! - [`config`]: config var keys and values.
@@ -14,11 +14,13 @@
 //! - [`hook`]: `berth hook pre-receive`, run by git inside a push.
 //! - [`image`]: the OCI content-addressed image store and the stack images.
 //! - [`build`]: buildpack builds (API v2) inside a build container; Procfile.
-//! - [`deploy`]: releases and the start → health check → swap route → stop old sequence.
+//! - [`deploy`]: desired state (the live release) and the reconciler: the switch (start → check →
+//!   swap route → drain old) and the supervisor (crash restarts, convergence on start).
 //! - [`proxy`]: the HTTP reverse proxy and its route table.
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
 //! - [`paths`]: the layout of the data directory.
+//! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
@@ -35,6 +37,7 @@ pub mod keys;
 pub mod logs;
 pub mod network;
 pub mod paths;
+pub mod progress;
 pub mod proxy;
 pub mod server;
 pub mod ssh;

@@ -1,6 +1,7 @@
 //! `berth server`: opens the store, the image store and the network, binds the proxy, SSH and
-//! admin listeners, re-adopts running containers, and shuts down cleanly on SIGTERM/SIGINT.
-//! Owns the wiring and [`Daemon`], the context every handler gets; owns no domain logic.
+//! admin listeners, starts the deployer (which re-adopts running containers and converges), and
+//! shuts down cleanly on SIGTERM/SIGINT. Owns the wiring: it hands each part the handles it
+//! needs and owns no domain logic.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,43 +15,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::build::Builder;
 use crate::cli::ServerArgs;
-use crate::deploy::{self, AppLocks};
-use crate::network::Network;
+use crate::deploy::{Deployer, DeployerParts};
 use crate::image::ImageStore;
+use crate::network::Network;
 use crate::paths::Paths;
 use crate::proxy::Routes;
 use crate::store::Store;
 use crate::{admin, build, ssh};
-
-/// Everything a request handler or a deploy needs.
-pub struct Daemon {
-    pub store: Store,
-    pub paths: Paths,
-    pub images: Arc<ImageStore>,
-    pub runtime: Arc<berth_runtime::Runtime>,
-    pub routes: Arc<Routes>,
-    pub domain: String,
-    pub network: Arc<Network>,
-    pub build_ca_bundle: Option<PathBuf>,
-    pub locks: AppLocks,
-    /// The git hook command installed into each app's repo.
-    pub hook_command: String,
-    /// The port of the SSH git endpoint, for the remotes berth prints.
-    pub ssh_port: u16,
-}
-
-impl Daemon {
-    /// The default URL of an app.
-    pub fn app_url(&self, app: &str) -> String {
-        format!("http://{}", self.app_host(app))
-    }
-
-    /// The Host an app's route answers to.
-    pub fn app_host(&self, app: &str) -> String {
-        format!("{app}.{}", self.domain)
-    }
-}
 
 /// Lets the SSH server ask the store about keys and apps.
 struct StoreGate(Store);
@@ -137,20 +110,47 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the berth binary")?;
     let build_ca_bundle = Some(PathBuf::from(&args.build_ca_bundle))
         .filter(|p| !args.build_ca_bundle.is_empty() && p.is_file());
-    let daemon = Arc::new(Daemon {
+    let runtime = Arc::new(berth_runtime::Runtime::new(paths.containers(), exe.clone()));
+    let network = Arc::new(Network::new(
+        args.bridge.clone(),
+        gateway,
+        prefix,
+        paths.netns(),
+    ));
+    let routes = Arc::new(Routes::default());
+    let deployer = Deployer::new(DeployerParts {
         store: store.clone(),
-        images,
-        runtime: Arc::new(berth_runtime::Runtime::new(paths.containers(), exe.clone())),
-        routes: Arc::new(Routes::default()),
+        images: images.clone(),
+        runtime: runtime.clone(),
+        routes: routes.clone(),
+        network: network.clone(),
+        builder: Builder {
+            images,
+            runtime,
+            network,
+            paths: paths.clone(),
+            ca_bundle: build_ca_bundle,
+        },
+        paths: paths.clone(),
         domain: args.domain.clone(),
-        network: Arc::new(Network::new(
-            args.bridge.clone(),
-            gateway,
-            prefix,
-            paths.netns(),
-        )),
-        build_ca_bundle,
-        locks: AppLocks::default(),
+    });
+    let shutdown = CancellationToken::new();
+    let supervisor = deployer.run(shutdown.clone()).await?;
+    // No build runs before the admin socket is up: scratch left in builds/ is from builds cut
+    // short by a crash.
+    paths.clear_builds()?;
+    let admin_listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot create the admin socket {}", socket.display()))?;
+    set_mode(&socket, 0o600)?;
+
+    let ssh_config = ssh::SshConfig {
+        host_key: paths.host_key(),
+        repos_dir: paths.repos(),
+    };
+    ssh::load_or_create_host_key(&ssh_config.host_key)?;
+    let context = Arc::new(admin::Handles {
+        store: store.clone(),
+        deployer: deployer.clone(),
         hook_command: format!(
             "{} --data {} hook pre-receive",
             shell_quote(&exe.to_string_lossy()),
@@ -159,29 +159,16 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         ssh_port: ssh_addr.port(),
         paths,
     });
-    deploy::readopt(&daemon).await?;
-    // No build runs before the admin socket is up: scratch left in builds/ is from builds cut
-    // short by a crash.
-    daemon.paths.clear_builds()?;
-    let admin_listener = UnixListener::bind(&socket)
-        .with_context(|| format!("cannot create the admin socket {}", socket.display()))?;
-    set_mode(&socket, 0o600)?;
-
-    let shutdown = CancellationToken::new();
-    let ssh_config = ssh::SshConfig {
-        host_key: daemon.paths.host_key(),
-        repos_dir: daemon.paths.repos(),
-    };
-    ssh::load_or_create_host_key(&ssh_config.host_key)?;
     let tasks = vec![
+        supervisor,
         tokio::spawn(crate::proxy::run(
             http,
-            daemon.routes.clone(),
+            routes,
             crate::proxy::ProxyConfig::default(),
             shutdown.clone(),
         )),
         tokio::spawn({
-            let gate = Arc::new(StoreGate(daemon.store.clone()));
+            let gate = Arc::new(StoreGate(store.clone()));
             let shutdown = shutdown.clone();
             async move {
                 if let Err(err) = ssh::run(ssh_listener, ssh_config, gate, shutdown).await {
@@ -191,7 +178,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         }),
         tokio::spawn(admin::server::run(
             admin_listener,
-            daemon.clone(),
+            context,
             shutdown.clone(),
         )),
     ];
@@ -208,7 +195,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     if args.ephemeral {
-        deploy::stop_everything(&daemon).await;
+        deployer.stop_everything().await;
         berth_runtime::spec::remove_cgroup_parent();
         if let Err(err) = berth_runtime::network::remove_bridge(&args.bridge).await {
             warn!(%err, "removing the bridge failed");

@@ -688,3 +688,464 @@ fn slow_push_deploy_config_and_bad_input() {
     let left = server.leftovers();
     assert!(left.is_empty(), "left behind after stop: {left:#?}");
 }
+
+/// A stdlib-only Python web app (the `procfile` buildpack: no pip, quick builds). `/` answers
+/// its mark, `<version.txt>/<GREETING>`, so every answer names the release that served it; with
+/// FAIL set, `/` answers 500; `/stream` sends 30 server-sent events 100 ms apart.
+const STDLIB_APP_PY: &str = r#"import os, signal, sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+MARK = open("version.txt").read().strip() + "/" + os.environ.get("GREETING", "hello")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path.startswith("/stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(30):
+                data = ("data: %s %d\n\n" % (MARK, i)).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        status, body = (500, b"broken\n") if os.environ.get("FAIL") else (200, (MARK + "\n").encode())
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+ThreadingHTTPServer.daemon_threads = True
+server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("listening", flush=True)
+server.serve_forever()
+"#;
+
+/// What a stream of requests saw while changes ran.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: usize,
+    /// Non-200 answers and broken exchanges, with what happened.
+    failed: Vec<String>,
+    /// Each distinct body answered, with how often.
+    bodies: std::collections::BTreeMap<String, usize>,
+}
+
+/// Clients sending requests to `host` through the proxy until stopped: one over a keep-alive
+/// connection, one with a new connection per request.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Seen>>,
+}
+
+impl Load {
+    fn start(proxy: SocketAddr, host: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = [true, false]
+            .into_iter()
+            .map(|keep_alive| {
+                let (stop, host) = (stop.clone(), host.to_string());
+                std::thread::spawn(move || load_loop(proxy, &host, keep_alive, &stop))
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    fn finish(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut all = Seen::default();
+        for thread in self.threads {
+            let seen = thread.join().unwrap();
+            all.ok += seen.ok;
+            all.failed.extend(seen.failed);
+            for (body, n) in seen.bodies {
+                *all.bodies.entry(body).or_default() += n;
+            }
+        }
+        all
+    }
+}
+
+fn load_loop(
+    proxy: SocketAddr,
+    host: &str,
+    keep_alive: bool,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut conn: Option<std::io::BufReader<TcpStream>> = None;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let reused = conn.is_some();
+        let mut stream = match conn.take() {
+            Some(stream) => stream,
+            None => match TcpStream::connect_timeout(&proxy, Duration::from_secs(5)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    std::io::BufReader::new(s)
+                }
+                Err(err) => {
+                    seen.failed.push(format!("connect: {err}"));
+                    continue;
+                }
+            },
+        };
+        let close = if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        };
+        let sent = write!(
+            stream.get_mut(),
+            "GET / HTTP/1.1\r\nHost: {host}\r\n{close}\r\n"
+        );
+        match (sent, read_response(&mut stream)) {
+            (Ok(()), Ok((200, body, open))) => {
+                seen.ok += 1;
+                *seen.bodies.entry(body).or_default() += 1;
+                if keep_alive && open {
+                    conn = Some(stream);
+                }
+            }
+            // A keep-alive connection the proxy closed while idle: clients retry on a new one.
+            (_, Err(err)) if reused && err.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            (Ok(()), Ok((status, body, _))) => seen.failed.push(format!("{status}: {body}")),
+            (sent, read) => seen.failed.push(format!("{sent:?} {read:?}")),
+        }
+    }
+    seen
+}
+
+/// Reads one response with a Content-Length body: (status, body, whether the connection stays
+/// open). An EOF before the first byte is `UnexpectedEof`.
+fn read_response(
+    stream: &mut std::io::BufReader<TcpStream>,
+) -> std::io::Result<(u16, String, bool)> {
+    use std::io::BufRead;
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push(line.trim_end().to_string());
+    }
+    let status = head
+        .first()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| {
+        head.iter().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body)?;
+    let open = !header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), open))
+}
+
+/// The pids of the processes of `app`'s running containers (the container init of each).
+fn container_pids(server: &Server, app: &str) -> Vec<(String, i32)> {
+    let ps = server.berth_ok(&["ps", app, "--json"]);
+    let ps: serde_json::Value = serde_json::from_str(&ps).unwrap();
+    ps.as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "up")
+        .filter_map(|c| {
+            let id = c["id"].as_str()?.to_string();
+            let pid =
+                std::fs::read_to_string(server.data().join("containers").join(&id).join("pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+            Some((
+                format!("{}.{}", c["process_type"].as_str()?, c["number"]),
+                pid,
+            ))
+        })
+        .collect()
+}
+
+/// Waits until `berth ps APP` satisfies `done`, or panics after `secs`.
+fn wait_for_ps(server: &Server, app: &str, secs: u64, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ps = server.berth_ok(&["ps", app]);
+        if done(&ps) {
+            return ps;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ps never got there:\n{ps}\n--- server log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn slow_zero_downtime_changes_crashes_and_restarts() {
+    if !prerequisites_met() {
+        return;
+    }
+    let mut server = Server::start();
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "zd"]);
+    let host = "zd.localhost";
+    let remote = format!("ssh://git@127.0.0.1:{}/zd", server.ssh.port());
+    laptop.git(&["remote", "add", "deploy", &remote]);
+    let push = |version: &str| {
+        laptop.write("version.txt", version);
+        laptop.commit(version);
+        let push = laptop.git(&["push", "deploy", "main"]);
+        assert!(
+            push.status.success(),
+            "push of {version} failed:\n{}\n--- server log:\n{}",
+            text(&push),
+            server.log()
+        );
+    };
+    laptop.write("app.py", STDLIB_APP_PY);
+    laptop.write(
+        "Procfile",
+        "web: python3 app.py\nworker: python3 -c 'import time; time.sleep(86400)'\n",
+    );
+    push("c1");
+    server.assert_serves(host, "c1/hello\n");
+
+    // 20 changes in a row under a steady stream of requests, with one long stream open across
+    // a change: no request fails, and every answer comes from a release that was live.
+    let load = Load::start(server.http, host);
+    let mut expected = std::collections::BTreeSet::from(["c1/hello\n".to_string()]);
+    let stream = {
+        let proxy = server.http;
+        std::thread::spawn(move || http_get_path(proxy, "zd.localhost", "/stream"))
+    };
+    let mut code = "c1".to_string();
+    let mut greeting = "hello".to_string();
+    // What each release serves, oldest first (a restart makes no release).
+    let mut history = vec![(code.clone(), greeting.clone())];
+    for step in 1..=20 {
+        match step % 10 {
+            1 | 6 => {
+                code = format!("c{}", step + 1);
+                push(&code);
+            }
+            2 | 7 => {
+                greeting = format!("g{step}");
+                server.berth_ok(&["config:set", "zd", &format!("GREETING={greeting}")]);
+            }
+            3 => {
+                server.berth_ok(&["ps:scale", "zd", "web=3"]);
+            }
+            4 => {
+                server.berth_ok(&["ps:scale", "zd", "web=1"]);
+            }
+            5 => {
+                server.berth_ok(&["ps:restart", "zd"]);
+                history.pop(); // pushed again below: a restart makes no release
+            }
+            8 => {
+                server.berth_ok(&["ps:restart", "zd", "web"]);
+                history.pop(); // pushed again below: a restart makes no release
+            }
+            _ => {
+                // Back to the release before the live one: its code and its config.
+                let out = server.berth_ok(&["releases:rollback", "zd"]);
+                assert!(out.contains("Rollback to v"), "{out}");
+                (code, greeting) = history[history.len() - 2].clone();
+            }
+        }
+        history.push((code.clone(), greeting.clone()));
+        expected.insert(format!("{code}/{greeting}\n"));
+        server.assert_serves(host, &format!("{code}/{greeting}\n"));
+    }
+    let (status, events) = stream.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        events.contains("data: c1/hello 29"),
+        "the stream was cut before its end:\n{events}"
+    );
+    let seen = load.finish();
+    assert!(
+        seen.failed.is_empty(),
+        "failed requests: {:#?}",
+        seen.failed
+    );
+    assert!(seen.ok > 100, "too few requests to mean anything: {seen:?}");
+    for body in seen.bodies.keys() {
+        assert!(
+            expected.contains(body),
+            "{body:?} came from no live release; expected {expected:?}"
+        );
+    }
+    let releases = server.berth_ok(&["releases", "zd"]);
+    assert!(
+        releases.contains("Scale web=3") && releases.contains("Rollback to v"),
+        "{releases}"
+    );
+    assert_eq!(releases.matches(" live ").count(), 1, "{releases}");
+    // The old containers drain and stop in the background.
+    wait_for_ps(&server, "zd", 60, |ps| {
+        ps.lines().count() == 1 && !ps.contains("draining")
+    });
+
+    // A release whose check fails never gets traffic and is listed as failed.
+    let load = Load::start(server.http, host);
+    let out = server.berth(&["config:set", "zd", "FAIL=1"]);
+    assert!(!out.status.success(), "a release answering 500 went live");
+    assert!(text(&out).contains("status 500"), "{}", text(&out));
+    let seen = load.finish();
+    assert!(
+        seen.failed.is_empty(),
+        "the failing release got traffic: {:#?}",
+        seen.failed
+    );
+    let releases = server.berth_ok(&["releases", "zd", "--json"]);
+    let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
+    assert_eq!(releases[0]["status"], "failed", "{releases:#}");
+    assert!(
+        releases[0]["reason"].as_str().unwrap().contains("500"),
+        "{releases:#}"
+    );
+    assert!(
+        !server.berth_ok(&["config", "zd"]).contains("FAIL"),
+        "the failed change's config stayed"
+    );
+
+    // Bad scale input is refused with what to do; nothing changes.
+    let out = server.berth(&["ps:scale", "zd", "nope=2"]);
+    assert!(
+        text(&out).contains("its process types are: web, worker"),
+        "{}",
+        text(&out)
+    );
+    let out = server.berth(&["ps:scale", "zd", "web=500"]);
+    assert!(
+        !out.status.success() && text(&out).contains("50 or fewer"),
+        "{}",
+        text(&out)
+    );
+
+    // A killed web process comes back by itself; with web=2 the stream of requests sees no
+    // more failures than the requests that were on the dead container.
+    server.berth_ok(&["ps:scale", "zd", "web=2", "worker=1"]);
+    let load = Load::start(server.http, host);
+    let (dyno, pid) = container_pids(&server, "zd")
+        .into_iter()
+        .find(|(d, _)| d == "web.1")
+        .expect("web.1 runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let ps = wait_for_ps(&server, "zd", 60, |ps| {
+        ps.lines().any(|l| {
+            l.starts_with(&format!("{dyno}: up")) && l.contains("restarts 1, last exit 137")
+        })
+    });
+    eprintln!("after the crash:\n{ps}");
+    let seen = load.finish();
+    assert!(
+        seen.failed.len() <= 2,
+        "more failures than requests in flight: {:#?}",
+        seen.failed
+    );
+    server.assert_serves(host, &format!("{code}/{greeting}\n"));
+
+    // A host reboot: the server and every shim and container process die; a new server brings
+    // the whole formation back.
+    server.kill();
+    for entry in std::fs::read_dir(server.data().join("containers"))
+        .unwrap()
+        .flatten()
+    {
+        for file in ["shim.pid", "pid"] {
+            if let Ok(pid) = std::fs::read_to_string(entry.path().join(file)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid.trim().parse().unwrap()),
+                    nix::sys::signal::SIGKILL,
+                );
+            }
+        }
+    }
+    server.launch();
+    let ps = wait_for_ps(&server, "zd", 60, |ps| ps.matches(": up").count() == 3);
+    assert!(ps.contains("worker.1: up"), "{ps}");
+    server.assert_serves(host, &format!("{code}/{greeting}\n"));
+
+    // A server killed in the middle of a switch: on restart the last live release serves,
+    // the interrupted one is failed, and nothing of it is left running.
+    laptop.write("Procfile", "web: sh -c 'sleep 5; exec python3 app.py'\n");
+    laptop.write("version.txt", "slow");
+    laptop.commit("slow start");
+    let mut push = laptop
+        .git_command(&["push", "deploy", "main"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(push.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen_lines = Vec::new();
+    while !seen_lines
+        .iter()
+        .any(|l: &String| l.contains("Waiting for web.1"))
+    {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen_lines.push(line),
+            Err(err) => panic!("the switch did not start ({err}): {seen_lines:#?}"),
+        }
+    }
+    server.kill();
+    assert!(
+        !push.wait().unwrap().success(),
+        "a push whose server died was accepted"
+    );
+    server.launch();
+    server.assert_serves(host, &format!("{code}/{greeting}\n"));
+    let releases = server.berth_ok(&["releases", "zd", "--json"]);
+    let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
+    assert_eq!(releases[0]["status"], "failed", "{releases:#}");
+    assert!(
+        releases[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("server stopped"),
+        "{releases:#}"
+    );
+    assert!(
+        !server.get(host).1.starts_with("slow"),
+        "the interrupted release serves"
+    );
+    wait_for_ps(&server, "zd", 60, |ps| {
+        ps.lines().count() == 3 && !ps.contains("starting") && !ps.contains("draining")
+    });
+
+    server.berth_ok(&["apps:destroy", "zd", "--force"]);
+    assert_eq!(server.get(host).0, 404);
+    server.stop();
+    let left = server.leftovers();
+    assert!(left.is_empty(), "left behind after stop: {left:#?}");
+}

@@ -173,6 +173,27 @@ impl Runtime {
         Ok(layout::read_i32(&dir, layout::EXIT))
     }
 
+    /// Waits until container `id`'s shim has exited, which it does once the container has
+    /// exited and its exit code is recorded (through a pidfd, so it works for shims a previous
+    /// daemon started too). Returns at once when no shim runs.
+    pub async fn wait_exit(&self, id: &str) -> Result<(), Error> {
+        let dir = self.container_dir(id);
+        let Some(shim) = valid_id(id).then(|| shim_pid(&dir)).flatten() else {
+            return Ok(());
+        };
+        let Some(pidfd) = pidfd_open(shim)? else {
+            return Ok(());
+        };
+        // SAFETY: the AsyncFd owns the pidfd, so the fd stays open for as long as it is
+        // registered and is closed only after it is deregistered on drop.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| Error::io(format!("watching the shim of {id}"))(err.into_parts().1))?;
+        let _ = fd.readable().await;
+        Ok(())
+    }
+
     /// Removes container `id`'s directory, stopping it first if it still runs. Succeeds if
     /// there is no such container.
     pub fn remove(&self, id: &str) -> Result<(), Error> {

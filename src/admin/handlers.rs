@@ -6,13 +6,16 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use super::{Out, Request};
-use crate::config::{self, Config};
-use crate::deploy::{self, container};
-use crate::server::Daemon;
-use crate::{app, build, git, keys, logs};
+use super::{Handles, Request};
+use crate::config;
+use crate::progress::Progress as Out;
+use crate::store::Formation;
+use crate::{app, git, keys, logs};
 
-pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<()> {
+/// Who made a change from the admin socket (root on the server), in `releases`.
+const ADMIN: &str = "admin";
+
+pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<()> {
     match request {
         Request::AppsCreate { name } => apps_create(d, &name, out).await,
         Request::Apps { json } => {
@@ -58,26 +61,32 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             no_restart,
         } => {
             let changes = config::parse_pairs(&pairs)?;
-            let mut config = d.store.config(&name).await?;
             let keys: Vec<_> = changes.keys().cloned().collect();
-            config.extend(changes);
             let description = format!("Set {} config vars", keys.join(", "));
-            apply_config(d, &name, config, &description, !no_restart, out).await
+            apply_config(d, &name, &description, !no_restart, out, |config| {
+                config.extend(changes)
+            })
+            .await
         }
         Request::ConfigUnset {
             name,
             keys,
             no_restart,
         } => {
-            let mut config = d.store.config(&name).await?;
+            let config = d.store.config(&name).await?;
             for key in &keys {
                 config::validate_key(key)?;
-                if config.remove(key).is_none() {
+                if !config.contains_key(key) {
                     out.warn(format!("{key} was not set")).await;
                 }
             }
             let description = format!("Unset {} config vars", keys.join(", "));
-            apply_config(d, &name, config, &description, !no_restart, out).await
+            apply_config(d, &name, &description, !no_restart, out, |config| {
+                keys.iter().for_each(|k| {
+                    config.remove(k);
+                })
+            })
+            .await
         }
         Request::Keys { json } => {
             let keys = d.store.keys().await?;
@@ -118,33 +127,61 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             }
             out.line(format!("=== {name} releases")).await;
             for r in releases {
+                let by = if r.created_by.is_empty() {
+                    String::new()
+                } else {
+                    format!("  by {}", r.created_by)
+                };
                 out.line(format!(
-                    "v{:<4} {:<40} {}",
-                    r.version, r.description, r.created_at
+                    "v{:<4} {:<10} {:<40} {}{by}",
+                    r.version,
+                    r.status.as_str(),
+                    r.description,
+                    r.created_at
                 ))
                 .await;
+                if !r.reason.is_empty() {
+                    out.line(format!("      {}", r.reason)).await;
+                }
             }
             Ok(())
         }
         Request::Ps { name, json } => {
             d.store.require_app(&name).await?;
-            let containers = d.store.containers(Some(&name)).await?;
+            let containers: Vec<PsRow> = d
+                .store
+                .containers(Some(&name))
+                .await?
+                .into_iter()
+                .map(|c| PsRow {
+                    status: d.deployer.container_state(&c),
+                    container: c,
+                })
+                .collect();
             if json {
                 return print_json(out, &containers).await;
             }
             if containers.is_empty() {
                 out.line(format!("{name} has no running containers")).await;
             }
-            for c in containers {
-                let state = match container::exit_code(d, &c.id) {
-                    None => "up".to_string(),
-                    Some(code) => format!("crashed (exit {code})"),
-                };
+            for PsRow {
+                container: c,
+                status,
+            } in containers
+            {
+                let since = chrono::DateTime::parse_from_rfc3339(&c.created_at)
+                    .map(|t| format_age(chrono::Utc::now() - t.to_utc()))
+                    .unwrap_or_default();
+                let last_exit = c
+                    .last_exit
+                    .map(|code| format!(", last exit {code}"))
+                    .unwrap_or_default();
                 out.line(format!(
-                    "{}.{}: {state}  v{}  {}  {}",
+                    "{}.{}: {status} {since}  v{}  restarts {}{last_exit}  {}  {}",
                     c.process_type,
                     c.number,
                     c.release,
+                    c.restarts,
                     c.addr(),
                     c.id
                 ))
@@ -156,8 +193,50 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             d.store.require_app(&name).await?;
             logs_command(d, &name, follow, num, out).await
         }
+        Request::PsScale { name, pairs } => {
+            d.store.require_app(&name).await?;
+            let changes = parse_formation(&pairs)?;
+            let release = d.deployer.scale(&name, &changes, ADMIN, out).await?;
+            out.line(format!(
+                "Scaled {name}: {}, now v{}",
+                formation_text(&release.formation),
+                release.version
+            ))
+            .await;
+            Ok(())
+        }
+        Request::PsRestart { name, process_type } => {
+            d.store.require_app(&name).await?;
+            d.deployer
+                .restart(&name, process_type.as_deref(), out)
+                .await?;
+            out.line(format!("Restarted {name}")).await;
+            Ok(())
+        }
+        Request::ReleasesRollback { name, version } => {
+            d.store.require_app(&name).await?;
+            let version = version
+                .map(|v| {
+                    v.strip_prefix('v')
+                        .unwrap_or(&v)
+                        .parse::<i64>()
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "{v:?} is not a release like v3 — see `berth releases {name}`"
+                            )
+                        })
+                })
+                .transpose()?;
+            let release = d.deployer.rollback(&name, version, ADMIN, out).await?;
+            out.line(format!(
+                "{}: {name} is now v{}",
+                release.description, release.version
+            ))
+            .await;
+            Ok(())
+        }
         Request::StackBuild { force } => {
-            let (build, run) = build::ensure_stacks(d, force, out).await?;
+            let (build, run) = d.deployer.builder().ensure_stacks(force, out).await?;
             out.line(format!(
                 "berth/stack-build {build}\nberth/stack-run   {run}"
             ))
@@ -168,9 +247,12 @@ pub async fn handle(d: &Daemon, request: Request, out: &Out) -> anyhow::Result<(
             app,
             source,
             description,
+            key,
         } => {
             d.store.require_app(&app).await?;
-            deploy::deploy_source(d, &app, source, &description, out).await?;
+            d.deployer
+                .deploy_source(&app, source, &description, &key, out)
+                .await?;
             Ok(())
         }
     }
@@ -181,7 +263,7 @@ async fn print_json(out: &Out, value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn apps_create(d: &Daemon, name: &str, out: &Out) -> anyhow::Result<()> {
+async fn apps_create(d: &Handles, name: &str, out: &Out) -> anyhow::Result<()> {
     app::validate(name)?;
     d.store.create_app(name).await?;
     if let Err(err) = git::create_repo(&d.paths.repos(), name, &d.hook_command) {
@@ -207,13 +289,13 @@ struct AppInfo {
     containers: Vec<crate::store::ContainerRow>,
 }
 
-async fn apps_info(d: &Daemon, name: &str, json: bool, out: &Out) -> anyhow::Result<()> {
+async fn apps_info(d: &Handles, name: &str, json: bool, out: &Out) -> anyhow::Result<()> {
     d.store.require_app(name).await?;
     let info = AppInfo {
         name: name.to_string(),
-        url: d.app_url(name),
+        url: d.deployer.app_url(name),
         git_remote: format!("ssh://git@SERVER:{}/{name}", d.ssh_port),
-        release: d.store.current_release(name).await?.map(|r| r.version),
+        release: d.store.live_release(name).await?.map(|r| r.version),
         containers: d.store.containers(Some(name)).await?,
     };
     if json {
@@ -231,13 +313,12 @@ async fn apps_info(d: &Daemon, name: &str, json: bool, out: &Out) -> anyhow::Res
     Ok(())
 }
 
-async fn apps_destroy(d: &Daemon, name: &str, force: bool, out: &Out) -> anyhow::Result<()> {
+async fn apps_destroy(d: &Handles, name: &str, force: bool, out: &Out) -> anyhow::Result<()> {
     d.store.require_app(name).await?;
     if !force {
         bail!("destroying {name} deletes its code, config and releases and cannot be undone — run `berth apps:destroy {name} --force`");
     }
-    let _guard = d.locks.lock(name).await;
-    deploy::stop_app(d, name).await?;
+    d.deployer.stop_app(name).await?;
     d.store.delete_app(name).await?;
     git::delete_repo(&d.paths.repos(), name)?;
     let _ = std::fs::remove_dir_all(d.paths.cache(name));
@@ -247,15 +328,19 @@ async fn apps_destroy(d: &Daemon, name: &str, force: bool, out: &Out) -> anyhow:
 }
 
 async fn apply_config(
-    d: &Daemon,
+    d: &Handles,
     name: &str,
-    config: Config,
     description: &str,
     restart: bool,
     out: &Out,
+    edit: impl FnOnce(&mut config::Config),
 ) -> anyhow::Result<()> {
     d.store.require_app(name).await?;
-    match deploy::change_config(d, name, config, description, restart, out).await? {
+    match d
+        .deployer
+        .change_config(name, description, restart, ADMIN, out, edit)
+        .await?
+    {
         Some(release) => {
             out.line(format!("{description}: {name} is now v{}", release.version))
                 .await
@@ -275,7 +360,7 @@ async fn apply_config(
 }
 
 async fn logs_command(
-    d: &Daemon,
+    d: &Handles,
     name: &str,
     follow: bool,
     num: usize,
@@ -295,4 +380,80 @@ async fn logs_command(
         }
     }
     Ok(())
+}
+
+/// A container as `ps --json` shows it: its record and its state now.
+#[derive(Serialize)]
+struct PsRow {
+    #[serde(flatten)]
+    container: crate::store::ContainerRow,
+    status: String,
+}
+
+/// `web=2 worker=1` → a formation; refuses malformed pairs.
+fn parse_formation(pairs: &[String]) -> anyhow::Result<Formation> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let parsed = pair
+                .split_once('=')
+                .and_then(|(t, n)| Some((t.to_string(), n.parse::<u32>().ok()?)))
+                .filter(|(t, _)| !t.is_empty());
+            parsed.with_context(|| {
+                format!(
+                    "{pair:?} is not TYPE=COUNT — scale like: berth ps:scale APP web=2 worker=1"
+                )
+            })
+        })
+        .collect()
+}
+
+fn formation_text(formation: &Formation) -> String {
+    formation
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// "5s", "3m", "2h", "4d": how long ago.
+fn format_age(age: chrono::TimeDelta) -> String {
+    let secs = age.num_seconds().max(0);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formations_parse() {
+        let ok = parse_formation(&["web=3".into(), "worker=0".into()]).unwrap();
+        assert_eq!(
+            ok,
+            [("web".to_string(), 3), ("worker".to_string(), 0)].into()
+        );
+        for bad in ["web", "=2", "web=-1", "web=two", "web=1.5"] {
+            assert!(parse_formation(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ages() {
+        let cases = [
+            (5, "5s"),
+            (61, "1m"),
+            (7200, "2h"),
+            (200_000, "2d"),
+            (-3, "0s"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(format_age(chrono::TimeDelta::seconds(secs)), want);
+        }
+    }
 }

@@ -1,12 +1,13 @@
 //! The local admin socket (`DATA/berth.sock`, root only): how the CLI and the git hook talk to the
 //! daemon. One JSON request line in; a stream of JSON event lines out (text for stdout/stderr,
-//! then `done` or `error`). Owns the wire types; [`client`] is the CLI side, [`server`] accepts
-//! connections and [`handlers`] turns each request into calls on the daemon.
+//! then `done` or `error`). Owns the wire types and [`Handles`], what the handlers get;
+//! [`client`] is the CLI side, [`server`] accepts connections and adapts the handlers'
+//! [`crate::progress::Progress`] lines to events, and [`handlers`] turns each request into calls
+//! on the store and `deploy`.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 pub mod client;
 pub mod handlers;
@@ -74,12 +75,38 @@ pub enum Request {
     StackBuild {
         force: bool,
     },
+    PsScale {
+        name: String,
+        /// `TYPE=N` pairs.
+        pairs: Vec<String>,
+    },
+    PsRestart {
+        name: String,
+        process_type: Option<String>,
+    },
+    ReleasesRollback {
+        name: String,
+        version: Option<String>,
+    },
     /// From the pre-receive hook: build `source` (a checkout of `rev`) and deploy it.
     Deploy {
         app: String,
         source: PathBuf,
         description: String,
+        /// The name of the SSH key that pushed.
+        key: String,
     },
+}
+
+/// What the admin handlers are given: the store, the deployer and the few facts they print.
+pub struct Handles {
+    pub store: crate::store::Store,
+    pub deployer: std::sync::Arc<crate::deploy::Deployer>,
+    pub paths: crate::paths::Paths,
+    /// The git hook command installed into each app's repo.
+    pub hook_command: String,
+    /// The port of the SSH git endpoint, for the remotes berth prints.
+    pub ssh_port: u16,
 }
 
 /// One line of the daemon's answer.
@@ -94,48 +121,6 @@ pub enum Event {
     Done,
     /// The command failed with this one-line message (what went wrong and what to do).
     Error(String),
-}
-
-/// Where a handler writes its output; the client prints it as it arrives.
-#[derive(Clone)]
-pub struct Out(mpsc::Sender<Event>);
-
-impl Out {
-    pub fn new(tx: mpsc::Sender<Event>) -> Self {
-        Self(tx)
-    }
-
-    /// Writes one line to the client's stdout. A gone client is not an error: the work goes on.
-    pub async fn line(&self, text: impl AsRef<str>) {
-        let _ = self
-            .0
-            .send(Event::Out(format!("{}\n", text.as_ref())))
-            .await;
-    }
-
-    /// Writes one line from blocking code (build output readers).
-    pub fn blocking_line(&self, text: impl AsRef<str>) {
-        let _ = self
-            .0
-            .blocking_send(Event::Out(format!("{}\n", text.as_ref())));
-    }
-
-    /// Writes one line to the client's stderr.
-    pub async fn warn(&self, text: impl AsRef<str>) {
-        let _ = self
-            .0
-            .send(Event::Err(format!("{}\n", text.as_ref())))
-            .await;
-    }
-
-    /// Whether the client has gone (for endless streams such as `logs -f`).
-    pub fn is_closed(&self) -> bool {
-        self.0.is_closed()
-    }
-
-    async fn send(&self, event: Event) {
-        let _ = self.0.send(event).await;
-    }
 }
 
 /// The socket's path in a data directory.

@@ -8,11 +8,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{handlers, Event, Out, Request};
-use crate::server::Daemon;
+use super::{handlers, Event, Handles, Request};
+use crate::progress::{Line, Progress};
 
 /// Serves the admin socket until `shutdown` fires. Requests in flight keep running.
-pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+pub async fn run(listener: UnixListener, daemon: Arc<Handles>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -28,22 +28,25 @@ pub async fn run(listener: UnixListener, daemon: Arc<Daemon>, shutdown: Cancella
     }
 }
 
-async fn serve_connection(stream: UnixStream, daemon: Arc<Daemon>) {
+async fn serve_connection(stream: UnixStream, daemon: Arc<Handles>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     if BufReader::new(read).read_line(&mut line).await.is_err() {
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<Event>(256);
-    let out = Out::new(tx);
+    let (tx, mut rx) = mpsc::channel::<Line>(256);
+    let out = Progress::new(tx);
     let writer = tokio::spawn(async move {
-        while let Some(event) = rx.recv().await {
-            let mut text = serde_json::to_string(&event).expect("events serialize");
-            text.push('\n');
-            if write.write_all(text.as_bytes()).await.is_err() {
-                break; // the client went away; dropping rx tells the handler
+        while let Some(line) = rx.recv().await {
+            let event = match line {
+                Line::Out(text) => Event::Out(text + "\n"),
+                Line::Warn(text) => Event::Err(text + "\n"),
+            };
+            if send(&mut write, &event).await.is_err() {
+                return None; // the client went away; dropping rx tells the handler
             }
         }
+        Some(write)
     });
     let final_event = match serde_json::from_str::<Request>(&line) {
         Err(err) => Event::Error(format!(
@@ -57,7 +60,14 @@ async fn serve_connection(stream: UnixStream, daemon: Arc<Daemon>) {
             }
         }
     };
-    out.send(final_event).await;
     drop(out);
-    let _ = writer.await;
+    if let Ok(Some(mut write)) = writer.await {
+        let _ = send(&mut write, &final_event).await;
+    }
+}
+
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, event: &Event) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(event).expect("events serialize");
+    text.push('\n');
+    write.write_all(text.as_bytes()).await
 }

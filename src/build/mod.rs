@@ -6,16 +6,18 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use berth_runtime::{Bind, ContainerSpec, LogTarget};
+use berth_runtime::{Bind, ContainerSpec, LogTarget, Runtime};
 use rand::Rng;
 use thiserror::Error;
 use tracing::{info, info_span, Instrument};
 
-use crate::admin::Out;
 use crate::config::Config;
-use crate::image::{stack, ImageConfig, ImageError};
-use crate::server::Daemon;
+use crate::image::{stack, ImageConfig, ImageError, ImageStore};
+use crate::network::Network;
+use crate::paths::Paths;
+use crate::progress::Progress;
 use crate::store::ProcessTypes;
 
 pub mod buildpacks;
@@ -52,35 +54,66 @@ pub struct Built {
 /// One stack build at a time, however many pushes wait for it.
 static STACK_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Builds `source` (a checkout in `DATA/builds/ID/src`) for `app`. The scratch folder is removed
-/// afterwards, pass or fail; on success the built tree now lives in the image store.
-pub async fn build(
-    d: &Daemon,
-    app: &str,
-    source: PathBuf,
-    config: &Config,
-    out: &Out,
-) -> Result<Built, BuildError> {
-    let scratch = source
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| source.clone());
-    let result = run_build(d, app, &source, &scratch, config, out)
-        .instrument(info_span!("build", %app))
-        .await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+/// What builds need: the image store, the runtime for build containers, the container network,
+/// the data dir's layout (caches, buildpacks) and the host CA bundle to pass in.
+pub struct Builder {
+    pub images: Arc<ImageStore>,
+    pub runtime: Arc<Runtime>,
+    pub network: Arc<Network>,
+    pub paths: Paths,
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl Builder {
+    /// Builds `source` (a checkout in `DATA/builds/ID/src`) for `app`. The scratch folder is
+    /// removed afterwards, pass or fail; on success the built tree now lives in the image store.
+    pub async fn build(
+        &self,
+        app: &str,
+        source: PathBuf,
+        config: &Config,
+        out: &Progress,
+    ) -> Result<Built, BuildError> {
+        let scratch = source
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| source.clone());
+        let result = run_build(self, app, &source, &scratch, config, out)
+            .instrument(info_span!("build", %app))
+            .await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        result
+    }
+
+    /// The stack images' digests, building them if missing (or all again with `force`), with
+    /// progress streamed to `out`.
+    pub async fn ensure_stacks(
+        &self,
+        force: bool,
+        out: &Progress,
+    ) -> Result<(String, String), BuildError> {
+        let _guard = STACK_LOCK.lock().await;
+        let images = self.images.clone();
+        let progress = out.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            stack::ensure_stacks(&images, force, &mut |line: &str| {
+                progress.blocking_line(format!("       {line}"))
+            })
+        })
+        .await
+        .expect("stack task")?)
+    }
 }
 
 async fn run_build(
-    d: &Daemon,
+    d: &Builder,
     app: &str,
     source: &Path,
     scratch: &Path,
     config: &Config,
-    out: &Out,
+    out: &Progress,
 ) -> Result<Built, BuildError> {
-    let (build_image, run_image) = ensure_stacks(d, false, out).await?;
+    let (build_image, run_image) = d.ensure_stacks(false, out).await?;
     if source.join("Dockerfile").exists() {
         out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
             .await;
@@ -112,7 +145,7 @@ async fn run_build(
         bind(&d.paths.buildpacks(), "/buildpacks", true),
         bind(Path::new("/etc/resolv.conf"), "/etc/resolv.conf", true),
     ];
-    if let Some(ca) = &d.build_ca_bundle {
+    if let Some(ca) = &d.ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
         for var in [
             "SSL_CERT_FILE",
@@ -220,23 +253,4 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
         return Err(BuildError::NoProcessTypes);
     }
     Ok(types)
-}
-
-/// The stack images' digests, building them if missing (or all again with `force`), with
-/// progress streamed to `out`.
-pub async fn ensure_stacks(
-    d: &Daemon,
-    force: bool,
-    out: &Out,
-) -> Result<(String, String), BuildError> {
-    let _guard = STACK_LOCK.lock().await;
-    let images = d.images.clone();
-    let progress = out.clone();
-    Ok(tokio::task::spawn_blocking(move || {
-        stack::ensure_stacks(&images, force, &mut |line: &str| {
-            progress.blocking_line(format!("       {line}"))
-        })
-    })
-    .await
-    .expect("stack task")?)
 }

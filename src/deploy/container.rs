@@ -1,5 +1,6 @@
 //! Starting and stopping one container of a release: its id, address, netns, environment and
-//! command, and the store record that says it exists. The runtime crate does the OS work.
+//! command, and the store record that says it exists (written before the container starts, so a
+//! crash never leaves a container nobody knows of). The runtime crate does the OS work.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -7,10 +8,9 @@ use berth_runtime::{ContainerSpec, LogTarget, State};
 use rand::Rng;
 use tracing::{info, warn};
 
-use super::DeployError;
+use super::{DeployError, Deployer};
 use crate::image::Image;
-use crate::server::Daemon;
-use crate::store::{ContainerRow, Release, Store};
+use crate::store::{ContainerRow, ContainerState, Release, Store};
 
 /// The port every container's app listens on, inside its own netns.
 pub const PORT: u16 = 5000;
@@ -53,21 +53,64 @@ impl ContainerRow {
     }
 }
 
-/// Starts container `number` of `process_type` for `release`; returns once its process runs.
+/// One container of a process type: `web.1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dyno {
+    pub process_type: String,
+    pub number: u32,
+    /// How often this dyno was restarted after a crash, and the crashed one's exit code.
+    pub restarts: i64,
+    pub last_exit: Option<i64>,
+}
+
+impl Dyno {
+    pub fn new(process_type: &str, number: u32) -> Self {
+        Self {
+            process_type: process_type.to_string(),
+            number,
+            restarts: 0,
+            last_exit: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dyno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.process_type, self.number)
+    }
+}
+
+/// Starts `dyno` of `release` (recorded as `starting`); returns once its process runs.
 pub async fn start(
-    d: &Daemon,
+    d: &Deployer,
     release: &Release,
     image: &Image,
-    process_type: &str,
-    number: u32,
+    dyno: &Dyno,
 ) -> Result<ContainerRow, DeployError> {
+    let (process_type, number) = (dyno.process_type.as_str(), dyno.number);
     let command = release
         .process_types
         .get(process_type)
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
     let (ip, netns) = d.network.attach(&id).await?;
-    let dyno = format!("{process_type}.{number}");
+    let row = ContainerRow {
+        id: id.clone(),
+        app: release.app.clone(),
+        release: release.version,
+        process_type: process_type.to_string(),
+        number: number.into(),
+        ip: ip.to_string(),
+        port: PORT.into(),
+        created_at: Store::timestamp(),
+        state: ContainerState::Starting,
+        restarts: dyno.restarts,
+        last_exit: dyno.last_exit,
+    };
+    if let Err(err) = d.store.insert_container(&row).await {
+        d.network.detach(&id, Some(ip)).await;
+        return Err(err.into());
+    }
     let mut env = image.config.env.clone();
     env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
     env.extend([
@@ -96,26 +139,15 @@ pub async fn start(
         .await
         .expect("runtime start task");
     if let Err(err) = started {
-        remove(d, &id, Some(ip)).await;
+        stop(d, &row).await;
         return Err(err.into());
     }
-    let row = ContainerRow {
-        id,
-        app: release.app.clone(),
-        release: release.version,
-        process_type: process_type.to_string(),
-        number: number.into(),
-        ip: ip.to_string(),
-        port: PORT.into(),
-        created_at: Store::timestamp(),
-    };
-    d.store.insert_container(&row).await?;
     info!(id = %row.id, ip = %row.ip, "container started");
     Ok(row)
 }
 
 /// Whether the container has exited, and with which code.
-pub fn exit_code(d: &Daemon, id: &str) -> Option<i32> {
+pub fn exit_code(d: &Deployer, id: &str) -> Option<i32> {
     match d.runtime.state(id) {
         State::Running { .. } => None,
         State::Exited { code } => Some(code),
@@ -125,7 +157,7 @@ pub fn exit_code(d: &Daemon, id: &str) -> Option<i32> {
 
 /// Stops the container (SIGTERM, SIGKILL after the grace period), removes it, its netns, its
 /// address and its record. Errors are logged, not returned: stopping must always make progress.
-pub async fn stop(d: &Daemon, row: &ContainerRow) {
+pub async fn stop(d: &Deployer, row: &ContainerRow) {
     remove(d, &row.id, row.ip.parse().ok()).await;
     if let Err(err) = d.store.delete_container(&row.id).await {
         warn!(id = %row.id, %err, "forgetting a container failed");
@@ -135,7 +167,7 @@ pub async fn stop(d: &Daemon, row: &ContainerRow) {
 
 /// Stops and removes container `id` (the runtime stops a running one first), its netns and its
 /// address. Alone, for containers the store has no record of.
-pub async fn remove(d: &Daemon, id: &str, ip: Option<Ipv4Addr>) {
+pub async fn remove(d: &Deployer, id: &str, ip: Option<Ipv4Addr>) {
     let runtime = d.runtime.clone();
     let owned = id.to_string();
     let removed = tokio::task::spawn_blocking(move || runtime.remove(&owned))

@@ -1,31 +1,51 @@
-//! Deploys: the only place that decides what runs. A deploy builds (or reuses) an image, makes a
-//! release `vN`, and rolls it out: start the new containers → wait until `web` answers HTTP →
-//! swap the route → stop the old containers. Anything failing before the swap stops the new
-//! containers and leaves the old release serving, with no release recorded.
+//! Deploys: the only place that decides what runs. Each app's desired state is its one `live`
+//! release (image, config, process types, formation) in the store; [`Deployer`] converges the
+//! running containers toward it.
 //!
-//! Must not mount, clone or touch links itself (the runtime crate does) and must not serve HTTP.
+//! Every change — a push, a config change, a scale, a restart, a rollback — goes through one
+//! switch ([`switch`]): record what should run first (a `deploying` release), start the new
+//! containers, check them, then in one store transaction make the release live and the replaced
+//! containers `draining`, swap the route, and drain and stop the old containers in the background.
+//! A failed check stops the new containers and marks the release `failed`: the old one keeps
+//! serving. The supervisor ([`supervisor`]) converges on every container exit, on a timer and
+//! on server start: restarts crashed containers with backoff, starts missing ones (after a host
+//! reboot), stops extra ones, finishes drains and routes only to what is live and running.
+//!
+//! Must not mount, clone or touch links itself (the runtime crate does), must not serve HTTP
+//! (the proxy does) and must not know who listens to its progress ([`Progress`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tracing::{info, info_span, warn, Instrument};
+use tokio::sync::mpsc;
+use tracing::{info_span, Instrument};
 
-use crate::admin::Out;
-use crate::build::{self, BuildError};
+use crate::build::{BuildError, Builder};
 use crate::config::Config;
-use crate::image::{Image, ImageError};
-use crate::logs;
-use crate::server::Daemon;
-use crate::store::{ContainerRow, Formation, NewRelease, Release, StoreError};
+use crate::image::{Image, ImageError, ImageStore};
+use crate::network::{Network, NetworkError};
+use crate::paths::Paths;
+use crate::progress::Progress;
+use crate::proxy::Routes;
+use crate::store::{
+    ContainerRow, Formation, NewRelease, Release, ReleaseStatus, Store, StoreError,
+};
 
 pub mod container;
 mod health;
+mod supervisor;
+mod switch;
 
 /// How long a new `web` container gets to answer HTTP.
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a replaced `web` container may finish its requests before it is stopped, unless the
+/// app's `BERTH_DRAIN_TIMEOUT` config var (seconds) says otherwise.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// The most containers of one process type `ps:scale` accepts.
+pub const MAX_SCALE: u32 = 50;
 
 #[derive(Debug, Error)]
 pub enum DeployError {
@@ -35,15 +55,23 @@ pub enum DeployError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("{0} — check `berth ps` and the server log")]
     Runtime(#[from] berth_runtime::Error),
-    #[error(transparent)]
-    Network(#[from] crate::network::NetworkError),
     #[error("the release has no process type {0:?} — check the Procfile")]
     NoSuchProcessType(String),
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]
     NoWeb,
-    #[error("{dyno} exited with code {code} before answering HTTP on $PORT — fix the app; its last log lines:\n{logs}")]
+    #[error("{app} has no process type {process_type:?} — its process types are: {known}")]
+    UnknownProcessType {
+        app: String,
+        process_type: String,
+        known: String,
+    },
+    #[error("{process_type}={count} is more than berth runs of one process type ({MAX_SCALE}) — scale to {MAX_SCALE} or fewer")]
+    TooMany { process_type: String, count: u32 },
+    #[error("{dyno} exited with code {code} before passing its check — fix the app; its last log lines:\n{logs}")]
     Crashed {
         dyno: String,
         code: i32,
@@ -55,11 +83,27 @@ pub enum DeployError {
         secs: u64,
         logs: String,
     },
+    #[error("{dyno} answered GET / with status {status} — a release goes live only when / answers below 500; its last log lines:\n{logs}")]
+    BadStatus {
+        dyno: String,
+        status: u16,
+        logs: String,
+    },
     #[error("app {0:?} has no release yet — push code first: git push deploy main")]
     NothingDeployed(String),
+    #[error("{app} has no release v{version} — see `berth releases {app}`")]
+    NoSuchRelease { app: String, version: i64 },
+    #[error("{app} v{version} failed ({reason}) — roll back to a release that was live; see `berth releases {app}`")]
+    RollbackToFailed {
+        app: String,
+        version: i64,
+        reason: String,
+    },
+    #[error("{app} has no earlier release to roll back to — see `berth releases {app}`")]
+    NoEarlierRelease { app: String },
 }
 
-/// One lock per app: deploys, config changes and destroys of an app run one at a time.
+/// One lock per app: switches and convergence of an app run one at a time.
 #[derive(Default)]
 pub struct AppLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
@@ -76,67 +120,354 @@ impl AppLocks {
     }
 }
 
-/// Builds `source` (a checkout of a push) and rolls it out as a new release.
-pub async fn deploy_source(
-    d: &Daemon,
-    app: &str,
-    source: PathBuf,
-    description: &str,
-    out: &Out,
-) -> Result<Release, DeployError> {
-    let _guard = d.locks.lock(app).await;
-    let version = d.store.next_version(app).await?;
-    let span = info_span!("deploy", %app, release = version);
-    async {
-        let config = d.store.config(app).await?;
-        let built = build::build(d, app, source, &config, out).await?;
-        let previous = d.store.current_release(app).await?;
-        let formation = formation_for(
-            &built.process_types,
-            previous.as_ref().map(|r| &r.formation),
-        );
-        let new = NewRelease {
-            image: built.image,
-            config,
-            process_types: built.process_types,
-            formation,
-            description: description.to_string(),
-        };
-        release(d, app, version, new, out).await
-    }
-    .instrument(span)
-    .await
+/// The handles deploys need, and nothing more.
+pub struct DeployerParts {
+    pub store: Store,
+    pub images: Arc<ImageStore>,
+    pub runtime: Arc<berth_runtime::Runtime>,
+    pub routes: Arc<Routes>,
+    pub network: Arc<Network>,
+    pub builder: Builder,
+    pub paths: Paths,
+    /// Apps are served at `APP.<domain>`.
+    pub domain: String,
 }
 
-/// Stores `config` as the app's config. Unless `restart` is false or nothing is deployed yet,
-/// makes a release with it and rolls it out first; if that fails, the config stays as it was.
-pub async fn change_config(
-    d: &Daemon,
-    app: &str,
-    config: Config,
-    description: &str,
-    restart: bool,
-    out: &Out,
-) -> Result<Option<Release>, DeployError> {
-    let _guard = d.locks.lock(app).await;
-    let current = d.store.current_release(app).await?;
-    let released = match current.filter(|_| restart) {
-        None => None,
-        Some(current) => {
-            let version = d.store.next_version(app).await?;
+/// Decides and converges what runs. Shared as `Arc<Deployer>`.
+pub struct Deployer {
+    store: Store,
+    images: Arc<ImageStore>,
+    runtime: Arc<berth_runtime::Runtime>,
+    routes: Arc<Routes>,
+    network: Arc<Network>,
+    builder: Builder,
+    paths: Paths,
+    domain: String,
+    locks: AppLocks,
+    /// Apps whose containers changed (an exit, a timer); the supervisor converges them.
+    wake: mpsc::UnboundedSender<String>,
+    wakes: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// Apps with a convergence queued, so wakes do not pile up.
+    queued: Mutex<HashSet<String>>,
+    /// When each crashed container was first seen exited (for restart backoff).
+    crashed_at: Mutex<HashMap<String, Instant>>,
+}
+
+impl Deployer {
+    pub fn new(parts: DeployerParts) -> Arc<Self> {
+        let (wake, wakes) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            store: parts.store,
+            images: parts.images,
+            runtime: parts.runtime,
+            routes: parts.routes,
+            network: parts.network,
+            builder: parts.builder,
+            paths: parts.paths,
+            domain: parts.domain,
+            locks: AppLocks::default(),
+            wake,
+            wakes: Mutex::new(Some(wakes)),
+            queued: Mutex::new(HashSet::new()),
+            crashed_at: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The builder (for `stack:build`).
+    pub fn builder(&self) -> &Builder {
+        &self.builder
+    }
+
+    /// The Host an app's route answers to.
+    pub fn app_host(&self, app: &str) -> String {
+        format!("{app}.{}", self.domain)
+    }
+
+    /// The default URL of an app.
+    pub fn app_url(&self, app: &str) -> String {
+        format!("http://{}", self.app_host(app))
+    }
+
+    /// Builds `source` (a checkout of a push) and switches to it as a new release.
+    pub async fn deploy_source(
+        self: &Arc<Self>,
+        app: &str,
+        source: PathBuf,
+        description: &str,
+        by: &str,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        async {
+            let config = self.store.config(app).await?;
+            let built = self.builder.build(app, source, &config, out).await?;
+            let live = self.store.live_release(app).await?;
+            let formation =
+                formation_for(&built.process_types, live.as_ref().map(|r| &r.formation));
             let new = NewRelease {
-                image: current.image,
-                config: config.clone(),
-                process_types: current.process_types,
-                formation: current.formation,
+                image: built.image,
+                config,
+                process_types: built.process_types,
+                formation,
                 description: description.to_string(),
+                created_by: by.to_string(),
             };
-            let span = info_span!("config", %app, release = version);
-            Some(release(d, app, version, new, out).instrument(span).await?)
+            self.release(app, new, out).await
         }
-    };
-    d.store.replace_config(app, &config).await?;
-    Ok(released)
+        .instrument(info_span!("deploy", %app))
+        .await
+    }
+
+    /// Changes the app's config with `edit` (applied under the app's lock, so concurrent
+    /// changes never lose one). Unless `restart` is false or nothing is deployed yet, switches to
+    /// a release with the new config first; if that fails, the config stays as it was.
+    pub async fn change_config(
+        self: &Arc<Self>,
+        app: &str,
+        description: &str,
+        restart: bool,
+        by: &str,
+        out: &Progress,
+        edit: impl FnOnce(&mut Config),
+    ) -> Result<Option<Release>, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        let mut config = self.store.config(app).await?;
+        edit(&mut config);
+        let live = self.store.live_release(app).await?;
+        let released = match live.filter(|_| restart) {
+            None => None,
+            Some(live) => {
+                let new = NewRelease {
+                    config: config.clone(),
+                    description: description.to_string(),
+                    created_by: by.to_string(),
+                    ..next_of(&live)
+                };
+                let span = info_span!("config", %app);
+                Some(self.release(app, new, out).instrument(span).await?)
+            }
+        };
+        self.store.replace_config(app, &config).await?;
+        Ok(released)
+    }
+
+    /// Sets the number of containers of the given process types (a new release).
+    pub async fn scale(
+        self: &Arc<Self>,
+        app: &str,
+        changes: &Formation,
+        by: &str,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        let live = self.live(app).await?;
+        for (process_type, count) in changes {
+            self.require_type(&live, process_type)?;
+            if *count > MAX_SCALE {
+                return Err(DeployError::TooMany {
+                    process_type: process_type.clone(),
+                    count: *count,
+                });
+            }
+        }
+        let mut formation = live.formation.clone();
+        formation.extend(changes.iter().map(|(t, n)| (t.clone(), *n)));
+        formation.retain(|_, n| *n > 0);
+        let description = format!(
+            "Scale {}",
+            changes
+                .iter()
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let new = NewRelease {
+            formation,
+            description,
+            created_by: by.to_string(),
+            ..next_of(&live)
+        };
+        self.release(app, new, out)
+            .instrument(info_span!("scale", %app))
+            .await
+    }
+
+    /// Replaces the app's containers (of `process_type`, or all) with fresh ones of the live
+    /// release, through the switch: zero downtime.
+    pub async fn restart(
+        self: &Arc<Self>,
+        app: &str,
+        process_type: Option<&str>,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        let live = self.live(app).await?;
+        if let Some(process_type) = process_type {
+            self.require_type(&live, process_type)?;
+        }
+        switch::switch(self, &live, process_type, out)
+            .instrument(info_span!("restart", %app, release = live.version))
+            .await?;
+        Ok(live)
+    }
+
+    /// Makes a new release from release `version`'s image, process types and config (default:
+    /// the last release that was live before the current one), and restores that config.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        app: &str,
+        version: Option<i64>,
+        by: &str,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        let live = self.live(app).await?;
+        let target = match version {
+            Some(version) => self.store.release(app, version).await?.ok_or_else(|| {
+                DeployError::NoSuchRelease {
+                    app: app.to_string(),
+                    version,
+                }
+            })?,
+            None => self
+                .store
+                .releases(app)
+                .await?
+                .into_iter()
+                .find(|r| r.version < live.version && r.status == ReleaseStatus::Superseded)
+                .ok_or_else(|| DeployError::NoEarlierRelease {
+                    app: app.to_string(),
+                })?,
+        };
+        if matches!(
+            target.status,
+            ReleaseStatus::Failed | ReleaseStatus::Deploying
+        ) {
+            return Err(DeployError::RollbackToFailed {
+                app: app.to_string(),
+                version: target.version,
+                reason: target.reason,
+            });
+        }
+        let new = NewRelease {
+            image: target.image,
+            config: target.config.clone(),
+            formation: formation_for(&target.process_types, Some(&live.formation)),
+            process_types: target.process_types,
+            description: format!("Rollback to v{}", target.version),
+            created_by: by.to_string(),
+        };
+        let release = self
+            .release(app, new, out)
+            .instrument(info_span!("rollback", %app))
+            .await?;
+        self.store.replace_config(app, &target.config).await?;
+        Ok(release)
+    }
+
+    /// Stops an app's containers and forgets its route (before destroying it).
+    pub async fn stop_app(&self, app: &str) -> Result<(), DeployError> {
+        let _guard = self.locks.lock(app).await;
+        self.routes.remove(&self.app_host(app));
+        let containers = self.store.containers(Some(app)).await?;
+        futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;
+        Ok(())
+    }
+
+    /// Stops every container (ephemeral servers on shutdown).
+    pub async fn stop_everything(&self) {
+        match self.store.containers(None).await {
+            Ok(all) => {
+                futures::future::join_all(all.iter().map(|c| container::stop(self, c))).await;
+            }
+            Err(err) => tracing::warn!(%err, "listing containers to stop failed"),
+        }
+    }
+
+    /// What `ps` shows as a container's state.
+    pub fn container_state(&self, c: &ContainerRow) -> String {
+        use crate::store::ContainerState;
+        match (c.state, container::exit_code(self, &c.id)) {
+            (ContainerState::Starting, _) => "starting".into(),
+            (ContainerState::Draining, _) => "draining".into(),
+            (ContainerState::Up, None) => "up".into(),
+            (ContainerState::Up, Some(code)) => format!("crashed (exit {code})"),
+        }
+    }
+
+    /// Records `new` as a `deploying` release and switches to it; marks it failed if the
+    /// switch fails.
+    async fn release(
+        self: &Arc<Self>,
+        app: &str,
+        new: NewRelease,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        if !new.process_types.contains_key("web") {
+            return Err(DeployError::NoWeb);
+        }
+        let release = self.store.insert_release(app, &new).await?;
+        let span = info_span!("switch", %app, release = release.version);
+        if let Err(err) = switch::switch(self, &release, None, out)
+            .instrument(span)
+            .await
+        {
+            let reason = err.to_string();
+            let reason = reason.lines().next().unwrap_or_default();
+            self.store
+                .fail_release(app, release.version, reason)
+                .await?;
+            return Err(err);
+        }
+        Ok(Release {
+            status: ReleaseStatus::Live,
+            ..release
+        })
+    }
+
+    async fn live(&self, app: &str) -> Result<Release, DeployError> {
+        self.store.require_app(app).await?;
+        self.store
+            .live_release(app)
+            .await?
+            .ok_or_else(|| DeployError::NothingDeployed(app.to_string()))
+    }
+
+    fn require_type(&self, live: &Release, process_type: &str) -> Result<(), DeployError> {
+        if live.process_types.contains_key(process_type) {
+            return Ok(());
+        }
+        Err(DeployError::UnknownProcessType {
+            app: live.app.clone(),
+            process_type: process_type.to_string(),
+            known: live
+                .process_types
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    async fn load_image(&self, digest: &str) -> Result<Image, DeployError> {
+        let images = self.images.clone();
+        let digest = digest.to_string();
+        Ok(tokio::task::spawn_blocking(move || images.image(&digest))
+            .await
+            .expect("image task")?)
+    }
+}
+
+/// A new release with everything of `live` (callers override what changes).
+fn next_of(live: &Release) -> NewRelease {
+    NewRelease {
+        image: live.image.clone(),
+        config: live.config.clone(),
+        process_types: live.process_types.clone(),
+        formation: live.formation.clone(),
+        description: String::new(),
+        created_by: String::new(),
+    }
 }
 
 /// The formation of a new release: the previous one's counts for types that still exist,
@@ -153,177 +484,6 @@ fn formation_for(
         formation.insert("web".into(), 1);
     }
     formation
-}
-
-/// Rolls out release `version` and records it once it serves.
-async fn release(
-    d: &Daemon,
-    app: &str,
-    version: i64,
-    new: NewRelease,
-    out: &Out,
-) -> Result<Release, DeployError> {
-    if !new.process_types.contains_key("web") {
-        return Err(DeployError::NoWeb);
-    }
-    // Not recorded yet: it becomes a release only once it serves.
-    let candidate = new.release(app, version, String::new());
-    roll_out(d, &candidate, out).await?;
-    let recorded = d.store.insert_release(app, version, &new).await?;
-    out.line(format!(
-        "-----> {app} v{version} is live at {}",
-        d.app_url(app)
-    ))
-    .await;
-    info!(%app, version, "release live");
-    Ok(recorded)
-}
-
-async fn load_image(d: &Daemon, digest: &str) -> Result<Image, DeployError> {
-    let images = d.images.clone();
-    let digest = digest.to_string();
-    Ok(tokio::task::spawn_blocking(move || images.image(&digest))
-        .await
-        .expect("image task")?)
-}
-
-/// Start new → health check → swap route → stop old.
-async fn roll_out(d: &Daemon, release: &Release, out: &Out) -> Result<(), DeployError> {
-    let app = &release.app;
-    let image = load_image(d, &release.image).await?;
-    let old = d.store.containers(Some(app)).await?;
-
-    out.line(format!("-----> Starting v{}", release.version))
-        .await;
-    let mut started: Vec<ContainerRow> = Vec::new();
-    let result = start_all(d, release, &image, &mut started, out).await;
-    if let Err(err) = result {
-        for c in &started {
-            container::stop(d, c).await;
-        }
-        out.line(format!(
-            "-----> v{} did not start; the previous release keeps serving",
-            release.version
-        ))
-        .await;
-        return Err(err);
-    }
-
-    let web: Vec<_> = started
-        .iter()
-        .filter(|c| c.process_type == "web")
-        .map(|c| c.addr())
-        .collect();
-    d.routes.set(&d.app_host(app), web);
-    out.line(format!(
-        "       Routed {} to v{}",
-        d.app_host(app),
-        release.version
-    ))
-    .await;
-
-    if !old.is_empty() {
-        out.line(format!("-----> Stopping {} old container(s)", old.len()))
-            .await;
-        for c in &old {
-            container::stop(d, c).await;
-        }
-    }
-    Ok(())
-}
-
-async fn start_all(
-    d: &Daemon,
-    release: &Release,
-    image: &Image,
-    started: &mut Vec<ContainerRow>,
-    out: &Out,
-) -> Result<(), DeployError> {
-    for (process_type, count) in &release.formation {
-        for number in 1..=*count {
-            let c = container::start(d, release, image, process_type, number).await?;
-            started.push(c);
-        }
-    }
-    for c in started.iter().filter(|c| c.process_type == "web") {
-        let dyno = format!("{}.{}", c.process_type, c.number);
-        out.line(format!("       Waiting for {dyno} to answer HTTP on $PORT"))
-            .await;
-        let checked =
-            health::wait_until_answers(c.addr(), &d.app_host(&c.app), START_DEADLINE, || {
-                container::exit_code(d, &c.id)
-            })
-            .await;
-        let logs = || logs::tail_matching(&d.paths.log(&c.app), &format!("app[{dyno}]"), 20);
-        match checked {
-            Ok(()) => out.line(format!("       {dyno} is up")).await,
-            Err(health::Unhealthy::Exited(code)) => {
-                let logs = logs();
-                return Err(DeployError::Crashed { dyno, code, logs });
-            }
-            Err(health::Unhealthy::Timeout) => {
-                let logs = logs();
-                return Err(DeployError::Timeout {
-                    dyno,
-                    secs: START_DEADLINE.as_secs(),
-                    logs,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Stops an app's containers and removes its route (before destroying it).
-pub async fn stop_app(d: &Daemon, app: &str) -> Result<(), DeployError> {
-    d.routes.set(&d.app_host(app), vec![]);
-    for c in d.store.containers(Some(app)).await? {
-        container::stop(d, &c).await;
-    }
-    Ok(())
-}
-
-/// On server start: takes back the containers whose shims kept running, routes to them, and
-/// cleans up those that died while the server was away and those it has no record of.
-pub async fn readopt(d: &Daemon) -> Result<(), DeployError> {
-    let mut routes: HashMap<String, Vec<std::net::SocketAddr>> = HashMap::new();
-    let known = d.store.containers(None).await?;
-    // Containers with no record: a build cut short, or a start the server died in.
-    for id in d.runtime.list() {
-        if !known.iter().any(|c| c.id == id) {
-            warn!(%id, "removing a container the server has no record of");
-            container::remove(d, &id, None).await;
-        }
-    }
-    for c in known {
-        if container::exit_code(d, &c.id).is_none() {
-            d.network
-                .mark_used(c.ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
-            if c.process_type == "web" {
-                routes.entry(c.app.clone()).or_default().push(c.addr());
-            }
-            info!(id = %c.id, "re-adopted container");
-        } else {
-            warn!(id = %c.id, "container exited while the server was away; cleaning up");
-            container::stop(d, &c).await;
-        }
-    }
-    for (app, addrs) in routes {
-        d.routes.set(&d.app_host(&app), addrs);
-    }
-    Ok(())
-}
-
-/// Stops every container (ephemeral servers on shutdown).
-pub async fn stop_everything(d: &Daemon) {
-    match d.store.containers(None).await {
-        Ok(all) => {
-            for c in all {
-                container::stop(d, &c).await;
-            }
-        }
-        Err(err) => warn!(%err, "listing containers to stop failed"),
-    }
 }
 
 #[cfg(test)]

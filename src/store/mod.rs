@@ -1,5 +1,6 @@
-//! berth's state in SQLite (sqlx, WAL, `migrations/`): apps, config, releases, SSH keys and the
-//! containers the daemon runs. Owns every SQL statement; callers get plain structs.
+//! berth's state in SQLite (sqlx, WAL, `migrations/`): apps, config, releases (the `live` one is
+//! what should run), SSH keys and the containers the daemon runs. Owns every SQL statement;
+//! callers get plain structs.
 //! Must not decide anything (that is `deploy`'s job) and must not touch files outside the database.
 
 use std::collections::BTreeMap;
@@ -47,6 +48,32 @@ pub type ProcessTypes = BTreeMap<String, String>;
 /// Process type → number of containers.
 pub type Formation = BTreeMap<String, u32>;
 
+/// Where a release is in its life. An app has at most one `live` release: the one that should run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+pub enum ReleaseStatus {
+    /// Its containers are starting and being checked.
+    Deploying,
+    /// What should run.
+    Live,
+    /// Was live; a later release replaced it.
+    Superseded,
+    /// Its build, start or check failed, or a server stop cut it short; `reason` says which.
+    Failed,
+}
+
+impl ReleaseStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deploying => "deploying",
+            Self::Live => "live",
+            Self::Superseded => "superseded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// An immutable release `vN` of an app.
 #[derive(Debug, Clone, Serialize)]
 pub struct Release {
@@ -58,6 +85,11 @@ pub struct Release {
     pub formation: Formation,
     pub description: String,
     pub created_at: String,
+    pub status: ReleaseStatus,
+    /// Why it failed; empty otherwise.
+    pub reason: String,
+    /// The SSH key that pushed it, or `admin` for the local CLI.
+    pub created_by: String,
 }
 
 /// What a new release is made of; the store assigns the version.
@@ -68,22 +100,7 @@ pub struct NewRelease {
     pub process_types: ProcessTypes,
     pub formation: Formation,
     pub description: String,
-}
-
-impl NewRelease {
-    /// The release this becomes as version `version` of `app`.
-    pub fn release(&self, app: &str, version: i64, created_at: String) -> Release {
-        Release {
-            app: app.to_string(),
-            version,
-            image: self.image.clone(),
-            config: self.config.clone(),
-            process_types: self.process_types.clone(),
-            formation: self.formation.clone(),
-            description: self.description.clone(),
-            created_at,
-        }
-    }
+    pub created_by: String,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -91,6 +108,20 @@ pub struct KeyRow {
     pub name: String,
     pub fingerprint: String,
     pub created_at: String,
+}
+
+/// Where a container is in its life, as the daemon decided it (whether its process still runs is
+/// the runtime's to say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(rename_all = "lowercase")]
+pub enum ContainerState {
+    /// Started for a switch that has not completed; not routed.
+    Starting,
+    /// Part of what should run; routed when it is `web` and its process runs.
+    Up,
+    /// Replaced: finishing its requests, then stopped.
+    Draining,
 }
 
 /// A container the daemon started.
@@ -104,6 +135,11 @@ pub struct ContainerRow {
     pub ip: String,
     pub port: i64,
     pub created_at: String,
+    pub state: ContainerState,
+    /// How many times this dyno (type.number) was restarted after crashing.
+    pub restarts: i64,
+    /// The exit code of the container this one replaced after a crash.
+    pub last_exit: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -229,48 +265,108 @@ impl Store {
         rows.iter().map(release_from_row).collect()
     }
 
-    pub async fn current_release(&self, app: &str) -> Result<Option<Release>> {
-        let row = sqlx::query("SELECT * FROM releases WHERE app = ? ORDER BY version DESC LIMIT 1")
+    /// The app's live release: what should run.
+    pub async fn live_release(&self, app: &str) -> Result<Option<Release>> {
+        let row = sqlx::query("SELECT * FROM releases WHERE app = ? AND status = 'live'")
             .bind(app)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(release_from_row).transpose()
     }
 
-    /// The version the next release of `app` will get.
-    pub async fn next_version(&self, app: &str) -> Result<i64> {
-        let row =
-            sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM releases WHERE app = ?")
-                .bind(app)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(row.get("v"))
+    /// Release `version` of `app`.
+    pub async fn release(&self, app: &str, version: i64) -> Result<Option<Release>> {
+        let row = sqlx::query("SELECT * FROM releases WHERE app = ? AND version = ?")
+            .bind(app)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(release_from_row).transpose()
     }
 
-    /// Records release `version` of `app`. Callers hold the app's deploy lock, so versions are
-    /// assigned by [`Store::next_version`] without races; the primary key still refuses a twin.
-    pub async fn insert_release(
-        &self,
-        app: &str,
-        version: i64,
-        new: &NewRelease,
-    ) -> Result<Release> {
-        let created_at = now();
-        sqlx::query(
-            "INSERT INTO releases (app, version, image, config, process_types, formation, description, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    /// Records `new` as the next release of `app`, `deploying`. The version is assigned in the
+    /// same statement, so two writers can never get the same one.
+    pub async fn insert_release(&self, app: &str, new: &NewRelease) -> Result<Release> {
+        let row = sqlx::query(
+            "INSERT INTO releases (app, version, image, config, process_types, formation, description, created_at, status, created_by)
+             VALUES (?1, (SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1), ?2, ?3, ?4, ?5, ?6, ?7, 'deploying', ?8)
+             RETURNING *",
         )
         .bind(app)
-        .bind(version)
         .bind(&new.image)
         .bind(serde_json::to_string(&new.config)?)
         .bind(serde_json::to_string(&new.process_types)?)
         .bind(serde_json::to_string(&new.formation)?)
         .bind(&new.description)
-        .bind(&created_at)
+        .bind(now())
+        .bind(&new.created_by)
+        .fetch_one(&self.pool)
+        .await?;
+        release_from_row(&row)
+    }
+
+    /// Marks release `version` failed with `reason`.
+    pub async fn fail_release(&self, app: &str, version: i64, reason: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE releases SET status = 'failed', reason = ? WHERE app = ? AND version = ?",
+        )
+        .bind(reason)
+        .bind(app)
+        .bind(version)
         .execute(&self.pool)
         .await?;
-        Ok(new.release(app, version, created_at))
+        Ok(())
+    }
+
+    /// Marks every `deploying` release failed (a server stop cut it short); returns them as
+    /// (app, version).
+    pub async fn fail_interrupted(&self, reason: &str) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "UPDATE releases SET status = 'failed', reason = ? WHERE status = 'deploying' RETURNING app, version",
+        )
+        .bind(reason)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("app"), r.get("version")))
+            .collect())
+    }
+
+    /// The switch, in one transaction: release `version` becomes the app's live one (the
+    /// previous live one superseded), the `started` containers `up` and the `replaced` ones
+    /// `draining`.
+    pub async fn promote(
+        &self,
+        app: &str,
+        version: i64,
+        started: &[String],
+        replaced: &[String],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE releases SET status = 'superseded' WHERE app = ? AND status = 'live' AND version != ?",
+        )
+        .bind(app)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE releases SET status = 'live' WHERE app = ? AND version = ?")
+            .bind(app)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        for (ids, state) in [(started, "up"), (replaced, "draining")] {
+            for id in ids {
+                sqlx::query("UPDATE containers SET state = ? WHERE id = ?")
+                    .bind(state)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn keys(&self) -> Result<Vec<KeyRow>> {
@@ -324,8 +420,8 @@ impl Store {
 
     pub async fn insert_container(&self, c: &ContainerRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at, state, restarts, last_exit)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.app)
@@ -335,8 +431,20 @@ impl Store {
         .bind(&c.ip)
         .bind(c.port)
         .bind(&c.created_at)
+        .bind(c.state)
+        .bind(c.restarts)
+        .bind(c.last_exit)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    pub async fn set_container_state(&self, id: &str, state: ContainerState) -> Result<()> {
+        sqlx::query("UPDATE containers SET state = ? WHERE id = ?")
+            .bind(state)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -374,6 +482,9 @@ fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Release> {
         formation: serde_json::from_str(r.get("formation"))?,
         description: r.get("description"),
         created_at: r.get("created_at"),
+        status: r.get("status"),
+        reason: r.get("reason"),
+        created_by: r.get("created_by"),
     })
 }
 
@@ -410,12 +521,28 @@ mod tests {
             ip: "10.9.0.2".into(),
             port: 5000,
             created_at: Store::timestamp(),
+            state: ContainerState::Starting,
+            restarts: 2,
+            last_exit: Some(137),
         };
         s.insert_container(&c).await.unwrap();
         let listed = s.containers(Some("hello")).await.unwrap();
         assert_eq!(
-            (listed[0].id.as_str(), listed[0].port),
-            (c.id.as_str(), 5000)
+            (
+                listed[0].id.as_str(),
+                listed[0].port,
+                listed[0].state,
+                listed[0].restarts,
+                listed[0].last_exit
+            ),
+            (c.id.as_str(), 5000, ContainerState::Starting, 2, Some(137))
+        );
+        s.set_container_state(&c.id, ContainerState::Draining)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.containers(None).await.unwrap()[0].state,
+            ContainerState::Draining
         );
         assert!(s.containers(Some("other")).await.unwrap().is_empty());
         assert_eq!(s.containers(None).await.unwrap().len(), 1);
@@ -430,36 +557,108 @@ mod tests {
         config.insert("GREETING".into(), "hi \"there\"\nünï".into());
         s.replace_config("hello", &config).await.unwrap();
         assert_eq!(s.config("hello").await.unwrap(), config);
+        s.delete_app("hello").await.unwrap();
+        assert!(!s.app_exists("hello").await.unwrap());
+    }
 
-        assert_eq!(s.next_version("hello").await.unwrap(), 1);
+    #[tokio::test]
+    async fn releases_move_through_their_states() {
+        let (_dir, s) = store().await;
+        s.create_app("hello").await.unwrap();
         let new = NewRelease {
             image: "sha256:abc".into(),
-            config: config.clone(),
+            config: [("A".to_string(), "1".to_string())].into(),
             process_types: [("web".to_string(), "python app.py".to_string())].into(),
             formation: [("web".to_string(), 1)].into(),
             description: "Deploy 1234567".into(),
+            created_by: "laptop".into(),
         };
-        s.insert_release("hello", 1, &new).await.unwrap();
+        let v1 = s.insert_release("hello", &new).await.unwrap();
+        assert_eq!((v1.version, v1.status), (1, ReleaseStatus::Deploying));
         assert!(
-            s.insert_release("hello", 1, &new).await.is_err(),
-            "versions are unique"
+            s.live_release("hello").await.unwrap().is_none(),
+            "deploying is not live"
         );
-        s.insert_release("hello", 2, &new).await.unwrap();
+        s.promote("hello", 1, &[], &[]).await.unwrap();
+        let v2 = s.insert_release("hello", &new).await.unwrap();
+        assert_eq!(v2.version, 2, "versions count up");
+        s.fail_release("hello", 2, "web.1 answered 500")
+            .await
+            .unwrap();
+        let v3 = s.insert_release("hello", &new).await.unwrap();
+        assert_eq!(v3.version, 3, "a failed release keeps its number");
+        assert_eq!(s.live_release("hello").await.unwrap().unwrap().version, 1);
+
+        // Promoting v3 supersedes v1 and flips the containers' states in one go.
+        let row = |id: &str, release| ContainerRow {
+            id: id.into(),
+            app: "hello".into(),
+            release,
+            process_type: "web".into(),
+            number: 1,
+            ip: "10.9.0.2".into(),
+            port: 5000,
+            created_at: Store::timestamp(),
+            state: if release == 1 {
+                ContainerState::Up
+            } else {
+                ContainerState::Starting
+            },
+            restarts: 0,
+            last_exit: None,
+        };
+        s.insert_container(&row("old", 1)).await.unwrap();
+        s.insert_container(&row("new", 3)).await.unwrap();
+        s.promote("hello", 3, &["new".into()], &["old".into()])
+            .await
+            .unwrap();
+        let states: Vec<_> = s
+            .containers(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.id, c.state))
+            .collect();
+        assert!(states.contains(&("old".into(), ContainerState::Draining)));
+        assert!(states.contains(&("new".into(), ContainerState::Up)));
         let releases = s.releases("hello").await.unwrap();
+        let summary: Vec<_> = releases
+            .iter()
+            .map(|r| {
+                (
+                    r.version,
+                    r.status,
+                    r.reason.as_str(),
+                    r.created_by.as_str(),
+                )
+            })
+            .collect();
         assert_eq!(
-            releases.iter().map(|r| r.version).collect::<Vec<_>>(),
-            vec![2, 1]
+            summary,
+            vec![
+                (3, ReleaseStatus::Live, "", "laptop"),
+                (2, ReleaseStatus::Failed, "web.1 answered 500", "laptop"),
+                (1, ReleaseStatus::Superseded, "", "laptop"),
+            ]
         );
-        assert_eq!(releases[0].config, config);
+        assert_eq!(releases[0].config, new.config);
+
+        // A server stop in the middle of v4's switch: the next start marks it failed.
+        s.insert_release("hello", &new).await.unwrap();
         assert_eq!(
-            s.current_release("hello").await.unwrap().unwrap().version,
-            2
+            s.fail_interrupted("cut short").await.unwrap(),
+            vec![("hello".to_string(), 4)]
         );
+        assert_eq!(
+            s.release("hello", 4).await.unwrap().unwrap().status,
+            ReleaseStatus::Failed
+        );
+        assert_eq!(s.live_release("hello").await.unwrap().unwrap().version, 3);
 
         s.delete_app("hello").await.unwrap();
-        assert!(!s.app_exists("hello").await.unwrap());
+        s.create_app("hello").await.unwrap();
         assert_eq!(
-            s.next_version("hello").await.unwrap(),
+            s.insert_release("hello", &new).await.unwrap().version,
             1,
             "releases went with the app"
         );

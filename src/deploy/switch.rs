@@ -1,0 +1,201 @@
+//! The switch every change goes through: start the new containers → each passes its check →
+//! (one store transaction) the release is live, the new containers `up`, the replaced ones
+//! `draining` → swap the route → drain the replaced ones and stop them in the background.
+//! Anything failing before the transaction stops the new containers; the old ones keep serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::container::{self, Dyno};
+use super::{health, DeployError, Deployer, DRAIN_DEADLINE, START_DEADLINE};
+use crate::logs;
+use crate::progress::Progress;
+use crate::store::{ContainerRow, ContainerState, Release};
+
+/// How long a non-web container must keep running to count as up.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Switches the app to `release`'s formation (only `only`'s containers when given: a restart of
+/// one process type). The release is already recorded; on success it is live.
+pub(super) async fn switch(
+    d: &Arc<Deployer>,
+    release: &Release,
+    only: Option<&str>,
+    out: &Progress,
+) -> Result<(), DeployError> {
+    let app = &release.app;
+    let image = d.load_image(&release.image).await?;
+    let replaced: Vec<ContainerRow> = d
+        .store
+        .containers(Some(app))
+        .await?
+        .into_iter()
+        .filter(|c| c.state == ContainerState::Up)
+        .filter(|c| only.is_none_or(|t| c.process_type == t))
+        .collect();
+
+    out.line(format!("-----> Starting v{}", release.version))
+        .await;
+    let mut started: Vec<ContainerRow> = Vec::new();
+    let mut result = Ok(());
+    'start: for (process_type, count) in &release.formation {
+        if only.is_some_and(|t| t != process_type) {
+            continue;
+        }
+        for number in 1..=*count {
+            match container::start(d, release, &image, &Dyno::new(process_type, number)).await {
+                Ok(c) => started.push(c),
+                Err(err) => {
+                    result = Err(err);
+                    break 'start;
+                }
+            }
+        }
+    }
+    if result.is_ok() {
+        for c in &started {
+            result = check(d, c, out).await;
+            if result.is_err() {
+                break;
+            }
+        }
+    }
+    if let Err(err) = result {
+        futures::future::join_all(started.iter().map(|c| container::stop(d, c))).await;
+        out.line(format!(
+            "-----> v{} did not pass its checks; what ran before keeps serving",
+            release.version
+        ))
+        .await;
+        return Err(err);
+    }
+
+    let ids = |cs: &[ContainerRow]| cs.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+    d.store
+        .promote(app, release.version, &ids(&started), &ids(&replaced))
+        .await?;
+    for c in &started {
+        d.watch(c);
+    }
+    d.route(app).await?;
+    out.line(format!(
+        "-----> {app} v{} is live at {}",
+        release.version,
+        d.app_url(app)
+    ))
+    .await;
+    info!(%app, version = release.version, "release live");
+    if !replaced.is_empty() {
+        out.line(format!(
+            "       Draining {} old container(s) in the background (see `berth ps {app}`)",
+            replaced.len()
+        ))
+        .await;
+        d.drain(replaced, drain_deadline(release));
+    }
+    Ok(())
+}
+
+/// Checks a new container: `web` answers `GET /` below 500; others keep running for a moment.
+pub(super) async fn check(
+    d: &Deployer,
+    c: &ContainerRow,
+    out: &Progress,
+) -> Result<(), DeployError> {
+    let dyno = format!("{}.{}", c.process_type, c.number);
+    let checked = if c.process_type == "web" {
+        out.line(format!("       Waiting for {dyno} to answer HTTP on $PORT"))
+            .await;
+        health::wait_until_healthy(c.addr(), &d.app_host(&c.app), START_DEADLINE, || {
+            container::exit_code(d, &c.id)
+        })
+        .await
+    } else {
+        settle(d, c).await
+    };
+    let needle = format!("app[{dyno}]");
+    let logs = || logs::tail_matching(&d.paths.log(&c.app), &needle, 20);
+    match checked {
+        Ok(()) => {
+            out.line(format!("       {dyno} is up")).await;
+            Ok(())
+        }
+        Err(health::Unhealthy::Exited(code)) => Err(DeployError::Crashed {
+            dyno,
+            code,
+            logs: logs(),
+        }),
+        Err(health::Unhealthy::Timeout) => Err(DeployError::Timeout {
+            dyno,
+            secs: START_DEADLINE.as_secs(),
+            logs: logs(),
+        }),
+        Err(health::Unhealthy::Status(status)) => Err(DeployError::BadStatus {
+            dyno,
+            status,
+            logs: logs(),
+        }),
+    }
+}
+
+/// A non-web container is up when it has not exited within [`SETTLE`].
+async fn settle(d: &Deployer, c: &ContainerRow) -> Result<(), health::Unhealthy> {
+    let _ = tokio::time::timeout(SETTLE, d.runtime.wait_exit(&c.id)).await;
+    match container::exit_code(d, &c.id) {
+        None => Ok(()),
+        Some(code) => Err(health::Unhealthy::Exited(code)),
+    }
+}
+
+/// The app's drain deadline: `BERTH_DRAIN_TIMEOUT` seconds, or [`DRAIN_DEADLINE`].
+pub(super) fn drain_deadline(release: &Release) -> Duration {
+    match release.config.get("BERTH_DRAIN_TIMEOUT") {
+        None => DRAIN_DEADLINE,
+        Some(value) => value.trim().parse().map(Duration::from_secs).unwrap_or_else(|_| {
+            warn!(app = %release.app, %value, "BERTH_DRAIN_TIMEOUT is not a number of seconds; using the default");
+            DRAIN_DEADLINE
+        }),
+    }
+}
+
+impl Deployer {
+    /// In the background, for each container (already `draining` in the store and out of the
+    /// route): waits until the proxy has no request in flight to it, or `deadline`, then stops
+    /// it (SIGTERM, SIGKILL after the grace period). All in parallel.
+    pub(super) fn drain(self: &Arc<Self>, containers: Vec<ContainerRow>, deadline: Duration) {
+        for c in containers {
+            let d = self.clone();
+            tokio::spawn(async move {
+                if c.process_type == "web" && !d.routes.wait_idle(c.addr(), deadline).await {
+                    warn!(id = %c.id, secs = deadline.as_secs(), "requests still in flight at the drain deadline; stopping anyway");
+                }
+                container::stop(&d, &c).await;
+            });
+        }
+    }
+
+    /// Points the app's route at its live release's running `web` containers that are up.
+    pub(super) async fn route(&self, app: &str) -> Result<(), DeployError> {
+        let Some(live) = self.store.live_release(app).await? else {
+            self.routes.remove(&self.app_host(app));
+            return Ok(());
+        };
+        let addrs = self
+            .store
+            .containers(Some(app))
+            .await?
+            .iter()
+            .filter(|c| {
+                c.state == ContainerState::Up
+                    && c.release == live.version
+                    && c.process_type == "web"
+                    && container::exit_code(self, &c.id).is_none()
+            })
+            .map(ContainerRow::addr)
+            .collect();
+        self.routes.set(&self.app_host(app), addrs);
+        Ok(())
+    }
+}
