@@ -27,7 +27,17 @@ pub struct Network {
     pub prefix: u8,
     /// Where the named network namespaces live (`DATA/netns`).
     netns_dir: PathBuf,
-    used: Mutex<BTreeSet<Ipv4Addr>>,
+    used: Mutex<Used>,
+}
+
+/// The taken addresses, and where the next search starts.
+#[derive(Default)]
+struct Used {
+    taken: BTreeSet<Ipv4Addr>,
+    /// Just past the last address handed out: addresses are reused only after the whole
+    /// subnet went round, so a connection some client still holds to a stopped container
+    /// never reaches a new one that got its address.
+    next: u32,
 }
 
 impl Network {
@@ -37,7 +47,7 @@ impl Network {
             gateway,
             prefix,
             netns_dir,
-            used: Mutex::new(BTreeSet::new()),
+            used: Mutex::new(Used::default()),
         }
     }
 
@@ -74,26 +84,30 @@ impl Network {
         }
     }
 
-    /// Takes the lowest free address after the gateway.
+    /// Takes the next free address after the last one handed out, going round the subnet
+    /// (the gateway and the broadcast address excluded).
     fn allocate(&self) -> Result<Ipv4Addr, NetworkError> {
         let mut used = self.used.lock().expect("address lock");
         let first = u32::from(self.gateway) + 1;
         let broadcast = (u32::from(self.gateway) - 1) | (u32::MAX >> self.prefix);
-        let ip = (first..broadcast)
+        let start = used.next.clamp(first, broadcast - 1);
+        let ip = (start..broadcast)
+            .chain(first..start)
             .map(Ipv4Addr::from)
-            .find(|ip| !used.contains(ip))
+            .find(|ip| !used.taken.contains(ip))
             .ok_or(NetworkError::NoAddresses)?;
-        used.insert(ip);
+        used.taken.insert(ip);
+        used.next = u32::from(ip) + 1;
         Ok(ip)
     }
 
     /// Marks an address as taken (a re-adopted container's).
     pub fn mark_used(&self, ip: Ipv4Addr) {
-        self.used.lock().expect("address lock").insert(ip);
+        self.used.lock().expect("address lock").taken.insert(ip);
     }
 
     fn release(&self, ip: Ipv4Addr) {
-        self.used.lock().expect("address lock").remove(&ip);
+        self.used.lock().expect("address lock").taken.remove(&ip);
     }
 }
 
@@ -102,18 +116,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lowest_free_first_and_exhaustion() {
+    fn addresses_go_round_before_reuse_and_run_out() {
         let n = Network::new(
             "b".into(),
             Ipv4Addr::new(10, 9, 9, 1),
             29, // .2 … .6 usable
             PathBuf::from("/nonexistent"),
         );
-        let got: Vec<_> = (0..5).map(|_| n.allocate().unwrap()).collect();
-        assert_eq!(got.first(), Some(&Ipv4Addr::new(10, 9, 9, 2)));
-        assert_eq!(got.last(), Some(&Ipv4Addr::new(10, 9, 9, 6)));
+        let ip = |last| Ipv4Addr::new(10, 9, 9, last);
+        assert_eq!(n.allocate().unwrap(), ip(2));
+        assert_eq!(n.allocate().unwrap(), ip(3));
+        n.release(ip(2));
+        assert_eq!(n.allocate().unwrap(), ip(4), "a freed address waits its turn");
+        n.mark_used(ip(5));
+        assert_eq!(n.allocate().unwrap(), ip(6));
+        assert_eq!(n.allocate().unwrap(), ip(2), "round again from the start");
         assert!(matches!(n.allocate(), Err(NetworkError::NoAddresses)));
-        n.release(Ipv4Addr::new(10, 9, 9, 4));
-        assert_eq!(n.allocate().unwrap(), Ipv4Addr::new(10, 9, 9, 4));
+        n.release(ip(4));
+        assert_eq!(n.allocate().unwrap(), ip(4));
     }
 }
