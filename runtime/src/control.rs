@@ -305,20 +305,21 @@ fn shim_pid(dir: &Path) -> Option<i32> {
     let is_shim = args
         .windows(2)
         .any(|pair| pair[0] == b"shim" && same_dir(pair[1]));
-    let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit(')')
+    (is_shim && alive(pid)).then_some(pid)
+}
+
+/// Whether `pid` runs: exists and is not a zombie (an exited process nobody reaped yet, as the
+/// orphans of a killed shim can stay when PID 1 does not reap).
+fn alive(pid: i32) -> bool {
+    pid > 0
+        && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
                 .next()
                 .unwrap_or("")
                 .trim_start()
                 .starts_with('Z')
         })
-        .unwrap_or(true);
-    (is_shim && !zombie).then_some(pid)
-}
-
-fn alive(pid: i32) -> bool {
-    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
 }
 
 /// A pidfd for `pid` (readable once it exits); `None` if it already exited.
@@ -353,4 +354,32 @@ fn reap_in_background(mut child: Child) {
     std::thread::spawn(move || {
         let _ = child.wait();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zombies_are_not_alive() {
+        let mut running = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut exited = Command::new("true").spawn().unwrap();
+        let pid = |c: &Child| c.id() as i32;
+        assert!(alive(pid(&running)));
+        // `true` exits at once but stays a zombie until it is reaped; wait for that state.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid(&exited)) {
+            assert!(Instant::now() < deadline, "`true` never exited");
+            std::thread::yield_now();
+        }
+        assert!(
+            Path::new(&format!("/proc/{}", pid(&exited))).exists(),
+            "still a zombie"
+        );
+        exited.wait().unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
+        assert!(!alive(pid(&running)));
+        assert!(!alive(0) && !alive(-1));
+    }
 }
