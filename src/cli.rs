@@ -188,6 +188,8 @@ pub enum HookCommand {
     /// Deploys a pushed main/master branch; run by git-receive-pack.
     #[command(name = "pre-receive")]
     PreReceive,
+    #[command(name = "post-receive")]
+    PostReceive,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -228,6 +230,9 @@ pub fn run(cli: Cli) -> i32 {
         Command::Hook {
             hook: HookCommand::PreReceive,
         } => crate::hook::pre_receive(&cli.data),
+        Command::Hook {
+            hook: HookCommand::PostReceive,
+        } => crate::hook::post_receive(&cli.data),
         command => to_request(command).and_then(|request| admin::client::call(&cli.data, request)),
     };
     match result {

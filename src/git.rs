@@ -52,9 +52,13 @@ pub fn repo_path(repos_dir: &Path, app: &str) -> PathBuf {
     repos_dir.join(format!("{app}.git"))
 }
 
-/// Creates the bare repo of `app` (HEAD → `refs/heads/main`) and installs `hooks/pre-receive`,
-/// which runs `hook_command` through `/bin/sh`. Safe to call again on an existing repo: it keeps
-/// the history and rewrites the hook (e.g. after the berth binary moved).
+/// The hooks berth installs: `pre-receive` builds and checks a pushed commit, `post-receive`
+/// (which git runs only once the ref is updated) makes it live.
+pub const HOOKS: [&str; 2] = ["pre-receive", "post-receive"];
+
+/// Creates the bare repo of `app` (HEAD → `refs/heads/main`) and installs the [`HOOKS`], each
+/// running `hook_command HOOK` through `/bin/sh`. Safe to call again on an existing repo: it
+/// keeps the history and rewrites the hooks (e.g. after the berth binary moved).
 pub fn create_repo(repos_dir: &Path, app: &str, hook_command: &str) -> Result<PathBuf, GitError> {
     check_app_name(app)?;
     let path = repo_path(repos_dir, app);
@@ -76,14 +80,16 @@ pub fn create_repo(repos_dir: &Path, app: &str, hook_command: &str) -> Result<Pa
         }
     };
     fs::create_dir_all(&hooks).map_err(io_err("create", &hooks))?;
-    // Write next to the hook and rename, so a push never sees a half-written hook.
-    let hook = hooks.join("pre-receive");
-    let tmp = hooks.join("pre-receive.tmp");
-    let mut file = fs::File::create(&tmp).map_err(io_err("write", &tmp))?;
-    file.write_all(format!("#!/bin/sh\nexec {hook_command}\n").as_bytes())
-        .and_then(|()| file.set_permissions(fs::Permissions::from_mode(0o755)))
-        .map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, &hook).map_err(io_err("install", &hook))?;
+    for name in HOOKS {
+        // Write next to the hook and rename, so a push never sees a half-written hook.
+        let hook = hooks.join(name);
+        let tmp = hooks.join(format!("{name}.tmp"));
+        let mut file = fs::File::create(&tmp).map_err(io_err("write", &tmp))?;
+        file.write_all(format!("#!/bin/sh\nexec {hook_command} {name}\n").as_bytes())
+            .and_then(|()| file.set_permissions(fs::Permissions::from_mode(0o755)))
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &hook).map_err(io_err("install", &hook))?;
+    }
     Ok(path)
 }
 
@@ -327,25 +333,28 @@ mod tests {
     #[test]
     fn create_repo_installs_the_hook_and_delete_repo_removes_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = create_repo(dir.path(), "hello", "'/bin/berth' hook pre-receive").unwrap();
+        let path = create_repo(dir.path(), "hello", "'/bin/berth' hook").unwrap();
         assert_eq!(path, dir.path().join("hello.git"));
         let repo = git2::Repository::open_bare(&path).unwrap();
         assert_eq!(
             repo.find_reference("HEAD").unwrap().symbolic_target_bytes(),
             Some(&b"refs/heads/main"[..])
         );
-        let hook = path.join("hooks/pre-receive");
-        assert_eq!(
-            fs::read_to_string(&hook).unwrap(),
-            "#!/bin/sh\nexec '/bin/berth' hook pre-receive\n"
-        );
-        assert_eq!(
-            fs::metadata(&hook).unwrap().permissions().mode() & 0o777,
-            0o755
-        );
+        for name in HOOKS {
+            let hook = path.join("hooks").join(name);
+            assert_eq!(
+                fs::read_to_string(&hook).unwrap(),
+                format!("#!/bin/sh\nexec '/bin/berth' hook {name}\n")
+            );
+            assert_eq!(
+                fs::metadata(&hook).unwrap().permissions().mode() & 0o777,
+                0o755
+            );
+        }
+        let hook = path.join("hooks/post-receive");
 
         // Again: the hook is rewritten, nothing else breaks.
-        create_repo(dir.path(), "hello", "/new/berth hook pre-receive").unwrap();
+        create_repo(dir.path(), "hello", "/new/berth hook").unwrap();
         assert!(fs::read_to_string(&hook).unwrap().contains("/new/berth"));
 
         assert!(create_repo(dir.path(), "../evil", "true").is_err());

@@ -1,8 +1,14 @@
-//! `berth hook pre-receive`: run by `git-receive-pack` inside a push (the SSH server sets
-//! `BERTH_APP`). Checks out each pushed main/master commit — only this process can see the
-//! pushed objects, which git keeps in quarantine until the hook accepts them — and asks the
-//! daemon to build and deploy it, streaming the output to the pusher. A non-zero exit rejects
-//! the push, so a failed build or start leaves the branch and the running release as they were.
+//! `berth hook pre-receive` and `berth hook post-receive`: run by `git-receive-pack` inside a
+//! push (the SSH server sets `BERTH_APP`, `BERTH_KEY_NAME` and `BERTH_PUSH_ID`).
+//!
+//! pre-receive checks out the pushed main/master commit — only this process can see the pushed
+//! objects, which git keeps in quarantine until the hook accepts them — and asks the daemon to
+//! build it, start it and check it, streaming the output to the pusher. A non-zero exit rejects
+//! the push, so a failed build or check leaves the branch and the live release as they were.
+//! post-receive, which git runs only after it has updated the ref, asks the daemon to make the
+//! checked release live: code goes live together with its commit, never without it. If git does
+//! not update the ref (or the push is cut short), the SSH server tells the daemon the push
+//! ended and the checked release is discarded.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -15,10 +21,15 @@ use crate::git;
 
 const DEPLOYED_BRANCHES: &[&str] = &["refs/heads/main", "refs/heads/master"];
 
-pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
-    let app = std::env::var("BERTH_APP")
-        .context("BERTH_APP is not set: this hook runs inside a push to berth's SSH endpoint")?;
-    let repo = std::env::current_dir()?;
+/// One line git gives a hook on stdin: `OLD NEW REFNAME`.
+struct RefUpdate {
+    new: String,
+}
+
+/// The update of this push that deploys: the first update of main or master that does not
+/// delete it. With `report`, says what happens to the others.
+fn deployed_update(report: bool) -> anyhow::Result<Option<RefUpdate>> {
+    let mut deployed = None;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         let mut fields = line.split_whitespace();
@@ -26,43 +37,75 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
         else {
             bail!("git sent an unexpected hook line {line:?}");
         };
-        if !DEPLOYED_BRANCHES.contains(&refname) {
-            println!("-----> {refname} is stored but not deployed (only main or master deploy)");
-            continue;
-        }
-        if new.bytes().all(|b| b == b'0') {
-            println!("-----> {refname} deleted; the running release keeps serving");
-            continue;
-        }
-        let scratch = data
-            .join("builds")
-            .join(format!("{:016x}", rand::thread_rng().gen::<u64>()));
-        let source = scratch.join("src");
-        std::fs::create_dir_all(&source)?;
-        let description = match git::checkout(&repo, new, &source) {
-            Ok(description) => description,
-            Err(err) => {
-                let _ = std::fs::remove_dir_all(&scratch);
-                return Err(err.into());
-            }
+        let update = RefUpdate {
+            new: new.to_string(),
         };
-        println!("-----> Deploying {app} from {description}");
-        let deployed = client::call(
-            data,
-            Request::Deploy {
-                app: app.clone(),
-                source,
-                description: format!("Deploy {description}"),
-                key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
-            },
-        );
-        if !matches!(deployed, Ok(0)) {
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-        let code = deployed?;
-        if code != 0 {
-            return Ok(code);
+        let skipped = if !DEPLOYED_BRANCHES.contains(&refname) {
+            "is stored but not deployed (only main or master deploy)"
+        } else if update.new.bytes().all(|b| b == b'0') {
+            "deleted; the running release keeps serving"
+        } else if deployed.is_some() {
+            "is stored but not deployed: a push deploys one branch"
+        } else {
+            deployed = Some(update);
+            continue;
+        };
+        if report {
+            println!("-----> {refname} {skipped}");
         }
     }
-    Ok(0)
+    Ok(deployed)
+}
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| {
+        format!("{name} is not set: this hook runs inside a push to berth's SSH endpoint")
+    })
+}
+
+/// pre-receive: build, start and check the pushed commit (not yet live).
+pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
+    let app = env("BERTH_APP")?;
+    let push = env("BERTH_PUSH_ID")?;
+    let repo = std::env::current_dir()?;
+    let Some(update) = deployed_update(true)? else {
+        return Ok(0);
+    };
+    let scratch = data
+        .join("builds")
+        .join(format!("{:016x}", rand::thread_rng().gen::<u64>()));
+    let source = scratch.join("src");
+    std::fs::create_dir_all(&source)?;
+    let description = match git::checkout(&repo, &update.new, &source) {
+        Ok(description) => description,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(err.into());
+        }
+    };
+    println!("-----> Deploying {app} from {description}");
+    let prepared = client::call(
+        data,
+        Request::Deploy {
+            app,
+            source,
+            description: format!("Deploy {description}"),
+            key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
+            push,
+        },
+    );
+    if !matches!(prepared, Ok(0)) {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    prepared
+}
+
+/// post-receive: git has updated the ref; make the checked release live.
+pub fn post_receive(data: &Path) -> anyhow::Result<i32> {
+    let app = env("BERTH_APP")?;
+    let push = env("BERTH_PUSH_ID")?;
+    if deployed_update(false)?.is_none() {
+        return Ok(0);
+    }
+    client::call(data, Request::Promote { app, push })
 }

@@ -17,6 +17,7 @@
 //! - [`deploy`]: desired state (the live release) and the reconciler: the switch (start → check →
 //!   swap route → drain old) and the supervisor (crash restarts, convergence on start).
 //! - [`proxy`]: the HTTP reverse proxy and its route table.
+//! - [`locks`]: one async lock per app name.
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
 //! - [`paths`]: the layout of the data directory.
@@ -34,6 +35,7 @@ pub mod git;
 pub mod hook;
 pub mod image;
 pub mod keys;
+pub mod locks;
 pub mod logs;
 pub mod network;
 pub mod paths;

@@ -127,7 +127,11 @@ mod tests {
         assert_eq!(n.allocate().unwrap(), ip(2));
         assert_eq!(n.allocate().unwrap(), ip(3));
         n.release(ip(2));
-        assert_eq!(n.allocate().unwrap(), ip(4), "a freed address waits its turn");
+        assert_eq!(
+            n.allocate().unwrap(),
+            ip(4),
+            "a freed address waits its turn"
+        );
         n.mark_used(ip(5));
         assert_eq!(n.allocate().unwrap(), ip(6));
         assert_eq!(n.allocate().unwrap(), ip(2), "round again from the start");

@@ -25,12 +25,15 @@ use crate::proxy::Routes;
 use crate::store::Store;
 use crate::{admin, build, ssh};
 
-/// Lets the SSH server ask the store about keys and apps.
-struct StoreGate(Store);
+/// Lets the SSH server ask the store about keys and apps, and tell the deployer a push ended.
+struct Gate {
+    store: Store,
+    deployer: Arc<Deployer>,
+}
 
-impl ssh::Gate for StoreGate {
+impl ssh::Gate for Gate {
     fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>> {
-        let store = self.0.clone();
+        let store = self.store.clone();
         Box::pin(async move {
             let key = crate::keys::parse(&openssh_key).ok()?;
             store.key_name(&key.openssh).await.ok().flatten()
@@ -38,8 +41,13 @@ impl ssh::Gate for StoreGate {
     }
 
     fn app_exists(&self, app: String) -> BoxFuture<'static, bool> {
-        let store = self.0.clone();
+        let store = self.store.clone();
         Box::pin(async move { store.app_exists(&app).await.unwrap_or(false) })
+    }
+
+    fn push_ended(&self, push: String) -> BoxFuture<'static, ()> {
+        let deployer = self.deployer.clone();
+        Box::pin(async move { deployer.push_ended(&push).await })
     }
 }
 
@@ -148,14 +156,19 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         repos_dir: paths.repos(),
     };
     ssh::load_or_create_host_key(&ssh_config.host_key)?;
+    let hook_command = format!(
+        "{} --data {} hook",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(&data.to_string_lossy())
+    );
+    // Repos made by an older berth, or before the binary moved, get the current hooks.
+    for app in store.apps().await? {
+        crate::git::create_repo(&paths.repos(), &app.name, &hook_command)?;
+    }
     let context = Arc::new(admin::Handles {
         store: store.clone(),
         deployer: deployer.clone(),
-        hook_command: format!(
-            "{} --data {} hook pre-receive",
-            shell_quote(&exe.to_string_lossy()),
-            shell_quote(&data.to_string_lossy())
-        ),
+        hook_command,
         ssh_port: ssh_addr.port(),
         paths,
     });
@@ -168,7 +181,10 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         tokio::spawn({
-            let gate = Arc::new(StoreGate(store.clone()));
+            let gate = Arc::new(Gate {
+                store: store.clone(),
+                deployer: deployer.clone(),
+            });
             let shutdown = shutdown.clone();
             async move {
                 if let Err(err) = ssh::run(ssh_listener, ssh_config, gate, shutdown).await {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field, info, info_span, warn, Instrument, Span};
 
 use crate::git;
+use crate::locks::Locks;
 
 /// What the SSH endpoint asks the rest of berth: who a key belongs to, and which apps exist.
 pub trait Gate: Send + Sync + 'static {
@@ -36,6 +37,8 @@ pub trait Gate: Send + Sync + 'static {
     fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>>;
     /// Whether the app exists.
     fn app_exists(&self, app: String) -> BoxFuture<'static, bool>;
+    /// The push with this id (`BERTH_PUSH_ID` of its hooks) is over: its git-receive-pack exited.
+    fn push_ended(&self, push: String) -> BoxFuture<'static, ()>;
 }
 
 /// Where the SSH endpoint keeps its host key and finds the apps' bare repos.
@@ -83,6 +86,7 @@ pub async fn run(
         ..Default::default()
     });
     let repos_dir = Arc::new(config.repos_dir);
+    let pushes = Arc::new(Locks::default());
     info!(addr = ?listener.local_addr().ok(), "ssh git endpoint listening");
 
     let mut connections = tokio::task::JoinSet::new();
@@ -95,6 +99,7 @@ pub async fn run(
                     let span = info_span!("ssh", %peer, key = field::Empty, app = field::Empty);
                     let handler = Connection {
                         gate: gate.clone(),
+                        pushes: pushes.clone(),
                         repos_dir: repos_dir.clone(),
                         span: span.clone(),
                         key_name: None,
@@ -190,6 +195,8 @@ async fn serve(
 /// a command.
 struct Connection {
     gate: Arc<dyn Gate>,
+    /// One push per app at a time, for its whole receive.
+    pushes: Arc<Locks>,
     repos_dir: Arc<PathBuf>,
     span: Span,
     key_name: Option<String>,
@@ -323,6 +330,7 @@ impl russh::server::Handler for Connection {
             return refuse(session, channel_id, &missing);
         }
 
+        let push = format!("{:016x}", rand::rngs::OsRng.next_u64());
         let mut receive_pack = tokio::process::Command::new("git-receive-pack");
         receive_pack
             .arg(git::repo_path(&self.repos_dir, &app))
@@ -330,9 +338,25 @@ impl russh::server::Handler for Connection {
             .env(
                 "BERTH_KEY_NAME",
                 self.key_name.as_deref().unwrap_or_default(),
-            );
-        info!(parent: &self.span, "push started");
-        tokio::spawn(pipe_to_process(channel, receive_pack).instrument(self.span.clone()));
+            )
+            .env("BERTH_PUSH_ID", &push);
+        let (pushes, gate) = (self.pushes.clone(), self.gate.clone());
+        let receive = async move {
+            let _held = match pushes.try_lock(&app) {
+                Some(held) => held,
+                None => {
+                    let waiting = format!(
+                        "-----> Another push to {app} is in progress; waiting for it to finish\n"
+                    );
+                    let _ = channel.extended_data_bytes(1, waiting.into_bytes()).await;
+                    pushes.lock(&app).await
+                }
+            };
+            info!("push started");
+            pipe_to_process(channel, receive_pack).await;
+            gate.push_ended(push).await;
+        };
+        tokio::spawn(receive.instrument(self.span.clone()));
         Ok(())
     }
 }

@@ -1098,6 +1098,8 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
 
     // A server killed in the middle of a switch: on restart the last live release serves,
     // the interrupted one is failed, and nothing of it is left running.
+    let remote = format!("ssh://git@127.0.0.1:{}/zd", server.ssh.port());
+    laptop.git(&["remote", "set-url", "deploy", &remote]);
     laptop.write("Procfile", "web: sh -c 'sleep 5; exec python3 app.py'\n");
     laptop.write("version.txt", "slow");
     laptop.commit("slow start");

@@ -22,6 +22,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 struct TestGate {
     keys: HashMap<String, String>,
     apps: HashSet<String>,
+    /// The ids of the pushes the server said were over, in order.
+    ended: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Gate for TestGate {
@@ -34,6 +36,11 @@ impl Gate for TestGate {
         let exists = self.apps.contains(&app);
         async move { exists }.boxed()
     }
+
+    fn push_ended(&self, push: String) -> BoxFuture<'static, ()> {
+        self.ended.lock().unwrap().push(push);
+        async {}.boxed()
+    }
 }
 
 /// A running server with its own temp dir, one app repo per name in `apps`, and a client key
@@ -44,10 +51,11 @@ struct TestServer {
     key: PathBuf,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ssh::SshError>>,
+    ended: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl TestServer {
-    /// Starts a server whose repos run `hook_command` as their pre-receive hook.
+    /// Starts a server whose repos run `hook_command HOOK` as their hooks.
     async fn start(apps: &[&str], hook_command: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let key = new_client_key(dir.path(), "laptop");
@@ -69,9 +77,11 @@ impl TestServer {
                 apps.insert(name.trim_end_matches(".git").to_string());
             }
         }
+        let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
         let gate = TestGate {
             keys: HashMap::from([(bare, "laptop".to_string())]),
             apps,
+            ended: ended.clone(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -87,6 +97,7 @@ impl TestServer {
             key,
             shutdown,
             task,
+            ended,
         }
     }
 
@@ -136,15 +147,43 @@ impl TestServer {
 
     /// Runs `git push REMOTE main` from `work` with `key` (`-p PORT` added for scp-like remotes).
     async fn push(&self, work: &Path, key: &Path, remote: &str) -> Output {
+        run(self.push_command(work, key, remote, &["main"])).await
+    }
+
+    /// The command `git push REMOTE ARGS…` from `work` with `key`.
+    fn push_command(
+        &self,
+        work: &Path,
+        key: &Path,
+        remote: &str,
+        args: &[&str],
+    ) -> tokio::process::Command {
         let mut ssh = self.ssh_command(key);
         if !remote.starts_with("ssh://") {
             ssh = format!("{ssh} -p {}", self.port);
         }
         let mut command = git_command(work);
         command
-            .args(["push", remote, "main"])
+            .args(["push", remote])
+            .args(args)
             .env("GIT_SSH_COMMAND", ssh);
-        run(command).await
+        command
+    }
+
+    /// Waits until the server has said that `count` pushes ended; returns their ids.
+    async fn ended_pushes(&self, count: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let ended = self.ended.lock().unwrap().clone();
+            if ended.len() >= count {
+                return ended;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pushes ended: {ended:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -179,7 +218,7 @@ fn hook_script(dir: &Path, body: &str) -> String {
 /// Prints the pushed refs, the app and the key name, and accepts the push unless a file
 /// `reject` sits next to the script.
 const ACCEPTING_HOOK: &str = r#"while read old new ref; do
-  echo "-----> test hook got $ref for $BERTH_APP by $BERTH_KEY_NAME"
+  echo "-----> test hook $1 got $ref for $BERTH_APP by $BERTH_KEY_NAME in push $BERTH_PUSH_ID"
 done
 if [ -e "$(dirname "$0")/reject" ]; then
   echo "-----> test hook says no" >&2
@@ -259,12 +298,90 @@ async fn push_runs_the_hook_and_updates_the_ref() {
 
     assert!(output.status.success(), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("remote: -----> test hook got refs/heads/main for hello by laptop"),
-        "{}",
-        text(&output)
-    );
+    let ended = server.ended_pushes(1).await;
+    for hook in ["pre-receive", "post-receive"] {
+        let line = format!(
+            "remote: -----> test hook {hook} got refs/heads/main for hello by laptop in push {}",
+            ended[0]
+        );
+        assert!(
+            stderr.contains(&line),
+            "{line:?} missing:\n{}",
+            text(&output)
+        );
+    }
     assert_eq!(main_ref(&server.repo("hello")), Some(head));
+    server.stop().await;
+}
+
+/// Logs when each push's pre-receive starts and ends, and holds it until a file `release`
+/// sits next to the script.
+const HOLDING_HOOK: &str = r#"cd "$(dirname "$0")"
+[ "$1" = pre-receive ] || exit 0
+echo "start $BERTH_PUSH_ID" >> order
+while [ ! -e release ]; do sleep 0.05; done
+echo "end $BERTH_PUSH_ID" >> order"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_of_one_app_wait_for_each_other() {
+    use tokio::io::AsyncBufReadExt;
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), HOLDING_HOOK)).await;
+    let first = work_repo(server.dir.path()).await;
+    let second = server.dir.path().join("second");
+    std::fs::create_dir(&second).unwrap();
+    git_ok(&second, &["init", "-q", "-b", "main"]).await;
+    commit(&second, "OTHER", "other\n").await;
+    let url = server.url("hello");
+    let order = scripts.path().join("order");
+
+    let mut one = server.push_command(&first, &server.key, &url, &["--force", "main"]);
+    let one = one.kill_on_drop(true).output();
+    let one = tokio::spawn(one);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !order.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first push's hook never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut two = server.push_command(&second, &server.key, &url, &["--force", "main"]);
+    let mut two = two
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(two.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("Another push to hello is in progress; waiting"))
+    {
+        match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(line))) => seen.push(line),
+            other => panic!("the second push did not say it waits ({other:?}): {seen:#?}"),
+        }
+    }
+    std::fs::write(scripts.path().join("release"), "").unwrap();
+    let one = one.await.unwrap().unwrap();
+    assert!(one.status.success(), "{}", text(&one));
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+        seen.push(line);
+    }
+    assert!(two.wait().await.unwrap().success(), "{seen:#?}");
+
+    // One push at a time: the second one's hook started only after the first one's ended.
+    let ended = server.ended_pushes(2).await;
+    let log = std::fs::read_to_string(&order).unwrap();
+    let want = format!(
+        "start {a}\nend {a}\nstart {b}\nend {b}\n",
+        a = ended[0],
+        b = ended[1]
+    );
+    assert_eq!(log, want);
+    let second_head = git_ok(&second, &["rev-parse", "HEAD"]).await;
+    assert_eq!(main_ref(&server.repo("hello")), Some(second_head));
     server.stop().await;
 }
 
@@ -314,7 +431,8 @@ async fn all_remote_forms_reach_the_app() {
         let output = server.push(&work, &server.key, remote).await;
         assert!(output.status.success(), "{remote}: {}", text(&output));
         assert!(
-            String::from_utf8_lossy(&output.stderr).contains("remote: -----> test hook got"),
+            String::from_utf8_lossy(&output.stderr)
+                .contains("remote: -----> test hook pre-receive got"),
             "{remote}: {}",
             text(&output)
         );
@@ -496,7 +614,7 @@ async fn big_pushes_and_chatty_hooks_go_through() {
     // About 3 MB of hook output travels back to the pusher, beyond any initial SSH window.
     let hook = hook_script(
         scripts.path(),
-        "cat >/dev/null\nseq 1 300000 | sed 's/^/-----> line /'\necho '-----> hook done'",
+        "[ \"$1\" = pre-receive ] || exit 0\ncat >/dev/null\nseq 1 300000 | sed 's/^/-----> line /'\necho '-----> hook done'",
     );
     let server = TestServer::start(&["hello"], &hook).await;
     let work = work_repo(server.dir.path()).await;
@@ -552,7 +670,8 @@ async fn concurrent_pushes_to_many_apps() {
 
     for ((app, _, head), output) in pushes.iter().zip(outputs) {
         assert!(output.status.success(), "{app}: {}", text(&output));
-        let expected = format!("remote: -----> test hook got refs/heads/main for {app} by laptop");
+        let expected =
+            format!("remote: -----> test hook pre-receive got refs/heads/main for {app} by laptop");
         assert!(
             String::from_utf8_lossy(&output.stderr).contains(&expected),
             "{app}: {}",

@@ -248,11 +248,16 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             source,
             description,
             key,
+            push,
         } => {
             d.store.require_app(&app).await?;
             d.deployer
-                .deploy_source(&app, source, &description, &key, out)
+                .prepare_push(&app, source, &description, &key, &push, out)
                 .await?;
+            Ok(())
+        }
+        Request::Promote { app, push } => {
+            d.deployer.promote_push(&app, &push, out).await?;
             Ok(())
         }
     }

@@ -88,13 +88,21 @@ pub enum Request {
         name: String,
         version: Option<String>,
     },
-    /// From the pre-receive hook: build `source` (a checkout of `rev`) and deploy it.
+    /// From the pre-receive hook: build `source` (a checkout of the pushed commit), start it
+    /// and check it; it goes live on [`Request::Promote`] with the same `push`.
     Deploy {
         app: String,
         source: PathBuf,
         description: String,
         /// The name of the SSH key that pushed.
         key: String,
+        /// The push's id (`BERTH_PUSH_ID`).
+        push: String,
+    },
+    /// From the post-receive hook: git updated the branch; make the push's release live.
+    Promote {
+        app: String,
+        push: String,
     },
 }
 
@@ -103,7 +111,7 @@ pub struct Handles {
     pub store: crate::store::Store,
     pub deployer: std::sync::Arc<crate::deploy::Deployer>,
     pub paths: crate::paths::Paths,
-    /// The git hook command installed into each app's repo.
+    /// The git hook command installed into each app's repo (the hook's name follows).
     pub hook_command: String,
     /// The port of the SSH git endpoint, for the remotes berth prints.
     pub ssh_port: u16,

@@ -26,6 +26,7 @@ use tracing::{info_span, Instrument};
 use crate::build::{BuildError, Builder};
 use crate::config::Config;
 use crate::image::{Image, ImageError, ImageStore};
+use crate::locks::Locks;
 use crate::network::{Network, NetworkError};
 use crate::paths::Paths;
 use crate::progress::Progress;
@@ -101,23 +102,22 @@ pub enum DeployError {
     },
     #[error("{app} has no earlier release to roll back to — see `berth releases {app}`")]
     NoEarlierRelease { app: String },
+    #[error("no checked release of {app} is waiting for this push (it was discarded after {secs} s) — push again")]
+    NoPendingPush { app: String, secs: u64 },
+    #[error("the push ended before its release was checked, so nothing was deployed — push again")]
+    PushEnded,
 }
 
-/// One lock per app: switches and convergence of an app run one at a time.
-#[derive(Default)]
-pub struct AppLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+/// How long a checked release waits for git to update the branch (post-receive) before it is
+/// discarded.
+pub const PROMOTE_DEADLINE: Duration = Duration::from_secs(60);
 
-impl AppLocks {
-    pub async fn lock(&self, app: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .0
-            .lock()
-            .expect("app locks")
-            .entry(app.to_string())
-            .or_default()
-            .clone();
-        lock.lock_owned().await
-    }
+/// A pushed release that passed its checks and waits for git to update the branch. It holds
+/// the app's lock, so nothing else changes the app in between.
+struct Pending {
+    release: Release,
+    started: Vec<ContainerRow>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// The handles deploys need, and nothing more.
@@ -143,7 +143,8 @@ pub struct Deployer {
     builder: Builder,
     paths: Paths,
     domain: String,
-    locks: AppLocks,
+    /// One lock per app: switches and convergence of an app run one at a time.
+    locks: Locks,
     /// Apps whose containers changed (an exit, a timer); the supervisor converges them.
     wake: mpsc::UnboundedSender<String>,
     wakes: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
@@ -151,6 +152,10 @@ pub struct Deployer {
     queued: Mutex<HashSet<String>>,
     /// When each crashed container was first seen exited (for restart backoff).
     crashed_at: Mutex<HashMap<String, Instant>>,
+    /// Checked releases of pushes whose branch is not updated yet, by push id.
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Pushes that ended (by id, with when), for a check that finishes after its push ended.
+    ended: Mutex<HashMap<String, Instant>>,
 }
 
 impl Deployer {
@@ -165,11 +170,13 @@ impl Deployer {
             builder: parts.builder,
             paths: parts.paths,
             domain: parts.domain,
-            locks: AppLocks::default(),
+            locks: Locks::default(),
             wake,
             wakes: Mutex::new(Some(wakes)),
             queued: Mutex::new(HashSet::new()),
             crashed_at: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
         })
     }
 
@@ -188,17 +195,20 @@ impl Deployer {
         format!("http://{}", self.app_host(app))
     }
 
-    /// Builds `source` (a checkout of a push) and switches to it as a new release.
-    pub async fn deploy_source(
+    /// Builds `source` (the checkout of push `push`), records it as a new release, starts it
+    /// and checks it; it goes live with [`Deployer::promote_push`] once git has updated the
+    /// branch, or is discarded by [`Deployer::push_ended`]. The app stays locked in between.
+    pub async fn prepare_push(
         self: &Arc<Self>,
         app: &str,
         source: PathBuf,
         description: &str,
         by: &str,
+        push: &str,
         out: &Progress,
     ) -> Result<Release, DeployError> {
-        let _guard = self.locks.lock(app).await;
-        async {
+        let guard = self.locks.lock(app).await;
+        let (release, started) = async {
             let config = self.store.config(app).await?;
             let built = self.builder.build(app, source, &config, out).await?;
             let live = self.store.live_release(app).await?;
@@ -212,10 +222,89 @@ impl Deployer {
                 description: description.to_string(),
                 created_by: by.to_string(),
             };
-            self.release(app, new, out).await
+            self.start_release(app, new, out).await
         }
         .instrument(info_span!("deploy", %app))
-        .await
+        .await?;
+        let version = release.version;
+        let pending = Pending {
+            release,
+            started,
+            _guard: guard,
+        };
+        if self.ended.lock().expect("ended").remove(push).is_some() {
+            self.discard(pending, "the push ended before its release was checked")
+                .await;
+            return Err(DeployError::PushEnded);
+        }
+        let release = pending.release.clone();
+        self.pending
+            .lock()
+            .expect("pending")
+            .insert(push.to_string(), pending);
+        let (d, push) = (self.clone(), push.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(PROMOTE_DEADLINE).await;
+            d.push_ended(&push).await;
+        });
+        out.line(format!(
+            "-----> v{version} passed its checks; it goes live once git has updated the branch"
+        ))
+        .await;
+        Ok(release)
+    }
+
+    /// Git has updated the branch of push `push`: its checked release goes live.
+    pub async fn promote_push(
+        self: &Arc<Self>,
+        app: &str,
+        push: &str,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        let pending = self.pending.lock().expect("pending").remove(push);
+        let Some(Pending {
+            release, started, ..
+        }) = pending
+        else {
+            return Err(DeployError::NoPendingPush {
+                app: app.to_string(),
+                secs: PROMOTE_DEADLINE.as_secs(),
+            });
+        };
+        let span = info_span!("deploy", %app, release = release.version);
+        self.commit(release, started, out).instrument(span).await
+    }
+
+    /// Push `push` is over (its git-receive-pack exited): a checked release it left waiting
+    /// did not get its branch updated, so it is discarded and marked failed.
+    pub async fn push_ended(&self, push: &str) {
+        let pending = self.pending.lock().expect("pending").remove(push);
+        match pending {
+            Some(pending) => {
+                let reason = "the push did not update the branch (rejected or cut short), so this release never went live";
+                self.discard(pending, reason).await;
+            }
+            None => {
+                let mut ended = self.ended.lock().expect("ended");
+                ended.retain(|_, at| at.elapsed() < Duration::from_secs(3600));
+                ended.insert(push.to_string(), Instant::now());
+            }
+        }
+    }
+
+    async fn discard(&self, pending: Pending, reason: &str) {
+        let Pending {
+            release, started, ..
+        } = pending;
+        tracing::warn!(app = %release.app, version = release.version, reason, "discarding a checked release");
+        futures::future::join_all(started.iter().map(|c| container::stop(self, c))).await;
+        if let Err(err) = self
+            .store
+            .fail_release(&release.app, release.version, reason)
+            .await
+        {
+            tracing::warn!(%err, "recording a discarded release failed");
+        }
     }
 
     /// Changes the app's config with `edit` (applied under the app's lock, so concurrent
@@ -395,34 +484,68 @@ impl Deployer {
         }
     }
 
-    /// Records `new` as a `deploying` release and switches to it; marks it failed if the
-    /// switch fails.
+    /// Records `new` as a `deploying` release and switches to it.
     async fn release(
         self: &Arc<Self>,
         app: &str,
         new: NewRelease,
         out: &Progress,
     ) -> Result<Release, DeployError> {
+        let (release, started) = self.start_release(app, new, out).await?;
+        self.commit(release, started, out).await
+    }
+
+    /// Records `new` as a `deploying` release, starts and checks its containers; marks it
+    /// failed if that fails.
+    async fn start_release(
+        self: &Arc<Self>,
+        app: &str,
+        new: NewRelease,
+        out: &Progress,
+    ) -> Result<(Release, Vec<ContainerRow>), DeployError> {
         if !new.process_types.contains_key("web") {
             return Err(DeployError::NoWeb);
         }
         let release = self.store.insert_release(app, &new).await?;
-        let span = info_span!("switch", %app, release = release.version);
-        if let Err(err) = switch::switch(self, &release, None, out)
+        let span = info_span!("start", %app, release = release.version);
+        match switch::start_and_check(self, &release, None, out)
             .instrument(span)
             .await
         {
-            let reason = err.to_string();
-            let reason = reason.lines().next().unwrap_or_default();
-            self.store
-                .fail_release(app, release.version, reason)
-                .await?;
-            return Err(err);
+            Ok(started) => Ok((release, started)),
+            Err(err) => Err(self.failed(&release, err).await),
+        }
+    }
+
+    /// Makes a started and checked release live; marks it failed if that fails.
+    async fn commit(
+        self: &Arc<Self>,
+        release: Release,
+        started: Vec<ContainerRow>,
+        out: &Progress,
+    ) -> Result<Release, DeployError> {
+        if let Err(err) = switch::commit(self, &release, &started, None, out).await {
+            futures::future::join_all(started.iter().map(|c| container::stop(self, c))).await;
+            return Err(self.failed(&release, err).await);
         }
         Ok(Release {
             status: ReleaseStatus::Live,
             ..release
         })
+    }
+
+    /// Marks `release` failed with `err`'s first line as the reason; returns `err`.
+    async fn failed(&self, release: &Release, err: DeployError) -> DeployError {
+        let reason = err.to_string();
+        let reason = reason.lines().next().unwrap_or_default();
+        if let Err(store) = self
+            .store
+            .fail_release(&release.app, release.version, reason)
+            .await
+        {
+            tracing::warn!(%store, "recording a failed release failed");
+        }
+        err
     }
 
     async fn live(&self, app: &str) -> Result<Release, DeployError> {

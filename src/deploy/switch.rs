@@ -25,17 +25,23 @@ pub(super) async fn switch(
     only: Option<&str>,
     out: &Progress,
 ) -> Result<(), DeployError> {
-    let app = &release.app;
-    let image = d.load_image(&release.image).await?;
-    let replaced: Vec<ContainerRow> = d
-        .store
-        .containers(Some(app))
-        .await?
-        .into_iter()
-        .filter(|c| c.state == ContainerState::Up)
-        .filter(|c| only.is_none_or(|t| c.process_type == t))
-        .collect();
+    let started = start_and_check(d, release, only, out).await?;
+    if let Err(err) = commit(d, release, &started, only, out).await {
+        futures::future::join_all(started.iter().map(|c| container::stop(d, c))).await;
+        return Err(err);
+    }
+    Ok(())
+}
 
+/// Starts `release`'s containers (of `only`'s type, when given) and checks each. On failure
+/// stops those it started: what ran before keeps serving.
+pub(super) async fn start_and_check(
+    d: &Arc<Deployer>,
+    release: &Release,
+    only: Option<&str>,
+    out: &Progress,
+) -> Result<Vec<ContainerRow>, DeployError> {
+    let image = d.load_image(&release.image).await?;
     out.line(format!("-----> Starting v{}", release.version))
         .await;
     let mut started: Vec<ContainerRow> = Vec::new();
@@ -71,15 +77,40 @@ pub(super) async fn switch(
         .await;
         return Err(err);
     }
+    Ok(started)
+}
 
+/// Makes `release` live with the `started` containers, replacing the app's `up` ones (of
+/// `only`'s type, when given): one store transaction, then the route, then the drain. Fails only
+/// when the transaction does (then nothing changed).
+pub(super) async fn commit(
+    d: &Arc<Deployer>,
+    release: &Release,
+    started: &[ContainerRow],
+    only: Option<&str>,
+    out: &Progress,
+) -> Result<(), DeployError> {
+    let app = &release.app;
+    let replaced: Vec<ContainerRow> = d
+        .store
+        .containers(Some(app))
+        .await?
+        .into_iter()
+        .filter(|c| c.state == ContainerState::Up)
+        .filter(|c| only.is_none_or(|t| c.process_type == t))
+        .collect();
     let ids = |cs: &[ContainerRow]| cs.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
     d.store
-        .promote(app, release.version, &ids(&started), &ids(&replaced))
+        .promote(app, release.version, &ids(started), &ids(&replaced))
         .await?;
-    for c in &started {
+    for c in started {
         d.watch(c);
     }
-    d.route(app).await?;
+    if let Err(err) = d.route(app).await {
+        // The release is live; the supervisor routes to it on its next look.
+        warn!(%app, %err, "routing to the new release failed; retrying");
+        d.wake(app);
+    }
     out.line(format!(
         "-----> {app} v{} is live at {}",
         release.version,
