@@ -19,6 +19,7 @@
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
 //! - [`paths`]: the layout of the data directory.
+//! - [`tree`]: reading files out of a pushed tree or a build's output, never through a symlink.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
@@ -39,3 +40,4 @@ pub mod proxy;
 pub mod server;
 pub mod ssh;
 pub mod store;
+pub mod tree;

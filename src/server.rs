@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use crate::cli::ServerArgs;
 use crate::deploy::{self, AppLocks};
-use crate::network::Network;
 use crate::image::ImageStore;
+use crate::network::Network;
 use crate::paths::Paths;
 use crate::proxy::Routes;
 use crate::store::Store;

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::image::{stack, ImageConfig, ImageError};
 use crate::server::Daemon;
 use crate::store::ProcessTypes;
+use crate::tree;
 
 pub mod buildpacks;
 pub mod procfile;
@@ -39,6 +40,8 @@ pub enum BuildError {
     Procfile(#[from] procfile::ProcfileError),
     #[error("the buildpack's release output is malformed: {0}")]
     Release(#[from] release::ReleaseError),
+    #[error(transparent)]
+    File(#[from] tree::TreeError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
 }
@@ -81,7 +84,7 @@ async fn run_build(
     out: &Out,
 ) -> Result<Built, BuildError> {
     let (build_image, run_image) = ensure_stacks(d, false, out).await?;
-    if source.join("Dockerfile").exists() {
+    if tree::has_file(source, "Dockerfile") {
         out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
             .await;
     }
@@ -210,10 +213,10 @@ fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
 /// The Procfile's process types over the buildpack's defaults.
 fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildError> {
     let mut types = ProcessTypes::new();
-    if let Ok(yaml) = std::fs::read_to_string(out_dir.join("release.yml")) {
+    if let Some(yaml) = tree::read_file(out_dir, "release.yml")? {
         types.extend(release::default_process_types(&yaml)?);
     }
-    if let Ok(text) = std::fs::read_to_string(source.join("Procfile")) {
+    if let Some(text) = tree::read_file(source, "Procfile")? {
         types.extend(procfile::parse(&text)?);
     }
     if types.is_empty() {
