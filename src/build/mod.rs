@@ -1,7 +1,8 @@
 //! Builds: turns a pushed source tree into an OCI image with Heroku buildpacks (API v2).
 //! The buildpacks run inside a build container on the `berth/stack-build` image with the source
 //! at /app, the app's cache at /cache, its config at /env (one file per var) and the host CA
-//! bundle passed in; the result is one layer on top of `berth/stack-run`.
+//! bundle passed in, in a network namespace of its own on berth's bridge (out by NAT; the host's
+//! own services are firewalled off); the result is one layer on top of `berth/stack-run`.
 //! Owns the build steps; must not start app containers or touch routes (that is `deploy`).
 
 use std::io::BufRead;
@@ -42,6 +43,8 @@ pub enum BuildError {
     Release(#[from] release::ReleaseError),
     #[error(transparent)]
     File(#[from] tree::TreeError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
 }
@@ -127,8 +130,10 @@ async fn run_build(
         }
     }
     let suffix: u32 = rand::thread_rng().gen();
+    let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
+    let (ip, netns) = d.network.attach(&id).await?;
     let spec = ContainerSpec {
-        id: format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]),
+        id: id.clone(),
         layers: stack_build.layer_dirs(),
         args: [
             "/bin/sh",
@@ -144,7 +149,7 @@ async fn run_build(
         cwd: "/app".into(),
         hostname: "build".into(),
         binds,
-        netns: None,
+        netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
         memory_limit: None,
@@ -166,7 +171,9 @@ async fn run_build(
         Ok(status.code().unwrap_or(-1))
     })
     .await
-    .expect("build task")?;
+    .expect("build task");
+    d.network.detach(&id, Some(ip)).await;
+    let code = code?;
     if code != 0 {
         return Err(BuildError::Failed(code));
     }
