@@ -5,7 +5,6 @@
 //! own services are firewalled off); the result is one layer on top of `berth/stack-run`.
 //! Owns the build steps; must not start app containers or touch routes (that is `deploy`).
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use berth_runtime::{Bind, ContainerSpec, LogTarget};
@@ -21,6 +20,7 @@ use crate::store::ProcessTypes;
 use crate::tree;
 
 pub mod buildpacks;
+pub mod output;
 pub mod procfile;
 pub mod release;
 
@@ -162,8 +162,8 @@ async fn run_build(
     let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
         let mut child = runtime.run_attached(&spec)?;
         if let Some(stdout) = child.stdout.take() {
-            for line in std::io::BufReader::new(stdout).split(b'\n') {
-                stream.blocking_line(String::from_utf8_lossy(&line?));
+            for line in output::lines(std::io::BufReader::new(stdout)) {
+                stream.blocking_line(line?);
             }
         }
         let status = child.wait()?;
