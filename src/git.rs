@@ -8,8 +8,14 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{open, openat, OFlag};
+use nix::sys::stat::{mkdirat, Mode};
+use nix::unistd::symlinkat;
 
 /// What went wrong with a repo, a push command or a checkout. Each message says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +142,8 @@ pub fn parse_receive_pack(command: &str) -> Result<String, GitError> {
 /// Made to run inside the pre-receive hook: the pushed objects are then only visible through
 /// git's quarantine directories (`GIT_OBJECT_DIRECTORY`, `GIT_ALTERNATE_OBJECT_DIRECTORIES`),
 /// which are added to the repo's object database when set. Regular files keep their exec bit,
-/// symlinks stay symlinks, submodules are skipped.
+/// symlinks stay symlinks (never followed while writing: see [`write_tree`]), submodules are
+/// skipped.
 pub fn checkout(repo: &Path, rev: &str, dest: &Path) -> Result<String, GitError> {
     let repository = open_with_quarantine(repo)?;
     let commit = repository
@@ -157,7 +164,17 @@ pub fn checkout(repo: &Path, rev: &str, dest: &Path) -> Result<String, GitError>
         path: dest.to_path_buf(),
         source,
     })?;
-    write_tree(&repository, &tree, dest)?;
+    let dest_dir = open(
+        dest,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| GitError::Io {
+        action: "open",
+        path: dest.to_path_buf(),
+        source: errno.into(),
+    })?;
+    write_tree(&repository, &tree, &dest_dir, dest)?;
 
     let sha = commit.id().to_string();
     let subject = String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default());
@@ -192,7 +209,17 @@ fn open_with_quarantine(repo: &Path) -> Result<git2::Repository, GitError> {
     Ok(repository)
 }
 
-fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result<(), GitError> {
+/// Writes `tree` into the directory open as `dir` (at `path`, for messages). Every entry is
+/// created relative to `dir` and must not exist yet: directories with `mkdirat`, files with
+/// `O_CREAT | O_EXCL | O_NOFOLLOW`, links with `symlinkat`, and subdirectories are entered with
+/// `O_NOFOLLOW`. So no entry is ever written through a symlink, whatever the tree holds (a
+/// hostile client can push a raw tree with the same name twice, a link and then a directory).
+fn write_tree(
+    repo: &git2::Repository,
+    tree: &git2::Tree,
+    dir: &OwnedFd,
+    path: &Path,
+) -> Result<(), GitError> {
     for entry in tree.iter() {
         let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
         // The names git itself refuses to check out: they would escape dest or fake a repo.
@@ -204,11 +231,17 @@ fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result
         if unsafe_name {
             return Err(GitError::UnsafePath { name });
         }
-        let path = dest.join(&name);
-        let io_err = |source| GitError::Io {
-            action: "write",
-            path: path.clone(),
-            source,
+        let path = path.join(&name);
+        let sys_err = |errno: Errno| match errno {
+            // Something is there already: the tree names it twice.
+            Errno::EEXIST | Errno::ELOOP | Errno::ENOTDIR => {
+                GitError::UnsafePath { name: name.clone() }
+            }
+            errno => GitError::Io {
+                action: "write",
+                path: path.clone(),
+                source: errno.into(),
+            },
         };
         let object_err = |source| GitError::Repo {
             action: "read the pushed objects in",
@@ -218,29 +251,45 @@ fn write_tree(repo: &git2::Repository, tree: &git2::Tree, dest: &Path) -> Result
         match entry.kind() {
             Some(git2::ObjectType::Tree) => {
                 let subtree = repo.find_tree(entry.id()).map_err(object_err)?;
-                fs::create_dir(&path).map_err(io_err)?;
-                write_tree(repo, &subtree, &path)?;
+                mkdirat(dir, name.as_str(), Mode::from_bits_truncate(0o777)).map_err(sys_err)?;
+                let subdir = openat(
+                    dir,
+                    name.as_str(),
+                    OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(sys_err)?;
+                write_tree(repo, &subtree, &subdir, &path)?;
             }
             Some(git2::ObjectType::Blob) => {
                 let blob = repo.find_blob(entry.id()).map_err(object_err)?;
                 if entry.filemode() == i32::from(git2::FileMode::Link) {
-                    let target = String::from_utf8_lossy(blob.content()).into_owned();
-                    symlink(target, &path).map_err(io_err)?;
+                    symlinkat(blob.content(), dir, name.as_str()).map_err(sys_err)?;
                 } else {
                     let mode = if entry.filemode() == i32::from(git2::FileMode::BlobExecutable) {
                         0o755
                     } else {
                         0o644
                     };
-                    // create_new never follows an existing symlink out of dest.
-                    let mut file = fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&path)
-                        .map_err(io_err)?;
+                    let fd = openat(
+                        dir,
+                        name.as_str(),
+                        OFlag::O_WRONLY
+                            | OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o600),
+                    )
+                    .map_err(sys_err)?;
+                    let mut file = fs::File::from(fd);
                     file.write_all(blob.content())
                         .and_then(|()| file.set_permissions(fs::Permissions::from_mode(mode)))
-                        .map_err(io_err)?;
+                        .map_err(|source| GitError::Io {
+                            action: "write",
+                            path: path.clone(),
+                            source,
+                        })?;
                 }
             }
             // Submodules (commit entries) are not part of the pushed tree's content.
@@ -436,6 +485,56 @@ mod tests {
                 matches!(&result, Err(GitError::UnsafePath { name: n }) if n == name),
                 "{name:?}: {result:?}"
             );
+        }
+    }
+
+    #[test]
+    fn checkout_never_writes_through_a_symlink() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let file = repo.blob(b"pwned").unwrap();
+        let mut sub = repo.treebuilder(None).unwrap();
+        sub.insert("x", file, 0o100644).unwrap();
+        let sub = sub.write().unwrap();
+        let outside_file = outside.join("f");
+        let link = |target: &Path| repo.blob(target.as_os_str().as_bytes()).unwrap();
+        let (to_dir, to_file) = (link(&outside), link(&outside_file));
+        // Raw trees naming an entry twice, as a hostile client can push them (libgit2's tree
+        // builder and git fsck refuse them; receive-pack does not check by default).
+        let cases: &[(&str, &[(&str, git2::Oid)])] = &[
+            // A link to a host directory, then a directory of the same name.
+            ("a", &[("120000", to_dir), ("40000", sub)]),
+            // A link to a host file, then a file of the same name.
+            ("f", &[("120000", to_file), ("100644", file)]),
+            // A directory, then a link of the same name.
+            ("d", &[("40000", sub), ("120000", to_dir)]),
+        ];
+        for (name, entries) in cases {
+            let mut raw = Vec::new();
+            for (mode, oid) in *entries {
+                raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+                raw.extend_from_slice(oid.as_bytes());
+            }
+            let tree_id = repo
+                .odb()
+                .unwrap()
+                .write(git2::ObjectType::Tree, &raw)
+                .unwrap();
+            let tree = repo.find_tree(tree_id).unwrap();
+            let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
+
+            let dest = dir.path().join("out").join(commit.to_string());
+            let result = checkout(repo.path(), &commit.to_string(), &dest);
+            assert!(
+                matches!(&result, Err(GitError::UnsafePath { name: n }) if n == name),
+                "{name:?}: {result:?}"
+            );
+            let written: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+            assert!(written.is_empty(), "{name:?} wrote outside: {written:?}");
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
 //! - [`paths`]: the layout of the data directory.
 //! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
+//! - [`tree`]: reading files out of a pushed tree or a build's output, never through a symlink.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
@@ -44,3 +45,4 @@ pub mod proxy;
 pub mod server;
 pub mod ssh;
 pub mod store;
+pub mod tree;

@@ -103,6 +103,8 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     berth_runtime::network::ensure_bridge(&args.bridge, gateway, prefix)
         .await
         .with_context(|| format!("cannot set up the container bridge {}", args.bridge))?;
+    berth_runtime::firewall::ensure(&args.bridge, gateway, prefix)
+        .with_context(|| format!("cannot set up the firewall of bridge {}", args.bridge))?;
 
     let http = TcpListener::bind(&args.http).await.with_context(|| {
         format!(
@@ -215,6 +217,9 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         berth_runtime::spec::remove_cgroup_parent();
         if let Err(err) = berth_runtime::network::remove_bridge(&args.bridge).await {
             warn!(%err, "removing the bridge failed");
+        }
+        if let Err(err) = berth_runtime::firewall::remove(&args.bridge) {
+            warn!(%err, "removing the bridge's firewall table failed");
         }
     }
     store.close().await;

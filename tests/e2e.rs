@@ -44,7 +44,7 @@ fn prerequisites_met() -> bool {
 
 /// A `berth server` child with its own data dir, bridge and subnet. Dropping it stops the
 /// server (which, being --ephemeral, stops its containers and removes its bridge) and then
-/// sweeps anything left: processes, mounts, netns files, links and cgroups.
+/// sweeps anything left: processes, mounts, netns files, links, nftables tables and cgroups.
 struct Server {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -175,7 +175,8 @@ impl Server {
         }
     }
 
-    /// What the server left behind: processes, mounts, netns files, links, cgroups.
+    /// What the server left behind: processes, mounts, netns files, links, nftables tables,
+    /// cgroups.
     fn leftovers(&self) -> Vec<String> {
         let data = self.data();
         let data_str = data.to_string_lossy().into_owned();
@@ -208,6 +209,13 @@ impl Server {
         }
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
             left.push(format!("bridge {}", self.bridge));
+        }
+        let table = berth_runtime::firewall::table_name(&self.bridge);
+        let listed = Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .output();
+        if listed.is_ok_and(|out| out.status.success()) {
+            left.push(format!("nftables table inet {table}"));
         }
         let ids: Vec<String> = std::fs::read_dir(data.join("containers"))
             .map(|d| {
@@ -267,6 +275,7 @@ impl Server {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
+        let _ = berth_runtime::firewall::remove(&self.bridge);
         berth_runtime::spec::remove_cgroup_parent();
         if let Ok(entries) = std::fs::read_dir(self.data().join("containers")) {
             for id in entries.flatten() {
@@ -396,8 +405,9 @@ impl Laptop {
         assert!(out.status.success(), "{}", text(&out));
     }
 
-    /// Pushes main to `deploy` and requires the push to fail with output containing `expected`.
-    fn push_rejected(&self, expected: &[&str]) {
+    /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
+    /// returns the output.
+    fn push_rejected(&self, expected: &[&str]) -> String {
         let push = self.git(&["push", "deploy", "main"]);
         let push_text = text(&push);
         assert!(
@@ -410,6 +420,7 @@ impl Laptop {
                 "{e:?} is not in the push output:\n{push_text}"
             );
         }
+        push_text
     }
 
     fn ssh(&self, port: u16, command: &str) -> Output {
@@ -608,6 +619,19 @@ fn slow_push_deploy_config_and_bad_input() {
     server.assert_serves("hello.localhost", "hi from berth\n");
     let releases = server.berth_ok(&["releases", "hello", "--json"]);
     assert_eq!(releases.matches("\"version\"").count(), 2, "{releases}");
+
+    // A Procfile linking to a host file is refused unread (the root daemon would echo its lines
+    // in parse errors); v2 keeps serving.
+    let host_file = server.dir.path().join("host-secret");
+    std::fs::write(&host_file, "berth-e2e-host-secret-6d1f\n").unwrap();
+    let procfile = laptop.dir.join("Procfile");
+    std::fs::remove_file(&procfile).unwrap();
+    std::os::unix::fs::symlink(&host_file, &procfile).unwrap();
+    laptop.commit("Procfile links to a host file");
+    let push_text = laptop.push_rejected(&["Procfile is a symlink", "replace the link"]);
+    assert!(!push_text.contains("host-secret-6d1f"), "{push_text}");
+    server.assert_serves("hello.localhost", "hi from berth\n");
+    std::fs::remove_file(&procfile).unwrap();
 
     // Logs show the app's output.
     let logs = server.berth_ok(&["logs", "hello", "-n", "50"]);

@@ -39,6 +39,12 @@ pub enum Error {
     },
     #[error("invalid OCI runtime config: {0}")]
     Spec(String),
+    #[error("nftables: {context}: {source} — berth needs root and the `nft` binary (apt-get install nftables); nft's own message is in the server log")]
+    Firewall {
+        context: String,
+        #[source]
+        source: nftables::helper::NftablesError,
+    },
     #[error("netlink: {context}: {reason} (berth needs root to manage links)")]
     Netlink { context: String, reason: String },
 }

@@ -1,7 +1,7 @@
 //! berth-runtime: the embedded container runtime.
 //!
 //! This crate is the only code in berth that clones processes into namespaces, mounts
-//! filesystems, creates cgroups or touches network links. The rest of berth describes a
+//! filesystems, creates cgroups or touches network links and firewall rules. The rest of berth describes a
 //! container with a [`ContainerSpec`] and drives it through [`Runtime`]; for networking it
 //! calls [`network`].
 //!
@@ -17,6 +17,7 @@
 //! - [`spec`]: the OCI runtime config written for libcontainer.
 //! - [`seccomp`]: the default seccomp profile of every container.
 //! - [`network`]: bridge, per-container network namespaces and veth pairs (netlink).
+//! - [`firewall`]: the bridge's nftables table: NAT out, no new connections into the host.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 mod control;
 mod error;
+pub mod firewall;
 mod layout;
 pub mod network;
 pub mod rootfs;
@@ -48,7 +50,8 @@ pub struct ContainerSpec {
     pub hostname: String,
     /// Extra bind mounts; the destination is created in the rootfs when missing.
     pub binds: Vec<Bind>,
-    /// `Some(path)`: join that network namespace; `None`: share the host network (builds).
+    /// `Some(path)`: join that network namespace; `None`: share the host's network (berth
+    /// gives every container, app or build, a namespace of its own).
     pub netns: Option<PathBuf>,
     pub log: LogTarget,
     /// On stop: SIGTERM, then SIGKILL after this many seconds.

@@ -1,20 +1,21 @@
 //! berth-runtime against the real kernel: shims, overlay rootfs, libcontainer, cgroups, netns,
-//! veth, bridge and the seccomp profile. No mocks. Needs root, overlayfs and /bin/busybox (busybox-static); under
-//! CI=true a missing prerequisite fails the run instead of skipping it.
+//! veth, bridge, nftables firewall and the seccomp profile. No mocks. Needs root, overlayfs, nft
+//! (nftables), nsenter and /bin/busybox (busybox-static); under CI=true a missing prerequisite
+//! fails the run instead of skipping it.
 //!
 //! This test binary has its own `main` (harness = false) because it doubles as the shim:
 //! `runtime shim DIR` runs `berth_runtime::shim::main`, exactly like `berth shim DIR`.
 //! Tests run one after another; each cleans up through a Drop guard and then checks that no
-//! mount, cgroup, netns, veth or process is left.
+//! mount, cgroup, netns, veth, nftables table or process is left.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::symlink;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use berth_runtime::{network, Bind, ContainerSpec, Error, LogTarget, Runtime, State};
+use berth_runtime::{firewall, network, Bind, ContainerSpec, Error, LogTarget, Runtime, State};
 
 /// A link to this binary with this name is a shim that applies no seccomp profile, for the one
 /// test that proves the profile is what denies.
@@ -73,6 +74,7 @@ fn main() {
         ("shim_outlives_its_starter", shim_outlives_its_starter),
         ("binds_memory_limit_and_env", binds_memory_limit_and_env),
         ("network_http_over_bridge", network_http_over_bridge),
+        ("firewall_shields_the_host", firewall_shields_the_host),
         ("missing_layer_is_refused", missing_layer_is_refused),
         ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
         (
@@ -137,6 +139,9 @@ fn missing_prerequisite() -> Option<String> {
     if !Path::new("/bin/busybox").is_file() {
         return Some("/bin/busybox is missing (apt-get install busybox-static)".into());
     }
+    if !Path::new("/usr/sbin/nft").is_file() {
+        return Some("/usr/sbin/nft is missing (apt-get install nftables)".into());
+    }
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !filesystems.contains("overlay") {
         return Some("the kernel has no overlay filesystem".into());
@@ -147,8 +152,8 @@ fn missing_prerequisite() -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 
 /// One test's world: a busybox image, a container directory, and the things to clean up.
-/// Dropping it stops and removes every container, deletes netns/veth/bridge, and removes the
-/// directory, even when the test failed.
+/// Dropping it stops and removes every container, deletes netns/veth/bridge and the bridge's
+/// nftables table, and removes the directory, even when the test failed.
 struct Fixture {
     root: PathBuf,
     image: PathBuf,
@@ -255,6 +260,9 @@ impl Drop for Fixture {
                 if let Some(bridge) = &self.bridge {
                     if let Err(err) = network::remove_bridge(bridge).await {
                         eprintln!("cleanup: bridge {bridge}: {err}");
+                    }
+                    if let Err(err) = firewall::remove(bridge) {
+                        eprintln!("cleanup: firewall of {bridge}: {err}");
                     }
                 }
             });
@@ -541,6 +549,112 @@ fn network_http_over_bridge() {
         network::remove_bridge(&bridge).await.unwrap();
     });
     assert!(!Path::new("/sys/class/net").join(&bridge).exists());
+    fx.assert_clean(&spec.id);
+}
+
+/// The bridge's firewall: a container opens no connection to the host, neither to a port on the
+/// host's 127.0.0.1 (routed there as a container with CAP_NET_RAW could send it) nor to a port on
+/// 0.0.0.0 through the gateway address; the host still connects into the container (its replies
+/// pass). The kernel's own guard for the first, route_localnet, is off and must stay off.
+fn firewall_shields_the_host() {
+    let mut fx = Fixture::new("fw");
+    let pid = std::process::id();
+    let bridge = format!("bf{pid}");
+    let subnet = 20 + (pid % 200) as u8;
+    let gateway = Ipv4Addr::new(10, 251, subnet, 1);
+    let ip = Ipv4Addr::new(10, 251, subnet, 2);
+    let loopback = TcpListener::bind("127.0.0.1:0").unwrap();
+    let any = TcpListener::bind("0.0.0.0:0").unwrap();
+    let (loopback_port, any_port) = (
+        loopback.local_addr().unwrap().port(),
+        any.local_addr().unwrap().port(),
+    );
+    let script = format!(
+        "httpd -p 8080 -h /www; \
+         busybox timeout 3 busybox nc 127.0.0.1 {loopback_port} </dev/null; echo tried; \
+         busybox timeout 3 busybox nc {gateway} {any_port} </dev/null; echo tried again; \
+         exec sleep 1000"
+    );
+    let mut spec = fx.spec("fw", &["sh", "-c", &script]);
+    spec.stop_grace_secs = 1;
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "fw".into(),
+    };
+    fx.bridge = Some(bridge.clone());
+    fx.netns.push(spec.id.clone());
+    let netns_dir = fx.root.join("netns");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let netns = rt.block_on(async {
+        network::ensure_bridge(&bridge, gateway, 24).await.unwrap();
+        network::create_netns(&netns_dir, &spec.id, &bridge, ip, 24, gateway)
+            .await
+            .unwrap()
+    });
+    firewall::ensure(&bridge, gateway, 24).unwrap();
+    firewall::ensure(&bridge, gateway, 24).expect("idempotent");
+    for conf in ["all", bridge.as_str()] {
+        let path = format!("/proc/sys/net/ipv4/conf/{conf}/route_localnet");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().trim(),
+            "0",
+            "{path}"
+        );
+    }
+    // Inside the namespace, send 127.0.0.1 to the gateway instead of to the own lo.
+    let routed = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["sh", "-c"])
+        .arg(format!(
+            "sysctl -qw net.ipv4.conf.eth0.route_localnet=1 && ip addr flush dev lo && \
+             ip route add 127.0.0.1/32 via {gateway} dev eth0"
+        ))
+        .status()
+        .unwrap();
+    assert!(routed.success(), "routing 127.0.0.1 out of the namespace");
+    spec.netns = Some(netns);
+    fx.runtime.start(&spec).unwrap();
+
+    let log = wait_for(Duration::from_secs(30), "both connection attempts", || {
+        let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+        log.contains("tried again").then_some(log)
+    });
+    for (listener, what) in [(&loopback, "127.0.0.1"), (&any, "0.0.0.0 via the gateway")] {
+        listener.set_nonblocking(true).unwrap();
+        let accepted = listener.accept();
+        assert!(
+            accepted.is_err(),
+            "the container connected to the host's {what}: {accepted:?}\n{log}"
+        );
+    }
+    let addr = SocketAddr::from((ip, 8080));
+    let body = wait_for(Duration::from_secs(10), "httpd to answer the host", || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    });
+    assert!(body.ends_with("hello from berth\n"), "{body}");
+
+    fx.runtime.stop(&spec.id).unwrap();
+    fx.runtime.remove(&spec.id).unwrap();
+    rt.block_on(async {
+        network::delete_netns(&netns_dir, &spec.id).await.unwrap();
+        network::remove_bridge(&bridge).await.unwrap();
+    });
+    firewall::remove(&bridge).unwrap();
+    firewall::remove(&bridge).expect("idempotent");
+    let table = std::process::Command::new("nft")
+        .args(["list", "table", "inet", &firewall::table_name(&bridge)])
+        .output()
+        .unwrap();
+    assert!(!table.status.success(), "the nftables table is left");
     fx.assert_clean(&spec.id);
 }
 

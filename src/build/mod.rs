@@ -1,10 +1,10 @@
 //! Builds: turns a pushed source tree into an OCI image with Heroku buildpacks (API v2).
 //! The buildpacks run inside a build container on the `berth/stack-build` image with the source
 //! at /app, the app's cache at /cache, its config at /env (one file per var) and the host CA
-//! bundle passed in; the result is one layer on top of `berth/stack-run`.
+//! bundle passed in, in a network namespace of its own on berth's bridge (out by NAT; the host's
+//! own services are firewalled off); the result is one layer on top of `berth/stack-run`.
 //! Owns the build steps; must not start app containers or touch routes (that is `deploy`).
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,8 +19,10 @@ use crate::network::Network;
 use crate::paths::Paths;
 use crate::progress::Progress;
 use crate::store::ProcessTypes;
+use crate::tree;
 
 pub mod buildpacks;
+pub mod output;
 pub mod procfile;
 pub mod release;
 
@@ -41,6 +43,10 @@ pub enum BuildError {
     Procfile(#[from] procfile::ProcfileError),
     #[error("the buildpack's release output is malformed: {0}")]
     Release(#[from] release::ReleaseError),
+    #[error(transparent)]
+    File(#[from] tree::TreeError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
 }
@@ -114,7 +120,7 @@ async fn run_build(
     out: &Progress,
 ) -> Result<Built, BuildError> {
     let (build_image, run_image) = d.ensure_stacks(false, out).await?;
-    if source.join("Dockerfile").exists() {
+    if tree::has_file(source, "Dockerfile") {
         out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
             .await;
     }
@@ -157,8 +163,10 @@ async fn run_build(
         }
     }
     let suffix: u32 = rand::thread_rng().gen();
+    let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
+    let (ip, netns) = d.network.attach(&id).await?;
     let spec = ContainerSpec {
-        id: format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]),
+        id: id.clone(),
         layers: stack_build.layer_dirs(),
         args: [
             "/bin/sh",
@@ -174,7 +182,7 @@ async fn run_build(
         cwd: "/app".into(),
         hostname: "build".into(),
         binds,
-        netns: None,
+        netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
         memory_limit: None,
@@ -187,8 +195,8 @@ async fn run_build(
     let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
         let mut child = runtime.run_attached(&spec)?;
         if let Some(stdout) = child.stdout.take() {
-            for line in std::io::BufReader::new(stdout).split(b'\n') {
-                stream.blocking_line(String::from_utf8_lossy(&line?));
+            for line in output::lines(std::io::BufReader::new(stdout)) {
+                stream.blocking_line(line?);
             }
         }
         let status = child.wait()?;
@@ -196,7 +204,9 @@ async fn run_build(
         Ok(status.code().unwrap_or(-1))
     })
     .await
-    .expect("build task")?;
+    .expect("build task");
+    d.network.detach(&id, Some(ip)).await;
+    let code = code?;
     if code != 0 {
         return Err(BuildError::Failed(code));
     }
@@ -243,10 +253,10 @@ fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
 /// The Procfile's process types over the buildpack's defaults.
 fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildError> {
     let mut types = ProcessTypes::new();
-    if let Ok(yaml) = std::fs::read_to_string(out_dir.join("release.yml")) {
+    if let Some(yaml) = tree::read_file(out_dir, "release.yml")? {
         types.extend(release::default_process_types(&yaml)?);
     }
-    if let Ok(text) = std::fs::read_to_string(source.join("Procfile")) {
+    if let Some(text) = tree::read_file(source, "Procfile")? {
         types.extend(procfile::parse(&text)?);
     }
     if types.is_empty() {

@@ -1,0 +1,191 @@
+//! The firewall of berth's bridge, in nftables: one table per bridge (`inet berth-<bridge>`), so
+//! two servers with different bridges never touch each other's rules, and nothing else on the
+//! host is touched. Containers (apps and builds) reach the outside by masquerade; they cannot
+//! open connections to the host itself (berth's SSH and admin ports, anything listening on
+//! 0.0.0.0 answers on the gateway address) nor send to 127.0.0.0/8, while replies to
+//! connections the host opened into them (the proxy, health checks) pass. Traffic between
+//! containers on the bridge is left as it is.
+//!
+//! Driven through the `nft` binary (Debian's `nftables` package) with typed JSON from the
+//! `nftables` crate. [`ensure`] replaces the table atomically in one transaction, so it is
+//! idempotent; [`remove`] deletes it. Also owns turning IPv4 forwarding on, which NAT needs.
+
+use std::borrow::Cow;
+use std::net::Ipv4Addr;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::schema::{Chain, NfListObject, Rule, Table};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use crate::Error;
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The name of the table holding `bridge`'s rules.
+pub fn table_name(bridge: &str) -> String {
+    format!("berth-{bridge}")
+}
+
+/// Turns IPv4 forwarding on and (re)installs the rules of `bridge`, whose subnet is
+/// `gateway/prefix_len`. Forwarding is left on at shutdown: other things may rely on it.
+pub fn ensure(bridge: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
+    std::fs::write(IP_FORWARD, "1").map_err(Error::io(format!(
+        "turning IPv4 forwarding on ({IP_FORWARD}), which containers need to reach the outside"
+    )))?;
+    let table = table(bridge);
+    let mut batch = Batch::new();
+    // Add, delete, add: the table is replaced whether or not it was there, in one transaction.
+    batch.add(NfListObject::Table(table.clone()));
+    batch.delete(NfListObject::Table(table.clone()));
+    batch.add(NfListObject::Table(table));
+    for (name, kind, hook, prio) in [
+        ("prerouting", NfChainType::Filter, NfHook::Prerouting, 0),
+        ("input", NfChainType::Filter, NfHook::Input, 0),
+        ("forward", NfChainType::Filter, NfHook::Forward, 0),
+        ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
+    ] {
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: table_name(bridge).into(),
+            name: name.into(),
+            _type: Some(kind),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }));
+    }
+    for (chain, statements) in rules(bridge, gateway, prefix_len) {
+        batch.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: table_name(bridge).into(),
+            chain: chain.into(),
+            expr: statements.into(),
+            ..Rule::default()
+        }));
+    }
+    nftables::helper::apply_ruleset(&batch.to_nftables()).map_err(firewall_error(format!(
+        "installing the firewall table inet {}",
+        table_name(bridge)
+    )))
+}
+
+/// Deletes the rules of `bridge`; succeeds if there are none.
+pub fn remove(bridge: &str) -> Result<(), Error> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(table(bridge)));
+    batch.delete(NfListObject::Table(table(bridge)));
+    nftables::helper::apply_ruleset(&batch.to_nftables()).map_err(firewall_error(format!(
+        "deleting the firewall table inet {}",
+        table_name(bridge)
+    )))
+}
+
+fn table(bridge: &str) -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: table_name(bridge).into(),
+        handle: None,
+    }
+}
+
+/// The rules, chain by chain, in order.
+fn rules(
+    bridge: &str,
+    gateway: Ipv4Addr,
+    prefix_len: u8,
+) -> Vec<(&'static str, Vec<Statement<'static>>)> {
+    let from_bridge = || meta(MetaKey::Iifname, Operator::EQ, bridge);
+    let not_from_bridge = || meta(MetaKey::Iifname, Operator::NEQ, bridge);
+    let to_bridge = || meta(MetaKey::Oifname, Operator::EQ, bridge);
+    let not_to_bridge = || meta(MetaKey::Oifname, Operator::NEQ, bridge);
+    let subnet = u32::from(gateway) & (u32::MAX << (32 - prefix_len));
+    let accept = || Statement::Accept(None);
+    let drop = || Statement::Drop(None);
+    vec![
+        // Loopback addresses never come from the bridge (the kernel drops them too, as long as
+        // route_localnet is off; this holds even if someone turns it on).
+        (
+            "prerouting",
+            vec![
+                from_bridge(),
+                ip_in("daddr", Ipv4Addr::new(127, 0, 0, 0), 8),
+                drop(),
+            ],
+        ),
+        // To the host itself: only replies to what the host opened (proxy, health checks).
+        ("input", vec![from_bridge(), established(), accept()]),
+        ("input", vec![from_bridge(), drop()]),
+        // Out of the bridge: anything; into it from elsewhere: only replies.
+        ("forward", vec![from_bridge(), not_to_bridge(), accept()]),
+        (
+            "forward",
+            vec![to_bridge(), not_from_bridge(), established(), accept()],
+        ),
+        ("forward", vec![to_bridge(), not_from_bridge(), drop()]),
+        (
+            "postrouting",
+            vec![
+                ip_in("saddr", Ipv4Addr::from(subnet), prefix_len),
+                not_to_bridge(),
+                Statement::Masquerade(None),
+            ],
+        ),
+    ]
+}
+
+/// `meta KEY OP value`.
+fn meta(key: MetaKey, op: Operator, value: &str) -> Statement<'static> {
+    matching(
+        Expression::Named(NamedExpression::Meta(Meta { key })),
+        Expression::String(Cow::Owned(value.to_string())),
+        op,
+    )
+}
+
+/// `ip FIELD addr/len`.
+fn ip_in(field: &'static str, addr: Ipv4Addr, len: u8) -> Statement<'static> {
+    matching(
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: "ip".into(),
+                field: field.into(),
+            },
+        ))),
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(addr.to_string().into())),
+            len: len.into(),
+        })),
+        Operator::EQ,
+    )
+}
+
+/// `ct state established,related`.
+fn established() -> Statement<'static> {
+    matching(
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Expression::List(vec![
+            Expression::String("established".into()),
+            Expression::String("related".into()),
+        ]),
+        Operator::IN,
+    )
+}
+
+fn matching(
+    left: Expression<'static>,
+    right: Expression<'static>,
+    op: Operator,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn firewall_error(context: String) -> impl FnOnce(nftables::helper::NftablesError) -> Error {
+    move |source| Error::Firewall { context, source }
+}
