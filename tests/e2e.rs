@@ -405,6 +405,25 @@ impl Laptop {
         assert!(out.status.success(), "{}", text(&out));
     }
 
+    /// Starts pushing main to `deploy` and returns the push once its output showed `marker`.
+    fn push_until(&self, marker: &str) -> Child {
+        let mut push = self
+            .git_command(&["push", "deploy", "main"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = lines(push.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        while !seen.iter().any(|l: &String| l.contains(marker)) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => seen.push(line),
+                Err(err) => panic!("the push never showed {marker:?} ({err}): {seen:#?}"),
+            }
+        }
+        push
+    }
+
     /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
     /// returns the output.
     fn push_rejected(&self, expected: &[&str]) -> String {
@@ -606,7 +625,7 @@ fn slow_push_deploy_config_and_bad_input() {
     ]);
     server.assert_serves("hello.localhost", "hi from berth\n");
     let ps = server.berth_ok(&["ps", "hello"]);
-    assert!(ps.contains("web.1: up  v2"), "{ps}");
+    assert!(ps.contains("web.1: up ") && ps.contains("  v2  "), "{ps}");
 
     // An app that crashes on start is rejected with its exit code and output; v2 keeps serving.
     laptop.write("requirements.txt", "flask\n");
@@ -618,7 +637,17 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.push_rejected(&["web.1 exited with code 3", "boom: no database"]);
     server.assert_serves("hello.localhost", "hi from berth\n");
     let releases = server.berth_ok(&["releases", "hello", "--json"]);
-    assert_eq!(releases.matches("\"version\"").count(), 2, "{releases}");
+    let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
+    assert_eq!(
+        (&releases[0]["version"], &releases[0]["status"]),
+        (&3.into(), &"failed".into()),
+        "the crashing release is listed as failed: {releases:#}"
+    );
+    assert!(releases[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("exited with code 3"));
+    assert_eq!(releases[1]["status"], "live", "{releases:#}");
 
     // A Procfile linking to a host file is refused unread (the root daemon would echo its lines
     // in parse errors); v2 keeps serving.
@@ -668,7 +697,7 @@ fn slow_push_deploy_config_and_bad_input() {
     server.launch();
     server.assert_serves("hello.localhost", "hi from berth\n");
     let ps = server.berth_ok(&["ps", "hello"]);
-    assert!(ps.contains("web.1: up  v2"), "{ps}");
+    assert!(ps.contains("web.1: up ") && ps.contains("  v2  "), "{ps}");
 
     // A daemon killed in the middle of a build: the push fails, v2 keeps serving once a new
     // server runs, and the cut-short build leaves no container and no scratch behind.
@@ -676,23 +705,7 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.commit("Interrupted deploy");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "set-url", "deploy", &remote]);
-    let mut push = laptop
-        .git_command(&["push", "deploy", "main"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(push.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut seen = Vec::new();
-    while !seen
-        .iter()
-        .any(|l: &String| l.contains("Installing requirements with pip"))
-    {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => seen.push(line),
-            Err(err) => panic!("the build did not start ({err}): {seen:#?}"),
-        }
-    }
+    let mut push = laptop.push_until("Installing requirements with pip");
     server.kill();
     let pushed = push.wait().unwrap();
     assert!(!pushed.success(), "a push whose server died was accepted");
@@ -713,47 +726,11 @@ fn slow_push_deploy_config_and_bad_input() {
     assert!(left.is_empty(), "left behind after stop: {left:#?}");
 }
 
-/// A stdlib-only Python web app (the `procfile` buildpack: no pip, quick builds). `/` answers
+/// A stdlib-only Python web app (the `procfile` buildpack: no pip, quick builds; also what
+/// `scripts/bench/zero-downtime.sh` deploys). `/` answers
 /// its mark, `<version.txt>/<GREETING>`, so every answer names the release that served it; with
 /// FAIL set, `/` answers 500; `/stream` sends 30 server-sent events 100 ms apart.
-const STDLIB_APP_PY: &str = r#"import os, signal, sys, time
-from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
-
-MARK = open("version.txt").read().strip() + "/" + os.environ.get("GREETING", "hello")
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        if self.path.startswith("/stream"):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i in range(30):
-                data = ("data: %s %d\n\n" % (MARK, i)).encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-                time.sleep(0.1)
-            self.wfile.write(b"0\r\n\r\n")
-            return
-        status, body = (500, b"broken\n") if os.environ.get("FAIL") else (200, (MARK + "\n").encode())
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-ThreadingHTTPServer.daemon_threads = True
-server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-print("listening", flush=True)
-server.serve_forever()
-"#;
+const STDLIB_APP_PY: &str = include_str!("apps/stdlib-web/app.py");
 
 /// What a stream of requests saw while changes ran.
 #[derive(Debug, Default)]
@@ -1127,23 +1104,7 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     laptop.write("Procfile", "web: sh -c 'sleep 5; exec python3 app.py'\n");
     laptop.write("version.txt", "slow");
     laptop.commit("slow start");
-    let mut push = laptop
-        .git_command(&["push", "deploy", "main"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(push.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut seen_lines = Vec::new();
-    while !seen_lines
-        .iter()
-        .any(|l: &String| l.contains("Waiting for web.1"))
-    {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => seen_lines.push(line),
-            Err(err) => panic!("the switch did not start ({err}): {seen_lines:#?}"),
-        }
-    }
+    let mut push = laptop.push_until("Waiting for web.1");
     server.kill();
     assert!(
         !push.wait().unwrap().success(),
@@ -1168,6 +1129,55 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     wait_for_ps(&server, "zd", 60, |ps| {
         ps.lines().count() == 3 && !ps.contains("starting") && !ps.contains("draining")
     });
+
+    // Two pushes of one app at once: one waits for the other, and in the end the live code is
+    // the commit on the branch.
+    let remote = format!("ssh://git@127.0.0.1:{}/zd", server.ssh.port());
+    laptop.git(&["remote", "set-url", "deploy", &remote]);
+    let rival = Laptop::new(server.dir.path(), "rival");
+    server.berth_ok(&[
+        "keys:add",
+        "rival",
+        rival.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    rival.git(&["remote", "add", "deploy", &remote]);
+    for (who, version) in [(&laptop, "race-a"), (&rival, "race-b")] {
+        who.write("app.py", STDLIB_APP_PY);
+        who.write("Procfile", "web: python3 app.py\n");
+        who.write("version.txt", version);
+        who.commit(version);
+    }
+    let spawned: Vec<Child> = [&laptop, &rival]
+        .iter()
+        .map(|who| {
+            who.git_command(&["push", "--force", "deploy", "main"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Output> = spawned
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for out in &outputs {
+        assert!(out.status.success(), "{}", text(out));
+    }
+    // The branch as the server's repo has it (berth serves no fetches).
+    let branch = run(Command::new("git")
+        .arg("--git-dir")
+        .arg(server.data().join("repos/zd.git"))
+        .args(["rev-parse", "refs/heads/main"]));
+    let branch = String::from_utf8_lossy(&branch.stdout).trim().to_string();
+    let winner = [(&laptop, "race-a"), (&rival, "race-b")]
+        .into_iter()
+        .find(|(who, _)| {
+            String::from_utf8_lossy(&who.git(&["rev-parse", "HEAD"]).stdout).trim() == branch
+        })
+        .map(|(_, version)| version)
+        .expect("the branch is one of the pushed commits");
+    server.assert_serves(host, &format!("{winner}/{greeting}\n"));
 
     server.berth_ok(&["apps:destroy", "zd", "--force"]);
     assert_eq!(server.get(host).0, 404);
