@@ -162,6 +162,29 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 100)]
         num: usize,
     },
+    /// List an app's domains: its default host and the custom ones.
+    Domains {
+        /// The app's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve an app at another host name too (one app per host).
+    #[command(name = "domains:add")]
+    DomainsAdd {
+        /// The app's name.
+        name: String,
+        /// The host, e.g. www.example.com.
+        host: String,
+    },
+    /// Stop serving an app at a host name.
+    #[command(name = "domains:remove")]
+    DomainsRemove {
+        /// The app's name.
+        name: String,
+        /// The host, as `berth domains` lists it.
+        host: String,
+    },
     /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
@@ -282,6 +305,9 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::PsRestart { name, process_type } => Request::PsRestart { name, process_type },
         Command::ReleasesRollback { name, version } => Request::ReleasesRollback { name, version },
         Command::Logs { name, follow, num } => Request::Logs { name, follow, num },
+        Command::Domains { name, json } => Request::Domains { name, json },
+        Command::DomainsAdd { name, host } => Request::DomainsAdd { name, host },
+        Command::DomainsRemove { name, host } => Request::DomainsRemove { name, host },
         Command::StackBuild { force } => Request::StackBuild { force },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")

@@ -8,6 +8,7 @@
 //! - [`store`]: SQLite state (apps, config, releases, keys, containers) via sqlx.
 //! - [`app`]: app names and their validation.
 //! - [`config`]: config var keys and values.
+//! - [`domain`]: custom domain host names and their validation.
 //! - [`keys`]: SSH public keys (parse, fingerprint).
 //! - [`ssh`]: the SSH server (russh): key auth, `git-receive-pack` only.
 //! - [`git`]: bare repos per app, the pre-receive hook, checking out a pushed commit.
@@ -32,6 +33,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod domain;
 pub mod git;
 pub mod hook;
 pub mod image;

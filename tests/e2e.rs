@@ -1179,8 +1179,41 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         .expect("the branch is one of the pushed commits");
     server.assert_serves(host, &format!("{winner}/{greeting}\n"));
 
+    // Custom domains: one owner per host, malformed and reserved hosts refused.
+    server.berth_ok(&["domains:add", "zd", "WWW.Example.TEST"]);
+    server.assert_serves("www.example.test", &format!("{winner}/{greeting}\n"));
+    server.berth_ok(&["apps:create", "other"]);
+    let out = server.berth(&["domains:add", "other", "www.example.test"]);
+    assert!(
+        !out.status.success() && text(&out).contains("already belongs to app \"zd\""),
+        "{}",
+        text(&out)
+    );
+    for bad in [
+        "*.example.test",
+        "example.test:80",
+        "zd.localhost",
+        "not_a_host.test",
+    ] {
+        let out = server.berth(&["domains:add", "other", bad]);
+        assert!(!out.status.success(), "{bad} was accepted");
+    }
+    let domains = server.berth_ok(&["domains", "zd"]);
+    assert!(
+        domains.contains("zd.localhost (default)") && domains.contains("www.example.test"),
+        "{domains}"
+    );
+    server.berth_ok(&["domains:remove", "zd", "www.example.test"]);
+    assert_eq!(server.get("www.example.test").0, 404);
+    server.berth_ok(&["domains:add", "zd", "api.example.test"]);
+
     server.berth_ok(&["apps:destroy", "zd", "--force"]);
     assert_eq!(server.get(host).0, 404);
+    assert_eq!(
+        server.get("api.example.test").0,
+        404,
+        "a destroyed app's domains are unrouted"
+    );
     server.stop();
     let left = server.leftovers();
     assert!(left.is_empty(), "left behind after stop: {left:#?}");

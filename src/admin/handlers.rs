@@ -235,6 +235,34 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             .await;
             Ok(())
         }
+        Request::Domains { name, json } => {
+            d.store.require_app(&name).await?;
+            let domains = d.store.domains(&name).await?;
+            if json {
+                return print_json(out, &domains).await;
+            }
+            out.line(format!("=== {name} domains")).await;
+            out.line(format!("{} (default)", d.deployer.app_host(&name)))
+                .await;
+            for host in domains {
+                out.line(host).await;
+            }
+            Ok(())
+        }
+        Request::DomainsAdd { name, host } => {
+            let host = d.deployer.add_domain(&name, &host).await?;
+            out.line(format!(
+                "Added {host} to {name}: http://{host} is served by it"
+            ))
+            .await;
+            Ok(())
+        }
+        Request::DomainsRemove { name, host } => {
+            d.store.require_app(&name).await?;
+            d.deployer.remove_domain(&name, &host).await?;
+            out.line(format!("Removed {host} from {name}")).await;
+            Ok(())
+        }
         Request::StackBuild { force } => {
             let (build, run) = d.deployer.builder().ensure_stacks(force, out).await?;
             out.line(format!(

@@ -72,6 +72,18 @@ pub enum Request {
         follow: bool,
         num: usize,
     },
+    Domains {
+        name: String,
+        json: bool,
+    },
+    DomainsAdd {
+        name: String,
+        host: String,
+    },
+    DomainsRemove {
+        name: String,
+        host: String,
+    },
     StackBuild {
         force: bool,
     },

@@ -60,6 +60,8 @@ pub enum DeployError {
     Network(#[from] NetworkError),
     #[error("{0} — check `berth ps` and the server log")]
     Runtime(#[from] berth_runtime::Error),
+    #[error(transparent)]
+    Domain(#[from] crate::domain::InvalidDomain),
     #[error("the release has no process type {0:?} — check the Procfile")]
     NoSuchProcessType(String),
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]
@@ -454,10 +456,30 @@ impl Deployer {
         Ok(release)
     }
 
-    /// Stops an app's containers and forgets its route (before destroying it).
+    /// Serves the app at `host` too; returns the host as stored (lowercase).
+    pub async fn add_domain(&self, app: &str, host: &str) -> Result<String, DeployError> {
+        let host = crate::domain::validate(host, &self.domain)?;
+        let _guard = self.locks.lock(app).await;
+        self.store.add_domain(app, &host).await?;
+        self.route(app).await?;
+        Ok(host)
+    }
+
+    /// Stops serving the app at `host`.
+    pub async fn remove_domain(&self, app: &str, host: &str) -> Result<(), DeployError> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let _guard = self.locks.lock(app).await;
+        self.store.remove_domain(app, &host).await?;
+        self.routes.remove(&host);
+        Ok(())
+    }
+
+    /// Stops an app's containers and forgets its routes (before destroying it).
     pub async fn stop_app(&self, app: &str) -> Result<(), DeployError> {
         let _guard = self.locks.lock(app).await;
-        self.routes.remove(&self.app_host(app));
+        for host in self.hosts(app).await? {
+            self.routes.remove(&host);
+        }
         let containers = self.store.containers(Some(app)).await?;
         futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;
         Ok(())

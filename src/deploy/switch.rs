@@ -207,13 +207,15 @@ impl Deployer {
         }
     }
 
-    /// Points the app's route at its live release's running `web` containers that are up.
+    /// Points the app's hosts (`APP.<domain>` and its custom domains) at its live release's
+    /// running `web` containers that are up.
     pub(super) async fn route(&self, app: &str) -> Result<(), DeployError> {
+        let hosts = self.hosts(app).await?;
         let Some(live) = self.store.live_release(app).await? else {
-            self.routes.remove(&self.app_host(app));
+            hosts.iter().for_each(|host| self.routes.remove(host));
             return Ok(());
         };
-        let addrs = self
+        let addrs: Vec<_> = self
             .store
             .containers(Some(app))
             .await?
@@ -226,7 +228,16 @@ impl Deployer {
             })
             .map(ContainerRow::addr)
             .collect();
-        self.routes.set(&self.app_host(app), addrs);
+        for host in &hosts {
+            self.routes.set(host, addrs.clone());
+        }
         Ok(())
+    }
+
+    /// Every host the app answers at.
+    pub(super) async fn hosts(&self, app: &str) -> Result<Vec<String>, DeployError> {
+        let mut hosts = vec![self.app_host(app)];
+        hosts.extend(self.store.domains(app).await?);
+        Ok(hosts)
     }
 }

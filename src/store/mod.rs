@@ -27,6 +27,10 @@ pub enum StoreError {
     KeyExists(String),
     #[error("no key named {0:?} — see `berth keys`")]
     KeyNotFound(String),
+    #[error("{host} already belongs to app {app:?} — remove it there first: berth domains:remove {app} {host}")]
+    DomainTaken { host: String, app: String },
+    #[error("{host} is not a domain of {app} — see `berth domains {app}`")]
+    DomainNotFound { host: String, app: String },
     #[error("database error: {0} — check that the data directory is writable and not full")]
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0} — was the data directory made by a newer berth?")]
@@ -418,6 +422,54 @@ impl Store {
         Ok(row.map(|r| r.get("name")))
     }
 
+    /// The custom domains of `app`, sorted.
+    pub async fn domains(&self, app: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT host FROM domains WHERE app = ? ORDER BY host")
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get("host")).collect())
+    }
+
+    /// Gives `host` to `app`; refuses a host another app (or this one) has.
+    pub async fn add_domain(&self, app: &str, host: &str) -> Result<()> {
+        self.require_app(app).await?;
+        let result = sqlx::query("INSERT INTO domains (host, app, created_at) VALUES (?, ?, ?)")
+            .bind(host)
+            .bind(app)
+            .bind(now())
+            .execute(&self.pool)
+            .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                let owner = sqlx::query("SELECT app FROM domains WHERE host = ?")
+                    .bind(host)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Err(StoreError::DomainTaken {
+                    host: host.to_string(),
+                    app: owner.get("app"),
+                })
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    pub async fn remove_domain(&self, app: &str, host: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM domains WHERE host = ? AND app = ?")
+            .bind(host)
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::DomainNotFound {
+                host: host.to_string(),
+                app: app.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     pub async fn insert_container(&self, c: &ContainerRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at, state, restarts, last_exit)
@@ -662,6 +714,30 @@ mod tests {
             1,
             "releases went with the app"
         );
+    }
+
+    #[tokio::test]
+    async fn domains_have_one_owner() {
+        let (_dir, s) = store().await;
+        s.create_app("a").await.unwrap();
+        s.create_app("b").await.unwrap();
+        s.add_domain("a", "www.example.com").await.unwrap();
+        s.add_domain("a", "example.com").await.unwrap();
+        assert!(matches!(
+            s.add_domain("b", "www.example.com").await,
+            Err(StoreError::DomainTaken { app, .. }) if app == "a"
+        ));
+        assert_eq!(
+            s.domains("a").await.unwrap(),
+            ["example.com", "www.example.com"]
+        );
+        assert!(matches!(
+            s.remove_domain("b", "example.com").await,
+            Err(StoreError::DomainNotFound { .. })
+        ));
+        s.remove_domain("a", "example.com").await.unwrap();
+        s.delete_app("a").await.unwrap();
+        s.add_domain("b", "www.example.com").await.unwrap();
     }
 
     #[tokio::test]
