@@ -551,8 +551,7 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
         let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
         exchange.host.clone_from(&host);
-        let route = self.route_with_upstreams(&host).await?;
-        exchange.host_state = Some(route.state.clone());
+        let route = self.route_with_upstreams(&host, exchange).await?;
         if req.body().size_hint().lower() > self.config.max_body as u64 {
             return Err(ProxyError::TooLarge(self.config.max_body));
         }
@@ -615,13 +614,18 @@ impl Proxy {
     }
 
     /// The route of `host` once it has an upstream, waiting up to `upstream_wait` for one.
-    async fn route_with_upstreams(&self, host: &str) -> Result<Arc<Route>, ProxyError> {
+    async fn route_with_upstreams(
+        &self,
+        host: &str,
+        exchange: &mut Exchange,
+    ) -> Result<Arc<Route>, ProxyError> {
         let deadline = tokio::time::Instant::now() + self.config.upstream_wait;
         loop {
             let route = self
                 .routes
                 .route(host)
                 .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+            exchange.host_state = Some(route.state.clone());
             if !route.upstreams.is_empty() {
                 return Ok(route);
             }
