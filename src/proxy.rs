@@ -569,9 +569,10 @@ impl Proxy {
             forwarded_host,
             &exchange.request_id,
         );
+        let headers = std::mem::take(&mut parts.headers);
         let retry_headers =
             (is_idempotent(&parts.method) && body.is_end_stream() && route.upstreams.len() > 1)
-                .then(|| parts.headers.clone());
+                .then(|| headers.clone());
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
@@ -584,7 +585,7 @@ impl Proxy {
             return Err(ProxyError::NoUpstream(host));
         };
         let sent = self
-            .send(&host, first, &parts, parts.headers.clone(), body, exchange)
+            .send(&host, first, &parts, headers, body, exchange)
             .await;
         let mut response = match (sent, retry_headers) {
             (
@@ -758,7 +759,7 @@ impl Drop for Exchange {
 
 /// A response body that holds its request's [`Exchange`] until the last frame was taken or the
 /// client went away (hyper drops the body then).
-pub struct Tracked {
+struct Tracked {
     body: ProxyBody,
     exchange: Option<Exchange>,
 }
