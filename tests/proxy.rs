@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use berth::proxy::{self, ProxyConfig, Routes};
 use bytes::Bytes;
@@ -71,7 +71,7 @@ async fn serve(router: Router) -> SocketAddr {
     addr
 }
 
-/// An upstream that answers every request with `x-upstream: NAME` and the request's headers,
+/// An upstream that answers every request (any method, any path) with `x-upstream: NAME` and the request's headers,
 /// one `name: value` per line.
 async fn echo(name: &'static str) -> SocketAddr {
     let answer = move |headers: HeaderMap| async move {
@@ -81,12 +81,7 @@ async fn echo(name: &'static str) -> SocketAddr {
             .collect();
         ([("x-upstream", name)], lines)
     };
-    serve(
-        Router::new()
-            .route("/", get(answer).put(answer).delete(answer))
-            .route("/upload", post(answer)),
-    )
-    .await
+    serve(Router::new().fallback(answer)).await
 }
 
 /// An address nothing listens on: connections to it are refused.
@@ -532,4 +527,96 @@ async fn wait_idle_returns_once_a_slow_request_finished() {
     assert_eq!((status, body.as_str()), (StatusCode::OK, "done"));
     assert!(drained.await.unwrap());
     assert_eq!(proxy.routes.in_flight(upstream), 0);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let proxy = start_proxy(ProxyConfig {
+        max_connections: 1,
+        ..config()
+    })
+    .await;
+    proxy.routes.set("app.localhost", vec![echo("app").await]);
+    let ask = b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n";
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(ask).await.unwrap();
+    assert!(read_until(&mut first, "x-upstream")
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // The first connection stays open (keep-alive), so the second is not served yet.
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(ask).await.unwrap();
+    let mut buf = [0; 64];
+    let early = tokio::time::timeout(Duration::from_millis(200), second.read(&mut buf)).await;
+    assert!(early.is_err(), "served over the cap");
+    drop(first);
+    assert!(read_until(&mut second, "x-upstream")
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+/// Collects what a tracing subscriber writes.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_access_log_line_per_request() {
+    let logs = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // The test runtime has one thread, so every task of the proxy logs here.
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let proxy = start_proxy(config()).await;
+    let upstream = echo("app").await;
+    proxy.routes.set("app.localhost", vec![upstream]);
+    let req = request("GET", "app.localhost", "/some/path?q=secret")
+        .header("x-request-id", "log-me-1")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(proxy.addr, req).await.0, StatusCode::OK);
+    // The line is written as the request stops counting in flight.
+    assert!(proxy.routes.wait_idle(upstream, WAIT).await);
+    let (status, _, _) = get_from(proxy.addr, "nobody.localhost").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("berth::access"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for field in [
+        "host=app.localhost",
+        "method=GET",
+        "path=\"/some/path\"",
+        "status=200",
+        "ms=",
+        &format!("upstream={upstream}"),
+        "request_id=\"log-me-1\"",
+    ] {
+        assert!(lines[0].contains(field), "{field} not in {}", lines[0]);
+    }
+    assert!(!lines[0].contains("secret"), "{}", lines[0]);
+    assert!(
+        lines[1].contains("status=404") && lines[1].contains("upstream=-"),
+        "{}",
+        lines[1]
+    );
 }
