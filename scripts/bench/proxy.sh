@@ -63,7 +63,7 @@ nginx_conf nginx $NGINX "proxy_pass http://app; proxy_http_version 1.1; proxy_se
 cat >"$dir/haproxy.cfg" <<CONF
 global
     nbthread 1
-    maxconn 20000
+    maxconn 4096
 defaults
     mode http
     timeout connect 5s
@@ -81,7 +81,7 @@ CONF
 
 nginx -e "$dir/upstream.err" -c "$dir/upstream.conf" & pids+=($!)
 nginx -e "$dir/nginx.err" -c "$dir/nginx.conf" & pids+=($!)
-haproxy -q -f "$dir/haproxy.cfg" & pids+=($!)
+haproxy -f "$dir/haproxy.cfg" 2>"$dir/haproxy.err" & pids+=($!)
 target/release/examples/proxy_bench 127.0.0.1:$BERTH 127.0.0.1:$UP & pids+=($!)
 for port in $UP $BERTH $NGINX $HAPROXY; do
     for _ in $(seq 100); do
