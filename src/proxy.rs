@@ -713,6 +713,12 @@ async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
     drop(exchange);
 }
 
+/// The status logged for a request whose client went away before it was answered (as nginx).
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// One request from start to end: counted in flight while forwarded, logged when dropped.
 struct Exchange {
     started: Instant,
@@ -737,7 +743,7 @@ impl Exchange {
             host_state: None,
             upstream: None,
             in_flight: None,
-            status: StatusCode::OK,
+            status: CLIENT_CLOSED,
         }
     }
 }

@@ -620,3 +620,31 @@ async fn one_access_log_line_per_request() {
         lines[1]
     );
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_counting_in_flight() {
+    let proxy = start_proxy(config()).await;
+    let (arrived_tx, mut arrived) = mpsc::channel::<()>(1);
+    let upstream = serve(
+        Router::new()
+            .route(
+                "/",
+                get(|State(arrived): State<mpsc::Sender<()>>| async move {
+                    arrived.send(()).await.unwrap();
+                    std::future::pending::<()>().await
+                }),
+            )
+            .with_state(arrived_tx),
+    )
+    .await;
+    proxy.routes.set("app.localhost", vec![upstream]);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    arrived.recv().await.unwrap();
+    assert_eq!(proxy.routes.in_flight(upstream), 1);
+    drop(client);
+    assert!(proxy.routes.wait_idle(upstream, WAIT).await);
+}
