@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks berth's reverse proxy against Debian's nginx and haproxy, in front of one fast upstream,
 # and prints ONE table: req/s, p50 and p99 with wrk at 50 and 200 connections, medians of ROUNDS runs
-# (default 3) whose order of targets alternates, plus berth/nginx as ratios.
+# (default 3) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
+# the serving process used per request, which other load on the machine disturbs less than req/s.
 #
 # The upstream is NOT a berth container (that needs the server and the stack images): it is a second
 # nginx on 127.0.0.1 answering `200 ok` to every request, the same for all rows. Every proxy runs one
@@ -79,10 +80,13 @@ backend app
     server up 127.0.0.1:$UP
 CONF
 
+declare -A worker # the process that serves each target, whose CPU time is measured
 nginx -e "$dir/upstream.err" -c "$dir/upstream.conf" & pids+=($!)
 nginx -e "$dir/nginx.err" -c "$dir/nginx.conf" & pids+=($!)
 haproxy -f "$dir/haproxy.cfg" 2>"$dir/haproxy.err" & pids+=($!)
+worker[haproxy]=$!
 target/release/examples/proxy_bench 127.0.0.1:$BERTH 127.0.0.1:$UP & pids+=($!)
+worker[berth]=$!
 for port in $UP $BERTH $NGINX $HAPROXY; do
     for _ in $(seq 100); do
         curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null && break
@@ -91,13 +95,22 @@ for port in $UP $BERTH $NGINX $HAPROXY; do
     curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null ||
         { echo "error: nothing answers on port $port — see $dir/*.err" >&2; exit 1; }
 done
+worker[direct]=$(pgrep -P "${pids[0]}")
+worker[nginx]=$(pgrep -P "${pids[1]}")
 
-# One wrk run: prints "REQ_PER_S P50_MS P99_MS".
-measure() { # PORT CONNECTIONS
-    wrk -t1 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "http://127.0.0.1:$1/" | awk '
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# One wrk run: prints "REQ_PER_S P50_MS P99_MS CPU_US_PER_REQUEST" (CPU of the target's process).
+measure() { # NAME CONNECTIONS
+    local before wrk_out
+    before=$(cpu_ticks "${worker[$1]}")
+    wrk_out=$(wrk -t1 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "http://127.0.0.1:${port[$1]}/")
+    awk -v ticks=$(($(cpu_ticks "${worker[$1]}") - before)) -v tick_us="$TICK_US" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-        /Requests\/sec/ { rps = $2 } $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
-        END { printf "%s %.3f %.3f\n", rps, p50, p99 }'
+        /requests in/ { n = $1 } /Requests\/sec/ { rps = $2 } $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+        END { printf "%s %.3f %.3f %.2f\n", rps, p50, p99, ticks * tick_us / n }' <<<"$wrk_out"
 }
 
 names=(direct berth nginx haproxy)
@@ -108,7 +121,7 @@ for round in $(seq "$ROUNDS"); do
     for c in 50 200; do
         for name in "${order[@]}"; do
             echo "round $round: $name c=$c" >&2
-            measure "${port[$name]}" "$c" >>"$dir/$name-$c"
+            measure "$name" "$c" >>"$dir/$name-$c"
         done
     done
 done
@@ -116,18 +129,19 @@ done
 median() { # FILE COLUMN
     sort -n -k"$2" "$1" | awk -v col="$2" '{ v[NR] = $col } END { print v[int((NR + 1) / 2)] }'
 }
-printf '%-22s %6s %12s %10s %10s\n' target conns 'req/s' 'p50 ms' 'p99 ms'
+printf '%-22s %6s %12s %10s %10s %12s\n' target conns 'req/s' 'p50 ms' 'p99 ms' 'CPU us/req'
 for c in 50 200; do
     for name in "${names[@]}"; do
         label=$name
         [ "$name" = direct ] && label='upstream direct'
         [ "$name" = berth ] || [ "$name" = direct ] || label="$name (1 worker)"
         [ "$name" = berth ] && label='berth (1 thread)'
-        printf '%-22s %6s %12s %10s %10s\n' "$label" "$c" \
-            "$(median "$dir/$name-$c" 1)" "$(median "$dir/$name-$c" 2)" "$(median "$dir/$name-$c" 3)"
+        printf '%-22s %6s %12s %10s %10s %12s\n' "$label" "$c" "$(median "$dir/$name-$c" 1)" \
+            "$(median "$dir/$name-$c" 2)" "$(median "$dir/$name-$c" 3)" "$(median "$dir/$name-$c" 4)"
     done
     awk -v c="$c" -v br="$(median "$dir/berth-$c" 1)" -v nr="$(median "$dir/nginx-$c" 1)" \
         -v bp="$(median "$dir/berth-$c" 3)" -v np="$(median "$dir/nginx-$c" 3)" \
-        'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f\n", "berth/nginx", c, br / nr, "", bp / np }'
+        -v bc="$(median "$dir/berth-$c" 4)" -v nc="$(median "$dir/nginx-$c" 4)" \
+        'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, br / nr, "", bp / np, bc / nc }'
 done
 echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok on 127.0.0.1)"
