@@ -648,3 +648,30 @@ async fn a_client_that_goes_away_stops_counting_in_flight() {
     drop(client);
     assert!(proxy.routes.wait_idle(upstream, WAIT).await);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let proxy = start_proxy(ProxyConfig {
+        body_timeout: Duration::from_millis(300),
+        ..config()
+    })
+    .await;
+    let upstream =
+        serve(Router::new().fallback(|body: Bytes| async move { body.len().to_string() })).await;
+    proxy.routes.set("app.localhost", vec![upstream]);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    client
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100\r\n\r\nonly ten..",
+        )
+        .await
+        .unwrap();
+    let answer = read_until(&mut client, "\r\n\r\nberth: ").await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
