@@ -551,8 +551,7 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
         let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
         exchange.host.clone_from(&host);
-        let route = self.route_with_upstreams(&host).await?;
-        exchange.host_state = Some(route.state.clone());
+        let route = self.route_with_upstreams(&host, exchange).await?;
         if req.body().size_hint().lower() > self.config.max_body as u64 {
             return Err(ProxyError::TooLarge(self.config.max_body));
         }
@@ -570,9 +569,10 @@ impl Proxy {
             forwarded_host,
             &exchange.request_id,
         );
+        let headers = std::mem::take(&mut parts.headers);
         let retry_headers =
             (is_idempotent(&parts.method) && body.is_end_stream() && route.upstreams.len() > 1)
-                .then(|| parts.headers.clone());
+                .then(|| headers.clone());
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
@@ -585,7 +585,7 @@ impl Proxy {
             return Err(ProxyError::NoUpstream(host));
         };
         let sent = self
-            .send(&host, first, &parts, parts.headers.clone(), body, exchange)
+            .send(&host, first, &parts, headers, body, exchange)
             .await;
         let mut response = match (sent, retry_headers) {
             (
@@ -615,13 +615,18 @@ impl Proxy {
     }
 
     /// The route of `host` once it has an upstream, waiting up to `upstream_wait` for one.
-    async fn route_with_upstreams(&self, host: &str) -> Result<Arc<Route>, ProxyError> {
+    async fn route_with_upstreams(
+        &self,
+        host: &str,
+        exchange: &mut Exchange,
+    ) -> Result<Arc<Route>, ProxyError> {
         let deadline = tokio::time::Instant::now() + self.config.upstream_wait;
         loop {
             let route = self
                 .routes
                 .route(host)
                 .ok_or_else(|| ProxyError::UnknownHost(host.to_owned()))?;
+            exchange.host_state = Some(route.state.clone());
             if !route.upstreams.is_empty() {
                 return Ok(route);
             }
@@ -708,6 +713,12 @@ async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
     drop(exchange);
 }
 
+/// The status logged for a request whose client went away before it was answered (as nginx).
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// One request from start to end: counted in flight while forwarded, logged when dropped.
 struct Exchange {
     started: Instant,
@@ -732,7 +743,7 @@ impl Exchange {
             host_state: None,
             upstream: None,
             in_flight: None,
-            status: StatusCode::OK,
+            status: CLIENT_CLOSED,
         }
     }
 }
@@ -754,7 +765,7 @@ impl Drop for Exchange {
 
 /// A response body that holds its request's [`Exchange`] until the last frame was taken or the
 /// client went away (hyper drops the body then).
-pub struct Tracked {
+struct Tracked {
     body: ProxyBody,
     exchange: Option<Exchange>,
 }

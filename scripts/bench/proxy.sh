@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Benchmarks berth's reverse proxy against Debian's nginx and haproxy, in front of one fast upstream,
+# and prints ONE table: req/s, p50 and p99 with wrk at 50 and 200 connections, medians of ROUNDS runs
+# (default 3) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
+# the serving process used per request, which other load on the machine disturbs less than req/s.
+#
+# The upstream is NOT a berth container (that needs the server and the stack images): it is a second
+# nginx on 127.0.0.1 answering `200 ok` to every request, the same for all rows. Every proxy runs one
+# worker (berth: one tokio thread, examples/proxy_bench.rs), keeps upstream connections alive and
+# writes no access log. Everything runs on this machine, so wrk, proxy and upstream share its cores.
+#
+# Usage: scripts/bench/proxy.sh   (as root; env ROUNDS=3 DURATION=5s)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
+UP=18080 BERTH=18081 NGINX=18082 HAPROXY=18083
+
+missing=()
+for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+fi
+source scripts/deps
+cargo build --release --example proxy_bench >&2
+
+dir=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+nginx_conf() { # NAME PORT SERVER_BLOCK_BODY [HTTP_EXTRA]
+    cat >"$dir/$1.conf" <<CONF
+user root;
+worker_processes 1;
+daemon off;
+pid $dir/$1.pid;
+error_log $dir/$1.err;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path $dir/$1-body;
+    proxy_temp_path $dir/$1-proxy;
+    fastcgi_temp_path $dir/$1-fcgi;
+    uwsgi_temp_path $dir/$1-uwsgi;
+    scgi_temp_path $dir/$1-scgi;
+    ${4:-}
+    server { listen 127.0.0.1:$2; location / { $3 } }
+}
+CONF
+}
+nginx_conf upstream $UP "default_type text/plain; return 200 'ok';"
+nginx_conf nginx $NGINX "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
+    proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;" \
+    "upstream app { server 127.0.0.1:$UP; keepalive 256; }"
+cat >"$dir/haproxy.cfg" <<CONF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend web
+    bind 127.0.0.1:$HAPROXY
+    option forwardfor
+    default_backend app
+backend app
+    server up 127.0.0.1:$UP
+CONF
+
+declare -A worker # the process that serves each target, whose CPU time is measured
+nginx -e "$dir/upstream.err" -c "$dir/upstream.conf" & pids+=($!)
+nginx -e "$dir/nginx.err" -c "$dir/nginx.conf" & pids+=($!)
+haproxy -f "$dir/haproxy.cfg" 2>"$dir/haproxy.err" & pids+=($!)
+worker[haproxy]=$!
+target/release/examples/proxy_bench 127.0.0.1:$BERTH 127.0.0.1:$UP & pids+=($!)
+worker[berth]=$!
+for port in $UP $BERTH $NGINX $HAPROXY; do
+    for _ in $(seq 100); do
+        curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null && break
+        sleep 0.1
+    done
+    curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null ||
+        { echo "error: nothing answers on port $port — see $dir/*.err" >&2; exit 1; }
+done
+worker[direct]=$(pgrep -P "${pids[0]}")
+worker[nginx]=$(pgrep -P "${pids[1]}")
+
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# One wrk run: prints "REQ_PER_S P50_MS P99_MS CPU_US_PER_REQUEST" (CPU of the target's process).
+measure() { # NAME CONNECTIONS
+    local before wrk_out
+    before=$(cpu_ticks "${worker[$1]}")
+    wrk_out=$(wrk -t1 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "http://127.0.0.1:${port[$1]}/")
+    awk -v ticks=$(($(cpu_ticks "${worker[$1]}") - before)) -v tick_us="$TICK_US" '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+        /requests in/ { n = $1 } /Requests\/sec/ { rps = $2 } $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+        END { printf "%s %.3f %.3f %.2f\n", rps, p50, p99, ticks * tick_us / n }' <<<"$wrk_out"
+}
+
+names=(direct berth nginx haproxy)
+declare -A port=([direct]=$UP [berth]=$BERTH [nginx]=$NGINX [haproxy]=$HAPROXY)
+for round in $(seq "$ROUNDS"); do
+    order=("${names[@]}")
+    ((round % 2 == 0)) && order=(haproxy nginx berth direct)
+    for c in 50 200; do
+        for name in "${order[@]}"; do
+            echo "round $round: $name c=$c" >&2
+            measure "$name" "$c" >>"$dir/$name-$c"
+        done
+    done
+done
+
+median() { # FILE COLUMN
+    sort -n -k"$2" "$1" | awk -v col="$2" '{ v[NR] = $col } END { print v[int((NR + 1) / 2)] }'
+}
+printf '%-22s %6s %12s %10s %10s %12s\n' target conns 'req/s' 'p50 ms' 'p99 ms' 'CPU us/req'
+for c in 50 200; do
+    for name in "${names[@]}"; do
+        label=$name
+        [ "$name" = direct ] && label='upstream direct'
+        [ "$name" = berth ] || [ "$name" = direct ] || label="$name (1 worker)"
+        [ "$name" = berth ] && label='berth (1 thread)'
+        printf '%-22s %6s %12s %10s %10s %12s\n' "$label" "$c" "$(median "$dir/$name-$c" 1)" \
+            "$(median "$dir/$name-$c" 2)" "$(median "$dir/$name-$c" 3)" "$(median "$dir/$name-$c" 4)"
+    done
+    awk -v c="$c" -v br="$(median "$dir/berth-$c" 1)" -v nr="$(median "$dir/nginx-$c" 1)" \
+        -v bp="$(median "$dir/berth-$c" 3)" -v np="$(median "$dir/nginx-$c" 3)" \
+        -v bc="$(median "$dir/berth-$c" 4)" -v nc="$(median "$dir/nginx-$c" 4)" \
+        'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, br / nr, "", bp / np, bc / nc }'
+done
+echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok on 127.0.0.1)"
