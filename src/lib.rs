@@ -14,6 +14,7 @@
 //! - [`git`]: bare repos per app, the pre-receive hook, checking out a pushed commit.
 //! - [`hook`]: `berth hook pre-receive`, run by git inside a push.
 //! - [`image`]: the OCI content-addressed image store and the stack images.
+//! - [`checks`]: health checks from app.json (Dokku's format).
 //! - [`build`]: buildpack builds (API v2) inside a build container; Procfile.
 //! - [`deploy`]: desired state (the live release) and the reconciler: the switch (start → check →
 //!   swap route → drain old) and the supervisor (crash restarts, convergence on start).
@@ -30,6 +31,7 @@
 pub mod admin;
 pub mod app;
 pub mod build;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod deploy;

@@ -1053,6 +1053,31 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         text(&out)
     );
 
+    // app.json checks: one that cannot pass fails the push and the live release keeps serving;
+    // one that passes is run on every new container.
+    let check = |content: &str| {
+        format!(
+            r#"{{"healthchecks": {{"web": [{{"type": "startup", "name": "ready", "path": "/health",
+               "content": "{content}", "attempts": 2, "wait": 1, "timeout": 2}}]}}}}"#
+        )
+    };
+    laptop.write("app.json", &check("ready!"));
+    laptop.commit("a check that cannot pass");
+    laptop.push_rejected(&[
+        "failed its app.json check \"ready\"",
+        "GET /health answered 200 without \"ready!\" (2 attempts)",
+    ]);
+    server.assert_serves(host, &format!("{code}/{greeting}\n"));
+    laptop.write("app.json", &check("healthy"));
+    laptop.commit("a check that passes");
+    let push = laptop.git(&["push", "deploy", "main"]);
+    assert!(push.status.success(), "{}", text(&push));
+    assert!(
+        text(&push).contains("Checking web.1: \"ready\": GET /health answers with \"healthy\""),
+        "{}",
+        text(&push)
+    );
+
     // A killed web process comes back by itself; with web=2 the stream of requests sees no
     // more failures than the requests that were on the dead container.
     server.berth_ok(&["ps:scale", "zd", "web=2", "worker=1"]);

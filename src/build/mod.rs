@@ -13,6 +13,7 @@ use rand::Rng;
 use thiserror::Error;
 use tracing::{info, info_span, Instrument};
 
+use crate::checks::{self, Checks};
 use crate::config::Config;
 use crate::image::{stack, ImageConfig, ImageError, ImageStore};
 use crate::network::Network;
@@ -47,6 +48,8 @@ pub enum BuildError {
     File(#[from] tree::TreeError),
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    #[error(transparent)]
+    Checks(#[from] checks::ChecksError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
 }
@@ -55,6 +58,8 @@ pub enum BuildError {
 pub struct Built {
     pub image: String,
     pub process_types: ProcessTypes,
+    /// From app.json, when it has `healthchecks`.
+    pub checks: Checks,
 }
 
 /// One stack build at a time, however many pushes wait for it.
@@ -217,6 +222,17 @@ async fn run_build(
         process_types.keys().cloned().collect::<Vec<_>>().join(", ")
     ))
     .await;
+    let checks = match tree::read_file(source, "app.json")? {
+        Some(text) => checks::from_app_json(&text)?,
+        None => Checks::new(),
+    };
+    for (process_type, list) in &checks {
+        out.line(format!(
+            "-----> app.json: {} check(s) for {process_type}",
+            list.len()
+        ))
+        .await;
+    }
 
     out.line("-----> Packing the image").await;
     let images = d.images.clone();
@@ -239,6 +255,7 @@ async fn run_build(
     Ok(Built {
         image,
         process_types,
+        checks,
     })
 }
 

@@ -92,6 +92,13 @@ pub enum DeployError {
         status: u16,
         logs: String,
     },
+    #[error("{dyno} failed its app.json check {check:?}: {reason} — fix the app or the check; its last log lines:\n{logs}")]
+    CheckFailed {
+        dyno: String,
+        check: String,
+        reason: String,
+        logs: String,
+    },
     #[error("app {0:?} has no release yet — push code first: git push deploy main")]
     NothingDeployed(String),
     #[error("{app} has no release v{version} — see `berth releases {app}`")]
@@ -223,6 +230,7 @@ impl Deployer {
                 formation,
                 description: description.to_string(),
                 created_by: by.to_string(),
+                checks: built.checks,
             };
             self.start_release(app, new, out).await
         }
@@ -447,6 +455,7 @@ impl Deployer {
             process_types: target.process_types,
             description: format!("Rollback to v{}", target.version),
             created_by: by.to_string(),
+            checks: target.checks,
         };
         let release = self
             .release(app, new, out)
@@ -612,6 +621,7 @@ fn next_of(live: &Release) -> NewRelease {
         formation: live.formation.clone(),
         description: String::new(),
         created_by: String::new(),
+        checks: live.checks.clone(),
     }
 }
 

@@ -226,7 +226,7 @@ impl Deployer {
     ) -> Result<(), DeployError> {
         let image = self.load_image(&live.image).await?;
         let c = container::start(self, live, &image, dyno).await?;
-        let checked = check(self, &c, &Progress::discard()).await;
+        let checked = check(self, live, &c, &Progress::discard()).await;
         self.store
             .set_container_state(&c.id, ContainerState::Up)
             .await?;

@@ -62,7 +62,7 @@ pub(super) async fn start_and_check(
     }
     if result.is_ok() {
         for c in &started {
-            result = check(d, c, out).await;
+            result = check(d, release, c, out).await;
             if result.is_err() {
                 break;
             }
@@ -129,22 +129,40 @@ pub(super) async fn commit(
     Ok(())
 }
 
-/// Checks a new container: `web` answers `GET /` below 500; others keep running for a moment.
+/// Checks a new container of `release`: its app.json startup checks in order, or else berth's
+/// default: `web` answers `GET /` below 500; others keep running for a moment.
 pub(super) async fn check(
     d: &Deployer,
+    release: &Release,
     c: &ContainerRow,
     out: &Progress,
 ) -> Result<(), DeployError> {
     let dyno = format!("{}.{}", c.process_type, c.number);
-    let checked = if c.process_type == "web" {
+    let exited = || container::exit_code(d, &c.id);
+    let host = d.app_host(&c.app);
+    let checks = crate::checks::startup(&release.checks, &c.process_type);
+    let mut failed = None;
+    let checked = if !checks.is_empty() {
+        let mut result = Ok(());
+        for check in checks {
+            out.line(format!("       Checking {dyno}: {}", describe(check)))
+                .await;
+            result = match check.uptime {
+                Some(secs) => settle(d, c, Duration::from_secs(secs)).await,
+                None => health::path_check(c.addr(), &host, check, exited).await,
+            };
+            if result.is_err() {
+                failed = Some(check.name.clone());
+                break;
+            }
+        }
+        result
+    } else if c.process_type == "web" {
         out.line(format!("       Waiting for {dyno} to answer HTTP on $PORT"))
             .await;
-        health::wait_until_healthy(c.addr(), &d.app_host(&c.app), START_DEADLINE, || {
-            container::exit_code(d, &c.id)
-        })
-        .await
+        health::wait_until_healthy(c.addr(), &host, START_DEADLINE, exited).await
     } else {
-        settle(d, c).await
+        settle(d, c, SETTLE).await
     };
     let needle = format!("app[{dyno}]");
     let logs = || logs::tail_matching(&d.paths.log(&c.app), &needle, 20);
@@ -168,12 +186,29 @@ pub(super) async fn check(
             status,
             logs: logs(),
         }),
+        Err(health::Unhealthy::Check(reason)) => Err(DeployError::CheckFailed {
+            dyno,
+            check: failed.unwrap_or_default(),
+            reason,
+            logs: logs(),
+        }),
     }
 }
 
-/// A non-web container is up when it has not exited within [`SETTLE`].
-async fn settle(d: &Deployer, c: &ContainerRow) -> Result<(), health::Unhealthy> {
-    let _ = tokio::time::timeout(SETTLE, d.runtime.wait_exit(&c.id)).await;
+/// A check as the pusher sees it: `"ready": GET /health answers with "ok"`.
+fn describe(check: &crate::checks::Check) -> String {
+    let path = check.path.as_deref().unwrap_or("/");
+    let what = match (check.uptime, &check.content) {
+        (Some(secs), _) => format!("still running after {secs} s"),
+        (None, Some(content)) => format!("GET {path} answers with {content:?}"),
+        (None, None) => format!("GET {path} answers"),
+    };
+    format!("{:?}: {what}", check.name)
+}
+
+/// A container is up when it has not exited within `secs` (non-web by default: [`SETTLE`]).
+async fn settle(d: &Deployer, c: &ContainerRow, secs: Duration) -> Result<(), health::Unhealthy> {
+    let _ = tokio::time::timeout(secs, d.runtime.wait_exit(&c.id)).await;
     match container::exit_code(d, &c.id) {
         None => Ok(()),
         Some(code) => Err(health::Unhealthy::Exited(code)),

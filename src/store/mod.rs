@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 use thiserror::Error;
 
+use crate::checks::Checks;
 use crate::config::Config;
 use crate::keys::ParsedKey;
 
@@ -94,6 +95,8 @@ pub struct Release {
     pub reason: String,
     /// The SSH key that pushed it, or `admin` for the local CLI.
     pub created_by: String,
+    /// What its containers must pass before they get traffic.
+    pub checks: Checks,
 }
 
 /// What a new release is made of; the store assigns the version.
@@ -105,6 +108,7 @@ pub struct NewRelease {
     pub formation: Formation,
     pub description: String,
     pub created_by: String,
+    pub checks: Checks,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -292,8 +296,8 @@ impl Store {
     /// same statement, so two writers can never get the same one.
     pub async fn insert_release(&self, app: &str, new: &NewRelease) -> Result<Release> {
         let row = sqlx::query(
-            "INSERT INTO releases (app, version, image, config, process_types, formation, description, created_at, status, created_by)
-             VALUES (?1, (SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1), ?2, ?3, ?4, ?5, ?6, ?7, 'deploying', ?8)
+            "INSERT INTO releases (app, version, image, config, process_types, formation, description, created_at, status, created_by, checks)
+             VALUES (?1, (SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1), ?2, ?3, ?4, ?5, ?6, ?7, 'deploying', ?8, ?9)
              RETURNING *",
         )
         .bind(app)
@@ -304,6 +308,7 @@ impl Store {
         .bind(&new.description)
         .bind(now())
         .bind(&new.created_by)
+        .bind(serde_json::to_string(&new.checks)?)
         .fetch_one(&self.pool)
         .await?;
         release_from_row(&row)
@@ -537,6 +542,7 @@ fn release_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Release> {
         status: r.get("status"),
         reason: r.get("reason"),
         created_by: r.get("created_by"),
+        checks: serde_json::from_str(r.get("checks"))?,
     })
 }
 
@@ -624,6 +630,10 @@ mod tests {
             formation: [("web".to_string(), 1)].into(),
             description: "Deploy 1234567".into(),
             created_by: "laptop".into(),
+            checks: crate::checks::from_app_json(
+                r#"{"healthchecks": {"web": [{"path": "/health"}]}}"#,
+            )
+            .unwrap(),
         };
         let v1 = s.insert_release("hello", &new).await.unwrap();
         assert_eq!((v1.version, v1.status), (1, ReleaseStatus::Deploying));
@@ -694,6 +704,7 @@ mod tests {
             ]
         );
         assert_eq!(releases[0].config, new.config);
+        assert_eq!(releases[0].checks, new.checks);
 
         // A server stop in the middle of v4's switch: the next start marks it failed.
         s.insert_release("hello", &new).await.unwrap();

@@ -20,7 +20,12 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.1)
             self.wfile.write(b"0\r\n\r\n")
             return
-        status, body = (500, b"broken\n") if os.environ.get("FAIL") else (200, (MARK + "\n").encode())
+        if os.environ.get("FAIL"):
+            status, body = 500, b"broken\n"
+        elif self.path == "/health":
+            status, body = 200, b"healthy\n"
+        else:
+            status, body = 200, (MARK + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
