@@ -723,7 +723,11 @@ fn slow_push_deploy_config_and_bad_input() {
     // A clean stop leaves nothing behind.
     server.stop();
     let left = server.leftovers();
-    assert!(left.is_empty(), "left behind after stop: {left:#?}");
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
 }
 
 /// A stdlib-only Python web app (the `procfile` buildpack: no pip, quick builds; also what
@@ -1241,5 +1245,9 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     );
     server.stop();
     let left = server.leftovers();
-    assert!(left.is_empty(), "left behind after stop: {left:#?}");
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
 }

@@ -351,8 +351,7 @@ async fn apps_destroy(d: &Handles, name: &str, force: bool, out: &Out) -> anyhow
     if !force {
         bail!("destroying {name} deletes its code, config and releases and cannot be undone — run `berth apps:destroy {name} --force`");
     }
-    d.deployer.stop_app(name).await?;
-    d.store.delete_app(name).await?;
+    d.deployer.destroy_app(name).await?;
     git::delete_repo(&d.paths.repos(), name)?;
     let _ = std::fs::remove_dir_all(d.paths.cache(name));
     let _ = std::fs::remove_file(d.paths.log(name));

@@ -161,6 +161,8 @@ pub struct Deployer {
     queued: Mutex<HashSet<String>>,
     /// When each crashed container was first seen exited (for restart backoff).
     crashed_at: Mutex<HashMap<String, Instant>>,
+    /// Set when the server stops everything: convergence starts nothing any more.
+    stopping: std::sync::atomic::AtomicBool,
     /// Checked releases of pushes whose branch is not updated yet, by push id.
     pending: Mutex<HashMap<String, Pending>>,
     /// Pushes that ended (by id, with when), for a check that finishes after its push ended.
@@ -184,6 +186,7 @@ impl Deployer {
             wakes: Mutex::new(Some(wakes)),
             queued: Mutex::new(HashSet::new()),
             crashed_at: Mutex::new(HashMap::new()),
+            stopping: false.into(),
             pending: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
         })
@@ -483,19 +486,35 @@ impl Deployer {
         Ok(())
     }
 
-    /// Stops an app's containers and forgets its routes (before destroying it).
-    pub async fn stop_app(&self, app: &str) -> Result<(), DeployError> {
+    /// Destroys an app: forgets its routes, deletes it from the store (with its config,
+    /// releases and domains: nothing of it should run any more), then stops its containers.
+    /// A crash in between leaves containers of an app that is gone; the next start stops them.
+    pub async fn destroy_app(&self, app: &str) -> Result<(), DeployError> {
         let _guard = self.locks.lock(app).await;
         for host in self.hosts(app).await? {
             self.routes.remove(&host);
         }
+        self.store.delete_app(app).await?;
         let containers = self.store.containers(Some(app)).await?;
         futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;
         Ok(())
     }
 
-    /// Stops every container (ephemeral servers on shutdown).
+    /// Stops every container (ephemeral servers on shutdown). Convergence stops first, and each
+    /// app's change in progress finishes, so nothing starts behind this.
     pub async fn stop_everything(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let all = match self.store.containers(None).await {
+            Ok(all) => all,
+            Err(err) => return tracing::warn!(%err, "listing containers to stop failed"),
+        };
+        let mut apps: Vec<&str> = all.iter().map(|c| c.app.as_str()).collect();
+        apps.dedup();
+        let mut guards = Vec::new();
+        for app in apps {
+            guards.push(self.locks.lock(app).await);
+        }
         match self.store.containers(None).await {
             Ok(all) => {
                 futures::future::join_all(all.iter().map(|c| container::stop(self, c))).await;

@@ -47,8 +47,20 @@ impl Deployer {
                 container::remove(self, &id, None).await;
             }
         }
+        let apps: Vec<String> = self
+            .store
+            .apps()
+            .await?
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
         let mut draining = Vec::new();
         for c in &known {
+            if !apps.contains(&c.app) {
+                warn!(id = %c.id, app = %c.app, "stopping a container of an app that was destroyed");
+                container::stop(self, c).await;
+                continue;
+            }
             // Taken until the record goes, running or not: stopping it frees it.
             if let Ok(ip) = c.ip.parse() {
                 self.network.mark_used(ip);
@@ -62,12 +74,9 @@ impl Deployer {
             }
         }
         self.drain_all(draining).await?;
-        let apps = self.store.apps().await?;
         for app in &apps {
-            self.route(&app.name).await?;
-        }
-        for app in apps {
-            self.wake(&app.name);
+            self.route(app).await?;
+            self.wake(app);
         }
         let wakes = self.wakes.lock().expect("wakes").take();
         let d = self.clone();
@@ -137,6 +146,9 @@ impl Deployer {
     /// One convergence step of `app` (the caller holds its lock). Returns when to look again
     /// for a crashed container still in backoff.
     async fn converge(self: &Arc<Self>, app: &str) -> Result<Option<Duration>, DeployError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         let Some(live) = self.store.live_release(app).await? else {
             return Ok(None);
         };
