@@ -460,27 +460,39 @@ mod tests {
         assert!(matches!(missing, Err(GitError::NoSuchCommit { .. })));
     }
 
+    /// Commits the raw tree object `raw` (as a hostile client could push it; libgit2's tree
+    /// builder refuses such trees) and checks it out under `out`.
+    fn checkout_raw_tree(
+        repo: &git2::Repository,
+        raw: &[u8],
+        out: &Path,
+    ) -> Result<String, GitError> {
+        let tree_id = repo
+            .odb()
+            .unwrap()
+            .write(git2::ObjectType::Tree, raw)
+            .unwrap();
+        let tree = repo.find_tree(tree_id).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
+        checkout(
+            repo.path(),
+            &commit.to_string(),
+            &out.join(commit.to_string()),
+        )
+    }
+
     #[test]
     fn checkout_refuses_trees_that_would_escape_dest() {
         let dir = tempfile::tempdir().unwrap();
         let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
         let blob = repo.blob(b"x").unwrap();
-        let sig = git2::Signature::now("t", "t@example.com").unwrap();
         for name in ["..", ".", ".git", ".GIT", "a/b"] {
             // libgit2's tree builder refuses these names, so write the raw tree object,
             // as a hostile client could push it.
             let mut raw = format!("100644 {name}\0").into_bytes();
             raw.extend_from_slice(blob.as_bytes());
-            let tree_id = repo
-                .odb()
-                .unwrap()
-                .write(git2::ObjectType::Tree, &raw)
-                .unwrap();
-            let tree = repo.find_tree(tree_id).unwrap();
-            let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
-
-            let dest = dir.path().join("out").join(commit.to_string());
-            let result = checkout(repo.path(), &commit.to_string(), &dest);
+            let result = checkout_raw_tree(&repo, &raw, &dir.path().join("out"));
             assert!(
                 matches!(&result, Err(GitError::UnsafePath { name: n }) if n == name),
                 "{name:?}: {result:?}"
@@ -495,7 +507,6 @@ mod tests {
         let outside = dir.path().join("outside");
         fs::create_dir(&outside).unwrap();
         let repo = git2::Repository::init_bare(dir.path().join("r.git")).unwrap();
-        let sig = git2::Signature::now("t", "t@example.com").unwrap();
         let file = repo.blob(b"pwned").unwrap();
         let mut sub = repo.treebuilder(None).unwrap();
         sub.insert("x", file, 0o100644).unwrap();
@@ -519,16 +530,7 @@ mod tests {
                 raw.extend_from_slice(format!("{mode} {name}\0").as_bytes());
                 raw.extend_from_slice(oid.as_bytes());
             }
-            let tree_id = repo
-                .odb()
-                .unwrap()
-                .write(git2::ObjectType::Tree, &raw)
-                .unwrap();
-            let tree = repo.find_tree(tree_id).unwrap();
-            let commit = repo.commit(None, &sig, &sig, "evil", &tree, &[]).unwrap();
-
-            let dest = dir.path().join("out").join(commit.to_string());
-            let result = checkout(repo.path(), &commit.to_string(), &dest);
+            let result = checkout_raw_tree(&repo, &raw, &dir.path().join("out"));
             assert!(
                 matches!(&result, Err(GitError::UnsafePath { name: n }) if n == name),
                 "{name:?}: {result:?}"

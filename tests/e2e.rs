@@ -1133,7 +1133,7 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     laptop.write("Procfile", "web: sh -c 'sleep 5; exec python3 app.py'\n");
     laptop.write("version.txt", "slow");
     laptop.commit("slow start");
-    let mut push = laptop.push_until("Waiting for web.1");
+    let mut push = laptop.push_until("Checking web.1");
     server.kill();
     assert!(
         !push.wait().unwrap().success(),

@@ -522,16 +522,7 @@ fn network_http_over_bridge() {
 
     let addr = SocketAddr::from((ip, 8080));
     let body = wait_for(Duration::from_secs(10), "httpd to answer", || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
+        http_get(addr)
     });
     assert!(
         body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
@@ -629,16 +620,7 @@ fn firewall_shields_the_host() {
     }
     let addr = SocketAddr::from((ip, 8080));
     let body = wait_for(Duration::from_secs(10), "httpd to answer the host", || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
+        http_get(addr)
     });
     assert!(body.ends_with("hello from berth\n"), "{body}");
 
@@ -756,4 +738,18 @@ fn start_to_exit_timing() {
         "    start-to-exit of `true` (spawn shim .. shim exited): min {:?}, median {:?}, max {:?}",
         times[0], times[2], times[4]
     );
+}
+
+/// One `GET /` over HTTP/1.0; the whole answer, or None when nothing answered.
+fn http_get(addr: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
 }
