@@ -694,17 +694,19 @@ impl Proxy {
     }
 }
 
-/// Copies bytes both ways between an upgraded client and upstream; the request stays in flight
-/// until either side closes.
+/// Copies bytes both ways between an upgraded client and upstream. When either side ends its
+/// stream, both connections are closed (an app that stops, e.g. at the end of a drain, closes
+/// its clients' WebSockets); the request stays in flight until then.
 async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
-            let copied = tokio::io::copy_bidirectional(
-                &mut TokioIo::new(client),
-                &mut TokioIo::new(upstream),
-            )
-            .await;
-            if let Err(err) = copied {
+            let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+            let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
+            let ended = tokio::select! {
+                ended = tokio::io::copy(&mut client_read, &mut up_write) => ended,
+                ended = tokio::io::copy(&mut up_read, &mut client_write) => ended,
+            };
+            if let Err(err) = ended {
                 debug!(%err, "upgraded connection ended");
             }
         }

@@ -736,6 +736,64 @@ fn slow_push_deploy_config_and_bad_input() {
 /// FAIL set, `/` answers 500; `/stream` sends 30 server-sent events 100 ms apart.
 const STDLIB_APP_PY: &str = include_str!("apps/stdlib-web/app.py");
 
+/// The client side of a WebSocket through the proxy (RFC 6455; text messages under 126 bytes).
+struct WebSocket(TcpStream);
+
+impl WebSocket {
+    fn open(proxy: SocketAddr, host: &str, path: &str) -> WebSocket {
+        let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        // Byte by byte up to the blank line, so no frame is read with the head.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            stream
+                .read_exact(&mut byte)
+                .expect("reading the upgrade answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "no upgrade: {head}");
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "wrong accept: {head}"
+        );
+        WebSocket(stream)
+    }
+
+    /// Sends one masked text message.
+    fn send(&mut self, text: &str) {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x81, 0x80 | text.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.0.write_all(&frame).unwrap();
+    }
+
+    /// The next text message; None when the server closed the socket (a close frame, or the
+    /// connection's end between frames).
+    fn recv(&mut self) -> Option<String> {
+        let mut head = [0u8; 2];
+        match self.0.read_exact(&mut head) {
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            other => other.expect("reading a frame"),
+        }
+        let mut payload = vec![0u8; usize::from(head[1] & 0x7F)];
+        self.0
+            .read_exact(&mut payload)
+            .expect("reading a frame's payload");
+        (head[0] & 0x0F != 8).then(|| String::from_utf8_lossy(&payload).into_owned())
+    }
+}
+
 /// What a stream of requests saw while changes ran.
 #[derive(Debug, Default)]
 struct Seen {
@@ -951,6 +1009,9 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         let proxy = server.http;
         std::thread::spawn(move || http_get_path(proxy, "zd.localhost", "/stream"))
     };
+    let mut socket = WebSocket::open(server.http, host, "/ws");
+    socket.send("one");
+    assert_eq!(socket.recv().as_deref(), Some("c1/hello one"));
     let mut code = "c1".to_string();
     let mut greeting = "hello".to_string();
     // What each release serves, oldest first (a restart makes no release).
@@ -988,6 +1049,11 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         }
         history.push((code.clone(), greeting.clone()));
         expected.insert(format!("{code}/{greeting}\n"));
+        if step == 1 {
+            // The socket stays open on the old release while that one drains.
+            socket.send("two");
+            assert_eq!(socket.recv().as_deref(), Some("c1/hello two"));
+        }
         server.assert_serves(host, &format!("{code}/{greeting}\n"));
     }
     let (status, events) = stream.join().unwrap();
@@ -995,6 +1061,13 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     assert!(
         events.contains("data: c1/hello 29"),
         "the stream was cut before its end:\n{events}"
+    );
+    // Its container is stopped at the drain deadline (30 s): the socket ends cleanly, between
+    // messages.
+    assert_eq!(
+        socket.recv(),
+        None,
+        "the socket was not closed by the drain"
     );
     let seen = load.finish();
     assert!(

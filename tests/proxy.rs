@@ -447,6 +447,34 @@ async fn websocket_round_trip_counts_in_flight_while_open() {
 }
 
 #[tokio::test]
+async fn an_app_that_goes_away_closes_the_websocket() {
+    let proxy = start_proxy(config()).await;
+    let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = upstream_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        // Answers one message, then the app stops: its connection ends without a close frame.
+        let (stream, _) = upstream_listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        if let Some(Ok(message)) = ws.next().await {
+            ws.send(message).await.unwrap();
+        }
+    });
+    proxy.routes.set("ws.localhost", vec![upstream]);
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.localhost/", stream)
+        .await
+        .unwrap();
+    ws.send(Message::text("bye")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(echoed.unwrap().unwrap(), Message::text("bye"));
+    let ended = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("the client's socket stayed open after the app went away");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    assert!(proxy.routes.wait_idle(upstream, WAIT).await);
+}
+
+#[tokio::test]
 async fn server_sent_events_arrive_one_by_one() {
     let proxy = start_proxy(config()).await;
     let (streams_tx, mut streams) = mpsc::channel::<futures::channel::mpsc::Sender<Bytes>>(1);

@@ -35,7 +35,7 @@ use crate::store::{
     ContainerRow, Formation, NewRelease, Release, ReleaseStatus, Store, StoreError,
 };
 
-pub mod container;
+mod container;
 mod health;
 mod supervisor;
 mod switch;
