@@ -51,7 +51,7 @@ pub const MAX_SCALE: u32 = 50;
 #[derive(Debug, Error)]
 pub enum DeployError {
     #[error(transparent)]
-    Build(#[from] BuildError),
+    Build(Box<BuildError>),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -115,6 +115,12 @@ pub enum DeployError {
     NoPendingPush { app: String, secs: u64 },
     #[error("the push ended before its release was checked, so nothing was deployed — push again")]
     PushEnded,
+}
+
+impl From<BuildError> for DeployError {
+    fn from(err: BuildError) -> Self {
+        Self::Build(Box::new(err))
+    }
 }
 
 /// How long a checked release waits for git to update the branch (post-receive) before it is
