@@ -96,6 +96,8 @@ impl HostState {
 struct Gauge {
     count: AtomicUsize,
     idle: Notify,
+    /// Cancelled by [`Routes::disconnect`]: the upstream is gone, its upgraded connections end.
+    gone: CancellationToken,
 }
 
 /// One request counted in its upstream's [`Gauge`] until dropped.
@@ -266,6 +268,15 @@ impl Routes {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Ends the upgraded connections (WebSockets) still bridged to `addr`, an upstream that is
+    /// gone (its container stopped): their clients see the connection close even when the
+    /// upstream's own close never arrived. Later requests to `addr` count afresh.
+    pub fn disconnect(&self, addr: SocketAddr) {
+        if let Some(gauge) = self.lock_gauges().remove(&addr) {
+            gauge.gone.cancel();
+        }
     }
 
     fn lock_gauges(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Gauge>>> {
@@ -695,16 +706,22 @@ impl Proxy {
 }
 
 /// Copies bytes both ways between an upgraded client and upstream. When either side ends its
-/// stream, both connections are closed (an app that stops, e.g. at the end of a drain, closes
-/// its clients' WebSockets); the request stays in flight until then.
+/// stream, or the upstream is disconnected, both connections are closed (an app that stops at
+/// the end of a drain closes its clients' WebSockets); the request stays in flight until then.
 async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
+            let gone = exchange
+                .in_flight
+                .as_ref()
+                .map(|flight| flight.0.gone.clone())
+                .unwrap_or_default();
             let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
             let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
             let ended = tokio::select! {
                 ended = tokio::io::copy(&mut client_read, &mut up_write) => ended,
                 ended = tokio::io::copy(&mut up_read, &mut client_write) => ended,
+                () = gone.cancelled() => Ok(0),
             };
             if let Err(err) = ended {
                 debug!(%err, "upgraded connection ended");

@@ -52,6 +52,8 @@ struct Server {
     ssh: SocketAddr,
     bridge: String,
     subnet: String,
+    /// Whether `launch` starts an `--ephemeral` server (whose stop stops its containers).
+    ephemeral: bool,
 }
 
 impl Server {
@@ -68,6 +70,7 @@ impl Server {
             ssh: ([0, 0, 0, 0], 0).into(),
             bridge: format!("bt{}", pid % 100_000),
             subnet: format!("10.{}.0.0/16", 200 + pid % 50),
+            ephemeral: true,
         };
         server.launch();
         server
@@ -84,7 +87,8 @@ impl Server {
             .arg("--data")
             .arg(self.data())
             .args(["server", "--http", "127.0.0.1:0", "--ssh", "127.0.0.1:0"])
-            .args(["--domain", "localhost", "--ephemeral"])
+            .args(["--domain", "localhost"])
+            .args(self.ephemeral.then_some("--ephemeral"))
             .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -1009,6 +1013,21 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         let proxy = server.http;
         std::thread::spawn(move || http_get_path(proxy, "zd.localhost", "/stream"))
     };
+    // A client that sends half a request line is closed at the header timeout (30 s) while
+    // everything else goes on.
+    let slowloris = {
+        let mut stream = TcpStream::connect(server.http).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        stream.write_all(b"GET / HT").unwrap();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+            started.elapsed()
+        })
+    };
     let mut socket = WebSocket::open(server.http, host, "/ws");
     socket.send("one");
     assert_eq!(socket.recv().as_deref(), Some("c1/hello one"));
@@ -1061,6 +1080,11 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     assert!(
         events.contains("data: c1/hello 29"),
         "the stream was cut before its end:\n{events}"
+    );
+    let held = slowloris.join().unwrap();
+    assert!(
+        (Duration::from_secs(29)..Duration::from_secs(45)).contains(&held),
+        "a half request line held its connection for {held:?}"
     );
     // Its container is stopped at the drain deadline (30 s): the socket ends cleanly, between
     // messages.
@@ -1199,38 +1223,50 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     assert!(ps.contains("worker.1: up"), "{ps}");
     server.assert_serves(host, &format!("{code}/{greeting}\n"));
 
-    // A server killed in the middle of a switch: on restart the last live release serves,
-    // the interrupted one is failed, and nothing of it is left running.
-    let remote = format!("ssh://git@127.0.0.1:{}/zd", server.ssh.port());
-    laptop.git(&["remote", "set-url", "deploy", &remote]);
+    // A server killed (SIGKILL), or stopped (SIGTERM, without --ephemeral: its apps keep
+    // running), in the middle of a switch: on restart the last live release serves, the
+    // interrupted one is failed, and nothing of it is left running.
     laptop.write("Procfile", "web: sh -c 'sleep 5; exec python3 app.py'\n");
-    laptop.write("version.txt", "slow");
-    laptop.commit("slow start");
-    let mut push = laptop.push_until("Checking web.1");
-    server.kill();
-    assert!(
-        !push.wait().unwrap().success(),
-        "a push whose server died was accepted"
-    );
-    server.launch();
-    server.assert_serves(host, &format!("{code}/{greeting}\n"));
-    let releases = server.berth_ok(&["releases", "zd", "--json"]);
-    let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
-    assert_eq!(releases[0]["status"], "failed", "{releases:#}");
-    assert!(
-        releases[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("server stopped"),
-        "{releases:#}"
-    );
-    assert!(
-        !server.get(host).1.starts_with("slow"),
-        "the interrupted release serves"
-    );
-    wait_for_ps(&server, "zd", 60, |ps| {
-        ps.lines().count() == 3 && !ps.contains("starting") && !ps.contains("draining")
-    });
+    for signal in ["SIGKILL", "SIGTERM"] {
+        if signal == "SIGTERM" {
+            server.kill();
+            server.ephemeral = false;
+            server.launch();
+            server.ephemeral = true;
+        }
+        let remote = format!("ssh://git@127.0.0.1:{}/zd", server.ssh.port());
+        laptop.git(&["remote", "set-url", "deploy", &remote]);
+        laptop.write("version.txt", &format!("slow-{signal}"));
+        laptop.commit(&format!("slow start, {signal}"));
+        let mut push = laptop.push_until("Checking web.1");
+        match signal {
+            "SIGKILL" => server.kill(),
+            _ => server.stop(),
+        }
+        assert!(
+            !push.wait().unwrap().success(),
+            "a push whose server got {signal} was accepted"
+        );
+        server.launch();
+        server.assert_serves(host, &format!("{code}/{greeting}\n"));
+        let releases = server.berth_ok(&["releases", "zd", "--json"]);
+        let releases: serde_json::Value = serde_json::from_str(&releases).unwrap();
+        assert_eq!(releases[0]["status"], "failed", "{signal}: {releases:#}");
+        assert!(
+            releases[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("server stopped"),
+            "{signal}: {releases:#}"
+        );
+        wait_for_ps(&server, "zd", 60, |ps| {
+            ps.lines().count() == 3 && !ps.contains("starting") && !ps.contains("draining")
+        });
+        assert!(
+            !server.get(host).1.starts_with("slow"),
+            "{signal}: the interrupted release serves"
+        );
+    }
 
     // Two pushes of one app at once: one waits for the other, and in the end the live code is
     // the commit on the branch.

@@ -475,6 +475,42 @@ async fn an_app_that_goes_away_closes_the_websocket() {
 }
 
 #[tokio::test]
+async fn disconnecting_an_upstream_closes_its_websockets() {
+    let proxy = start_proxy(config()).await;
+    let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = upstream_listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        // An upstream that never closes by itself (as one whose close is lost).
+        let (stream, _) = upstream_listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        while let Some(Ok(message)) = ws.next().await {
+            ws.send(message).await.unwrap();
+        }
+        let _ = closed_tx.send(());
+    });
+    proxy.routes.set("ws.localhost", vec![upstream]);
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.localhost/", stream)
+        .await
+        .unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(echoed.unwrap().unwrap(), Message::text("hi"));
+    proxy.routes.set("ws.localhost", vec![]);
+    proxy.routes.disconnect(upstream);
+    let ended = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("the client's socket stayed open after its upstream was disconnected");
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    tokio::time::timeout(WAIT, closed_rx)
+        .await
+        .expect("the upstream side stayed open")
+        .unwrap();
+    assert_eq!(proxy.routes.in_flight(upstream), 0);
+}
+
+#[tokio::test]
 async fn server_sent_events_arrive_one_by_one() {
     let proxy = start_proxy(config()).await;
     let (streams_tx, mut streams) = mpsc::channel::<futures::channel::mpsc::Sender<Bytes>>(1);

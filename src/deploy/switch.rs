@@ -238,6 +238,7 @@ impl Deployer {
                     warn!(id = %c.id, secs = deadline.as_secs(), "requests still in flight at the drain deadline; stopping anyway");
                 }
                 container::stop(&d, &c).await;
+                d.routes.disconnect(c.addr());
             });
         }
     }
