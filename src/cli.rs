@@ -185,6 +185,28 @@ pub enum Command {
         /// The host, as `berth domains` lists it.
         host: String,
     },
+    /// Show which of an app's hosts its TLS certificate covers.
+    Certs {
+        /// The app's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve an app over HTTPS (`--https`) with a certificate: CERT is the PEM chain (server
+    /// certificate first), KEY its PEM private key.
+    #[command(name = "certs:add")]
+    CertsAdd {
+        /// The app's name.
+        name: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// Stop serving an app over HTTPS.
+    #[command(name = "certs:remove")]
+    CertsRemove {
+        /// The app's name.
+        name: String,
+    },
     /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
@@ -220,6 +242,10 @@ pub struct ServerArgs {
     /// HTTP address of the proxy.
     #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR")]
     pub http: String,
+    /// HTTPS address of the proxy (certificates from `berth certs:add`, picked by SNI); off
+    /// when not given.
+    #[arg(long, value_name = "ADDR")]
+    pub https: Option<String>,
     /// SSH address of the git endpoint.
     #[arg(long, default_value = "0.0.0.0:2222", value_name = "ADDR")]
     pub ssh: String,
@@ -308,10 +334,43 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::Domains { name, json } => Request::Domains { name, json },
         Command::DomainsAdd { name, host } => Request::DomainsAdd { name, host },
         Command::DomainsRemove { name, host } => Request::DomainsRemove { name, host },
+        Command::Certs { name, json } => Request::Certs { name, json },
+        Command::CertsAdd { name, cert, key } => Request::CertsAdd {
+            name,
+            chain: read_pem(&cert, "certificate")?,
+            key: read_pem(&key, "key")?,
+        },
+        Command::CertsRemove { name } => Request::CertsRemove { name },
         Command::StackBuild { force } => Request::StackBuild { force },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")
         }
+    })
+}
+
+/// Reads a PEM file for `certs:add`, refusing one larger than any chain or key.
+fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let size = std::fs::metadata(path)
+        .with_context(|| {
+            format!(
+                "cannot read the {what} file {} — pass a PEM file",
+                path.display()
+            )
+        })?
+        .len();
+    if size > crate::tls::MAX_PEM as u64 {
+        anyhow::bail!(
+            "the {what} file {} is {size} bytes, more than a PEM {what} needs ({} at most) — pass the PEM file",
+            path.display(),
+            crate::tls::MAX_PEM
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the {what} file {} — pass a PEM file",
+            path.display()
+        )
     })
 }
 

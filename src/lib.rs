@@ -22,6 +22,7 @@
 //! - [`locks`]: one async lock per app name.
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
+//! - [`tls`]: certificates (PEM parsing, host coverage) and the SNI table of `--https`.
 //! - [`paths`]: the layout of the data directory.
 //! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
 //! - [`tree`]: reading files out of a pushed tree or a build's output, never through a symlink.
@@ -49,4 +50,5 @@ pub mod proxy;
 pub mod server;
 pub mod ssh;
 pub mod store;
+pub mod tls;
 pub mod tree;

@@ -432,6 +432,8 @@ type ProxyBody = Either<Incoming, Full<Bytes>>;
 struct Conn {
     peer: IpAddr,
     local_port: u16,
+    /// The client came over TLS (the HTTPS listener).
+    https: bool,
 }
 
 struct Proxy {
@@ -445,6 +447,29 @@ pub async fn run(
     listener: TcpListener,
     routes: Arc<Routes>,
     config: ProxyConfig,
+    shutdown: CancellationToken,
+) {
+    serve(listener, routes, config, None, shutdown).await
+}
+
+/// Serves HTTPS (HTTP/1.1 over TLS with `tls`, which picks a certificate by SNI) on `listener`
+/// until `shutdown` fires, then lets open requests finish.
+pub async fn run_tls(
+    listener: TcpListener,
+    routes: Arc<Routes>,
+    config: ProxyConfig,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve(listener, routes, config, Some(acceptor), shutdown).await
+}
+
+async fn serve(
+    listener: TcpListener,
+    routes: Arc<Routes>,
+    config: ProxyConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     let mut connector = HttpConnector::new();
@@ -491,26 +516,24 @@ pub async fn run(
         let conn = Conn {
             peer: peer.ip(),
             local_port: stream.local_addr().map_or(0, |addr| addr.port()),
+            https: tls.is_some(),
         };
-        let service = {
-            let proxy = proxy.clone();
-            service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(conn, req).await) }
-            })
-        };
-        let connection = http
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        let shutdown = shutdown.clone();
+        let (proxy, http, tls, shutdown) =
+            (proxy.clone(), http.clone(), tls.clone(), shutdown.clone());
         connections.spawn(async move {
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = shutdown.cancelled() => {
-                    // Finishes the request in progress, then closes instead of keeping alive.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let served = match tls {
+                None => serve_connection(proxy, conn, &http, stream, &shutdown).await,
+                Some(acceptor) => {
+                    // The handshake gets the header timeout too: a client that stalls in it
+                    // holds nothing longer than one that stalls in its headers.
+                    let timeout = proxy.config.header_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(proxy, conn, &http, stream, &shutdown).await
+                        }
+                        Ok(Err(err)) => Ok(debug!(%err, %peer, "TLS handshake failed")),
+                        Err(_) => Ok(debug!(%peer, "TLS handshake timed out")),
+                    }
                 }
             };
             if let Err(err) = served {
@@ -521,6 +544,35 @@ pub async fn run(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one client connection (plain TCP or TLS) until it ends or `shutdown` fires.
+async fn serve_connection<IO>(
+    proxy: Arc<Proxy>,
+    conn: Conn,
+    http: &http1::Builder,
+    io: IO,
+    shutdown: &CancellationToken,
+) -> hyper::Result<()>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(conn, req).await) }
+    });
+    let connection = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => served,
+        () = shutdown.cancelled() => {
+            // Finishes the request in progress, then closes instead of keeping alive.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }
 
 impl Proxy {
@@ -914,7 +966,14 @@ fn set_forwarding(
     for (name, value) in [
         (X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).ok()),
         (X_REAL_IP, HeaderValue::from_str(&peer).ok()),
-        (X_FORWARDED_PROTO, Some(HeaderValue::from_static("http"))),
+        (
+            X_FORWARDED_PROTO,
+            Some(HeaderValue::from_static(if conn.https {
+                "https"
+            } else {
+                "http"
+            })),
+        ),
         (X_FORWARDED_HOST, host),
         (X_FORWARDED_PORT, Some(HeaderValue::from(conn.local_port))),
         (X_REQUEST_ID, Some(request_id.clone())),
@@ -1183,6 +1242,7 @@ mod tests {
         let conn = Conn {
             peer: "192.0.2.7".parse().unwrap(),
             local_port: 8080,
+            https: false,
         };
         let cases: [(&[(&str, &str)], &str); 3] = [
             (&[], "192.0.2.7"),

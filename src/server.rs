@@ -23,6 +23,7 @@ use crate::network::Network;
 use crate::paths::Paths;
 use crate::proxy::Routes;
 use crate::store::Store;
+use crate::tls::Certs;
 use crate::{admin, build, ssh};
 
 /// Lets the SSH server ask the store about keys and apps, and tell the deployer a push ended.
@@ -116,6 +117,17 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for SSH on {} — is the port free?", args.ssh))?;
     let (http_addr, ssh_addr) = (http.local_addr()?, ssh_listener.local_addr()?);
+    let https =
+        match &args.https {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen for HTTPS on {addr} — is the port free?")
+            })?),
+            None => None,
+        };
+    let https_addr = match &https {
+        Some(listener) => format!(" https={}", listener.local_addr()?),
+        None => String::new(),
+    };
 
     let exe = std::env::current_exe().context("cannot find the berth binary")?;
     let build_ca_bundle = Some(PathBuf::from(&args.build_ca_bundle))
@@ -128,11 +140,13 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         paths.netns(),
     ));
     let routes = Arc::new(Routes::default());
+    let certs = Arc::new(Certs::default());
     let deployer = Deployer::new(DeployerParts {
         store: store.clone(),
         images: images.clone(),
         runtime: runtime.clone(),
         routes: routes.clone(),
+        certs: certs.clone(),
         network: network.clone(),
         builder: Builder {
             images,
@@ -174,11 +188,11 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         ssh_port: ssh_addr.port(),
         paths,
     });
-    let tasks = vec![
+    let mut tasks = vec![
         supervisor,
         tokio::spawn(crate::proxy::run(
             http,
-            routes,
+            routes.clone(),
             crate::proxy::ProxyConfig::default(),
             shutdown.clone(),
         )),
@@ -200,8 +214,17 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
     ];
+    if let Some(listener) = https {
+        tasks.push(tokio::spawn(crate::proxy::run_tls(
+            listener,
+            routes,
+            crate::proxy::ProxyConfig::default(),
+            certs.server_config(),
+            shutdown.clone(),
+        )));
+    }
     println!(
-        "berth server ready: http={http_addr} ssh={ssh_addr} admin={} domain={}",
+        "berth server ready: http={http_addr}{https_addr} ssh={ssh_addr} admin={} domain={}",
         socket.display(),
         args.domain
     );

@@ -19,7 +19,7 @@ fn prerequisites_met() -> bool {
     if !nix::unistd::Uid::effective().is_root() {
         missing.push("root".to_string());
     }
-    for tool in ["git", "ssh", "ssh-keygen", "mmdebstrap"] {
+    for tool in ["git", "ssh", "ssh-keygen", "mmdebstrap", "curl", "openssl"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -49,6 +49,7 @@ struct Server {
     child: Option<Child>,
     dir: tempfile::TempDir,
     http: SocketAddr,
+    https: SocketAddr,
     ssh: SocketAddr,
     bridge: String,
     subnet: String,
@@ -67,6 +68,7 @@ impl Server {
             child: None,
             dir,
             http: ([0, 0, 0, 0], 0).into(),
+            https: ([0, 0, 0, 0], 0).into(),
             ssh: ([0, 0, 0, 0], 0).into(),
             bridge: format!("bt{}", pid % 100_000),
             subnet: format!("10.{}.0.0/16", 200 + pid % 50),
@@ -86,7 +88,8 @@ impl Server {
         let mut child = Command::new(BERTH)
             .arg("--data")
             .arg(self.data())
-            .args(["server", "--http", "127.0.0.1:0", "--ssh", "127.0.0.1:0"])
+            .args(["server", "--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+            .args(["--ssh", "127.0.0.1:0"])
             .args(["--domain", "localhost"])
             .args(self.ephemeral.then_some("--ephemeral"))
             .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
@@ -107,6 +110,7 @@ impl Server {
                 .unwrap_or_else(|| panic!("server did not get ready: {line:?}\n{log}"))
         };
         self.http = field("http");
+        self.https = field("https");
         self.ssh = field("ssh");
     }
 
@@ -929,6 +933,32 @@ fn read_response(
     Ok((status, String::from_utf8_lossy(&body).into_owned(), open))
 }
 
+/// A self-signed certificate for `host` made by the real `openssl`; returns the paths of its
+/// PEM certificate and key.
+fn self_signed(dir: &Path, host: &str) -> (String, String) {
+    let (cert, key) = (
+        dir.join(format!("{host}.crt")),
+        dir.join(format!("{host}.key")),
+    );
+    let out = run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    assert!(out.status.success(), "{}", text(&out));
+    (cert.display().to_string(), key.display().to_string())
+}
+
 /// The pids of the processes of `app`'s running containers (the container init of each).
 fn container_pids(server: &Server, app: &str) -> Vec<(String, i32)> {
     let ps = server.berth_ok(&["ps", app, "--json"]);
@@ -1344,6 +1374,43 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     server.berth_ok(&["domains:remove", "zd", "www.example.test"]);
     assert_eq!(server.get("www.example.test").0, 404);
     server.berth_ok(&["domains:add", "zd", "api.example.test"]);
+
+    // HTTPS on --https: a certificate for a custom domain is served by SNI; certificates for
+    // none of the app's hosts, and keys that do not belong, are refused.
+    server.berth_ok(&["domains:add", "zd", "secure.example.test"]);
+    let (cert, key) = self_signed(server.dir.path(), "secure.example.test");
+    let (other_cert, other_key) = self_signed(server.dir.path(), "elsewhere.test");
+    let out = server.berth(&["certs:add", "zd", &other_cert, &other_key]);
+    assert!(
+        !out.status.success() && text(&out).contains("covers none of zd's hosts"),
+        "{}",
+        text(&out)
+    );
+    let out = server.berth(&["certs:add", "zd", &cert, &other_key]);
+    assert!(
+        !out.status.success() && text(&out).contains("does not belong to the certificate"),
+        "{}",
+        text(&out)
+    );
+    let added = server.berth_ok(&["certs:add", "zd", &cert, &key]);
+    assert!(added.contains("secure.example.test"), "{added}");
+    let port = server.https.port();
+    let curl = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &cert, "--resolve"])
+        .arg(format!("secure.example.test:{port}:127.0.0.1"))
+        .arg(format!("https://secure.example.test:{port}/")));
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        format!("{winner}/{greeting}\n"),
+        "{}",
+        text(&curl)
+    );
+    server.berth_ok(&["certs:remove", "zd"]);
+    let curl = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &cert, "--resolve"])
+        .arg(format!("secure.example.test:{port}:127.0.0.1"))
+        .arg(format!("https://secure.example.test:{port}/")));
+    assert!(!curl.status.success(), "served without a certificate");
 
     server.berth_ok(&["apps:destroy", "zd", "--force"]);
     assert_eq!(server.get(host).0, 404);

@@ -263,6 +263,39 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Removed {host} from {name}")).await;
             Ok(())
         }
+        Request::Certs { name, json } => {
+            d.store.require_app(&name).await?;
+            let hosts = d.deployer.cert_hosts(&name).await?;
+            if json {
+                return print_json(out, &hosts).await;
+            }
+            if hosts.is_empty() {
+                out.line(format!(
+                    "{name} has no certificate — add one with `berth certs:add {name} CERT KEY`"
+                ))
+                .await;
+            }
+            for host in hosts {
+                out.line(format!("https://{host}")).await;
+            }
+            Ok(())
+        }
+        Request::CertsAdd { name, chain, key } => {
+            d.store.require_app(&name).await?;
+            let hosts = d.deployer.add_cert(&name, &chain, &key).await?;
+            out.line(format!(
+                "Added a certificate to {name}; served over HTTPS for: {}",
+                hosts.join(", ")
+            ))
+            .await;
+            Ok(())
+        }
+        Request::CertsRemove { name } => {
+            d.store.require_app(&name).await?;
+            d.deployer.remove_cert(&name).await?;
+            out.line(format!("Removed the certificate of {name}")).await;
+            Ok(())
+        }
         Request::StackBuild { force } => {
             let (build, run) = d.deployer.builder().ensure_stacks(force, out).await?;
             out.line(format!(

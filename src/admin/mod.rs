@@ -84,6 +84,20 @@ pub enum Request {
         name: String,
         host: String,
     },
+    Certs {
+        name: String,
+        json: bool,
+    },
+    CertsAdd {
+        name: String,
+        /// PEM chain, server certificate first.
+        chain: String,
+        /// PEM private key.
+        key: String,
+    },
+    CertsRemove {
+        name: String,
+    },
     StackBuild {
         force: bool,
     },

@@ -34,6 +34,7 @@ use crate::proxy::Routes;
 use crate::store::{
     ContainerRow, Formation, NewRelease, Release, ReleaseStatus, Store, StoreError,
 };
+use crate::tls::{Cert, Certs};
 
 mod container;
 mod health;
@@ -62,6 +63,12 @@ pub enum DeployError {
     Runtime(#[from] berth_runtime::Error),
     #[error(transparent)]
     Domain(#[from] crate::domain::InvalidDomain),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("the certificate covers none of {app}'s hosts ({hosts}) — add its host with `berth domains:add {app} HOST` first, or use a certificate for one of them")]
+    CertCoversNothing { app: String, hosts: String },
+    #[error("{app} has no certificate — add one with `berth certs:add {app} CERT KEY`")]
+    NoCert { app: String },
     #[error("the release has no process type {0:?} — check the Procfile")]
     NoSuchProcessType(String),
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]
@@ -141,6 +148,8 @@ pub struct DeployerParts {
     pub images: Arc<ImageStore>,
     pub runtime: Arc<berth_runtime::Runtime>,
     pub routes: Arc<Routes>,
+    /// The certificates the HTTPS listener serves, by host.
+    pub certs: Arc<Certs>,
     pub network: Arc<Network>,
     pub builder: Builder,
     pub paths: Paths,
@@ -154,6 +163,9 @@ pub struct Deployer {
     images: Arc<ImageStore>,
     runtime: Arc<berth_runtime::Runtime>,
     routes: Arc<Routes>,
+    certs: Arc<Certs>,
+    /// Each app's certificate, parsed once.
+    app_certs: Mutex<HashMap<String, Cert>>,
     network: Arc<Network>,
     builder: Builder,
     paths: Paths,
@@ -183,6 +195,8 @@ impl Deployer {
             images: parts.images,
             runtime: parts.runtime,
             routes: parts.routes,
+            certs: parts.certs,
+            app_certs: Mutex::new(HashMap::new()),
             network: parts.network,
             builder: parts.builder,
             paths: parts.paths,
@@ -489,7 +503,60 @@ impl Deployer {
         let _guard = self.locks.lock(app).await;
         self.store.remove_domain(app, &host).await?;
         self.routes.remove(&host);
+        self.certs.set(&host, None);
         Ok(())
+    }
+
+    /// Serves the app's hosts that `chain` covers over HTTPS with it; returns those hosts.
+    pub async fn add_cert(
+        &self,
+        app: &str,
+        chain: &str,
+        key: &str,
+    ) -> Result<Vec<String>, DeployError> {
+        let cert = Cert::parse(chain, key)?;
+        let _guard = self.locks.lock(app).await;
+        let hosts = self.hosts(app).await?;
+        let covered: Vec<String> = hosts.iter().filter(|h| cert.covers(h)).cloned().collect();
+        if covered.is_empty() {
+            return Err(DeployError::CertCoversNothing {
+                app: app.to_string(),
+                hosts: hosts.join(", "),
+            });
+        }
+        self.store.set_cert(app, chain, key).await?;
+        self.app_certs
+            .lock()
+            .expect("app certs")
+            .insert(app.to_string(), cert);
+        self.route(app).await?;
+        Ok(covered)
+    }
+
+    /// Stops serving the app over HTTPS.
+    pub async fn remove_cert(&self, app: &str) -> Result<(), DeployError> {
+        let _guard = self.locks.lock(app).await;
+        if !self.store.remove_cert(app).await? {
+            return Err(DeployError::NoCert {
+                app: app.to_string(),
+            });
+        }
+        self.app_certs.lock().expect("app certs").remove(app);
+        self.route(app).await
+    }
+
+    /// The hosts of `app` its certificate covers (empty without one).
+    pub async fn cert_hosts(&self, app: &str) -> Result<Vec<String>, DeployError> {
+        let cert = self.app_certs.lock().expect("app certs").get(app).cloned();
+        let Some(cert) = cert else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .hosts(app)
+            .await?
+            .into_iter()
+            .filter(|h| cert.covers(h))
+            .collect())
     }
 
     /// Destroys an app: forgets its routes, deletes it from the store (with its config,
@@ -499,7 +566,9 @@ impl Deployer {
         let _guard = self.locks.lock(app).await;
         for host in self.hosts(app).await? {
             self.routes.remove(&host);
+            self.certs.set(&host, None);
         }
+        self.app_certs.lock().expect("app certs").remove(app);
         self.store.delete_app(app).await?;
         let containers = self.store.containers(Some(app)).await?;
         futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;

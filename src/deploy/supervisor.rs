@@ -16,6 +16,7 @@ use super::switch::{check, drain_deadline};
 use super::{DeployError, Deployer};
 use crate::progress::Progress;
 use crate::store::{ContainerRow, ContainerState};
+use crate::tls::Cert;
 
 /// How often every app is converged even when nothing woke it (a safety net for lost wakes).
 const TICK: Duration = Duration::from_secs(10);
@@ -45,6 +46,16 @@ impl Deployer {
             if !known.iter().any(|c| c.id == id) {
                 warn!(%id, "removing a container the server has no record of");
                 container::remove(self, &id, None).await;
+            }
+        }
+        for (app, chain, key) in self.store.certs().await? {
+            match Cert::parse(&chain, &key) {
+                Ok(cert) => {
+                    self.app_certs.lock().expect("app certs").insert(app, cert);
+                }
+                Err(err) => {
+                    warn!(%app, %err, "a stored certificate no longer parses; not serving it")
+                }
             }
         }
         let apps: Vec<String> = self

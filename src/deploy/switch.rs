@@ -247,6 +247,11 @@ impl Deployer {
     /// running `web` containers that are up.
     pub(super) async fn route(&self, app: &str) -> Result<(), DeployError> {
         let hosts = self.hosts(app).await?;
+        let cert = self.app_certs.lock().expect("app certs").get(app).cloned();
+        for host in &hosts {
+            self.certs
+                .set(host, cert.clone().filter(|cert| cert.covers(host)));
+        }
         let Some(live) = self.store.live_release(app).await? else {
             hosts.iter().for_each(|host| self.routes.remove(host));
             return Ok(());

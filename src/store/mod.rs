@@ -475,6 +475,41 @@ impl Store {
         Ok(())
     }
 
+    /// Stores `app`'s certificate chain and key (PEM), replacing any.
+    pub async fn set_cert(&self, app: &str, chain: &str, key: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO certs (app, chain, key, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (app) DO UPDATE SET chain = excluded.chain, key = excluded.key, created_at = excluded.created_at",
+        )
+        .bind(app)
+        .bind(chain)
+        .bind(key)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every app's certificate: (app, chain PEM, key PEM).
+    pub async fn certs(&self) -> Result<Vec<(String, String, String)>> {
+        let rows = sqlx::query("SELECT app, chain, key FROM certs ORDER BY app")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("app"), r.get("chain"), r.get("key")))
+            .collect())
+    }
+
+    /// Forgets `app`'s certificate; false when it had none.
+    pub async fn remove_cert(&self, app: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM certs WHERE app = ?")
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     pub async fn insert_container(&self, c: &ContainerRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at, state, restarts, last_exit)
@@ -747,7 +782,18 @@ mod tests {
             Err(StoreError::DomainNotFound { .. })
         ));
         s.remove_domain("a", "example.com").await.unwrap();
+        s.set_cert("a", "chain1", "key1").await.unwrap();
+        s.set_cert("a", "chain2", "key2").await.unwrap();
+        assert_eq!(
+            s.certs().await.unwrap(),
+            [("a".to_string(), "chain2".to_string(), "key2".to_string())]
+        );
         s.delete_app("a").await.unwrap();
+        assert!(
+            s.certs().await.unwrap().is_empty(),
+            "certs went with the app"
+        );
+        assert!(!s.remove_cert("a").await.unwrap());
         s.add_domain("b", "www.example.com").await.unwrap();
     }
 
