@@ -531,8 +531,14 @@ async fn serve(
                         Ok(Ok(stream)) => {
                             serve_connection(proxy, conn, &http, stream, &shutdown).await
                         }
-                        Ok(Err(err)) => Ok(debug!(%err, %peer, "TLS handshake failed")),
-                        Err(_) => Ok(debug!(%peer, "TLS handshake timed out")),
+                        Ok(Err(err)) => {
+                            debug!(%err, %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
                     }
                 }
             };
