@@ -85,6 +85,10 @@ impl Certs {
     /// Serves `host` with `cert`, or with nothing (handshakes for it fail) when None.
     pub fn set(&self, host: &str, cert: Option<Cert>) {
         let host = host.to_ascii_lowercase();
+        let key = |cert: Option<&Cert>| cert.map(|cert| Arc::as_ptr(&cert.key));
+        if key(self.by_host.load().get(&host)) == key(cert.as_ref()) {
+            return; // unchanged: routing calls this often
+        }
         self.by_host.rcu(|table| {
             let mut table = HashMap::clone(table);
             match &cert {
