@@ -408,32 +408,62 @@ async fn a_slowloris_client_is_closed_within_the_header_timeout() {
     );
 }
 
+type WebSocket = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A WebSocket upstream on 127.0.0.1 that hands its first connection to `serve`.
+async fn websocket_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        serve(tokio_tungstenite::accept_async(stream).await.unwrap()).await;
+    });
+    addr
+}
+
+/// A WebSocket client through the proxy to `ws://ws.localhost/`, after one echoed message.
+async fn websocket_client(proxy: SocketAddr, text: &str) -> WebSocket {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async("ws://ws.localhost/chat", stream)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text(text)).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(echoed.unwrap().unwrap(), Message::text(text));
+    ws
+}
+
+/// Waits for the end of `ws` (a close frame, an error or the stream's end; not a message).
+async fn websocket_ends(ws: &mut WebSocket, what: &str) {
+    let ended = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("the client's socket stayed open after {what}"));
+    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+}
+
 #[tokio::test]
 async fn websocket_round_trip_counts_in_flight_while_open() {
     let proxy = start_proxy(config()).await;
-    let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = upstream_listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = upstream_listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let upstream = websocket_upstream(|mut ws| async move {
         while let Some(Ok(message)) = ws.next().await {
             if message.is_text() {
                 ws.send(message).await.unwrap();
             }
         }
-    });
+    })
+    .await;
     proxy.routes.set("ws.localhost", vec![upstream]);
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async("ws://ws.localhost/chat", stream)
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    for text in ["hello", "again"] {
-        ws.send(Message::text(text)).await.unwrap();
-        let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
-        assert_eq!(echoed.unwrap().unwrap(), Message::text(text));
-        assert_eq!(proxy.routes.in_flight(upstream), 1);
-    }
+    let mut ws = websocket_client(proxy.addr, "hello").await;
+    assert_eq!(proxy.routes.in_flight(upstream), 1);
+    ws.send(Message::text("again")).await.unwrap();
+    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+    assert_eq!(echoed.unwrap().unwrap(), Message::text("again"));
+    assert_eq!(proxy.routes.in_flight(upstream), 1);
     assert!(
         !proxy
             .routes
@@ -449,60 +479,36 @@ async fn websocket_round_trip_counts_in_flight_while_open() {
 #[tokio::test]
 async fn an_app_that_goes_away_closes_the_websocket() {
     let proxy = start_proxy(config()).await;
-    let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = upstream_listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // Answers one message, then the app stops: its connection ends without a close frame.
-        let (stream, _) = upstream_listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    // Answers one message, then the app stops: its connection ends without a close frame.
+    let upstream = websocket_upstream(|mut ws| async move {
         if let Some(Ok(message)) = ws.next().await {
             ws.send(message).await.unwrap();
         }
-    });
+    })
+    .await;
     proxy.routes.set("ws.localhost", vec![upstream]);
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.localhost/", stream)
-        .await
-        .unwrap();
-    ws.send(Message::text("bye")).await.unwrap();
-    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
-    assert_eq!(echoed.unwrap().unwrap(), Message::text("bye"));
-    let ended = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .expect("the client's socket stayed open after the app went away");
-    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    let mut ws = websocket_client(proxy.addr, "bye").await;
+    websocket_ends(&mut ws, "the app went away").await;
     assert!(proxy.routes.wait_idle(upstream, WAIT).await);
 }
 
 #[tokio::test]
 async fn disconnecting_an_upstream_closes_its_websockets() {
     let proxy = start_proxy(config()).await;
-    let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = upstream_listener.local_addr().unwrap();
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        // An upstream that never closes by itself (as one whose close is lost).
-        let (stream, _) = upstream_listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let (closed_tx, closed_rx) = oneshot::channel();
+    // An upstream that never closes by itself (as one whose close is lost).
+    let upstream = websocket_upstream(|mut ws| async move {
         while let Some(Ok(message)) = ws.next().await {
             ws.send(message).await.unwrap();
         }
         let _ = closed_tx.send(());
-    });
+    })
+    .await;
     proxy.routes.set("ws.localhost", vec![upstream]);
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.localhost/", stream)
-        .await
-        .unwrap();
-    ws.send(Message::text("hi")).await.unwrap();
-    let echoed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
-    assert_eq!(echoed.unwrap().unwrap(), Message::text("hi"));
+    let mut ws = websocket_client(proxy.addr, "hi").await;
     proxy.routes.set("ws.localhost", vec![]);
     proxy.routes.disconnect(upstream);
-    let ended = tokio::time::timeout(WAIT, ws.next())
-        .await
-        .expect("the client's socket stayed open after its upstream was disconnected");
-    assert!(!matches!(ended, Some(Ok(Message::Text(_)))), "{ended:?}");
+    websocket_ends(&mut ws, "its upstream was disconnected").await;
     tokio::time::timeout(WAIT, closed_rx)
         .await
         .expect("the upstream side stayed open")
