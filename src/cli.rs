@@ -200,6 +200,9 @@ pub enum Command {
         name: String,
         cert: PathBuf,
         key: PathBuf,
+        /// Redirect plain-HTTP requests to these hosts to HTTPS (308).
+        #[arg(long)]
+        redirect_https: bool,
     },
     /// Stop serving an app over HTTPS.
     #[command(name = "certs:remove")]
@@ -335,10 +338,16 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::DomainsAdd { name, host } => Request::DomainsAdd { name, host },
         Command::DomainsRemove { name, host } => Request::DomainsRemove { name, host },
         Command::Certs { name, json } => Request::Certs { name, json },
-        Command::CertsAdd { name, cert, key } => Request::CertsAdd {
+        Command::CertsAdd {
+            name,
+            cert,
+            key,
+            redirect_https,
+        } => Request::CertsAdd {
             name,
             chain: read_pem(&cert, "certificate")?,
             key: read_pem(&key, "key")?,
+            redirect_https,
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },
         Command::StackBuild { force } => Request::StackBuild { force },

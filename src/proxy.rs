@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,8 @@ struct HostState {
     /// Answers by status class, 1xx at index 0.
     by_class: [AtomicU64; 5],
     changed: Notify,
+    /// The HTTPS port plain-HTTP requests are redirected to; 0 when they are served.
+    redirect_https: AtomicU16,
 }
 
 impl HostState {
@@ -210,6 +212,17 @@ impl Routes {
         state.changed.notify_waiters();
     }
 
+    /// Redirects plain-HTTP requests for `host` (already routed) to HTTPS on `port`, or serves
+    /// them again with None.
+    pub fn redirect_https(&self, host: &str, port: Option<u16>) {
+        if let Some(route) = self.route(&host.to_ascii_lowercase()) {
+            route
+                .state
+                .redirect_https
+                .store(port.unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
     /// Forgets `host` and its counters: its requests get 404.
     pub fn remove(&self, host: &str) {
         let host = host.to_ascii_lowercase();
@@ -341,6 +354,8 @@ impl Default for ProxyConfig {
 enum ProxyError {
     #[error("berth: the request has no Host header — send the app's domain as Host")]
     NoHost,
+    #[error("berth: this app is served over HTTPS — use {0}")]
+    RedirectHttps(String),
     #[error("berth: no app is served at {0} — check the app name and its domains")]
     UnknownHost(String),
     #[error("berth: the app at {0} has no running web container — check `berth ps` and `berth logs` for it")]
@@ -370,6 +385,7 @@ enum ProxyError {
 impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
+            Self::RedirectHttps(_) => StatusCode::PERMANENT_REDIRECT,
             Self::NoHost | Self::BadTarget => StatusCode::BAD_REQUEST,
             Self::UnknownHost(_) => StatusCode::NOT_FOUND,
             Self::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -417,6 +433,11 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Self::RedirectHttps(location) = &self {
+            if let Ok(location) = HeaderValue::from_str(location) {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+        }
         response
     }
 }
@@ -620,6 +641,22 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
         let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
         exchange.host.clone_from(&host);
+        if !conn.https {
+            let redirect = self.routes.route(&host).map_or(0, |route| {
+                route.state.redirect_https.load(Ordering::Relaxed)
+            });
+            if redirect != 0 {
+                let port = if redirect == 443 {
+                    String::new()
+                } else {
+                    format!(":{redirect}")
+                };
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return Err(ProxyError::RedirectHttps(format!(
+                    "https://{host}{port}{target}"
+                )));
+            }
+        }
         let route = self.route_with_upstreams(&host, exchange).await?;
         if req.body().size_hint().lower() > self.config.max_body as u64 {
             return Err(ProxyError::TooLarge(self.config.max_body));

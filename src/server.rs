@@ -147,6 +147,10 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         runtime: runtime.clone(),
         routes: routes.clone(),
         certs: certs.clone(),
+        https_port: match &https {
+            Some(listener) => Some(listener.local_addr()?.port()),
+            None => None,
+        },
         network: network.clone(),
         builder: Builder {
             images,

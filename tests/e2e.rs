@@ -331,6 +331,23 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// The head of the answer to `GET /` with the given Host, lowercased.
+fn http_get_head(addr: SocketAddr, host: &str) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let head = response.split("\r\n\r\n").next().unwrap_or_default();
+    head.to_ascii_lowercase().replace("http/1.1", "HTTP/1.1")
+}
+
 fn http_get(addr: SocketAddr, host: &str) -> (u16, String) {
     http_get_path(addr, host, "/")
 }
@@ -1392,8 +1409,22 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         "{}",
         text(&out)
     );
-    let added = server.berth_ok(&["certs:add", "zd", &cert, &key]);
+    let added = server.berth_ok(&["certs:add", "zd", &cert, &key, "--redirect-https"]);
     assert!(added.contains("secure.example.test"), "{added}");
+    let redirected = http_get_head(server.http, "secure.example.test");
+    assert!(
+        redirected.starts_with("HTTP/1.1 308")
+            && redirected.contains(&format!(
+                "location: https://secure.example.test:{}/",
+                server.https.port()
+            )),
+        "{redirected}"
+    );
+    assert_eq!(
+        server.get("api.example.test").0,
+        200,
+        "a host the certificate does not cover is not redirected"
+    );
     let port = server.https.port();
     let curl = run(Command::new("curl")
         .args(["-sS", "--max-time", "10", "--cacert", &cert, "--resolve"])
@@ -1411,6 +1442,11 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         .arg(format!("secure.example.test:{port}:127.0.0.1"))
         .arg(format!("https://secure.example.test:{port}/")));
     assert!(!curl.status.success(), "served without a certificate");
+    assert_eq!(
+        server.get("secure.example.test").0,
+        200,
+        "without its certificate the host is not redirected"
+    );
 
     server.berth_ok(&["apps:destroy", "zd", "--force"]);
     assert_eq!(server.get(host).0, 404);

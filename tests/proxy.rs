@@ -253,6 +253,28 @@ async fn round_robin_across_upstreams() {
 }
 
 #[tokio::test]
+async fn plain_http_is_redirected_to_https_when_asked() {
+    let proxy = start_proxy(config()).await;
+    proxy.routes.set("app.localhost", vec![echo("app").await]);
+    proxy.routes.redirect_https("app.localhost", Some(8443));
+    let req = request("GET", "app.localhost", "/a/b?c=d")
+        .body(Full::default())
+        .unwrap();
+    let (status, headers, body) = send(proxy.addr, req).await;
+    assert_eq!(status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(headers["location"], "https://app.localhost:8443/a/b?c=d");
+    assert_berth_line(&body);
+    proxy.routes.redirect_https("app.localhost", Some(443));
+    let (_, headers, _) = get_from(proxy.addr, "app.localhost").await;
+    assert_eq!(headers["location"], "https://app.localhost/");
+    proxy.routes.redirect_https("app.localhost", None);
+    assert_eq!(
+        get_from(proxy.addr, "app.localhost").await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn forwarding_headers_replace_client_copies_and_append_to_x_forwarded_for() {
     let proxy = start_proxy(config()).await;
     proxy.routes.set("app.localhost", vec![echo("app").await]);

@@ -280,9 +280,20 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             }
             Ok(())
         }
-        Request::CertsAdd { name, chain, key } => {
+        Request::CertsAdd {
+            name,
+            chain,
+            key,
+            redirect_https,
+        } => {
             d.store.require_app(&name).await?;
-            let hosts = d.deployer.add_cert(&name, &chain, &key).await?;
+            let row = crate::store::CertRow {
+                app: name.clone(),
+                chain,
+                key,
+                redirect_https,
+            };
+            let hosts = d.deployer.add_cert(&row).await?;
             out.line(format!(
                 "Added a certificate to {name}; served over HTTPS for: {}",
                 hosts.join(", ")

@@ -94,6 +94,7 @@ pub enum Request {
         chain: String,
         /// PEM private key.
         key: String,
+        redirect_https: bool,
     },
     CertsRemove {
         name: String,

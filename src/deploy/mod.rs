@@ -32,7 +32,7 @@ use crate::paths::Paths;
 use crate::progress::Progress;
 use crate::proxy::Routes;
 use crate::store::{
-    ContainerRow, Formation, NewRelease, Release, ReleaseStatus, Store, StoreError,
+    CertRow, ContainerRow, Formation, NewRelease, Release, ReleaseStatus, Store, StoreError,
 };
 use crate::tls::{Cert, Certs};
 
@@ -130,6 +130,13 @@ impl From<BuildError> for DeployError {
     }
 }
 
+/// An app's certificate, parsed, and whether its hosts' plain-HTTP requests go to HTTPS.
+#[derive(Clone)]
+struct AppCert {
+    cert: Cert,
+    redirect_https: bool,
+}
+
 /// How long a checked release waits for git to update the branch (post-receive) before it is
 /// discarded.
 pub const PROMOTE_DEADLINE: Duration = Duration::from_secs(60);
@@ -150,6 +157,8 @@ pub struct DeployerParts {
     pub routes: Arc<Routes>,
     /// The certificates the HTTPS listener serves, by host.
     pub certs: Arc<Certs>,
+    /// The port of `--https`, when it is on.
+    pub https_port: Option<u16>,
     pub network: Arc<Network>,
     pub builder: Builder,
     pub paths: Paths,
@@ -165,7 +174,9 @@ pub struct Deployer {
     routes: Arc<Routes>,
     certs: Arc<Certs>,
     /// Each app's certificate, parsed once.
-    app_certs: Mutex<HashMap<String, Cert>>,
+    app_certs: Mutex<HashMap<String, AppCert>>,
+    /// The port of `--https`, when it is on (for redirects).
+    https_port: Option<u16>,
     network: Arc<Network>,
     builder: Builder,
     paths: Paths,
@@ -197,6 +208,7 @@ impl Deployer {
             routes: parts.routes,
             certs: parts.certs,
             app_certs: Mutex::new(HashMap::new()),
+            https_port: parts.https_port,
             network: parts.network,
             builder: parts.builder,
             paths: parts.paths,
@@ -507,24 +519,28 @@ impl Deployer {
         Ok(())
     }
 
-    /// Serves the app's hosts that `chain` covers over HTTPS with it; returns those hosts.
-    pub async fn add_cert(
-        &self,
-        app: &str,
-        chain: &str,
-        key: &str,
-    ) -> Result<Vec<String>, DeployError> {
-        let cert = Cert::parse(chain, key)?;
+    /// Serves the app's hosts that the certificate covers over HTTPS with it (and redirects
+    /// their plain-HTTP requests there with `redirect_https`); returns those hosts.
+    pub async fn add_cert(&self, row: &CertRow) -> Result<Vec<String>, DeployError> {
+        let app = row.app.as_str();
+        let cert = AppCert {
+            cert: Cert::parse(&row.chain, &row.key)?,
+            redirect_https: row.redirect_https,
+        };
         let _guard = self.locks.lock(app).await;
         let hosts = self.hosts(app).await?;
-        let covered: Vec<String> = hosts.iter().filter(|h| cert.covers(h)).cloned().collect();
+        let covered: Vec<String> = hosts
+            .iter()
+            .filter(|h| cert.cert.covers(h))
+            .cloned()
+            .collect();
         if covered.is_empty() {
             return Err(DeployError::CertCoversNothing {
                 app: app.to_string(),
                 hosts: hosts.join(", "),
             });
         }
-        self.store.set_cert(app, chain, key).await?;
+        self.store.set_cert(app, row).await?;
         self.app_certs
             .lock()
             .expect("app certs")
@@ -555,7 +571,7 @@ impl Deployer {
             .hosts(app)
             .await?
             .into_iter()
-            .filter(|h| cert.covers(h))
+            .filter(|h| cert.cert.covers(h))
             .collect())
     }
 

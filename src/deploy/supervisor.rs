@@ -48,13 +48,20 @@ impl Deployer {
                 container::remove(self, &id, None).await;
             }
         }
-        for (app, chain, key) in self.store.certs().await? {
-            match Cert::parse(&chain, &key) {
+        for row in self.store.certs().await? {
+            match Cert::parse(&row.chain, &row.key) {
                 Ok(cert) => {
-                    self.app_certs.lock().expect("app certs").insert(app, cert);
+                    let cert = super::AppCert {
+                        cert,
+                        redirect_https: row.redirect_https,
+                    };
+                    self.app_certs
+                        .lock()
+                        .expect("app certs")
+                        .insert(row.app, cert);
                 }
                 Err(err) => {
-                    warn!(%app, %err, "a stored certificate no longer parses; not serving it")
+                    warn!(app = %row.app, %err, "a stored certificate no longer parses; not serving it")
                 }
             }
         }

@@ -248,9 +248,9 @@ impl Deployer {
     pub(super) async fn route(&self, app: &str) -> Result<(), DeployError> {
         let hosts = self.hosts(app).await?;
         let cert = self.app_certs.lock().expect("app certs").get(app).cloned();
+        let covering = |host: &str| cert.clone().filter(|c| c.cert.covers(host));
         for host in &hosts {
-            self.certs
-                .set(host, cert.clone().filter(|cert| cert.covers(host)));
+            self.certs.set(host, covering(host).map(|c| c.cert));
         }
         let Some(live) = self.store.live_release(app).await? else {
             hosts.iter().for_each(|host| self.routes.remove(host));
@@ -271,6 +271,9 @@ impl Deployer {
             .collect();
         for host in &hosts {
             self.routes.set(host, addrs.clone());
+            let redirect = covering(host).is_some_and(|c| c.redirect_https);
+            self.routes
+                .redirect_https(host, self.https_port.filter(|_| redirect));
         }
         Ok(())
     }

@@ -118,6 +118,18 @@ pub struct KeyRow {
     pub created_at: String,
 }
 
+/// An app's TLS certificate as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CertRow {
+    pub app: String,
+    /// PEM chain, server certificate first.
+    pub chain: String,
+    /// PEM private key.
+    pub key: String,
+    /// Plain-HTTP requests to the hosts it covers are redirected to HTTPS.
+    pub redirect_https: bool,
+}
+
 /// Where a container is in its life, as the daemon decided it (whether its process still runs is
 /// the runtime's to say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
@@ -475,30 +487,30 @@ impl Store {
         Ok(())
     }
 
-    /// Stores `app`'s certificate chain and key (PEM), replacing any.
-    pub async fn set_cert(&self, app: &str, chain: &str, key: &str) -> Result<()> {
+    /// Stores `app`'s certificate, replacing any.
+    pub async fn set_cert(&self, app: &str, cert: &CertRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO certs (app, chain, key, created_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (app) DO UPDATE SET chain = excluded.chain, key = excluded.key, created_at = excluded.created_at",
+            "INSERT INTO certs (app, chain, key, redirect_https, created_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (app) DO UPDATE SET chain = excluded.chain, key = excluded.key,
+                 redirect_https = excluded.redirect_https, created_at = excluded.created_at",
         )
         .bind(app)
-        .bind(chain)
-        .bind(key)
+        .bind(&cert.chain)
+        .bind(&cert.key)
+        .bind(cert.redirect_https)
         .bind(now())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Every app's certificate: (app, chain PEM, key PEM).
-    pub async fn certs(&self) -> Result<Vec<(String, String, String)>> {
-        let rows = sqlx::query("SELECT app, chain, key FROM certs ORDER BY app")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("app"), r.get("chain"), r.get("key")))
-            .collect())
+    /// Every app's certificate.
+    pub async fn certs(&self) -> Result<Vec<CertRow>> {
+        Ok(
+            sqlx::query_as("SELECT app, chain, key, redirect_https FROM certs ORDER BY app")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Forgets `app`'s certificate; false when it had none.
@@ -782,12 +794,15 @@ mod tests {
             Err(StoreError::DomainNotFound { .. })
         ));
         s.remove_domain("a", "example.com").await.unwrap();
-        s.set_cert("a", "chain1", "key1").await.unwrap();
-        s.set_cert("a", "chain2", "key2").await.unwrap();
-        assert_eq!(
-            s.certs().await.unwrap(),
-            [("a".to_string(), "chain2".to_string(), "key2".to_string())]
-        );
+        let cert = |chain: &str, redirect_https| CertRow {
+            app: "a".into(),
+            chain: chain.into(),
+            key: "key".into(),
+            redirect_https,
+        };
+        s.set_cert("a", &cert("chain1", false)).await.unwrap();
+        s.set_cert("a", &cert("chain2", true)).await.unwrap();
+        assert_eq!(s.certs().await.unwrap(), [cert("chain2", true)]);
         s.delete_app("a").await.unwrap();
         assert!(
             s.certs().await.unwrap().is_empty(),
