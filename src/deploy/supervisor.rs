@@ -276,21 +276,23 @@ impl Deployer {
         Ok(())
     }
 
-    /// Marks `containers` draining and drains them.
+    /// Marks `containers` draining and drains them, each with its app's drain deadline (on
+    /// server start they come from every app).
     async fn drain_all(self: &Arc<Self>, containers: Vec<ContainerRow>) -> Result<(), DeployError> {
-        for c in &containers {
+        let mut by_app: std::collections::BTreeMap<String, Vec<ContainerRow>> = Default::default();
+        for c in containers {
             self.store
                 .set_container_state(&c.id, ContainerState::Draining)
                 .await?;
+            by_app.entry(c.app.clone()).or_default().push(c);
         }
-        let deadline = match containers.first() {
-            Some(c) => match self.store.live_release(&c.app).await? {
+        for (app, containers) in by_app {
+            let deadline = match self.store.live_release(&app).await? {
                 Some(live) => drain_deadline(&live),
                 None => super::DRAIN_DEADLINE,
-            },
-            None => return Ok(()),
-        };
-        self.drain(containers, deadline);
+            };
+            self.drain(containers, deadline);
+        }
         Ok(())
     }
 }
