@@ -21,14 +21,10 @@ use crate::git;
 
 const DEPLOYED_BRANCHES: &[&str] = &["refs/heads/main", "refs/heads/master"];
 
-/// One line git gives a hook on stdin: `OLD NEW REFNAME`.
-struct RefUpdate {
-    new: String,
-}
-
-/// The update of this push that deploys: the first update of main or master that does not
-/// delete it. With `report`, says what happens to the others.
-fn deployed_update(report: bool) -> anyhow::Result<Option<RefUpdate>> {
+/// The new commit of the update of this push that deploys: the first update of main or master
+/// that does not delete it (git gives hooks `OLD NEW REFNAME` lines). With `report`, says what
+/// happens to the others.
+fn deployed_update(report: bool) -> anyhow::Result<Option<String>> {
     let mut deployed = None;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
@@ -37,17 +33,14 @@ fn deployed_update(report: bool) -> anyhow::Result<Option<RefUpdate>> {
         else {
             bail!("git sent an unexpected hook line {line:?}");
         };
-        let update = RefUpdate {
-            new: new.to_string(),
-        };
         let skipped = if !DEPLOYED_BRANCHES.contains(&refname) {
             "is stored but not deployed (only main or master deploy)"
-        } else if update.new.bytes().all(|b| b == b'0') {
+        } else if new.bytes().all(|b| b == b'0') {
             "deleted; the running release keeps serving"
         } else if deployed.is_some() {
             "is stored but not deployed: a push deploys one branch"
         } else {
-            deployed = Some(update);
+            deployed = Some(new.to_string());
             continue;
         };
         if report {
@@ -68,7 +61,7 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
     let app = env("BERTH_APP")?;
     let push = env("BERTH_PUSH_ID")?;
     let repo = std::env::current_dir()?;
-    let Some(update) = deployed_update(true)? else {
+    let Some(new) = deployed_update(true)? else {
         return Ok(0);
     };
     let scratch = data
@@ -76,7 +69,7 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
         .join(format!("{:016x}", rand::thread_rng().gen::<u64>()));
     let source = scratch.join("src");
     std::fs::create_dir_all(&source)?;
-    let description = match git::checkout(&repo, &update.new, &source) {
+    let description = match git::checkout(&repo, &new, &source) {
         Ok(description) => description,
         Err(err) => {
             let _ = std::fs::remove_dir_all(&scratch);

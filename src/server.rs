@@ -124,10 +124,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
             })?),
             None => None,
         };
-    let https_addr = match &https {
-        Some(listener) => format!(" https={}", listener.local_addr()?),
-        None => String::new(),
-    };
+    let https_addr = https.as_ref().map(TcpListener::local_addr).transpose()?;
 
     let exe = std::env::current_exe().context("cannot find the berth binary")?;
     let build_ca_bundle = Some(PathBuf::from(&args.build_ca_bundle))
@@ -147,10 +144,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         runtime: runtime.clone(),
         routes: routes.clone(),
         certs: certs.clone(),
-        https_port: match &https {
-            Some(listener) => Some(listener.local_addr()?.port()),
-            None => None,
-        },
+        https_port: https_addr.map(|addr| addr.port()),
         network: network.clone(),
         builder: Builder {
             images,
@@ -228,7 +222,8 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         )));
     }
     println!(
-        "berth server ready: http={http_addr}{https_addr} ssh={ssh_addr} admin={} domain={}",
+        "berth server ready: http={http_addr}{} ssh={ssh_addr} admin={} domain={}",
+        https_addr.map_or(String::new(), |addr| format!(" https={addr}")),
         socket.display(),
         args.domain
     );

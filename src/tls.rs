@@ -64,6 +64,11 @@ impl Cert {
         Ok(Self { key: Arc::new(key) })
     }
 
+    /// The `hosts` the certificate is valid for.
+    pub fn covered(&self, hosts: &[String]) -> Vec<String> {
+        hosts.iter().filter(|h| self.covers(h)).cloned().collect()
+    }
+
     /// Whether the certificate is valid for `host` (its names, wildcards included).
     pub fn covers(&self, host: &str) -> bool {
         let (Some(first), Ok(name)) = (self.key.cert.first(), ServerName::try_from(host)) else {

@@ -529,11 +529,7 @@ impl Deployer {
         };
         let _guard = self.locks.lock(app).await;
         let hosts = self.hosts(app).await?;
-        let covered: Vec<String> = hosts
-            .iter()
-            .filter(|h| cert.cert.covers(h))
-            .cloned()
-            .collect();
+        let covered = cert.cert.covered(&hosts);
         if covered.is_empty() {
             return Err(DeployError::CertCoversNothing {
                 app: app.to_string(),
@@ -567,12 +563,7 @@ impl Deployer {
         let Some(cert) = cert else {
             return Ok(Vec::new());
         };
-        Ok(self
-            .hosts(app)
-            .await?
-            .into_iter()
-            .filter(|h| cert.cert.covers(h))
-            .collect())
+        Ok(cert.cert.covered(&self.hosts(app).await?))
     }
 
     /// Destroys an app: forgets its routes, deletes it from the store (with its config,
