@@ -204,7 +204,18 @@ pub enum Command {
         #[arg(long)]
         redirect_https: bool,
     },
-    /// Stop serving an app over HTTPS.
+    /// Serve an app over HTTPS (`--https`) with a certificate berth gets by ACME HTTP-01 for
+    /// all of its hosts (`--acme-directory`, Let's Encrypt by default) and renews before it
+    /// expires. The hosts' DNS must point at this server and port 80 reach `--http`.
+    #[command(name = "certs:auto")]
+    CertsAuto {
+        /// The app's name.
+        name: String,
+        /// Redirect plain-HTTP requests to these hosts to HTTPS (308).
+        #[arg(long)]
+        redirect_https: bool,
+    },
+    /// Stop serving an app over HTTPS (and stop automatic certificates).
     #[command(name = "certs:remove")]
     CertsRemove {
         /// The app's name.
@@ -245,10 +256,20 @@ pub struct ServerArgs {
     /// HTTP address of the proxy.
     #[arg(long, default_value = "0.0.0.0:80", value_name = "ADDR")]
     pub http: String,
-    /// HTTPS address of the proxy (certificates from `berth certs:add`, picked by SNI); off
-    /// when not given.
+    /// HTTPS address of the proxy (certificates from `berth certs:add` or `certs:auto`, picked
+    /// by SNI); off when not given.
     #[arg(long, value_name = "ADDR")]
     pub https: Option<String>,
+    /// ACME directory `certs:auto` gets certificates from.
+    #[arg(long, default_value = crate::acme::LETS_ENCRYPT, value_name = "URL")]
+    pub acme_directory: String,
+    /// Contact address for the ACME account (expiry notices).
+    #[arg(long, value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// PEM root certificate to trust for the ACME server itself (a private or test CA such as
+    /// pebble's); the system's roots otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca: Option<PathBuf>,
     /// SSH address of the git endpoint.
     #[arg(long, default_value = "0.0.0.0:2222", value_name = "ADDR")]
     pub ssh: String,
@@ -347,6 +368,13 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             name,
             chain: read_pem(&cert, "certificate")?,
             key: read_pem(&key, "key")?,
+            redirect_https,
+        },
+        Command::CertsAuto {
+            name,
+            redirect_https,
+        } => Request::CertsAuto {
+            name,
             redirect_https,
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },

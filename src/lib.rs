@@ -22,6 +22,7 @@
 //! - [`locks`]: one async lock per app name.
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
+//! - [`acme`]: automatic certificates (`certs:auto`) by ACME HTTP-01, and their renewal.
 //! - [`tls`]: certificates (PEM parsing, host coverage) and the SNI table of `--https`.
 //! - [`paths`]: the layout of the data directory.
 //! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
@@ -29,6 +30,7 @@
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
+pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod build;

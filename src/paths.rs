@@ -41,6 +41,10 @@ impl Paths {
     pub fn database(&self) -> PathBuf {
         self.root.join("berth.db")
     }
+    /// The ACME account's credentials (`certs:auto`).
+    pub fn acme_account(&self) -> PathBuf {
+        self.root.join("acme-account.json")
+    }
     pub fn host_key(&self) -> PathBuf {
         self.root.join("ssh_host_ed25519_key")
     }

@@ -6,7 +6,7 @@
 //! ([`run`]): keep-alive both ways with pooled upstream connections, timeouts against slow
 //! clients and slow apps, a body limit, a connection cap, hop-by-hop and `X-Forwarded-*`
 //! headers, request ids, retries, WebSocket bridging and one access-log line per request
-//! (target `berth::access`).
+//! (target `berth::access`), and the ACME HTTP-01 answers `acme` hands it.
 //!
 //! Must not touch the store or the runtime: `deploy` tells it what to route.
 
@@ -165,6 +165,8 @@ impl Route {
 pub struct Routes {
     table: ArcSwap<HashMap<String, Arc<Route>>>,
     gauges: Mutex<HashMap<SocketAddr, Arc<Gauge>>>,
+    /// ACME HTTP-01 answers: token → key authorization, served on plain HTTP for every host.
+    acme: Mutex<HashMap<String, String>>,
     epoch: Instant,
 }
 
@@ -173,10 +175,14 @@ impl Default for Routes {
         Self {
             table: ArcSwap::default(),
             gauges: Mutex::default(),
+            acme: Mutex::default(),
             epoch: Instant::now(),
         }
     }
 }
+
+/// Where ACME servers fetch HTTP-01 answers (RFC 8555, section 8.3).
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 impl Routes {
     /// Points `host` at `addrs`, replacing what it pointed at. An empty `addrs` keeps the host
@@ -273,6 +279,23 @@ impl Routes {
                 return gauge.count.load(Ordering::Acquire) == 0;
             }
         }
+    }
+
+    /// Answers the ACME HTTP-01 challenge `token` with `key_authorization` on plain HTTP, for
+    /// every host and before any redirect, or stops answering it with None.
+    pub fn answer_acme(&self, token: &str, key_authorization: Option<String>) {
+        let mut answers = self.acme.lock().unwrap_or_else(|p| p.into_inner());
+        match key_authorization {
+            Some(answer) => answers.insert(token.to_string(), answer),
+            None => answers.remove(token),
+        };
+    }
+
+    /// berth's own answer to a plain-HTTP request for `path`, when it is an ACME challenge.
+    fn acme_answer(&self, path: &str) -> Option<String> {
+        let token = path.strip_prefix(ACME_CHALLENGE_PATH)?;
+        let answers = self.acme.lock().unwrap_or_else(|p| p.into_inner());
+        answers.get(token).cloned()
     }
 
     fn route(&self, host: &str) -> Option<Arc<Route>> {
@@ -426,13 +449,7 @@ impl ProxyError {
             error = &self as &dyn std::error::Error,
             "berth answered itself"
         );
-        let mut response =
-            Response::new(Either::Right(Full::new(Bytes::from(format!("{self}\n")))));
-        *response.status_mut() = self.status();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        let mut response = text_response(self.status(), format!("{self}\n"));
         if let Self::RedirectHttps(location) = &self {
             if let Ok(location) = HeaderValue::from_str(location) {
                 response.headers_mut().insert(header::LOCATION, location);
@@ -440,6 +457,17 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// A plain-text answer of berth's own.
+fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 type ClientError = hyper_util::client::legacy::Error;
@@ -605,13 +633,19 @@ where
 impl Proxy {
     async fn handle(&self, conn: Conn, req: Request<Incoming>) -> Response<Tracked> {
         let mut exchange = Exchange::start(&req);
-        let (mut response, upgrade) = match self.forward(conn, req, &mut exchange).await {
-            Ok((mut response, client_upgrade)) => {
-                let upgrade =
-                    client_upgrade.map(|client| (client, hyper::upgrade::on(&mut response)));
-                (response.map(Either::Left), upgrade)
-            }
-            Err(err) => (err.into_response(), None),
+        let acme = (!conn.https)
+            .then(|| self.routes.acme_answer(req.uri().path()))
+            .flatten();
+        let (mut response, upgrade) = match acme {
+            Some(answer) => (text_response(StatusCode::OK, answer), None),
+            None => match self.forward(conn, req, &mut exchange).await {
+                Ok((mut response, client_upgrade)) => {
+                    let upgrade =
+                        client_upgrade.map(|client| (client, hyper::upgrade::on(&mut response)));
+                    (response.map(Either::Left), upgrade)
+                }
+                Err(err) => (err.into_response(), None),
+            },
         };
         exchange.status = response.status();
         if let Some(state) = &exchange.host_state {

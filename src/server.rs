@@ -179,15 +179,28 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     for app in store.apps().await? {
         crate::git::create_repo(&paths.repos(), &app.name, &hook_command)?;
     }
+    let acme = crate::acme::Acme::new(
+        crate::acme::AcmeConfig {
+            directory: args.acme_directory.clone(),
+            email: args.acme_email.clone(),
+            ca: args.acme_ca.clone(),
+        },
+        paths.acme_account(),
+        store.clone(),
+        deployer.clone(),
+        routes.clone(),
+    );
     let context = Arc::new(admin::Handles {
         store: store.clone(),
         deployer: deployer.clone(),
+        acme: acme.clone(),
         hook_command,
         ssh_port: ssh_addr.port(),
         paths,
     });
     let mut tasks = vec![
         supervisor,
+        tokio::spawn(acme.run(shutdown.clone())),
         tokio::spawn(crate::proxy::run(
             http,
             routes.clone(),

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
@@ -36,6 +37,9 @@ pub enum TlsError {
 #[derive(Clone, Debug)]
 pub struct Cert {
     key: Arc<CertifiedKey>,
+    /// The server certificate's validity, as Unix seconds.
+    not_before: i64,
+    not_after: i64,
 }
 
 fn provider() -> CryptoProvider {
@@ -55,13 +59,35 @@ impl Cert {
         let first = chain.first().ok_or(TlsError::NoCertificate)?;
         webpki::EndEntityCert::try_from(first)
             .map_err(|err| TlsError::BadCertificate(err.to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(first)
+            .map_err(|err| TlsError::BadCertificate(err.to_string()))?;
+        let validity = parsed.validity();
+        let (not_before, not_after) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|err| TlsError::BadKey(err.to_string()))?;
         let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| match err {
             rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch(err.to_string()),
             other => TlsError::BadKey(other.to_string()),
         })?;
-        Ok(Self { key: Arc::new(key) })
+        Ok(Self {
+            key: Arc::new(key),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// When the certificate stops being valid.
+    pub fn not_after(&self) -> SystemTime {
+        unix_time(self.not_after)
+    }
+
+    /// When it is due for renewal: once two thirds of its lifetime have passed (for Let's
+    /// Encrypt's 90-day certificates, 30 days before they expire).
+    pub fn renew_at(&self) -> SystemTime {
+        unix_time(self.not_after - (self.not_after - self.not_before) / 3)
     }
 
     /// The `hosts` the certificate is valid for.
@@ -77,6 +103,10 @@ impl Cert {
         webpki::EndEntityCert::try_from(first)
             .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
     }
+}
+
+fn unix_time(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs())
 }
 
 /// Host → certificate, for the HTTPS listener (SNI). Reads are lock-free; a write replaces the
@@ -177,6 +207,16 @@ mod tests {
         ] {
             assert_eq!(cert.covers(host), covered, "{host}");
         }
+        let lifetime = cert.not_after().duration_since(SystemTime::now()).unwrap();
+        assert!(
+            lifetime > Duration::from_secs(47 * 3600) && lifetime <= Duration::from_secs(48 * 3600),
+            "openssl -days 2 gives a certificate valid for 2 days, parsed as {lifetime:?}"
+        );
+        let renew_in = cert.renew_at().duration_since(SystemTime::now()).unwrap();
+        assert!(
+            renew_in > Duration::from_secs(31 * 3600) && renew_in <= Duration::from_secs(32 * 3600),
+            "renewal is due after two thirds of the 48 h, got {renew_in:?}"
+        );
         let (_, other_key) = self_signed(dir.path(), "b", "DNS:b.test");
         assert!(matches!(
             Cert::parse(&chain, &other_key),

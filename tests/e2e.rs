@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,12 +15,13 @@ use std::time::{Duration, Instant};
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
 /// Returns false (test skipped) when a prerequisite is missing outside CI; panics under CI=true.
-fn prerequisites_met() -> bool {
+fn prerequisites_met(also: &[&str]) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::Uid::effective().is_root() {
         missing.push("root".to_string());
     }
-    for tool in ["git", "ssh", "ssh-keygen", "mmdebstrap", "curl", "openssl"] {
+    let tools = ["git", "ssh", "ssh-keygen", "mmdebstrap", "curl", "openssl"];
+    for tool in tools.iter().chain(also) {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -55,10 +57,20 @@ struct Server {
     subnet: String,
     /// Whether `launch` starts an `--ephemeral` server (whose stop stops its containers).
     ephemeral: bool,
+    /// More `berth server` arguments.
+    extra_args: Vec<String>,
 }
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with more `berth server` arguments. Each server of this test process
+    /// gets its own bridge and subnet.
+    fn start_with(extra_args: &[&str]) -> Server {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir_in("/tmp")
@@ -70,9 +82,10 @@ impl Server {
             http: ([0, 0, 0, 0], 0).into(),
             https: ([0, 0, 0, 0], 0).into(),
             ssh: ([0, 0, 0, 0], 0).into(),
-            bridge: format!("bt{}", pid % 100_000),
-            subnet: format!("10.{}.0.0/16", 200 + pid % 50),
+            bridge: format!("bt{}x{n}", pid % 100_000),
+            subnet: format!("10.{}.0.0/16", 200 + (pid + 17 * n) % 50),
             ephemeral: true,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.launch();
         server
@@ -93,6 +106,7 @@ impl Server {
             .args(["--domain", "localhost"])
             .args(self.ephemeral.then_some("--ephemeral"))
             .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
+            .args(&self.extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -509,7 +523,7 @@ if __name__ == "__main__":
 
 #[test]
 fn slow_push_deploy_config_and_bad_input() {
-    if !prerequisites_met() {
+    if !prerequisites_met(&[]) {
         return;
     }
     let mut server = Server::start();
@@ -1019,7 +1033,7 @@ fn wait_for_ps(server: &Server, app: &str, secs: u64, done: impl Fn(&str) -> boo
 
 #[test]
 fn slow_zero_downtime_changes_crashes_and_restarts() {
-    if !prerequisites_met() {
+    if !prerequisites_met(&[]) {
         return;
     }
     let mut server = Server::start();
@@ -1462,4 +1476,320 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         "left behind after stop: {left:#?}\n--- server log:\n{}",
         server.log()
     );
+}
+
+/// A free TCP port on 127.0.0.1 (for peers that cannot be told to pick one themselves).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's pebble (an ACME test CA) and pebble-challtestsrv (the DNS it resolves with, which
+/// answers 127.0.0.1 for every name) on free loopback ports; both are killed on drop.
+struct Pebble {
+    children: Vec<Child>,
+    /// The ACME directory URL.
+    directory: String,
+    /// The CA of pebble's own HTTPS listener (berth's `--acme-ca`).
+    listener_ca: String,
+    /// pebble's listener port, and its management port (its issuing roots).
+    listen: u16,
+    management: u16,
+    /// pebble-challtestsrv's management port (fake DNS records).
+    dns_management: u16,
+}
+
+impl Pebble {
+    /// Picks pebble's ports and makes its listener's certificate: berth must know the directory
+    /// and trust that CA when it starts, before pebble (which needs berth's HTTP port) can.
+    fn prepare(dir: &Path) -> Pebble {
+        let listen = free_port();
+        Pebble {
+            children: Vec::new(),
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            listener_ca: test_ca(dir, "pebble-listener", "127.0.0.1"),
+            listen,
+            management: free_port(),
+            dns_management: free_port(),
+        }
+    }
+
+    /// Starts both; pebble validates HTTP-01 challenges on `http_port` and issues certificates
+    /// valid for `validity`.
+    fn start(&mut self, dir: &Path, http_port: u16, validity: Duration) {
+        let dns = free_port();
+        let config = dir.join("pebble.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"pebble": {{
+                    "listenAddress": "127.0.0.1:{listen}",
+                    "managementListenAddress": "127.0.0.1:{management}",
+                    "certificate": "{dir}/pebble-listener.crt",
+                    "privateKey": "{dir}/pebble-listener.key",
+                    "httpPort": {http_port},
+                    "tlsPort": {tls},
+                    "ocspResponderURL": "",
+                    "externalAccountBindingRequired": false,
+                    "certificateValidityPeriod": {validity}
+                }}}}"#,
+                listen = self.listen,
+                management = self.management,
+                dir = dir.display(),
+                tls = free_port(),
+                validity = validity.as_secs(),
+            ),
+        )
+        .unwrap();
+        let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
+        let challtestsrv = Command::new("pebble-challtestsrv")
+            .args(["-dns01", &format!("127.0.0.1:{dns}")])
+            .args(["-management", &format!("127.0.0.1:{}", self.dns_management)])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log("challtestsrv.log"))
+            .stderr(log("challtestsrv.err"))
+            .spawn()
+            .expect("starting pebble-challtestsrv");
+        self.children.push(challtestsrv);
+        let pebble = Command::new("pebble")
+            .arg("-config")
+            .arg(&config)
+            .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log("pebble.log"))
+            .stderr(log("pebble.err"))
+            .spawn()
+            .expect("starting pebble");
+        self.children.push(pebble);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.get(&self.directory).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not answer at {}: {}",
+                self.directory,
+                std::fs::read_to_string(dir.join("pebble.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET `url` from pebble's HTTPS listeners.
+    fn get(&self, url: &str) -> Output {
+        run(Command::new("curl")
+            .args(["-sSf", "--max-time", "10", "--cacert", &self.listener_ca])
+            .arg(url))
+    }
+
+    /// Writes the root pebble issues certificates under to `path`.
+    fn save_root(&self, path: &Path) {
+        let url = format!("https://127.0.0.1:{}/roots/0", self.management);
+        let out = self.get(&url);
+        assert!(out.status.success(), "{}", text(&out));
+        std::fs::write(path, out.stdout).unwrap();
+    }
+
+    /// Makes pebble's DNS answer `host` with `ip`.
+    fn resolve(&self, host: &str, ip: &str) {
+        let out = run(Command::new("curl")
+            .args(["-sSf", "--max-time", "10", "-d"])
+            .arg(format!(r#"{{"host": "{host}", "addresses": ["{ip}"]}}"#))
+            .arg(format!("http://127.0.0.1:{}/add-a", self.dns_management)));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A CA and a certificate for `ip` it signed, made by the real `openssl` as `NAME.crt`/`.key`
+/// in `dir`; returns the CA certificate's path.
+fn test_ca(dir: &Path, name: &str, ip: &str) -> String {
+    let path = |file: &str| dir.join(file).display().to_string();
+    let (ca_key, ca, key, csr, cert) = (
+        path(&format!("{name}-ca.key")),
+        path(&format!("{name}-ca.crt")),
+        path(&format!("{name}.key")),
+        path(&format!("{name}.csr")),
+        path(&format!("{name}.crt")),
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=test CA"],
+        ]
+        .concat(),
+        [&["req"][..], &ec, &["-subj", "/CN=pebble"]].concat(),
+        vec!["x509", "-req", "-days", "2", "-CAcreateserial"],
+    ];
+    let san = format!("subjectAltName=IP:{ip},DNS:localhost");
+    let extfile = path(&format!("{name}.ext"));
+    std::fs::write(&extfile, &san).unwrap();
+    for (i, step) in steps.iter().enumerate() {
+        let mut command = Command::new("openssl");
+        command.args(step);
+        match i {
+            0 => command.args(["-keyout", &ca_key, "-out", &ca]),
+            1 => command.args(["-keyout", &key, "-out", &csr]),
+            _ => command
+                .args(["-in", &csr, "-CA", &ca, "-CAkey", &ca_key])
+                .args(["-extfile", &extfile, "-out", &cert]),
+        };
+        let out = run(&mut command);
+        assert!(out.status.success(), "openssl {step:?}: {}", text(&out));
+    }
+    ca
+}
+
+/// The serial number of the certificate the HTTPS listener serves for `host`, checked against
+/// `root` by curl; also returns the status of `GET /`.
+fn served_certificate(server: &Server, host: &str, root: &Path) -> (String, u16) {
+    let port = server.https.port();
+    let curl = run(Command::new("curl")
+        .args([
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(root)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}/")));
+    assert!(
+        curl.status.success(),
+        "the certificate for {host} does not verify against pebble's root: {}\n--- server log:\n{}",
+        text(&curl),
+        server.log()
+    );
+    let status = String::from_utf8_lossy(&curl.stdout).parse().unwrap();
+    let s_client = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername {host} </dev/null 2>/dev/null \
+             | openssl x509 -noout -serial"
+        ))
+        .output()
+        .unwrap();
+    let serial = String::from_utf8_lossy(&s_client.stdout).trim().to_string();
+    assert!(serial.starts_with("serial="), "{}", text(&s_client));
+    (serial, status)
+}
+
+/// `certs:auto` against a real ACME server (Debian's pebble on loopback, validating HTTP-01
+/// through berth's own proxy): the certificate is issued, served on --https and verifies
+/// against pebble's root; plain HTTP is redirected; it is renewed on its own before it
+/// expires; an order pebble cannot validate fails with the reason and leaves automatic
+/// certificates off.
+#[test]
+fn certs_auto_gets_a_certificate_from_pebble_and_renews_it() {
+    if !prerequisites_met(&["pebble", "pebble-challtestsrv"]) {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let mut pebble = Pebble::prepare(scratch.path());
+    let server = Server::start_with(&[
+        "--acme-directory",
+        &pebble.directory,
+        "--acme-ca",
+        &pebble.listener_ca,
+        "--acme-email",
+        "ops@shop.test",
+    ]);
+    pebble.start(scratch.path(), server.http.port(), Duration::from_secs(30));
+    let root = scratch.path().join("pebble-root.pem");
+    pebble.save_root(&root);
+
+    // Only .localhost hosts: nothing an ACME server could validate.
+    server.berth_ok(&["apps:create", "shop"]);
+    let out = server.berth(&["certs:auto", "shop"]);
+    assert!(
+        !out.status.success() && text(&out).contains("no host an ACME server can validate"),
+        "{}",
+        text(&out)
+    );
+
+    server.berth_ok(&["domains:add", "shop", "www.shop.test"]);
+    let issued = server.berth_ok(&["certs:auto", "shop", "--redirect-https"]);
+    assert!(
+        issued.contains("Answering the HTTP-01 challenge for www.shop.test")
+            && issued.contains("automatic certificate for: www.shop.test"),
+        "{issued}"
+    );
+    // Nothing is deployed, so the app answers 404; what matters is that TLS verifies.
+    let (first, status) = served_certificate(&server, "www.shop.test", &root);
+    assert_eq!(status, 404);
+    let account = server.data().join("acme-account.json");
+    let mode = std::fs::metadata(&account).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the ACME account key is private");
+    let listed = server.berth_ok(&["certs", "shop"]);
+    assert!(
+        listed.contains("automatic (ACME)") && listed.contains("https://www.shop.test"),
+        "{listed}"
+    );
+    let listed = server.berth_ok(&["certs", "shop", "--json"]);
+    let compact = listed.replace(char::is_whitespace, "");
+    assert!(compact.contains(r#""redirect_https":true"#), "{listed}");
+
+    // The 30 s certificate is due after 20 s; the renewal loop replaces it by itself.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (serial, _) = served_certificate(&server, "www.shop.test", &root);
+        if serial != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the certificate was not renewed:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // A host pebble cannot reach (its DNS points at 127.0.0.2, where nothing listens): the
+    // order fails with pebble's reason, and the app gets no automatic certificate.
+    pebble.resolve("broken.test", "127.0.0.2");
+    server.berth_ok(&["apps:create", "other"]);
+    server.berth_ok(&["domains:add", "other", "broken.test"]);
+    let out = server.berth(&["certs:auto", "other"]);
+    assert!(
+        !out.status.success() && text(&out).contains("could not validate broken.test"),
+        "{}",
+        text(&out)
+    );
+    let listed = server.berth_ok(&["certs", "other", "--json"]);
+    let compact = listed.replace(char::is_whitespace, "");
+    assert!(
+        compact.contains(r#""auto":null"#) && compact.contains(r#""expires":null"#),
+        "{listed}"
+    );
+
+    // An uploaded certificate turns automatic ones off.
+    let (cert, key) = self_signed(server.dir.path(), "www.shop.test");
+    server.berth_ok(&["certs:add", "shop", &cert, &key]);
+    let listed = server.berth_ok(&["certs", "shop"]);
+    assert!(listed.contains("uploaded"), "{listed}");
 }

@@ -251,6 +251,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
         }
         Request::DomainsAdd { name, host } => {
             let host = d.deployer.add_domain(&name, &host).await?;
+            d.acme.wake();
             out.line(format!(
                 "Added {host} to {name}: http://{host} is served by it"
             ))
@@ -260,22 +261,50 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
         Request::DomainsRemove { name, host } => {
             d.store.require_app(&name).await?;
             d.deployer.remove_domain(&name, &host).await?;
+            d.acme.wake();
             out.line(format!("Removed {host} from {name}")).await;
             Ok(())
         }
         Request::Certs { name, json } => {
             d.store.require_app(&name).await?;
-            let hosts = d.deployer.cert_hosts(&name).await?;
+            let cert = d.deployer.cert(&name);
+            let auto = d.store.acme(Some(&name)).await?.pop();
+            let info = CertInfo {
+                hosts: d.deployer.cert_hosts(&name).await?,
+                expires: cert.as_ref().map(|c| rfc3339(c.not_after())),
+                renews: (cert.as_ref())
+                    .filter(|_| auto.is_some())
+                    .map(|c| rfc3339(c.renew_at())),
+                auto,
+            };
             if json {
-                return print_json(out, &hosts).await;
+                return print_json(out, &info).await;
             }
-            if hosts.is_empty() {
+            if info.expires.is_none() && info.auto.is_none() {
                 out.line(format!(
-                    "{name} has no certificate — add one with `berth certs:add {name} CERT KEY`"
+                    "{name} has no certificate — add one with `berth certs:add {name} CERT KEY` or `berth certs:auto {name}`"
                 ))
                 .await;
             }
-            for host in hosts {
+            if let Some(expires) = &info.expires {
+                let source = if info.auto.is_some() {
+                    "automatic (ACME)"
+                } else {
+                    "uploaded"
+                };
+                out.line(format!(
+                    "=== {name} certificate: {source}, expires {expires}"
+                ))
+                .await;
+            }
+            if let Some(renews) = &info.renews {
+                out.line(format!("renewal due {renews}")).await;
+            }
+            if let Some(error) = info.auto.as_ref().and_then(|a| a.last_error.as_ref()) {
+                out.warn(format!("the last ACME order failed: {error}"))
+                    .await;
+            }
+            for host in info.hosts {
                 out.line(format!("https://{host}")).await;
             }
             Ok(())
@@ -293,7 +322,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
                 key,
                 redirect_https,
             };
-            let hosts = d.deployer.add_cert(&row).await?;
+            let hosts = d.acme.manual(&name, d.deployer.add_cert(&row)).await?;
             out.line(format!(
                 "Added a certificate to {name}; served over HTTPS for: {}",
                 hosts.join(", ")
@@ -303,8 +332,23 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
         }
         Request::CertsRemove { name } => {
             d.store.require_app(&name).await?;
-            d.deployer.remove_cert(&name).await?;
+            d.acme.manual(&name, d.deployer.remove_cert(&name)).await?;
             out.line(format!("Removed the certificate of {name}")).await;
+            Ok(())
+        }
+        Request::CertsAuto {
+            name,
+            redirect_https,
+        } => {
+            d.store.require_app(&name).await?;
+            let hosts = d.acme.enable(&name, redirect_https, out).await?;
+            let renews = d.deployer.cert(&name).map(|c| rfc3339(c.renew_at()));
+            out.line(format!(
+                "{name} is served over HTTPS with an automatic certificate for: {}; it renews from {}",
+                hosts.join(", "),
+                renews.unwrap_or_default()
+            ))
+            .await;
             Ok(())
         }
         Request::StackBuild { force } => {
@@ -333,6 +377,22 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             Ok(())
         }
     }
+}
+
+/// What `certs` shows.
+#[derive(Serialize)]
+struct CertInfo {
+    /// The app's hosts the certificate covers.
+    hosts: Vec<String>,
+    expires: Option<String>,
+    /// When an automatic certificate is renewed.
+    renews: Option<String>,
+    /// Set when certificates are automatic.
+    auto: Option<crate::store::AcmeRow>,
+}
+
+fn rfc3339(time: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 async fn print_json(out: &Out, value: &impl Serialize) -> anyhow::Result<()> {

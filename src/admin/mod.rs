@@ -96,6 +96,10 @@ pub enum Request {
         key: String,
         redirect_https: bool,
     },
+    CertsAuto {
+        name: String,
+        redirect_https: bool,
+    },
     CertsRemove {
         name: String,
     },
@@ -137,6 +141,7 @@ pub enum Request {
 pub struct Handles {
     pub store: crate::store::Store,
     pub deployer: std::sync::Arc<crate::deploy::Deployer>,
+    pub acme: std::sync::Arc<crate::acme::Acme>,
     pub paths: crate::paths::Paths,
     /// The git hook command installed into each app's repo (the hook's name follows).
     pub hook_command: String,

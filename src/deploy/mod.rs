@@ -557,6 +557,17 @@ impl Deployer {
         self.route(app).await
     }
 
+    /// The certificate `app` is served with, if it has one.
+    pub fn cert(&self, app: &str) -> Option<Cert> {
+        let certs = self.app_certs.lock().expect("app certs");
+        certs.get(app).map(|cert| cert.cert.clone())
+    }
+
+    /// Whether the proxy serves HTTPS (`--https`).
+    pub fn serves_https(&self) -> bool {
+        self.https_port.is_some()
+    }
+
     /// The hosts of `app` its certificate covers (empty without one).
     pub async fn cert_hosts(&self, app: &str) -> Result<Vec<String>, DeployError> {
         let cert = self.app_certs.lock().expect("app certs").get(app).cloned();

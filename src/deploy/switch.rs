@@ -279,7 +279,7 @@ impl Deployer {
     }
 
     /// Every host the app answers at.
-    pub(super) async fn hosts(&self, app: &str) -> Result<Vec<String>, DeployError> {
+    pub async fn hosts(&self, app: &str) -> Result<Vec<String>, DeployError> {
         let mut hosts = vec![self.app_host(app)];
         hosts.extend(self.store.domains(app).await?);
         Ok(hosts)

@@ -130,6 +130,16 @@ pub struct CertRow {
     pub redirect_https: bool,
 }
 
+/// An app with automatic certificates (`certs:auto`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct AcmeRow {
+    pub app: String,
+    /// Plain-HTTP requests to the certificate's hosts are redirected to HTTPS.
+    pub redirect_https: bool,
+    /// Why the last order failed; None after a success.
+    pub last_error: Option<String>,
+}
+
 /// Where a container is in its life, as the daemon decided it (whether its process still runs is
 /// the runtime's to say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
@@ -516,6 +526,50 @@ impl Store {
     /// Forgets `app`'s certificate; false when it had none.
     pub async fn remove_cert(&self, app: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM certs WHERE app = ?")
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Turns automatic certificates on for `app` (again), with the given redirect.
+    pub async fn set_acme(&self, app: &str, redirect_https: bool) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO acme (app, redirect_https, enabled_at) VALUES (?, ?, ?)
+             ON CONFLICT (app) DO UPDATE SET redirect_https = excluded.redirect_https",
+        )
+        .bind(app)
+        .bind(redirect_https)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records why `app`'s last certificate order failed (None: it succeeded).
+    pub async fn set_acme_error(&self, app: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE acme SET last_error = ? WHERE app = ?")
+            .bind(error)
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The apps with automatic certificates, or just `app`'s row when given.
+    pub async fn acme(&self, app: Option<&str>) -> Result<Vec<AcmeRow>> {
+        Ok(sqlx::query_as(
+            "SELECT app, redirect_https, last_error FROM acme
+             WHERE ?1 IS NULL OR app = ?1 ORDER BY app",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Turns automatic certificates off for `app`; false when they were off.
+    pub async fn remove_acme(&self, app: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM acme WHERE app = ?")
             .bind(app)
             .execute(&self.pool)
             .await?;
