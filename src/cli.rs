@@ -221,6 +221,32 @@ pub enum Command {
         /// The app's name.
         name: String,
     },
+    /// Show the limits an app's builds run under.
+    Builds {
+        /// The app's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the limits an app's builds run under (from its next push); `default` puts one
+    /// back to berth's default.
+    #[command(name = "builds:set")]
+    BuildsSet {
+        /// The app's name.
+        name: String,
+        /// Memory, like 512M or 4G (default 2G); past it the build fails as out of memory.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPUs, like 0.5 or 2 (default: all of the host's).
+        #[arg(long)]
+        cpus: Option<String>,
+        /// Processes and threads at once (default 4096).
+        #[arg(long)]
+        pids: Option<String>,
+        /// How long a build may run, like 90s or 30m (default 15m).
+        #[arg(long)]
+        timeout: Option<String>,
+    },
     /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
@@ -369,6 +395,20 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             chain: read_pem(&cert, "certificate")?,
             key: read_pem(&key, "key")?,
             redirect_https,
+        },
+        Command::Builds { name, json } => Request::Builds { name, json },
+        Command::BuildsSet {
+            name,
+            memory,
+            cpus,
+            pids,
+            timeout,
+        } => Request::BuildsSet {
+            name,
+            memory,
+            cpus,
+            pids,
+            timeout,
         },
         Command::CertsAuto {
             name,

@@ -10,6 +10,7 @@
 //! - [`config`]: config var keys and values.
 //! - [`domain`]: custom domain host names and their validation.
 //! - [`keys`]: SSH public keys (parse, fingerprint).
+//! - [`limits`]: resource limits as users write them; the build defaults.
 //! - [`ssh`]: the SSH server (russh): key auth, `git-receive-pack` only.
 //! - [`git`]: bare repos per app, the pre-receive hook, checking out a pushed commit.
 //! - [`hook`]: `berth hook pre-receive`, run by git inside a push.
@@ -43,6 +44,7 @@ pub mod git;
 pub mod hook;
 pub mod image;
 pub mod keys;
+pub mod limits;
 pub mod locks;
 pub mod logs;
 pub mod network;

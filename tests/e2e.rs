@@ -666,6 +666,53 @@ fn slow_push_deploy_config_and_bad_input() {
     let ps = server.berth_ok(&["ps", "hello"]);
     assert!(ps.contains("web.1: up ") && ps.contains("  v2  "), "{ps}");
 
+    // Build limits: a build step past the memory limit fails as out of memory, one past the
+    // timeout is stopped; v2 keeps serving. The step is a local package's setup.py, which pip
+    // runs at build time.
+    server.berth_ok(&["builds:set", "hello", "--memory", "200M"]);
+    let builds = server.berth_ok(&["builds", "hello"]);
+    assert!(
+        builds.contains("memory   200 MiB\n") && builds.contains("pids     4096 (default)"),
+        "{builds}"
+    );
+    let out = server.berth(&["builds:set", "hello", "--memory", "lots"]);
+    assert!(
+        !out.status.success() && text(&out).contains("is not a memory size"),
+        "{}",
+        text(&out)
+    );
+    std::fs::create_dir_all(laptop.dir.join("hog")).unwrap();
+    laptop.write(
+        "hog/setup.py",
+        "import pathlib, time\nfrom setuptools import setup\n\
+         if pathlib.Path(__file__).with_name('mode').read_text().strip() == 'memory':\n\
+         \x20   hog = b'x' * (1 << 30)\n\
+         else:\n\
+         \x20   time.sleep(600)\n\
+         setup(name='hog', version='1')\n",
+    );
+    laptop.write("hog/mode", "memory\n");
+    laptop.write("requirements.txt", "flask\n./hog\n");
+    laptop.commit("A build step that needs 1 GiB");
+    laptop.push_rejected(&[
+        "the build ran out of memory (its limit is 200 MiB)",
+        "builds:set APP --memory",
+    ]);
+    server.berth_ok(&[
+        "builds:set",
+        "hello",
+        "--memory",
+        "default",
+        "--timeout",
+        "15s",
+    ]);
+    laptop.write("hog/mode", "sleep\n");
+    laptop.commit("A build step that never ends");
+    laptop.push_rejected(&["the build ran longer than 15s and was stopped"]);
+    server.berth_ok(&["builds:set", "hello", "--timeout", "default"]);
+    server.assert_serves("hello.localhost", "hi from berth\n");
+    std::fs::remove_dir_all(laptop.dir.join("hog")).unwrap();
+
     // An app that crashes on start is rejected with its exit code and output; v2 keeps serving.
     laptop.write("requirements.txt", "flask\n");
     laptop.write(

@@ -146,6 +146,12 @@ impl Runtime {
         }
     }
 
+    /// Whether the kernel's OOM killer killed a process of container `id` (known once it has
+    /// exited, until it is removed).
+    pub fn oom_killed(&self, id: &str) -> bool {
+        valid_id(id) && self.container_dir(id).join(layout::OOM).exists()
+    }
+
     /// Stops container `id`: SIGTERM to its shim, which forwards it and sends SIGKILL after the
     /// grace period. Blocks until the shim has cleaned up and exited. Returns the exit code, or
     /// `None` if there is no such container or its code was lost.
@@ -239,6 +245,9 @@ impl Runtime {
             return Err(Error::InvalidId(spec.id.clone()));
         }
         rootfs::check_layers(&spec.layers)?;
+        if spec.init && !Path::new(crate::spec::INIT_BINARY).is_file() {
+            return Err(Error::NoInit);
+        }
         fs::create_dir_all(&self.dir)
             .map_err(Error::io(format!("creating {}", self.dir.display())))?;
         let dir = self.container_dir(&spec.id);

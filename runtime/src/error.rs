@@ -12,6 +12,11 @@ pub enum Error {
     NoLayers,
     #[error("image layer {0} is missing or not a directory: extract the image again")]
     MissingLayer(PathBuf),
+    #[error(
+        "the container init {} is missing: install Debian's tini package (apt-get install tini)",
+        crate::spec::INIT_BINARY
+    )]
+    NoInit,
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -6,6 +6,7 @@
 //! DIR/shim.pid    the shim's pid (first thing the shim writes)
 //! DIR/pid         the container init's pid, once it runs
 //! DIR/exit        its exit code (128+signal if killed), once the shim has cleaned up
+//! DIR/oom         present when the kernel's OOM killer killed a process of it (written before exit)
 //! DIR/error       why the container could not start
 //! DIR/config.json the OCI config (DIR is the bundle); DIR/rootfs, upper, work, l/: the overlay
 //! DIR/state/      libcontainer's state directory
@@ -20,6 +21,7 @@ pub const SPEC: &str = "shim.json";
 pub const SHIM_PID: &str = "shim.pid";
 pub const PID: &str = "pid";
 pub const EXIT: &str = "exit";
+pub const OOM: &str = "oom";
 pub const ERROR: &str = "error";
 pub const STATE: &str = "state";
 

@@ -56,8 +56,25 @@ pub struct ContainerSpec {
     pub log: LogTarget,
     /// On stop: SIGTERM, then SIGKILL after this many seconds.
     pub stop_grace_secs: u64,
-    /// Memory limit in bytes (cgroup v1 `memory.limit_in_bytes`).
-    pub memory_limit: Option<i64>,
+    /// cgroup limits (cgroup v1 or v2, whichever the host runs).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Run `args` under a minimal init as PID 1 ([`spec::INIT_BINARY`]), which passes signals
+    /// on to the command's process group and reaps orphaned processes: a command without a
+    /// SIGTERM handler still stops on SIGTERM, and zombies do not pile up.
+    #[serde(default)]
+    pub init: bool,
+}
+
+/// A container's cgroup limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory in bytes; past it the kernel's OOM killer kills a process of the container.
+    pub memory: Option<i64>,
+    /// CPU time in thousandths of a CPU (500: half of one), as a CFS quota per 100 ms.
+    pub cpu_millis: Option<u64>,
+    /// Processes and threads at once; past it fork and clone fail.
+    pub pids: Option<i64>,
 }
 
 /// A host path bind-mounted (recursively) into the container.

@@ -130,6 +130,10 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
     tracing::info!(id = spec.id, pid = init.as_raw(), "container started");
 
     let code = supervise(init, log, Duration::from_secs(spec.stop_grace_secs))?;
+    let oom_kills = spec::oom_kills(&spec.id);
+    if oom_kills > 0 {
+        layout::write(dir, layout::OOM, &oom_kills.to_string())?;
+    }
 
     if let Err(err) = container.delete(true) {
         tracing::warn!(id = spec.id, "deleting the container: {}", chain(&err));

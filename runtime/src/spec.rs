@@ -9,9 +9,10 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use oci_spec::runtime::{
-    get_default_mounts, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
-    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, MountBuilder,
-    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    get_default_mounts, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    ProcessBuilder, RootBuilder, Spec,
 };
 
 use crate::{ContainerSpec, Error};
@@ -25,6 +26,41 @@ pub const CGROUP_PARENT: &str = "berth";
 /// The cgroup path of container `id`.
 pub fn cgroup_path(id: &str) -> String {
     format!("/{CGROUP_PARENT}/{id}")
+}
+
+/// The init containers with `init` run as PID 1: Debian's statically linked tini (package
+/// `tini`), bind-mounted read-only, so it works on any image, `scratch` ones included.
+pub const INIT_BINARY: &str = "/usr/bin/tini-static";
+/// Where the init appears inside the container.
+const INIT_IN_CONTAINER: &str = "/.berth-init";
+
+/// The CFS period CPU limits are a quota of, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Whether the host runs the unified cgroup v2 hierarchy only (no v1 controllers).
+fn cgroup_v2_only() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// How many times the kernel's OOM killer killed a process in container `id`'s cgroup, read
+/// while the cgroup still exists (v1: `memory.oom_control`, v2: `memory.events`).
+pub fn oom_kills(id: &str) -> u64 {
+    let cgroup = cgroup_path(id);
+    let (file, path) = if cgroup_v2_only() {
+        ("memory.events", format!("/sys/fs/cgroup{cgroup}"))
+    } else {
+        (
+            "memory.oom_control",
+            format!("/sys/fs/cgroup/memory{cgroup}"),
+        )
+    };
+    std::fs::read_to_string(Path::new(&path).join(file))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Removes the parent cgroup from every controller where it is empty (the last container of
@@ -82,9 +118,19 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         .hard(hard)
         .build()
         .map_err(invalid)?;
+    let args = if spec.init {
+        // -g: signals go to the command's whole process group (`sh -c` wrappers included).
+        [INIT_IN_CONTAINER, "-g", "--"]
+            .into_iter()
+            .map(String::from)
+            .chain(spec.args.iter().cloned())
+            .collect()
+    } else {
+        spec.args.clone()
+    };
     let process = ProcessBuilder::default()
         .terminal(false)
-        .args(spec.args.clone())
+        .args(args)
         .env(env)
         .cwd(spec.cwd.clone())
         .capabilities(capabilities)
@@ -94,7 +140,12 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         .map_err(invalid)?;
 
     let mut mounts = get_default_mounts();
-    for bind in &spec.binds {
+    let init = spec.init.then(|| crate::Bind {
+        source: INIT_BINARY.into(),
+        destination: INIT_IN_CONTAINER.into(),
+        readonly: true,
+    });
+    for bind in spec.binds.iter().chain(&init) {
         let mut options = vec!["rbind".to_string()];
         if bind.readonly {
             options.push("ro".to_string());
@@ -131,14 +182,31 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         );
     }
 
-    let mut memory = LinuxMemoryBuilder::default();
-    if let Some(limit) = spec.memory_limit {
-        memory = memory.limit(limit);
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(limit) = spec.limits.memory {
+        resources = resources.memory(
+            LinuxMemoryBuilder::default()
+                .limit(limit)
+                .build()
+                .map_err(invalid)?,
+        );
     }
-    let resources = LinuxResourcesBuilder::default()
-        .memory(memory.build().map_err(invalid)?)
-        .build()
-        .map_err(invalid)?;
+    if let Some(millis) = spec.limits.cpu_millis {
+        let quota = i64::try_from(millis * CPU_PERIOD_US / 1000).unwrap_or(i64::MAX);
+        let cpu = LinuxCpuBuilder::default()
+            .quota(quota)
+            .period(CPU_PERIOD_US);
+        resources = resources.cpu(cpu.build().map_err(invalid)?);
+    }
+    if let Some(limit) = spec.limits.pids {
+        resources = resources.pids(
+            LinuxPidsBuilder::default()
+                .limit(limit)
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+    let resources = resources.build().map_err(invalid)?;
     let defaults = oci_spec::runtime::Linux::default();
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
@@ -192,7 +260,12 @@ mod tests {
             netns,
             log: LogTarget::Inherit,
             stop_grace_secs: 10,
-            memory_limit: Some(1 << 28),
+            init: false,
+            limits: crate::Limits {
+                memory: Some(1 << 28),
+                cpu_millis: Some(500),
+                pids: Some(100),
+            },
         }
     }
 

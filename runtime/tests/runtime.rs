@@ -15,7 +15,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use berth_runtime::{firewall, network, Bind, ContainerSpec, Error, LogTarget, Runtime, State};
+use berth_runtime::{
+    firewall, network, Bind, ContainerSpec, Error, Limits, LogTarget, Runtime, State,
+};
 
 /// A link to this binary with this name is a shim that applies no seccomp profile, for the one
 /// test that proves the profile is what denies.
@@ -68,11 +70,19 @@ fn main() {
         ),
         ("stop_kills_after_grace", stop_kills_after_grace),
         (
+            "init_passes_sigterm_on_and_reaps_orphans",
+            init_passes_sigterm_on_and_reaps_orphans,
+        ),
+        (
             "remove_stops_a_running_container",
             remove_stops_a_running_container,
         ),
         ("shim_outlives_its_starter", shim_outlives_its_starter),
-        ("binds_memory_limit_and_env", binds_memory_limit_and_env),
+        ("binds_and_env", binds_and_env),
+        (
+            "limits_hold_and_oom_kills_are_reported",
+            limits_hold_and_oom_kills_are_reported,
+        ),
         ("network_http_over_bridge", network_http_over_bridge),
         ("firewall_shields_the_host", firewall_shields_the_host),
         ("missing_layer_is_refused", missing_layer_is_refused),
@@ -204,7 +214,8 @@ impl Fixture {
             netns: None,
             log: LogTarget::Inherit,
             stop_grace_secs: 5,
-            memory_limit: None,
+            limits: Limits::default(),
+            init: false,
         }
     }
 
@@ -220,6 +231,9 @@ impl Fixture {
             !mountinfo.contains(root),
             "mounts left under {root}:\n{mountinfo}"
         );
+        // v1: one cgroup per controller; v2: /sys/fs/cgroup/berth/<id>.
+        let v2 = Path::new("/sys/fs/cgroup/berth").join(id);
+        assert!(!v2.exists(), "cgroup left: {}", v2.display());
         for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap() {
             let cgroup = controller.unwrap().path().join("berth").join(id);
             assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
@@ -411,6 +425,44 @@ fn stop_kills_after_grace() {
     fx.assert_clean(&spec.id);
 }
 
+/// Under the init, the command is not PID 1: a shell with no SIGTERM handler stops at once on
+/// SIGTERM (as PID 1 the kernel would drop the signal and only SIGKILL after the grace period
+/// would end it), and a process orphaned inside is reaped rather than left a zombie.
+fn init_passes_sigterm_on_and_reaps_orphans() {
+    let mut fx = Fixture::new("init");
+    let mut spec = fx.spec(
+        "init",
+        &[
+            "sh",
+            "-c",
+            "sh -c 'sleep 0.2 &'; sleep 1; \
+             echo zombies $(grep -l '^State:.*Z' /proc/[0-9]*/status 2>/dev/null | wc -l) pid $$; \
+             while true; do sleep 0.05; done",
+        ],
+    );
+    spec.init = true;
+    spec.stop_grace_secs = 10;
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "app[web.1]".into(),
+    };
+    fx.runtime.start(&spec).unwrap();
+    let log = wait_for(Duration::from_secs(10), "the zombie count", || {
+        let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+        log.contains("zombies").then_some(log)
+    });
+    assert!(log.contains("zombies 0 pid 2"), "{log}");
+    let t = Instant::now();
+    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(128 + 15));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "SIGTERM did not reach the command: took {:?}",
+        t.elapsed()
+    );
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
 fn remove_stops_a_running_container() {
     let mut fx = Fixture::new("remove");
     let mut spec = fx.spec("remove", &["sleep", "1000"]);
@@ -458,7 +510,7 @@ fn shim_outlives_its_starter() {
     fx.assert_clean(&spec.id);
 }
 
-fn binds_memory_limit_and_env() {
+fn binds_and_env() {
     let mut fx = Fixture::new("binds");
     let data = fx.root.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -469,8 +521,7 @@ fn binds_memory_limit_and_env() {
             "sh",
             "-c",
             "cat /mnt/data/hello.txt; touch /mnt/data/new 2>/dev/null && echo writable; \
-             echo $GREETING $(cat /proc/self/cgroup | grep memory | cut -d: -f3); hostname; \
-             cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+             echo $GREETING; hostname",
         ],
     );
     spec.binds.push(Bind {
@@ -478,7 +529,6 @@ fn binds_memory_limit_and_env() {
         destination: "/mnt/data".into(),
         readonly: true,
     });
-    spec.memory_limit = Some(64 * 1024 * 1024);
     let (out, code) = run_attached(&fx, &spec);
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
@@ -487,12 +537,68 @@ fn binds_memory_limit_and_env() {
         !out.contains("writable"),
         "read-only bind was writable: {out}"
     );
-    assert!(lines[1].starts_with("hi "), "{out}");
+    assert_eq!(lines[1], "hi", "{out}");
     assert_eq!(lines[2], "binds");
-    assert_eq!(lines[3], (64 * 1024 * 1024).to_string());
     assert!(!data.join("new").exists());
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
+}
+
+/// Memory, CPU and pids limits as the container sees its own cgroup (v1 or v2 files), a fork
+/// past the pids limit failing, and a process past the memory limit killed and reported as OOM.
+fn limits_hold_and_oom_kills_are_reported() {
+    let mut fx = Fixture::new("limits");
+    let limits = Limits {
+        memory: Some(48 << 20),
+        cpu_millis: Some(250),
+        pids: Some(6),
+    };
+    let mut spec = fx.spec(
+        "limits",
+        &[
+            "sh",
+            "-c",
+            "cd /sys/fs/cgroup; \
+             cat memory/memory.limit_in_bytes memory.max 2>/dev/null; \
+             cat cpu/cpu.cfs_quota_us cpu.max 2>/dev/null; \
+             cat pids/pids.max pids.max 2>/dev/null; \
+             for i in 1 2 3 4 5 6 7 8; do sleep 2 & done 2>&1 | head -n 1; wait",
+        ],
+    );
+    spec.limits = limits;
+    let (out, code) = run_attached(&fx, &spec);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"50331648"), "memory limit: {out}");
+    let cpu = lines.get(1).copied().unwrap_or_default();
+    assert!(cpu == "25000" || cpu == "25000 100000", "cpu quota: {out}");
+    assert_eq!(lines.get(2), Some(&"6"), "pids limit: {out}");
+    assert!(
+        lines.get(3).is_some_and(|l| l.contains("fork")),
+        "a fork past the pids limit fails: {out}"
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(!fx.runtime.oom_killed(&spec.id));
+    fx.runtime.remove(&spec.id).unwrap();
+
+    let mut hog = fx.spec(
+        "oom",
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    hog.limits = limits;
+    let (out, code) = run_attached(&fx, &hog);
+    assert!(!out.contains("survived"), "{out}");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        fx.runtime.oom_killed(&hog.id),
+        "exit {code}, not reported as OOM: {out}"
+    );
+    fx.runtime.remove(&hog.id).unwrap();
+    fx.assert_clean(&spec.id);
+    fx.assert_clean(&hog.id);
 }
 
 fn network_http_over_bridge() {

@@ -10,7 +10,7 @@ use super::{Handles, Request};
 use crate::config;
 use crate::progress::Progress as Out;
 use crate::store::Formation;
-use crate::{app, git, keys, logs};
+use crate::{app, git, keys, limits, logs};
 
 /// Who made a change from the admin socket (root on the server), in `releases`.
 const ADMIN: &str = "admin";
@@ -336,6 +336,39 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Removed the certificate of {name}")).await;
             Ok(())
         }
+        Request::Builds { name, json } => {
+            d.store.require_app(&name).await?;
+            let set = d.store.build_limits(&name).await?;
+            show_build_limits(out, &name, &set, json).await
+        }
+        Request::BuildsSet {
+            name,
+            memory,
+            cpus,
+            pids,
+            timeout,
+        } => {
+            d.store.require_app(&name).await?;
+            if [&memory, &cpus, &pids, &timeout]
+                .iter()
+                .all(|v| v.is_none())
+            {
+                bail!("nothing to change — pass --memory, --cpus, --pids or --timeout (see `berth builds:set --help`)");
+            }
+            let mut set = d.store.build_limits(&name).await?;
+            let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            change_limit(&mut set.memory, memory, limits::parse_memory, big)?;
+            change_limit(&mut set.cpu_millis, cpus, limits::parse_cpus, big)?;
+            change_limit(&mut set.pids, pids, limits::parse_pids, |p| p)?;
+            change_limit(
+                &mut set.timeout_secs,
+                timeout,
+                limits::parse_duration,
+                |d| big(d.as_secs()),
+            )?;
+            d.store.set_build_limits(&name, &set).await?;
+            show_build_limits(out, &name, &set, false).await
+        }
         Request::CertsAuto {
             name,
             redirect_https,
@@ -377,6 +410,62 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             Ok(())
         }
     }
+}
+
+/// Applies one `builds:set` value to `field`: `default` clears it; anything else must parse.
+fn change_limit<T>(
+    field: &mut Option<i64>,
+    value: Option<String>,
+    parse: impl Fn(&str) -> Result<T, limits::LimitsError>,
+    to_i64: impl Fn(T) -> i64,
+) -> Result<(), limits::LimitsError> {
+    match value.as_deref() {
+        None => {}
+        Some("default") => *field = None,
+        Some(text) => *field = Some(to_i64(parse(text)?)),
+    }
+    Ok(())
+}
+
+/// Prints an app's build limits, marking berth's defaults.
+async fn show_build_limits(
+    out: &Out,
+    name: &str,
+    set: &crate::store::BuildLimitsRow,
+    json: bool,
+) -> anyhow::Result<()> {
+    let limits = limits::BuildLimits::with(set);
+    if json {
+        return print_json(
+            out,
+            &serde_json::json!({
+                "memory": limits.memory,
+                "cpu_millis": limits.cpu_millis,
+                "pids": limits.pids,
+                "timeout_secs": limits.timeout.as_secs(),
+            }),
+        )
+        .await;
+    }
+    let mark = |set: Option<i64>| if set.is_some() { "" } else { " (default)" };
+    out.line(format!("=== {name} build limits")).await;
+    for (what, value, set) in [
+        ("memory", limits::format_memory(limits.memory), set.memory),
+        (
+            "cpus",
+            limits::format_cpus(limits.cpu_millis),
+            set.cpu_millis,
+        ),
+        ("pids", limits.pids.to_string(), set.pids),
+        (
+            "timeout",
+            humantime::format_duration(limits.timeout).to_string(),
+            set.timeout_secs,
+        ),
+    ] {
+        out.line(format!("{what:<8} {value}{}", mark(set))).await;
+    }
+    Ok(())
 }
 
 /// What `certs` shows.

@@ -96,6 +96,17 @@ pub enum Request {
         key: String,
         redirect_https: bool,
     },
+    Builds {
+        name: String,
+        json: bool,
+    },
+    BuildsSet {
+        name: String,
+        memory: Option<String>,
+        cpus: Option<String>,
+        pids: Option<String>,
+        timeout: Option<String>,
+    },
     CertsAuto {
         name: String,
         redirect_https: bool,

@@ -16,6 +16,7 @@ use tracing::{info, info_span, Instrument};
 use crate::checks::{self, Checks};
 use crate::config::Config;
 use crate::image::{stack, ImageConfig, ImageError, ImageStore};
+use crate::limits::BuildLimits;
 use crate::network::Network;
 use crate::paths::Paths;
 use crate::progress::Progress;
@@ -23,6 +24,7 @@ use crate::store::ProcessTypes;
 use crate::tree;
 
 pub mod buildpacks;
+pub mod container;
 pub mod output;
 pub mod procfile;
 pub mod release;
@@ -40,6 +42,10 @@ pub enum BuildError {
     Runtime(#[from] berth_runtime::Error),
     #[error("the build failed (exit code {0}) — see the output above, fix the app and push again")]
     Failed(i32),
+    #[error("the build ran out of memory (its limit is {}) — make it use less, or raise the limit with `berth builds:set APP --memory 4G`", crate::limits::format_memory(*limit))]
+    OutOfMemory { limit: u64 },
+    #[error("the build ran longer than {} and was stopped — make it faster, or raise the limit with `berth builds:set APP --timeout 30m`", humantime::format_duration(*after))]
+    TimedOut { after: std::time::Duration },
     #[error("Procfile: {0}")]
     Procfile(#[from] procfile::ProcfileError),
     #[error("the buildpack's release output is malformed: {0}")]
@@ -83,13 +89,14 @@ impl Builder {
         app: &str,
         source: PathBuf,
         config: &Config,
+        limits: BuildLimits,
         out: &Progress,
     ) -> Result<Built, BuildError> {
         let scratch = source
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| source.clone());
-        let result = run_build(self, app, &source, &scratch, config, out)
+        let result = run_build(self, app, &source, &scratch, config, limits, out)
             .instrument(info_span!("build", %app))
             .await;
         let _ = std::fs::remove_dir_all(&scratch);
@@ -122,6 +129,7 @@ async fn run_build(
     source: &Path,
     scratch: &Path,
     config: &Config,
+    limits: BuildLimits,
     out: &Progress,
 ) -> Result<Built, BuildError> {
     let (build_image, run_image) = d.ensure_stacks(false, out).await?;
@@ -190,31 +198,15 @@ async fn run_build(
         netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
-        memory_limit: None,
+        limits: Default::default(),
+        init: true,
     };
 
     out.line(format!("-----> Building {app} with buildpacks"))
         .await;
-    let runtime = d.runtime.clone();
-    let stream = out.clone();
-    let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
-        let mut child = runtime.run_attached(&spec)?;
-        if let Some(stdout) = child.stdout.take() {
-            for line in output::lines(std::io::BufReader::new(stdout)) {
-                stream.blocking_line(line?);
-            }
-        }
-        let status = child.wait()?;
-        let _ = runtime.remove(&spec.id);
-        Ok(status.code().unwrap_or(-1))
-    })
-    .await
-    .expect("build task");
+    let ran = container::run(&d.runtime, spec, limits, out).await;
     d.network.detach(&id, Some(ip)).await;
-    let code = code?;
-    if code != 0 {
-        return Err(BuildError::Failed(code));
-    }
+    ran?;
 
     let process_types = process_types(source, &out_dir)?;
     out.line(format!(

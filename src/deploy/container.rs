@@ -132,7 +132,8 @@ pub async fn start(
             prefix: format!("app[{dyno}]"),
         },
         stop_grace_secs: STOP_GRACE_SECS,
-        memory_limit: None,
+        limits: Default::default(),
+        init: true,
     };
     let runtime = d.runtime.clone();
     let started = tokio::task::spawn_blocking(move || runtime.start(&spec))

@@ -26,6 +26,7 @@ use tracing::{info_span, Instrument};
 use crate::build::{BuildError, Builder};
 use crate::config::Config;
 use crate::image::{Image, ImageError, ImageStore};
+use crate::limits::BuildLimits;
 use crate::locks::Locks;
 use crate::network::{Network, NetworkError};
 use crate::paths::Paths;
@@ -254,7 +255,11 @@ impl Deployer {
         let guard = self.locks.lock(app).await;
         let (release, started) = async {
             let config = self.store.config(app).await?;
-            let built = self.builder.build(app, source, &config, out).await?;
+            let limits = BuildLimits::with(&self.store.build_limits(app).await?);
+            let built = self
+                .builder
+                .build(app, source, &config, limits, out)
+                .await?;
             let live = self.store.live_release(app).await?;
             let formation =
                 formation_for(&built.process_types, live.as_ref().map(|r| &r.formation));

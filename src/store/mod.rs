@@ -130,6 +130,15 @@ pub struct CertRow {
     pub redirect_https: bool,
 }
 
+/// What `builds:set` changed of an app's build limits; None keeps the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct BuildLimitsRow {
+    pub memory: Option<i64>,
+    pub cpu_millis: Option<i64>,
+    pub pids: Option<i64>,
+    pub timeout_secs: Option<i64>,
+}
+
 /// An app with automatic certificates (`certs:auto`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct AcmeRow {
@@ -530,6 +539,36 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// What `builds:set` changed of `app`'s build limits.
+    pub async fn build_limits(&self, app: &str) -> Result<BuildLimitsRow> {
+        Ok(sqlx::query_as(
+            "SELECT memory, cpu_millis, pids, timeout_secs FROM build_limits WHERE app = ?",
+        )
+        .bind(app)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or_default())
+    }
+
+    /// Stores `app`'s build limits, replacing what was set.
+    pub async fn set_build_limits(&self, app: &str, limits: &BuildLimitsRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO build_limits (app, memory, cpu_millis, pids, timeout_secs)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (app) DO UPDATE SET memory = excluded.memory,
+                 cpu_millis = excluded.cpu_millis, pids = excluded.pids,
+                 timeout_secs = excluded.timeout_secs",
+        )
+        .bind(app)
+        .bind(limits.memory)
+        .bind(limits.cpu_millis)
+        .bind(limits.pids)
+        .bind(limits.timeout_secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Turns automatic certificates on for `app` (again), with the given redirect.
