@@ -56,7 +56,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, LimitsError> {
 
 /// A memory size as people read it: `512 MiB`, `2 GiB`.
 pub fn format_memory(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{} GiB", bytes >> 30)
     } else {
         format!("{} MiB", bytes >> 20)

@@ -484,7 +484,7 @@ fn shim_outlives_its_starter() {
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while true; do sleep 0.05; done",
+            "trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done",
         ],
     );
     spec.log = LogTarget::File {
@@ -505,6 +505,11 @@ fn shim_outlives_its_starter() {
         panic!("not running: {:?}", runtime.state(&spec.id));
     };
     assert!(Path::new(&format!("/proc/{pid}")).exists());
+    // Stopped only once its TERM trap is set (on a loaded machine the shell may not be there yet).
+    wait_for(Duration::from_secs(10), "the trap", || {
+        let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+        log.contains("ready").then_some(())
+    });
     assert_eq!(runtime.stop(&spec.id).unwrap(), Some(0));
     runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
