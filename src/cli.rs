@@ -221,6 +221,31 @@ pub enum Command {
         /// The app's name.
         name: String,
     },
+    /// Show the memory, CPU and process limits of each of an app's process types.
+    Resources {
+        /// The app's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the limits of one of an app's process types; running containers get them at
+    /// their next restart (`berth ps:restart APP TYPE`). `default` puts one back.
+    #[command(name = "resources:set")]
+    ResourcesSet {
+        /// The app's name.
+        name: String,
+        /// The process type, as in the Procfile (web, worker, …).
+        process_type: String,
+        /// Memory, like 256M or 1G (default 512M); past it the kernel kills the process.
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPUs, like 0.5 or 2 (default 1).
+        #[arg(long)]
+        cpus: Option<String>,
+        /// Processes and threads at once (default 1024).
+        #[arg(long)]
+        pids: Option<String>,
+    },
     /// Show the limits an app's builds run under.
     Builds {
         /// The app's name.
@@ -397,6 +422,20 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             redirect_https,
         },
         Command::Builds { name, json } => Request::Builds { name, json },
+        Command::Resources { name, json } => Request::Resources { name, json },
+        Command::ResourcesSet {
+            name,
+            process_type,
+            memory,
+            cpus,
+            pids,
+        } => Request::ResourcesSet {
+            name,
+            process_type,
+            memory,
+            cpus,
+            pids,
+        },
         Command::BuildsSet {
             name,
             memory,

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -68,38 +69,81 @@ pub fn format_cpus(millis: u64) -> String {
     format!("{}", millis as f64 / 1000.0)
 }
 
-/// The limits one build runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BuildLimits {
+/// Memory, CPU and process limits of one container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
     pub memory: u64,
     pub cpu_millis: u64,
     pub pids: i64,
-    pub timeout: Duration,
 }
 
-impl Default for BuildLimits {
-    /// 2 GiB, every CPU of the host, 4096 processes, 15 minutes (Heroku's build timeout).
-    fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+impl Limits {
+    /// An app container's: 512 MiB (Heroku's standard dyno), one CPU, 1024 processes, with
+    /// what a user set for its process type (`resources:set`) over them.
+    pub fn for_app(set: Option<&crate::store::ResourcesRow>) -> Self {
+        let default = Self {
+            memory: 512 << 20,
+            cpu_millis: 1000,
+            pids: 1024,
+        };
+        let Some(set) = set else { return default };
+        default.with(set.memory, set.cpu_millis, set.pids)
+    }
+
+    /// These limits with the values a user set over them.
+    fn with(self, memory: Option<i64>, cpu_millis: Option<i64>, pids: Option<i64>) -> Self {
         Self {
-            memory: 2 << 30,
-            cpu_millis: cpus * 1000,
-            pids: 4096,
-            timeout: Duration::from_secs(15 * 60),
+            memory: unsigned(memory).unwrap_or(self.memory),
+            cpu_millis: unsigned(cpu_millis).unwrap_or(self.cpu_millis),
+            pids: pids.unwrap_or(self.pids),
         }
+    }
+
+    /// As the runtime applies them.
+    pub fn runtime(&self) -> berth_runtime::Limits {
+        berth_runtime::Limits {
+            memory: i64::try_from(self.memory).ok(),
+            cpu_millis: Some(self.cpu_millis),
+            pids: Some(self.pids),
+        }
+    }
+
+    /// `512 MiB, 1 CPU, 1024 pids`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, {} CPU, {} pids",
+            format_memory(self.memory),
+            format_cpus(self.cpu_millis),
+            self.pids
+        )
     }
 }
 
+fn unsigned(value: Option<i64>) -> Option<u64> {
+    value.and_then(|v| u64::try_from(v).ok())
+}
+
+/// The limits one build runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    pub limits: Limits,
+    pub timeout: Duration,
+}
+
 impl BuildLimits {
-    /// The defaults with what a user set (`builds:set`) over them.
-    pub fn with(row: &crate::store::BuildLimitsRow) -> Self {
-        let default = Self::default();
-        let unsigned = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    /// 2 GiB, every CPU of the host, 4096 processes, 15 minutes (Heroku's build timeout), with
+    /// what a user set (`builds:set`) over them.
+    pub fn with(set: &crate::store::BuildLimitsRow) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let default = Limits {
+            memory: 2 << 30,
+            cpu_millis: cpus * 1000,
+            pids: 4096,
+        };
         Self {
-            memory: unsigned(row.memory).unwrap_or(default.memory),
-            cpu_millis: unsigned(row.cpu_millis).unwrap_or(default.cpu_millis),
-            pids: row.pids.unwrap_or(default.pids),
-            timeout: unsigned(row.timeout_secs).map_or(default.timeout, Duration::from_secs),
+            limits: default.with(set.memory, set.cpu_millis, set.pids),
+            timeout: unsigned(set.timeout_secs)
+                .map_or(Duration::from_secs(15 * 60), Duration::from_secs),
         }
     }
 }

@@ -1,8 +1,24 @@
 //! App logs: one file per app (`DATA/logs/APP.log`) that the shims append lines to, as
-//! `TIMESTAMP app[web.1]: text`. Owns reading it (last lines, follow); writing is the shim's job.
+//! `TIMESTAMP app[web.1]: text`. Owns reading it (last lines, follow) and berth's own lines
+//! about an app's containers (`berth[web.1]: …`); the app's output is the shim's to write.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+
+/// Appends one line of berth's own (`TIMESTAMP SOURCE: text`) in one write, as the shims do.
+pub fn append(path: &Path, source: &str, text: &str) {
+    use std::io::Write;
+    let stamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let line = format!("{stamp} {source}: {text}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(err) = written {
+        tracing::warn!(path = %path.display(), %err, "writing to an app log failed");
+    }
+}
 
 /// The last `n` lines of the log.
 pub fn tail(path: &Path, n: usize) -> Vec<String> {

@@ -256,8 +256,18 @@ impl Server {
                 left.push(format!("empty cgroup {}", parent.display()));
             }
         }
+        let v2_parent = Path::new("/sys/fs/cgroup").join("berth");
+        if v2_parent.is_dir()
+            && std::fs::read_dir(&v2_parent).is_ok_and(|d| !d.flatten().any(|e| e.path().is_dir()))
+        {
+            left.push(format!("empty cgroup {}", v2_parent.display()));
+        }
         for id in &ids {
             left.push(format!("container dir {id}"));
+            let v2 = v2_parent.join(id);
+            if v2.exists() {
+                left.push(format!("cgroup {}", v2.display()));
+            }
             for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
                 let cgroup = controller.path().join("berth").join(id);
                 if cgroup.exists() {
@@ -1037,6 +1047,11 @@ fn self_signed(dir: &Path, host: &str) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
+/// How many containers `berth ps` lists (its `=== TYPE (limits)` headings aside).
+fn containers_in(ps: &str) -> usize {
+    ps.lines().filter(|l| !l.starts_with("===")).count()
+}
+
 /// The pids of the processes of `app`'s running containers (the container init of each).
 fn container_pids(server: &Server, app: &str) -> Vec<(String, i32)> {
     let ps = server.berth_ok(&["ps", app, "--json"]);
@@ -1222,7 +1237,7 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     assert_eq!(releases.matches(" live ").count(), 1, "{releases}");
     // The old containers drain and stop in the background.
     wait_for_ps(&server, "zd", 60, |ps| {
-        ps.lines().count() == 1 && !ps.contains("draining")
+        containers_in(ps) == 1 && !ps.contains("draining")
     });
 
     // A release whose check fails never gets traffic and is listed as failed.
@@ -1368,7 +1383,7 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
             "{signal}: {releases:#}"
         );
         wait_for_ps(&server, "zd", 60, |ps| {
-            ps.lines().count() == 3 && !ps.contains("starting") && !ps.contains("draining")
+            containers_in(ps) == 3 && !ps.contains("starting") && !ps.contains("draining")
         });
         assert!(
             !server.get(host).1.starts_with("slow"),
@@ -1508,6 +1523,49 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         200,
         "without its certificate the host is not redirected"
     );
+
+    // Limits: web containers run under their process type's memory limit (as their own cgroup
+    // shows it); resources:set applies at the next restart; a container that allocates past
+    // its limit is killed by the kernel, reported as out of memory in `ps` and `logs`, and
+    // restarted.
+    let limit = |server: &Server| http_get_path(server.http, host, "/limit");
+    assert_eq!(limit(&server), (200, format!("{}\n", 512u64 << 20)));
+    let out = server.berth(&["resources:set", "zd", "nope", "--memory", "1G"]);
+    assert!(
+        !out.status.success() && text(&out).contains("its process types are: web"),
+        "{}",
+        text(&out)
+    );
+    server.berth_ok(&["resources:set", "zd", "web", "--memory", "256M"]);
+    assert_eq!(
+        limit(&server).1,
+        format!("{}\n", 512u64 << 20),
+        "not before a restart"
+    );
+    server.berth_ok(&["ps:restart", "zd", "web"]);
+    for _ in 0..4 {
+        assert_eq!(limit(&server).1, format!("{}\n", 256u64 << 20));
+    }
+    let resources = server.berth_ok(&["resources", "zd"]);
+    assert!(
+        resources.contains("web: 256 MiB, 1 CPU, 1024 pids"),
+        "{resources}"
+    );
+    let (status, _) = http_get_path(server.http, host, "/hog");
+    assert_eq!(status, 502, "the container died during the request");
+    let ps = wait_for_ps(&server, "zd", 60, |ps| {
+        ps.contains("last exit 137 (out of memory)")
+            && !ps.contains("crashed")
+            && !ps.contains("starting")
+    });
+    assert!(ps.contains("=== web (256 MiB, 1 CPU, 1024 pids)"), "{ps}");
+    let logs = server.berth_ok(&["logs", "zd", "-n", "200"]);
+    assert!(
+        logs.lines().any(|l| l.contains("berth[web.")
+            && l.contains("out of memory: killed at its 256 MiB limit")),
+        "{logs}"
+    );
+    server.assert_serves(host, &format!("{winner}/{greeting}\n"));
 
     server.berth_ok(&["apps:destroy", "zd", "--force"]);
     assert_eq!(server.get(host).0, 404);

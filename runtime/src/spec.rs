@@ -67,11 +67,15 @@ pub fn oom_kills(id: &str) -> u64 {
 /// every server on this machine is gone); where containers still run it stays. For servers
 /// that shut down for good (`--ephemeral`) and tests.
 pub fn remove_cgroup_parent() {
+    // rmdir(2) refuses a cgroup with children or processes: exactly the ones to keep.
+    if cgroup_v2_only() {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(CGROUP_PARENT));
+        return;
+    }
     let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
     for controller in controllers.flatten() {
-        // rmdir(2) refuses a cgroup with children or processes: exactly the ones to keep.
         let _ = std::fs::remove_dir(controller.path().join(CGROUP_PARENT));
     }
 }

@@ -164,17 +164,31 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             if containers.is_empty() {
                 out.line(format!("{name} has no running containers")).await;
             }
+            let set = d.store.resources(&name).await?;
+            let mut last_type = None;
             for PsRow {
                 container: c,
                 status,
             } in containers
             {
+                if last_type.as_ref() != Some(&c.process_type) {
+                    let row = set.iter().find(|r| r.process_type == c.process_type);
+                    let limits = limits::Limits::for_app(row);
+                    out.line(format!("=== {} ({})", c.process_type, limits.describe()))
+                        .await;
+                    last_type = Some(c.process_type.clone());
+                }
                 let since = chrono::DateTime::parse_from_rfc3339(&c.created_at)
                     .map(|t| format_age(chrono::Utc::now() - t.to_utc()))
                     .unwrap_or_default();
+                let oom = if c.last_exit_oom {
+                    " (out of memory)"
+                } else {
+                    ""
+                };
                 let last_exit = c
                     .last_exit
-                    .map(|code| format!(", last exit {code}"))
+                    .map(|code| format!(", last exit {code}{oom}"))
                     .unwrap_or_default();
                 out.line(format!(
                     "{}.{}: {status} {since}  v{}  restarts {}{last_exit}  {}  {}",
@@ -336,6 +350,69 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Removed the certificate of {name}")).await;
             Ok(())
         }
+        Request::Resources { name, json } => {
+            d.store.require_app(&name).await?;
+            let types = process_types(d, &name).await?;
+            let set = d.store.resources(&name).await?;
+            let all: Vec<(String, limits::Limits)> = types
+                .into_iter()
+                .map(|t| {
+                    let limits = limits::Limits::for_app(set.iter().find(|r| r.process_type == t));
+                    (t, limits)
+                })
+                .collect();
+            if json {
+                let all: std::collections::BTreeMap<_, _> = all.into_iter().collect();
+                return print_json(out, &all).await;
+            }
+            out.line(format!("=== {name} resources")).await;
+            for (process_type, limits) in all {
+                out.line(format!("{process_type}: {}", limits.describe()))
+                    .await;
+            }
+            Ok(())
+        }
+        Request::ResourcesSet {
+            name,
+            process_type,
+            memory,
+            cpus,
+            pids,
+        } => {
+            d.store.require_app(&name).await?;
+            let types = process_types(d, &name).await?;
+            if !types.contains(&process_type) {
+                bail!(
+                    "{name} has no process type {process_type:?} — its process types are: {}",
+                    types.join(", ")
+                );
+            }
+            if [&memory, &cpus, &pids].iter().all(|v| v.is_none()) {
+                bail!("nothing to change — pass --memory, --cpus or --pids (see `berth resources:set --help`)");
+            }
+            let mut set = d
+                .store
+                .resources(&name)
+                .await?
+                .into_iter()
+                .find(|r| r.process_type == process_type)
+                .unwrap_or_else(|| crate::store::ResourcesRow {
+                    process_type: process_type.clone(),
+                    ..Default::default()
+                });
+            let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            change_limit(&mut set.memory, memory, limits::parse_memory, big)?;
+            change_limit(&mut set.cpu_millis, cpus, limits::parse_cpus, big)?;
+            change_limit(&mut set.pids, pids, limits::parse_pids, |p| p)?;
+            d.store.set_resources(&name, &set).await?;
+            let limits = limits::Limits::for_app(Some(&set));
+            out.line(format!(
+                "{name} {process_type}: {} — running containers get it at their next restart: `berth ps:restart {name} {process_type}`",
+                limits.describe()
+            ))
+            .await;
+            Ok(())
+        }
         Request::Builds { name, json } => {
             d.store.require_app(&name).await?;
             let set = d.store.build_limits(&name).await?;
@@ -412,6 +489,14 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
     }
 }
 
+/// The process types of `app`'s live release (none before its first deploy).
+async fn process_types(d: &Handles, app: &str) -> anyhow::Result<Vec<String>> {
+    let live = d.store.live_release(app).await?;
+    Ok(live
+        .map(|r| r.process_types.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
 /// Applies one `builds:set` value to `field`: `default` clears it; anything else must parse.
 fn change_limit<T>(
     field: &mut Option<i64>,
@@ -434,15 +519,16 @@ async fn show_build_limits(
     set: &crate::store::BuildLimitsRow,
     json: bool,
 ) -> anyhow::Result<()> {
-    let limits = limits::BuildLimits::with(set);
+    let build = limits::BuildLimits::with(set);
+    let applied = build.limits;
     if json {
         return print_json(
             out,
             &serde_json::json!({
-                "memory": limits.memory,
-                "cpu_millis": limits.cpu_millis,
-                "pids": limits.pids,
-                "timeout_secs": limits.timeout.as_secs(),
+                "memory": applied.memory,
+                "cpu_millis": applied.cpu_millis,
+                "pids": applied.pids,
+                "timeout_secs": build.timeout.as_secs(),
             }),
         )
         .await;
@@ -450,16 +536,16 @@ async fn show_build_limits(
     let mark = |set: Option<i64>| if set.is_some() { "" } else { " (default)" };
     out.line(format!("=== {name} build limits")).await;
     for (what, value, set) in [
-        ("memory", limits::format_memory(limits.memory), set.memory),
+        ("memory", limits::format_memory(applied.memory), set.memory),
         (
             "cpus",
-            limits::format_cpus(limits.cpu_millis),
+            limits::format_cpus(applied.cpu_millis),
             set.cpu_millis,
         ),
-        ("pids", limits.pids.to_string(), set.pids),
+        ("pids", applied.pids.to_string(), set.pids),
         (
             "timeout",
-            humantime::format_duration(limits.timeout).to_string(),
+            humantime::format_duration(build.timeout).to_string(),
             set.timeout_secs,
         ),
     ] {

@@ -100,6 +100,17 @@ pub enum Request {
         name: String,
         json: bool,
     },
+    Resources {
+        name: String,
+        json: bool,
+    },
+    ResourcesSet {
+        name: String,
+        process_type: String,
+        memory: Option<String>,
+        cpus: Option<String>,
+        pids: Option<String>,
+    },
     BuildsSet {
         name: String,
         memory: Option<String>,

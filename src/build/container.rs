@@ -20,11 +20,7 @@ pub async fn run(
     limits: BuildLimits,
     out: &Progress,
 ) -> Result<(), BuildError> {
-    spec.limits = berth_runtime::Limits {
-        memory: i64::try_from(limits.memory).ok(),
-        cpu_millis: Some(limits.cpu_millis),
-        pids: Some(limits.pids),
-    };
+    spec.limits = limits.limits.runtime();
     let id = spec.id.clone();
     let task = tokio::task::spawn_blocking({
         let (runtime, out) = (runtime.clone(), out.clone());
@@ -47,7 +43,7 @@ pub async fn run(
         Some(code) => match code? {
             0 => Ok(()),
             _ if runtime.oom_killed(&id) => Err(BuildError::OutOfMemory {
-                limit: limits.memory,
+                limit: limits.limits.memory,
             }),
             code => Err(BuildError::Failed(code)),
         },

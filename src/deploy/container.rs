@@ -4,12 +4,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use berth_runtime::{ContainerSpec, LogTarget, State};
+use berth_runtime::{Bind, ContainerSpec, LogTarget, State};
 use rand::Rng;
 use tracing::{info, warn};
 
 use super::{DeployError, Deployer};
 use crate::image::Image;
+use crate::limits::Limits;
 use crate::store::{ContainerRow, ContainerState, Release, Store};
 
 /// The port every container's app listens on, inside its own netns.
@@ -61,6 +62,7 @@ pub struct Dyno {
     /// How often this dyno was restarted after a crash, and the crashed one's exit code.
     pub restarts: i64,
     pub last_exit: Option<i64>,
+    pub last_exit_oom: bool,
 }
 
 impl Dyno {
@@ -70,6 +72,7 @@ impl Dyno {
             number,
             restarts: 0,
             last_exit: None,
+            last_exit_oom: false,
         }
     }
 }
@@ -78,6 +81,14 @@ impl std::fmt::Display for Dyno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.process_type, self.number)
     }
+}
+
+/// The limits the containers of `app`'s `process_type` start with.
+pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limits, DeployError> {
+    let set = d.store.resources(app).await?;
+    Ok(Limits::for_app(
+        set.iter().find(|r| r.process_type == process_type),
+    ))
 }
 
 /// Starts `dyno` of `release` (recorded as `starting`); returns once its process runs.
@@ -93,6 +104,7 @@ pub async fn start(
         .get(process_type)
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
+    let limits = limits(d, &release.app, process_type).await?;
     let (ip, netns) = d.network.attach(&id).await?;
     let row = ContainerRow {
         id: id.clone(),
@@ -106,6 +118,7 @@ pub async fn start(
         state: ContainerState::Starting,
         restarts: dyno.restarts,
         last_exit: dyno.last_exit,
+        last_exit_oom: dyno.last_exit_oom,
     };
     if let Err(err) = d.store.insert_container(&row).await {
         d.network.detach(&id, Some(ip)).await;
@@ -125,14 +138,19 @@ pub async fn start(
         env,
         cwd: "/app".into(),
         hostname: id.chars().take(63).collect(),
-        binds: vec![],
+        // The host's resolvers (reached by NAT like any outside address).
+        binds: vec![Bind {
+            source: "/etc/resolv.conf".into(),
+            destination: "/etc/resolv.conf".into(),
+            readonly: true,
+        }],
         netns: Some(netns),
         log: LogTarget::File {
             path: d.paths.log(&release.app),
             prefix: format!("app[{dyno}]"),
         },
         stop_grace_secs: STOP_GRACE_SECS,
-        limits: Default::default(),
+        limits: limits.runtime(),
         init: true,
     };
     let runtime = d.runtime.clone();

@@ -628,6 +628,9 @@ impl Deployer {
             (ContainerState::Starting, _) => "starting".into(),
             (ContainerState::Draining, _) => "draining".into(),
             (ContainerState::Up, None) => "up".into(),
+            (ContainerState::Up, Some(code)) if self.runtime.oom_killed(&c.id) => {
+                format!("crashed (out of memory, exit {code})")
+            }
             (ContainerState::Up, Some(code)) => format!("crashed (exit {code})"),
         }
     }

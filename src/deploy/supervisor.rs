@@ -212,11 +212,24 @@ impl Deployer {
                         next = Some(next.map_or(wait, |n| n.min(wait)));
                         continue;
                     }
-                    warn!(id = %c.id, code, restarts = c.restarts, "restarting a crashed container");
+                    let oom = self.runtime.oom_killed(&c.id);
+                    warn!(id = %c.id, code, oom, restarts = c.restarts, "restarting a crashed container");
+                    if oom {
+                        let limits = container::limits(self, app, process_type).await?;
+                        crate::logs::append(
+                            &self.paths.log(app),
+                            &format!("berth[{dyno}]"),
+                            &format!(
+                                "out of memory: killed at its {} limit — raise it with `berth resources:set {app} {process_type} --memory 1G`",
+                                crate::limits::format_memory(limits.memory)
+                            ),
+                        );
+                    }
                     container::stop(self, c).await;
                     self.crashed_at.lock().expect("crashes").remove(&c.id);
                     dyno.restarts = c.restarts + 1;
                     dyno.last_exit = Some(code.into());
+                    dyno.last_exit_oom = oom;
                 } else {
                     info!(%app, %dyno, "starting a missing container");
                 }

@@ -179,6 +179,17 @@ pub struct ContainerRow {
     pub restarts: i64,
     /// The exit code of the container this one replaced after a crash.
     pub last_exit: Option<i64>,
+    /// Whether that container was killed for running out of memory.
+    pub last_exit_oom: bool,
+}
+
+/// What `resources:set` changed of a process type's limits; None keeps the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ResourcesRow {
+    pub process_type: String,
+    pub memory: Option<i64>,
+    pub cpu_millis: Option<i64>,
+    pub pids: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -541,6 +552,35 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// What `resources:set` changed of `app`'s process types' limits.
+    pub async fn resources(&self, app: &str) -> Result<Vec<ResourcesRow>> {
+        Ok(sqlx::query_as(
+            "SELECT process_type, memory, cpu_millis, pids FROM resources
+             WHERE app = ? ORDER BY process_type",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Stores the limits of `app`'s process type `row.process_type`, replacing what was set.
+    pub async fn set_resources(&self, app: &str, row: &ResourcesRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO resources (app, process_type, memory, cpu_millis, pids)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (app, process_type) DO UPDATE SET memory = excluded.memory,
+                 cpu_millis = excluded.cpu_millis, pids = excluded.pids",
+        )
+        .bind(app)
+        .bind(&row.process_type)
+        .bind(row.memory)
+        .bind(row.cpu_millis)
+        .bind(row.pids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// What `builds:set` changed of `app`'s build limits.
     pub async fn build_limits(&self, app: &str) -> Result<BuildLimitsRow> {
         Ok(sqlx::query_as(
@@ -617,8 +657,8 @@ impl Store {
 
     pub async fn insert_container(&self, c: &ContainerRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at, state, restarts, last_exit)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO containers (id, app, release, process_type, number, ip, port, created_at, state, restarts, last_exit, last_exit_oom)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&c.id)
         .bind(&c.app)
@@ -631,6 +671,7 @@ impl Store {
         .bind(c.state)
         .bind(c.restarts)
         .bind(c.last_exit)
+        .bind(c.last_exit_oom)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -722,6 +763,7 @@ mod tests {
             state: ContainerState::Starting,
             restarts: 2,
             last_exit: Some(137),
+            last_exit_oom: true,
         };
         s.insert_container(&c).await.unwrap();
         let listed = s.containers(Some("hello")).await.unwrap();
@@ -731,9 +773,17 @@ mod tests {
                 listed[0].port,
                 listed[0].state,
                 listed[0].restarts,
-                listed[0].last_exit
+                listed[0].last_exit,
+                listed[0].last_exit_oom
             ),
-            (c.id.as_str(), 5000, ContainerState::Starting, 2, Some(137))
+            (
+                c.id.as_str(),
+                5000,
+                ContainerState::Starting,
+                2,
+                Some(137),
+                true
+            )
         );
         s.set_container_state(&c.id, ContainerState::Draining)
             .await
@@ -808,6 +858,7 @@ mod tests {
             },
             restarts: 0,
             last_exit: None,
+            last_exit_oom: false,
         };
         s.insert_container(&row("old", 1)).await.unwrap();
         s.insert_container(&row("new", 3)).await.unwrap();
@@ -903,6 +954,50 @@ mod tests {
         );
         assert!(!s.remove_cert("a").await.unwrap());
         s.add_domain("b", "www.example.com").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn limits_and_acme_settings_round_trip_and_go_with_their_app() {
+        let (_dir, s) = store().await;
+        s.create_app("a").await.unwrap();
+        assert_eq!(
+            s.build_limits("a").await.unwrap(),
+            BuildLimitsRow::default()
+        );
+        let build = BuildLimitsRow {
+            memory: Some(1 << 30),
+            timeout_secs: Some(60),
+            ..Default::default()
+        };
+        s.set_build_limits("a", &build).await.unwrap();
+        assert_eq!(s.build_limits("a").await.unwrap(), build);
+        let web = ResourcesRow {
+            process_type: "web".into(),
+            memory: Some(256 << 20),
+            cpu_millis: Some(500),
+            pids: None,
+        };
+        s.set_resources("a", &web).await.unwrap();
+        let cheaper = ResourcesRow {
+            cpu_millis: Some(250),
+            ..web.clone()
+        };
+        s.set_resources("a", &cheaper).await.unwrap();
+        assert_eq!(s.resources("a").await.unwrap(), vec![cheaper]);
+        s.set_acme("a", true).await.unwrap();
+        s.set_acme_error("a", Some("no DNS")).await.unwrap();
+        let acme = s.acme(Some("a")).await.unwrap();
+        assert_eq!(
+            (acme[0].redirect_https, acme[0].last_error.as_deref()),
+            (true, Some("no DNS"))
+        );
+        s.delete_app("a").await.unwrap();
+        assert!(s.resources("a").await.unwrap().is_empty());
+        assert!(s.acme(None).await.unwrap().is_empty());
+        assert_eq!(
+            s.build_limits("a").await.unwrap(),
+            BuildLimitsRow::default()
+        );
     }
 
     #[tokio::test]

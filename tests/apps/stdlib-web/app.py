@@ -23,7 +23,12 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.1)
             self.wfile.write(b"0\r\n\r\n")
             return
-        if os.environ.get("FAIL"):
+        if self.path == "/limit":
+            status, body = 200, memory_limit()
+        elif self.path == "/hog":
+            hog = b"x" * (1 << 30)
+            status, body = 200, b"%d bytes\n" % len(hog)
+        elif os.environ.get("FAIL"):
             status, body = 500, b"broken\n"
         elif self.path == "/health":
             status, body = 200, b"healthy\n"
@@ -63,6 +68,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def memory_limit():
+    """The container's memory limit as its own cgroup shows it (cgroup v1 or v2)."""
+    for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
+        try:
+            with open(path) as f:
+                return f.read().strip().encode() + b"\n"
+        except OSError:
+            pass
+    return b"unknown\n"
 
 
 ThreadingHTTPServer.daemon_threads = True
