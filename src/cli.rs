@@ -210,12 +210,15 @@ pub enum Command {
         /// The app's name.
         name: String,
     },
-    /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
+    /// Build a stack's images (berth/stack-build:SUITE, berth/stack-run:SUITE) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
         /// Rebuild even if they exist.
         #[arg(long)]
         force: bool,
+        /// Which stack: trixie (the default) or bookworm.
+        #[arg(long, default_value = "trixie")]
+        stack: String,
     },
     /// Internal: run one container under a shim (started by the daemon).
     #[command(hide = true)]
@@ -350,7 +353,7 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             redirect_https,
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },
-        Command::StackBuild { force } => Request::StackBuild { force },
+        Command::StackBuild { force, stack } => Request::StackBuild { force, stack },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")
         }

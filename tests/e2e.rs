@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
+#[path = "support/stacks.rs"]
+mod stacks;
+
 /// Returns false (test skipped) when a prerequisite is missing outside CI; panics under CI=true.
 fn prerequisites_met() -> bool {
     let mut missing = Vec::new();
@@ -74,6 +77,11 @@ impl Server {
             subnet: format!("10.{}.0.0/16", 200 + pid % 50),
             ephemeral: true,
         };
+        // The default stack, built once per machine and shared by every test (hard links).
+        stacks::link_into(
+            &berth::image::stack::STACKS[0],
+            &server.data().join("images"),
+        );
         server.launch();
         server
     }

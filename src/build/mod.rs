@@ -15,7 +15,8 @@ use tracing::{info, info_span, Instrument};
 
 use crate::checks::{self, Checks};
 use crate::config::Config;
-use crate::image::{stack, ImageConfig, ImageError, ImageStore};
+use crate::image::stack::{self, Stack};
+use crate::image::{ImageConfig, ImageError, ImageStore};
 use crate::network::Network;
 use crate::paths::Paths;
 use crate::progress::Progress;
@@ -52,6 +53,8 @@ pub enum BuildError {
     Checks(#[from] checks::ChecksError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
+    #[error(transparent)]
+    Stack(#[from] buildpacks::StackError),
 }
 
 /// What a build produced.
@@ -76,12 +79,14 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Builds `source` (a checkout in `DATA/builds/ID/src`) for `app`. The scratch folder is
-    /// removed afterwards, pass or fail; on success the built tree now lives in the image store.
+    /// Builds `source` (a checkout of commit `source_version` in `DATA/builds/ID/src`) for
+    /// `app`. The scratch folder is removed afterwards, pass or fail; on success the built tree
+    /// now lives in the image store.
     pub async fn build(
         &self,
         app: &str,
         source: PathBuf,
+        source_version: &str,
         config: &Config,
         out: &Progress,
     ) -> Result<Built, BuildError> {
@@ -89,25 +94,27 @@ impl Builder {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| source.clone());
-        let result = run_build(self, app, &source, &scratch, config, out)
+        let result = run_build(self, app, &source, &scratch, source_version, config, out)
             .instrument(info_span!("build", %app))
             .await;
         let _ = std::fs::remove_dir_all(&scratch);
         result
     }
 
-    /// The stack images' digests, building them if missing (or all again with `force`), with
+    /// The digests of `stack`'s images, building them if missing (or again with `force`), with
     /// progress streamed to `out`.
     pub async fn ensure_stacks(
         &self,
+        stack: &Stack,
         force: bool,
         out: &Progress,
     ) -> Result<(String, String), BuildError> {
         let _guard = STACK_LOCK.lock().await;
         let images = self.images.clone();
         let progress = out.clone();
+        let stack = *stack;
         Ok(tokio::task::spawn_blocking(move || {
-            stack::ensure_stacks(&images, force, &mut |line: &str| {
+            stack::ensure_stacks(&images, &stack, force, &mut |line: &str| {
                 progress.blocking_line(format!("       {line}"))
             })
         })
@@ -121,10 +128,15 @@ async fn run_build(
     app: &str,
     source: &Path,
     scratch: &Path,
+    source_version: &str,
     config: &Config,
     out: &Progress,
 ) -> Result<Built, BuildError> {
-    let (build_image, run_image) = d.ensure_stacks(false, out).await?;
+    let (stack, why) = buildpacks::choose_stack(source, config)?;
+    if let Some(why) = why {
+        out.line(format!("-----> {why}")).await;
+    }
+    let (build_image, run_image) = d.ensure_stacks(&stack, false, out).await?;
     if tree::has_file(source, "Dockerfile") {
         out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
             .await;
@@ -144,7 +156,11 @@ async fn run_build(
         .await
         .expect("image task")?;
     let mut env = stack_build.config.env.clone();
-    env.extend(["HOME=/app".to_string(), "STACK=berth-bookworm".to_string()]);
+    env.extend([
+        "HOME=/app".to_string(),
+        format!("STACK=berth-{}", stack.suite),
+        format!("SOURCE_VERSION={source_version}"),
+    ]);
     if let Some(url) = config.get("BUILDPACK_URL") {
         env.push(format!("BUILDPACK_URL={url}"));
     }

@@ -18,7 +18,7 @@ pub const PORT: u16 = 5000;
 pub const STOP_GRACE_SECS: u64 = 10;
 
 /// The command line that runs a process type: sources `.profile.d/*.sh`, then execs `command`.
-fn launcher(command: &str) -> Vec<String> {
+pub(super) fn launcher(command: &str) -> Vec<String> {
     let script = format!(
         "for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; exec {command}"
     );
@@ -111,18 +111,11 @@ pub async fn start(
         d.network.detach(&id, Some(ip)).await;
         return Err(err.into());
     }
-    let mut env = image.config.env.clone();
-    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
-    env.extend([
-        format!("PORT={PORT}"),
-        format!("DYNO={dyno}"),
-        "HOME=/app".to_string(),
-    ]);
     let spec = ContainerSpec {
         id: id.clone(),
         layers: image.layer_dirs(),
         args: launcher(command),
-        env,
+        env: env(release, image, dyno),
         cwd: "/app".into(),
         hostname: id.chars().take(63).collect(),
         binds: vec![],
@@ -144,6 +137,18 @@ pub async fn start(
     }
     info!(id = %row.id, ip = %row.ip, "container started");
     Ok(row)
+}
+
+/// The environment of `dyno`: the image's, the release's config, `PORT`, `DYNO`, `HOME`.
+pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> {
+    let mut env = image.config.env.clone();
+    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend([
+        format!("PORT={PORT}"),
+        format!("DYNO={dyno}"),
+        "HOME=/app".to_string(),
+    ]);
+    env
 }
 
 /// Whether the container has exited, and with which code.

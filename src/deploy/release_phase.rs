@@ -1,0 +1,91 @@
+//! Heroku's release phase: a Procfile `release:` command (`release: python manage.py migrate`)
+//! runs once in a one-off container of the new release — its image, config and network — after
+//! the release is recorded and before any of its containers start. Its output streams to the
+//! push; a non-zero exit (or running past [`DEADLINE`]) fails the release with that reason, and
+//! what ran before keeps serving. `release` is not a process type that is scaled or routed.
+//!
+//! Owns that one-off container from start to removal; must not touch routes or the store.
+
+use std::io::BufReader;
+use std::time::Duration;
+
+use berth_runtime::{ContainerSpec, LogTarget};
+use rand::Rng;
+use tracing::info;
+
+use super::container::{self, Dyno};
+use super::{DeployError, Deployer};
+use crate::image::Image;
+use crate::progress::Progress;
+use crate::store::Release;
+
+/// The Procfile process type that is the release command.
+pub const PROCESS_TYPE: &str = "release";
+/// How long the release command may run.
+pub const DEADLINE: Duration = Duration::from_secs(30 * 60);
+
+/// Runs `release`'s release command, if it has one, to completion.
+pub(super) async fn run(
+    d: &Deployer,
+    release: &Release,
+    image: &Image,
+    out: &Progress,
+) -> Result<(), DeployError> {
+    let Some(command) = release.process_types.get(PROCESS_TYPE) else {
+        return Ok(());
+    };
+    out.line(format!("-----> Running the release command: {command}"))
+        .await;
+    let suffix: u32 = rand::thread_rng().gen();
+    let app = &release.app;
+    let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
+    let (ip, netns) = d.network.attach(&id).await?;
+    let spec = ContainerSpec {
+        id: id.clone(),
+        layers: image.layer_dirs(),
+        args: container::launcher(command),
+        env: container::env(release, image, &Dyno::new(PROCESS_TYPE, 1)),
+        cwd: "/app".into(),
+        hostname: id.chars().take(63).collect(),
+        binds: vec![],
+        netns: Some(netns),
+        log: LogTarget::Inherit,
+        stop_grace_secs: container::STOP_GRACE_SECS,
+        memory_limit: None,
+    };
+    let runtime = d.runtime.clone();
+    let stream = out.clone();
+    let task = tokio::task::spawn_blocking(move || -> Result<i32, berth_runtime::Error> {
+        let mut child = runtime.run_attached(&spec)?;
+        if let Some(stdout) = child.stdout.take() {
+            for line in crate::build::output::lines(BufReader::new(stdout)) {
+                match line {
+                    Ok(line) => stream.blocking_line(format!("       {line}")),
+                    Err(_) => break,
+                }
+            }
+        }
+        let status = child.wait().map_err(|source| berth_runtime::Error::Io {
+            context: "waiting for the release command".into(),
+            source,
+        })?;
+        Ok(status.code().unwrap_or(-1))
+    });
+    let result = match tokio::time::timeout(DEADLINE, task).await {
+        Ok(joined) => joined
+            .expect("release phase task")
+            .map_err(DeployError::from),
+        Err(_) => Err(DeployError::ReleasePhaseTimeout {
+            secs: DEADLINE.as_secs(),
+        }),
+    };
+    // Stops it if it still runs (the deadline), and removes it either way.
+    container::remove(d, &id, Some(ip)).await;
+    let code = result?;
+    info!(%app, version = release.version, code, "release command finished");
+    if code != 0 {
+        return Err(DeployError::ReleasePhaseFailed { code });
+    }
+    out.line("       The release command succeeded").await;
+    Ok(())
+}
