@@ -213,6 +213,7 @@ async fn run_build(
         .await;
     let runtime = d.runtime.clone();
     let stream = out.clone();
+    let started = std::time::Instant::now();
     let code = tokio::task::spawn_blocking(move || -> Result<i32, BuildError> {
         let mut child = runtime.run_attached(&spec)?;
         if let Some(stdout) = child.stdout.take() {
@@ -228,6 +229,10 @@ async fn run_build(
     .expect("build task");
     d.network.detach(&id, Some(ip)).await;
     let code = code?;
+    info!(
+        ms = started.elapsed().as_millis() as u64,
+        code, "build container finished"
+    );
     if code != 0 {
         return Err(BuildError::Failed(code));
     }
@@ -253,6 +258,7 @@ async fn run_build(
     out.line("-----> Packing the image").await;
     let images = d.images.clone();
     let source = source.to_path_buf();
+    let started = std::time::Instant::now();
     let image = tokio::task::spawn_blocking(move || -> Result<String, ImageError> {
         let run = images.image(&run_image)?;
         let app_layer = images.layer_from_dir(&source, "app")?;
@@ -267,7 +273,7 @@ async fn run_build(
     })
     .await
     .expect("pack task")?;
-    info!(%image, "built");
+    info!(%image, ms = started.elapsed().as_millis() as u64, "packed");
     Ok(Built {
         image,
         process_types,
