@@ -98,6 +98,10 @@ fi
 mkdir -p "$OUT_DIR" "$CACHE_DIR" || exit 1
 : > "$OUT_DIR/buildpacks"
 : > "$OUT_DIR/release.yml"
+# Built-ins declare dependency folders (`FOLDER KEY` lines) that berth packs as layers of their
+# own and reuses while the key is unchanged.
+export BERTH_LAYERS="$OUT_DIR/layers"
+: > "$BERTH_LAYERS"
 for dir in $chosen; do
     name=${dir##*/}
     case "$dir" in

@@ -738,7 +738,7 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.commit("Interrupted deploy");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "set-url", "deploy", &remote]);
-    let mut push = laptop.push_until("Installing requirements with pip");
+    let mut push = laptop.push_until("Installing requirements.txt with pip");
     server.kill();
     let pushed = push.wait().unwrap();
     assert!(!pushed.success(), "a push whose server died was accepted");
@@ -1519,7 +1519,10 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     let laptop = |name: &str| {
         let laptop = Laptop::new(server.dir.path(), name);
         for ext in ["", "pub"] {
-            let (from, to) = (key_owner.key.with_extension(ext), laptop.key.with_extension(ext));
+            let (from, to) = (
+                key_owner.key.with_extension(ext),
+                laptop.key.with_extension(ext),
+            );
             std::fs::copy(from, to).unwrap();
         }
         copy_app(&laptop, name);
@@ -1566,7 +1569,11 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
         .iter()
         .map(|c| c["process_type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["web"], "the release command is not a running process");
+    assert_eq!(
+        types,
+        ["web"],
+        "the release command is not a running process"
+    );
     let out = server.berth(&["ps:scale", "django", "release=1"]);
     assert!(
         !out.status.success() && text(&out).contains("not a process type to scale"),

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::config::Config;
 use crate::image::stack::{self, Stack, Wanted};
+use crate::image::{ImageError, ImageStore, Layer};
 use crate::tree::{self, TreeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,80 @@ fn wanted_versions(source: &Path) -> Result<Vec<Wanted>, TreeError> {
     Ok(wanted)
 }
 
+/// A folder of the built app that a buildpack declared as a dependency layer (a line
+/// `FOLDER KEY` in the build's `/out/layers`: `.venv 3f2a…`), packed as its own layer and reused
+/// as it is by later builds of the app that declare the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyLayer {
+    /// One path component under /app, e.g. `.venv` or `node_modules`.
+    pub folder: String,
+    pub key: String,
+}
+
+/// The dependency layers a build declared; lines that are not a plain folder name and a key
+/// of letters, digits and `-` (at most 128) are ignored.
+pub fn declared_layers(out_dir: &Path) -> Result<Vec<DependencyLayer>, TreeError> {
+    let Some(text) = tree::read_file(out_dir, "layers")? else {
+        return Ok(Vec::new());
+    };
+    let mut layers: Vec<DependencyLayer> = Vec::new();
+    for line in text.lines() {
+        let Some((folder, key)) = line.trim().split_once(' ') else {
+            continue;
+        };
+        let folder_ok = !matches!(folder, "" | "." | "..") && !folder.contains(['/', '\\', '\0']);
+        let key_ok = (1..=128).contains(&key.len())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if folder_ok && key_ok && !layers.iter().any(|l| l.folder == folder) {
+            layers.push(DependencyLayer {
+                folder: folder.to_string(),
+                key: key.to_string(),
+            });
+        }
+    }
+    Ok(layers)
+}
+
+/// Takes `declared`'s folder out of the built app `source` as its own layer (under
+/// `/app/FOLDER`): the layer an earlier build stored for the same key (recorded in `memo`, a
+/// folder builds cannot write) when the store still has it — no tar, no hashing — else packed
+/// now and recorded. `None` when the folder is not a real directory (it stays in the app layer).
+pub fn dependency_layer(
+    images: &ImageStore,
+    source: &Path,
+    memo: &Path,
+    declared: &DependencyLayer,
+) -> Result<Option<Layer>, ImageError> {
+    let folder = source.join(&declared.folder);
+    if !std::fs::symlink_metadata(&folder).is_ok_and(|m| m.is_dir()) {
+        return Ok(None);
+    }
+    let record = memo.join(&declared.key);
+    let known = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|digest| images.layer(digest.trim()));
+    if let Some(layer) = known {
+        // The build's copy is not needed: moved out of the app into the build's scratch folder,
+        // which is removed after the build.
+        let unused = source.with_file_name(format!("unused-{}", declared.folder));
+        std::fs::rename(&folder, &unused).map_err(|source| ImageError::Io {
+            action: "moving",
+            path: folder.clone(),
+            source,
+        })?;
+        return Ok(Some(layer));
+    }
+    let layer = images.layer_from_dir(&folder, &format!("app/{}", declared.folder))?;
+    let io = |source| ImageError::Io {
+        action: "recording",
+        path: record.clone(),
+        source,
+    };
+    std::fs::create_dir_all(memo).map_err(io)?;
+    std::fs::write(&record, &layer.digest).map_err(io)?;
+    Ok(Some(layer))
+}
+
 /// The major version of an `engines.node` that names one: `18`, `v18`, `18.x`, `^18.2`, `~18`.
 fn node_major(spec: &str) -> Option<String> {
     let spec = spec.trim().trim_start_matches(['^', '~', 'v']);
@@ -119,6 +194,52 @@ pub fn install(dir: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn dependency_layers_are_declared_packed_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(
+            out.join("layers"),
+            ".venv abc-1\n../x k\na/b k\nnode_modules bad key!\n.venv again-2\nnode_modules nm-1\n",
+        )
+        .unwrap();
+        let declared = declared_layers(&out).unwrap();
+        let layer = |folder: &str, key: &str| DependencyLayer {
+            folder: folder.into(),
+            key: key.into(),
+        };
+        assert_eq!(
+            declared,
+            [layer(".venv", "abc-1"), layer("node_modules", "nm-1")]
+        );
+
+        let images = ImageStore::open(&dir.path().join("images")).unwrap();
+        let memo = dir.path().join("memo");
+        let build = |n: u32| {
+            let source = dir.path().join(format!("build{n}/src"));
+            std::fs::create_dir_all(source.join(".venv/bin")).unwrap();
+            std::fs::write(source.join(".venv/bin/tool"), format!("build {n}")).unwrap();
+            let got = dependency_layer(&images, &source, &memo, &declared[0]).unwrap();
+            assert!(!source.join(".venv").exists(), "taken out of the app layer");
+            assert!(dependency_layer(&images, &source, &memo, &declared[1])
+                .unwrap()
+                .is_none());
+            got.unwrap()
+        };
+        let first = build(1);
+        assert_eq!(
+            std::fs::read_to_string(first.dir.join("app/.venv/bin/tool")).unwrap(),
+            "build 1"
+        );
+        // The same key: the stored layer, as it was (the build's copy is not packed).
+        assert_eq!(build(2), first);
+        // A key whose layer the store no longer has is packed again.
+        std::fs::write(memo.join("abc-1"), "sha256:0000").unwrap();
+        assert_ne!(build(3).digest, first.digest);
+    }
     #[test]
     fn reads_wanted_versions() {
         use super::Wanted::*;

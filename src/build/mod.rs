@@ -97,7 +97,9 @@ impl Builder {
         let result = run_build(self, app, &source, &scratch, source_version, config, out)
             .instrument(info_span!("build", %app))
             .await;
-        let _ = std::fs::remove_dir_all(&scratch);
+        // In the background: the result does not wait for a venv's worth of unlinks. A server
+        // stopped before it finishes clears `DATA/builds` on its next start.
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&scratch));
         result
     }
 
@@ -258,12 +260,20 @@ async fn run_build(
     out.line("-----> Packing the image").await;
     let images = d.images.clone();
     let source = source.to_path_buf();
+    let declared = buildpacks::declared_layers(&out_dir)?;
+    let memo = d.paths.layer_memo(app);
     let started = std::time::Instant::now();
     let image = tokio::task::spawn_blocking(move || -> Result<String, ImageError> {
         let run = images.image(&run_image)?;
-        let app_layer = images.layer_from_dir(&source, "app")?;
         let mut layers = run.layers.clone();
-        layers.push(app_layer);
+        // Dependency layers (a venv, node_modules) first, reused while their key is unchanged;
+        // then the rest of /app.
+        for declared in &declared {
+            layers.extend(buildpacks::dependency_layer(
+                &images, &source, &memo, declared,
+            )?);
+        }
+        layers.push(images.layer_from_dir(&source, "app")?);
         let config = ImageConfig {
             env: run.config.env.clone(),
             working_dir: "/app".into(),
