@@ -590,12 +590,18 @@ fn slow_stack_images_build_and_run_the_python_buildpack() {
         "{output}"
     );
     assert!(!output.contains("pip"), "pip does not run: {output}");
-    assert!(again
-        .join(format!(
-            ".venv/lib/python{}/site-packages/six.py",
-            stack.python
-        ))
-        .is_file());
+    // No copy: a link into the cache, and the venv declared as a layer berth reuses by key.
+    assert_eq!(
+        fs::read_link(again.join(".venv")).unwrap(),
+        Path::new("/cache/python/venv")
+    );
+    let layers = fs::read_to_string(tmp.path().join("out3/layers")).unwrap();
+    assert!(layers.starts_with(".venv "), "{layers:?}");
+    assert_eq!(
+        layers,
+        fs::read_to_string(out.join("layers")).unwrap(),
+        "the same key as the build that filled the cache"
+    );
     eprintln!("warm python buildpack took {secs:.2} s");
 
     // The venv built on the build stack runs on the run stack, as an app image.

@@ -104,44 +104,61 @@ pub fn declared_layers(out_dir: &Path) -> Result<Vec<DependencyLayer>, TreeError
     Ok(layers)
 }
 
+/// What became of a declared dependency layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dependency {
+    /// Taken out of the app into a layer of its own.
+    Layer(Layer),
+    /// Not a directory or a link: left in the app layer.
+    Kept,
+    /// A link into the build cache (the buildpack reused its cache without copying) whose
+    /// layer the store no longer has: the cache must be dropped and the app built again.
+    Stale,
+}
+
 /// Takes `declared`'s folder out of the built app `source` as its own layer (under
 /// `/app/FOLDER`): the layer an earlier build stored for the same key (recorded in `memo`, a
-/// folder builds cannot write) when the store still has it — no tar, no hashing — else packed
-/// now and recorded. `None` when the folder is not a real directory (it stays in the app layer).
+/// folder builds cannot write) when the store still has it — no tar, no hashing, and the folder
+/// may then be a link into the build cache — else the folder packed now and recorded.
 pub fn dependency_layer(
     images: &ImageStore,
     source: &Path,
     memo: &Path,
     declared: &DependencyLayer,
-) -> Result<Option<Layer>, ImageError> {
+) -> Result<Dependency, ImageError> {
     let folder = source.join(&declared.folder);
-    if !std::fs::symlink_metadata(&folder).is_ok_and(|m| m.is_dir()) {
-        return Ok(None);
-    }
+    let Ok(meta) = std::fs::symlink_metadata(&folder) else {
+        return Ok(Dependency::Kept);
+    };
     let record = memo.join(&declared.key);
     let known = std::fs::read_to_string(&record)
         .ok()
         .and_then(|digest| images.layer(digest.trim()));
-    if let Some(layer) = known {
-        // The build's copy is not needed: moved out of the app into the build's scratch folder,
-        // which is removed after the build.
-        let unused = source.with_file_name(format!("unused-{}", declared.folder));
-        std::fs::rename(&folder, &unused).map_err(|source| ImageError::Io {
-            action: "moving",
-            path: folder.clone(),
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io {
+            action,
+            path,
             source,
-        })?;
-        return Ok(Some(layer));
-    }
-    let layer = images.layer_from_dir(&folder, &format!("app/{}", declared.folder))?;
-    let io = |source| ImageError::Io {
-        action: "recording",
-        path: record.clone(),
-        source,
+        }
     };
-    std::fs::create_dir_all(memo).map_err(io)?;
-    std::fs::write(&record, &layer.digest).map_err(io)?;
-    Ok(Some(layer))
+    match known {
+        Some(layer) if meta.is_dir() || meta.is_symlink() => {
+            // The build's copy or link is not needed: moved into the build's scratch folder,
+            // which is removed after the build.
+            let unused = source.with_file_name(format!("unused-{}", declared.folder));
+            std::fs::rename(&folder, &unused).map_err(io("moving", &folder))?;
+            Ok(Dependency::Layer(layer))
+        }
+        None if meta.is_symlink() => Ok(Dependency::Stale),
+        None if meta.is_dir() => {
+            let layer = images.layer_from_dir(&folder, &format!("app/{}", declared.folder))?;
+            std::fs::create_dir_all(memo).map_err(io("creating", memo))?;
+            std::fs::write(&record, &layer.digest).map_err(io("recording", &record))?;
+            Ok(Dependency::Layer(layer))
+        }
+        _ => Ok(Dependency::Kept),
+    }
 }
 
 /// The major version of an `engines.node` that names one: `18`, `v18`, `18.x`, `^18.2`, `~18`.
@@ -224,10 +241,14 @@ mod tests {
             std::fs::write(source.join(".venv/bin/tool"), format!("build {n}")).unwrap();
             let got = dependency_layer(&images, &source, &memo, &declared[0]).unwrap();
             assert!(!source.join(".venv").exists(), "taken out of the app layer");
-            assert!(dependency_layer(&images, &source, &memo, &declared[1])
-                .unwrap()
-                .is_none());
-            got.unwrap()
+            assert_eq!(
+                dependency_layer(&images, &source, &memo, &declared[1]).unwrap(),
+                Dependency::Kept
+            );
+            match got {
+                Dependency::Layer(layer) => layer,
+                other => panic!("{other:?}"),
+            }
         };
         let first = build(1);
         assert_eq!(
@@ -236,9 +257,22 @@ mod tests {
         );
         // The same key: the stored layer, as it was (the build's copy is not packed).
         assert_eq!(build(2), first);
-        // A key whose layer the store no longer has is packed again.
+        // A link into the cache stands for the stored layer…
+        let source = dir.path().join("build3/src");
+        std::fs::create_dir_all(&source).unwrap();
+        std::os::unix::fs::symlink("/cache/python/venv", source.join(".venv")).unwrap();
+        assert_eq!(
+            dependency_layer(&images, &source, &memo, &declared[0]).unwrap(),
+            Dependency::Layer(first.clone())
+        );
+        // …but not once the store lost it; a folder is packed again then.
         std::fs::write(memo.join("abc-1"), "sha256:0000").unwrap();
-        assert_ne!(build(3).digest, first.digest);
+        std::os::unix::fs::symlink("/cache/python/venv", source.join(".venv")).unwrap();
+        assert_eq!(
+            dependency_layer(&images, &source, &memo, &declared[0]).unwrap(),
+            Dependency::Stale
+        );
+        assert_ne!(build(4).digest, first.digest);
     }
     #[test]
     fn reads_wanted_versions() {

@@ -55,6 +55,8 @@ pub enum BuildError {
     NoProcessTypes,
     #[error(transparent)]
     Stack(#[from] buildpacks::StackError),
+    #[error("the build cache referred to a dependency layer that is gone; the cache is cleared — push again")]
+    StaleCache,
 }
 
 /// What a build produced.
@@ -263,15 +265,20 @@ async fn run_build(
     let declared = buildpacks::declared_layers(&out_dir)?;
     let memo = d.paths.layer_memo(app);
     let started = std::time::Instant::now();
-    let image = tokio::task::spawn_blocking(move || -> Result<String, ImageError> {
+    let image = tokio::task::spawn_blocking(move || -> Result<String, BuildError> {
         let run = images.image(&run_image)?;
         let mut layers = run.layers.clone();
         // Dependency layers (a venv, node_modules) first, reused while their key is unchanged;
         // then the rest of /app.
         for declared in &declared {
-            layers.extend(buildpacks::dependency_layer(
-                &images, &source, &memo, declared,
-            )?);
+            match buildpacks::dependency_layer(&images, &source, &memo, declared)? {
+                buildpacks::Dependency::Layer(layer) => layers.push(layer),
+                buildpacks::Dependency::Kept => {}
+                buildpacks::Dependency::Stale => {
+                    std::fs::remove_dir_all(&cache_dir)?;
+                    return Err(BuildError::StaleCache);
+                }
+            }
         }
         layers.push(images.layer_from_dir(&source, "app")?);
         let config = ImageConfig {
@@ -279,7 +286,7 @@ async fn run_build(
             working_dir: "/app".into(),
             cmd: vec![],
         };
-        images.put_image(&layers, &config)
+        Ok(images.put_image(&layers, &config)?)
     })
     .await
     .expect("pack task")?;
