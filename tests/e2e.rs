@@ -735,6 +735,8 @@ fn slow_push_deploy_config_and_bad_input() {
     // A daemon killed in the middle of a build: the push fails, v2 keeps serving once a new
     // server runs, and the cut-short build leaves no container and no scratch behind.
     laptop.write("Procfile", "web: python app.py\n");
+    // Changed requirements, so pip runs (an unchanged venv is reused too fast to interrupt).
+    laptop.write("requirements.txt", "flask\nsix\n");
     laptop.commit("Interrupted deploy");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "set-url", "deploy", &remote]);

@@ -670,7 +670,11 @@ impl Deployer {
         let release = self.store.insert_release(app, &new).await?;
         let span = info_span!("start", %app, release = release.version);
         let started = async {
-            if release_phase {
+            if release_phase
+                && release
+                    .process_types
+                    .contains_key(release_phase::PROCESS_TYPE)
+            {
                 let image = self.load_image(&release.image).await?;
                 release_phase::run(self, &release, &image, out)
                     .instrument(info_span!("release_phase"))

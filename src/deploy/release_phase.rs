@@ -24,7 +24,7 @@ pub const PROCESS_TYPE: &str = "release";
 /// How long the release command may run.
 pub const DEADLINE: Duration = Duration::from_secs(30 * 60);
 
-/// Runs `release`'s release command, if it has one, to completion.
+/// Runs `release`'s release command, if it has one, to completion (`image` is its image).
 pub(super) async fn run(
     d: &Deployer,
     release: &Release,
