@@ -1540,6 +1540,8 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     eprintln!("--- the Django push:\n{out}");
     for want in [
         "Using Python 3.13",
+        // runtime.txt asks for a version no stack has: said plainly, the build goes on.
+        "runtime.txt asks for Python 3.12.7; no stack has it, so Python 3.13.",
         "$ python manage.py collectstatic --noinput",
         "-----> Running the release command: python manage.py migrate --noinput",
         "Applying auth.0001_initial... OK",
@@ -1659,6 +1661,17 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     let site = laptop("static-site");
     site.commit("Site");
     server.berth_ok(&["apps:create", "site"]);
+    // A stack berth does not have is refused with the ones it has.
+    server.berth_ok(&["config:set", "site", "BERTH_STACK=sid", "--no-restart"]);
+    let remote = format!("ssh://git@127.0.0.1:{}/site", server.ssh.port());
+    let push = site.git(&["push", &remote, "main"]);
+    let out = text(&push);
+    assert!(!push.status.success(), "{out}");
+    assert!(
+        out.contains("BERTH_STACK=\"sid\" is not a stack berth has — use one of: trixie, bookworm"),
+        "{out}"
+    );
+    server.berth_ok(&["config:unset", "site", "BERTH_STACK", "--no-restart"]);
     let out = push_app(&server, &site, "site");
     assert!(out.contains("Static site detected"), "{out}");
     let (status, body) = server.get("site.localhost");
