@@ -278,6 +278,9 @@ pub enum Command {
         /// Rebuild even if they exist.
         #[arg(long)]
         force: bool,
+        /// Which stack: trixie (the default) or bookworm.
+        #[arg(long, default_value = "trixie")]
+        stack: String,
     },
     /// Internal: run one container under a shim (started by the daemon).
     #[command(hide = true)]
@@ -457,7 +460,7 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             redirect_https,
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },
-        Command::StackBuild { force } => Request::StackBuild { force },
+        Command::StackBuild { force, stack } => Request::StackBuild { force, stack },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")
         }

@@ -85,6 +85,7 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
             description: format!("Deploy {description}"),
             key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
             push,
+            commit: new,
         },
     );
     if !matches!(prepared, Ok(0)) {

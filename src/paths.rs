@@ -83,6 +83,11 @@ impl Paths {
     pub fn cache(&self, app: &str) -> PathBuf {
         self.caches().join(app)
     }
+    /// Which stored layer each dependency layer key of an app's builds gave (one file per key,
+    /// holding a layer digest). Beside the app's cache, not in it: builds cannot write here.
+    pub fn layer_memo(&self, app: &str) -> PathBuf {
+        self.caches().join(format!("{app}.layers"))
+    }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
+#[path = "support/stacks.rs"]
+mod stacks;
+
 /// Returns false (test skipped) when a prerequisite is missing outside CI; panics under CI=true.
 fn prerequisites_met(also: &[&str]) -> bool {
     let mut missing = Vec::new();
@@ -87,6 +90,11 @@ impl Server {
             ephemeral: true,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
+        // The default stack, built once per machine and shared by every test (hard links).
+        stacks::link_into(
+            &berth::image::stack::STACKS[0],
+            &server.data().join("images"),
+        );
         server.launch();
         server
     }
@@ -798,10 +806,12 @@ fn slow_push_deploy_config_and_bad_input() {
     // A daemon killed in the middle of a build: the push fails, v2 keeps serving once a new
     // server runs, and the cut-short build leaves no container and no scratch behind.
     laptop.write("Procfile", "web: python app.py\n");
+    // Changed requirements, so pip runs (an unchanged venv is reused too fast to interrupt).
+    laptop.write("requirements.txt", "flask\nsix\n");
     laptop.commit("Interrupted deploy");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "set-url", "deploy", &remote]);
-    let mut push = laptop.push_until("Installing requirements with pip");
+    let mut push = laptop.push_until("Installing requirements.txt with pip");
     server.kill();
     let pushed = push.wait().unwrap();
     assert!(!pushed.success(), "a push whose server died was accepted");
@@ -1897,4 +1907,290 @@ fn certs_auto_gets_a_certificate_from_pebble_and_renews_it() {
     server.berth_ok(&["certs:add", "shop", &cert, &key]);
     let listed = server.berth_ok(&["certs", "shop"]);
     assert!(listed.contains("uploaded"), "{listed}");
+}
+
+/// Copies `tests/apps/NAME` into the laptop's work tree.
+fn copy_app(laptop: &Laptop, name: &str) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/apps")
+        .join(name);
+    let out = run(Command::new("cp")
+        .arg("-r")
+        .arg(format!("{}/.", src.display()))
+        .arg(&laptop.dir));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Pushes the laptop's main to app `app` and requires success; returns the push's output.
+fn push_app(server: &Server, laptop: &Laptop, app: &str) -> String {
+    let remote = format!("ssh://git@127.0.0.1:{}/{app}", server.ssh.port());
+    let push = laptop.git(&["push", &remote, "main"]);
+    let push_text = text(&push);
+    assert!(
+        push.status.success(),
+        "push to {app} failed:\n{push_text}\n--- server log:\n{}",
+        server.log()
+    );
+    push_text
+}
+
+/// Real apps whose frameworks no one here wrote, each built by its buildpack on the trixie
+/// stack and answering through the proxy, on one server: Django with gunicorn, WhiteNoise's
+/// manifest static files (collectstatic at build time) and a `release:` migrate step; a failing
+/// release command that keeps the old release serving; a warm redeploy reusing the cached venv;
+/// Express from npm (`npm start` as the default web); a static site; a Go module with vendored
+/// dependencies; and three buildpacks in `.buildpacks` (a path in the app, a git URL, a
+/// built-in) with `export` between them.
+#[test]
+fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
+    if !prerequisites_met(&[]) {
+        return;
+    }
+    let server = Server::start();
+    let key_owner = Laptop::new(server.dir.path(), "keys");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        key_owner.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    let laptop = |name: &str| {
+        let laptop = Laptop::new(server.dir.path(), name);
+        for ext in ["", "pub"] {
+            let (from, to) = (
+                key_owner.key.with_extension(ext),
+                laptop.key.with_extension(ext),
+            );
+            std::fs::copy(from, to).unwrap();
+        }
+        copy_app(&laptop, name);
+        laptop
+    };
+
+    // Django: collectstatic at build time, migrate as the release command, WhiteNoise serving
+    // the hashed static file (ManifestStaticFilesStorage answers 500 without collectstatic).
+    let django = laptop("django-site");
+    django.commit("Django site");
+    server.berth_ok(&["apps:create", "django"]);
+    let out = push_app(&server, &django, "django");
+    eprintln!("--- the Django push:\n{out}");
+    for want in [
+        "Using Python 3.13",
+        // runtime.txt asks for a version no stack has: said plainly, the build goes on.
+        "runtime.txt asks for Python 3.12.7; no stack has it, so Python 3.13.",
+        "$ python manage.py collectstatic --noinput",
+        "-----> Running the release command: python manage.py migrate --noinput",
+        "Applying auth.0001_initial... OK",
+        "The release command succeeded",
+        "-----> Discovering process types: release, web",
+        "django v1 is live",
+    ] {
+        assert!(
+            out.contains(want),
+            "{want:?} is not in the push output:\n{out}"
+        );
+    }
+    let (status, page) = server.get("django.localhost");
+    assert_eq!(status, 200, "{page}\n--- server log:\n{}", server.log());
+    assert!(page.contains("hello from django 6."), "{page}");
+    let css = page
+        .split('"')
+        .find(|s| s.starts_with("/static/site.") && s.ends_with(".css"))
+        .unwrap_or_else(|| panic!("no hashed stylesheet link in {page}"));
+    assert_eq!(
+        http_get_path(server.http, "django.localhost", css),
+        (200, "body { color: rebeccapurple; }\n".to_string())
+    );
+    let ps: serde_json::Value =
+        serde_json::from_str(&server.berth_ok(&["ps", "django", "--json"])).unwrap();
+    let types: Vec<&str> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["process_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["web"],
+        "the release command is not a running process"
+    );
+    let out = server.berth(&["ps:scale", "django", "release=1"]);
+    assert!(
+        !out.status.success() && text(&out).contains("not a process type to scale"),
+        "{}",
+        text(&out)
+    );
+
+    // A failing release command: the push fails with its output, v1 keeps serving, v2 is failed.
+    django.write(
+        "Procfile",
+        "release: python -c \"import sys; print('migration 0042 failed'); sys.exit(3)\"\nweb: gunicorn site_config.wsgi --bind 0.0.0.0:$PORT\n",
+    );
+    django.commit("Broken migration");
+    let remote = format!("ssh://git@127.0.0.1:{}/django", server.ssh.port());
+    let push = django.git(&["push", &remote, "main"]);
+    let out = text(&push);
+    assert!(!push.status.success(), "{out}");
+    assert!(out.contains("migration 0042 failed"), "{out}");
+    assert!(
+        out.contains("the release command exited with code 3"),
+        "{out}"
+    );
+    let (status, page) = server.get("django.localhost");
+    assert!(
+        status == 200 && page.contains("hello from django"),
+        "{page}"
+    );
+    let releases: serde_json::Value =
+        serde_json::from_str(&server.berth_ok(&["releases", "django", "--json"])).unwrap();
+    assert_eq!(releases[0]["version"], 2);
+    assert_eq!(releases[0]["status"], "failed");
+    assert!(
+        releases[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 3"),
+        "{releases}"
+    );
+    assert_eq!(releases[1]["status"], "live");
+
+    // A warm redeploy of a one-line change: the cached venv, no pip; the new code answers.
+    django.write(
+        "Procfile",
+        "release: python manage.py migrate --noinput\nweb: gunicorn site_config.wsgi --bind 0.0.0.0:$PORT\n",
+    );
+    let template = std::fs::read_to_string(django.dir.join("templates/index.html")).unwrap();
+    django.write(
+        "templates/index.html",
+        &template.replace("hello from", "hi from"),
+    );
+    django.commit("One line");
+    let started = Instant::now();
+    let out = push_app(&server, &django, "django");
+    eprintln!(
+        "warm Django redeploy: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.contains("Reusing the cached virtualenv (requirements.txt unchanged)"),
+        "{out}"
+    );
+    assert!(!out.contains("Collecting"), "pip did not run:\n{out}");
+    assert!(server.get("django.localhost").1.contains("hi from django"));
+
+    // Express from npm, without a Procfile: package.json's start script is the web process.
+    let express = laptop("express-hello");
+    express.commit("Express");
+    server.berth_ok(&["apps:create", "express"]);
+    let out = push_app(&server, &express, "express");
+    assert!(
+        out.contains("Node.js app detected") && out.contains("Using Node.js 20."),
+        "{out}"
+    );
+    let (status, body) = server.get("express.localhost");
+    assert!(
+        status == 200 && body.starts_with("hello from express 5."),
+        "{status} {body}"
+    );
+
+    // A static site, served by the run stack's small server.
+    let site = laptop("static-site");
+    site.commit("Site");
+    server.berth_ok(&["apps:create", "site"]);
+    // A stack berth does not have is refused with the ones it has.
+    server.berth_ok(&["config:set", "site", "BERTH_STACK=sid", "--no-restart"]);
+    let remote = format!("ssh://git@127.0.0.1:{}/site", server.ssh.port());
+    let push = site.git(&["push", &remote, "main"]);
+    let out = text(&push);
+    assert!(!push.status.success(), "{out}");
+    assert!(
+        out.contains("BERTH_STACK=\"sid\" is not a stack berth has — use one of: trixie, bookworm"),
+        "{out}"
+    );
+    server.berth_ok(&["config:unset", "site", "BERTH_STACK", "--no-restart"]);
+    let out = push_app(&server, &site, "site");
+    assert!(out.contains("Static site detected"), "{out}");
+    let (status, body) = server.get("site.localhost");
+    assert!(
+        status == 200 && body.contains("hello from a static site"),
+        "{body}"
+    );
+    assert_eq!(
+        http_get_path(server.http, "site.localhost", "/style.css"),
+        (200, "p { margin: 0; }\n".to_string())
+    );
+
+    // A Go module with vendored dependencies, compiled on the build stack, run on the run stack.
+    let go = laptop("go-vendored");
+    go.commit("Go");
+    server.berth_ok(&["apps:create", "goapp"]);
+    let out = push_app(&server, &go, "goapp");
+    assert!(out.contains("Using vendored modules"), "{out}");
+    let (status, body) = server.get("goapp.localhost");
+    assert!(
+        status == 200 && body.starts_with("hello from go (go1.24"),
+        "{status} {body}"
+    );
+
+    // .buildpacks: a path in the app, a git URL (a repo the test makes), a built-in, in order,
+    // the first one's `export` seen by the second; the last one's default web process.
+    let multi = laptop("multi-buildpack");
+    let bare = multi.dir.join("tools/second.git");
+    let work = server.dir.path().join("second-work");
+    for args in [
+        vec!["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+        vec![
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    ] {
+        let out = run(Command::new("git").args(&args));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = run(Command::new("cp")
+        .arg("-r")
+        .arg(multi.dir.join("second/bin"))
+        .arg(&work));
+    assert!(out.status.success(), "{}", text(&out));
+    for args in [
+        &["add", "-A"][..],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qm",
+            "bp",
+        ],
+        &["push", "-q", "origin", "main"],
+    ] {
+        let out = run(Command::new("git").current_dir(&work).args(args));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    multi.commit("Three buildpacks");
+    server.berth_ok(&["apps:create", "multi"]);
+    let out = push_app(&server, &multi, "multi");
+    let order = [
+        "first: compiling",
+        "second: compiling with FROM_FIRST=exported-by-first",
+        "Static site detected",
+    ];
+    let at: Vec<usize> = order
+        .iter()
+        .map(|s| {
+            out.find(s)
+                .unwrap_or_else(|| panic!("{s:?} not in:\n{out}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "in order:\n{out}");
+    assert_eq!(
+        server.get("multi.localhost"),
+        (200, "<p>exported-by-first and first</p>\n".to_string())
+    );
+    assert!(
+        server.leftovers().iter().all(|l| !l.contains("release-")),
+        "no release container left"
+    );
 }

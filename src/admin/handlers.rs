@@ -461,10 +461,17 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             .await;
             Ok(())
         }
-        Request::StackBuild { force } => {
-            let (build, run) = d.deployer.builder().ensure_stacks(force, out).await?;
+        Request::StackBuild { force, stack } => {
+            let stack = crate::build::buildpacks::stack_named(&stack)?;
+            let (build, run) = d
+                .deployer
+                .builder()
+                .ensure_stacks(&stack, force, out)
+                .await?;
             out.line(format!(
-                "berth/stack-build {build}\nberth/stack-run   {run}"
+                "{} {build}\n{}   {run}",
+                stack.build_tag(),
+                stack.run_tag()
             ))
             .await;
             Ok(())
@@ -475,10 +482,16 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             description,
             key,
             push,
+            commit,
         } => {
             d.store.require_app(&app).await?;
+            let push = crate::deploy::Push {
+                id: &push,
+                commit: &commit,
+                by: &key,
+            };
             d.deployer
-                .prepare_push(&app, source, &description, &key, &push, out)
+                .prepare_push(&app, source, &description, &push, out)
                 .await?;
             Ok(())
         }

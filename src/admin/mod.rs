@@ -127,6 +127,9 @@ pub enum Request {
     },
     StackBuild {
         force: bool,
+        /// The stack's suite (`trixie`, `bookworm`); the default stack when empty.
+        #[serde(default)]
+        stack: String,
     },
     PsScale {
         name: String,
@@ -151,6 +154,9 @@ pub enum Request {
         key: String,
         /// The push's id (`BERTH_PUSH_ID`).
         push: String,
+        /// The pushed commit (the build's `SOURCE_VERSION`).
+        #[serde(default)]
+        commit: String,
     },
     /// From the post-receive hook: git updated the branch; make the push's release live.
     Promote {

@@ -1,51 +1,71 @@
-//! One build container run to its end: under the app's build limits and deadline, with its
-//! output streamed to the pusher line by line (bounded, see [`super::output`]), and removed
-//! afterwards however it ended. Owns why a build container failed (exit code, out of memory,
-//! out of time); must not decide what runs in it.
+//! One-off containers run to their end: a build, or a release command. Each runs under its
+//! limits and deadline, with its output streamed line by line (bounded, see
+//! [`super::output`]), and is removed afterwards however it ended. Owns how such a container
+//! ended (exit code, out of memory, out of time); must not decide what runs in it.
 
 use std::io::BufReader;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_runtime::{ContainerSpec, Runtime};
 use tracing::warn;
 
-use super::{output, BuildError};
-use crate::limits::BuildLimits;
+use super::output;
+use crate::limits::Limits;
 use crate::progress::Progress;
 
-/// Runs `spec` under `limits` until it exits, fails or runs out of time.
+/// How a one-off container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited by itself with this code.
+    Exited(i32),
+    /// The kernel's OOM killer killed a process of it.
+    OutOfMemory,
+    /// It ran past its deadline and was stopped.
+    TimedOut,
+}
+
+/// Runs `spec` under `limits` until it ends or `deadline` passes, each output line sent to
+/// `out` after `indent`.
 pub async fn run(
     runtime: &Arc<Runtime>,
     mut spec: ContainerSpec,
-    limits: BuildLimits,
+    limits: Limits,
+    deadline: Duration,
+    indent: &'static str,
     out: &Progress,
-) -> Result<(), BuildError> {
-    spec.limits = limits.limits.runtime();
+) -> Result<Ended, berth_runtime::Error> {
+    spec.limits = limits.runtime();
     let id = spec.id.clone();
     let task = tokio::task::spawn_blocking({
         let (runtime, out) = (runtime.clone(), out.clone());
-        move || -> Result<i32, BuildError> {
+        move || -> Result<i32, berth_runtime::Error> {
             let mut child = runtime.run_attached(&spec)?;
             if let Some(stdout) = child.stdout.take() {
                 for line in output::lines(BufReader::new(stdout)) {
-                    out.blocking_line(line?);
+                    match line {
+                        Ok(line) => out.blocking_line(format!("{indent}{line}")),
+                        Err(_) => break,
+                    }
                 }
             }
-            Ok(child.wait()?.code().unwrap_or(-1))
+            let status = child.wait().map_err(|source| berth_runtime::Error::Io {
+                context: format!("waiting for container {}", spec.id),
+                source,
+            })?;
+            Ok(status.code().unwrap_or(-1))
         }
     });
     tokio::pin!(task);
     let finished = tokio::select! {
-        done = &mut task => Some(done.expect("build task")),
-        () = tokio::time::sleep(limits.timeout) => None,
+        done = &mut task => Some(done.expect("one-off container task")),
+        () = tokio::time::sleep(deadline) => None,
     };
-    let result = match finished {
+    let ended = match finished {
         Some(code) => match code? {
-            0 => Ok(()),
-            _ if runtime.oom_killed(&id) => Err(BuildError::OutOfMemory {
-                limit: limits.limits.memory,
-            }),
-            code => Err(BuildError::Failed(code)),
+            0 => Ok(Ended::Exited(0)),
+            _ if runtime.oom_killed(&id) => Ok(Ended::OutOfMemory),
+            code => Ok(Ended::Exited(code)),
         },
         None => {
             // SIGTERM, then SIGKILL after the grace period; the output then ends.
@@ -53,14 +73,12 @@ pub async fn run(
             let stop_id = id.clone();
             let _ = tokio::task::spawn_blocking(move || stopping.stop(&stop_id)).await;
             let _ = task.await;
-            Err(BuildError::TimedOut {
-                after: limits.timeout,
-            })
+            Ok(Ended::TimedOut)
         }
     };
     let removing = runtime.clone();
     if let Ok(Err(err)) = tokio::task::spawn_blocking(move || removing.remove(&id)).await {
-        warn!(%err, "removing a build container failed");
+        warn!(%err, "removing a one-off container failed");
     }
-    result
+    ended
 }

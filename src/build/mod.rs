@@ -15,7 +15,8 @@ use tracing::{info, info_span, Instrument};
 
 use crate::checks::{self, Checks};
 use crate::config::Config;
-use crate::image::{stack, ImageConfig, ImageError, ImageStore};
+use crate::image::stack::{self, Stack};
+use crate::image::{ImageConfig, ImageError, ImageStore};
 use crate::limits::BuildLimits;
 use crate::network::Network;
 use crate::paths::Paths;
@@ -58,6 +59,10 @@ pub enum BuildError {
     Checks(#[from] checks::ChecksError),
     #[error("no process types: add a Procfile with a line like `web: python app.py`")]
     NoProcessTypes,
+    #[error(transparent)]
+    Stack(#[from] buildpacks::StackError),
+    #[error("the build cache referred to a dependency layer that is gone; the cache is cleared — push again")]
+    StaleCache,
 }
 
 /// What a build produced.
@@ -82,12 +87,14 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Builds `source` (a checkout in `DATA/builds/ID/src`) for `app`. The scratch folder is
-    /// removed afterwards, pass or fail; on success the built tree now lives in the image store.
+    /// Builds `source` (a checkout of commit `source_version` in `DATA/builds/ID/src`) for
+    /// `app`. The scratch folder is removed afterwards, pass or fail; on success the built tree
+    /// now lives in the image store.
     pub async fn build(
         &self,
         app: &str,
         source: PathBuf,
+        source_version: &str,
         config: &Config,
         limits: BuildLimits,
         out: &Progress,
@@ -96,25 +103,38 @@ impl Builder {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| source.clone());
-        let result = run_build(self, app, &source, &scratch, config, limits, out)
-            .instrument(info_span!("build", %app))
-            .await;
-        let _ = std::fs::remove_dir_all(&scratch);
+        let result = run_build(
+            self,
+            app,
+            &source,
+            &scratch,
+            source_version,
+            config,
+            limits,
+            out,
+        )
+        .instrument(info_span!("build", %app))
+        .await;
+        // In the background: the result does not wait for a venv's worth of unlinks. A server
+        // stopped before it finishes clears `DATA/builds` on its next start.
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&scratch));
         result
     }
 
-    /// The stack images' digests, building them if missing (or all again with `force`), with
+    /// The digests of `stack`'s images, building them if missing (or again with `force`), with
     /// progress streamed to `out`.
     pub async fn ensure_stacks(
         &self,
+        stack: &Stack,
         force: bool,
         out: &Progress,
     ) -> Result<(String, String), BuildError> {
         let _guard = STACK_LOCK.lock().await;
         let images = self.images.clone();
         let progress = out.clone();
+        let stack = *stack;
         Ok(tokio::task::spawn_blocking(move || {
-            stack::ensure_stacks(&images, force, &mut |line: &str| {
+            stack::ensure_stacks(&images, &stack, force, &mut |line: &str| {
                 progress.blocking_line(format!("       {line}"))
             })
         })
@@ -128,11 +148,16 @@ async fn run_build(
     app: &str,
     source: &Path,
     scratch: &Path,
+    source_version: &str,
     config: &Config,
     limits: BuildLimits,
     out: &Progress,
 ) -> Result<Built, BuildError> {
-    let (build_image, run_image) = d.ensure_stacks(false, out).await?;
+    let (stack, why) = buildpacks::choose_stack(source, config)?;
+    if let Some(why) = why {
+        out.line(format!("-----> {why}")).await;
+    }
+    let (build_image, run_image) = d.ensure_stacks(&stack, false, out).await?;
     if tree::has_file(source, "Dockerfile") {
         out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
             .await;
@@ -152,7 +177,11 @@ async fn run_build(
         .await
         .expect("image task")?;
     let mut env = stack_build.config.env.clone();
-    env.extend(["HOME=/app".to_string(), "STACK=berth-bookworm".to_string()]);
+    env.extend([
+        "HOME=/app".to_string(),
+        format!("STACK=berth-{}", stack.suite),
+        format!("SOURCE_VERSION={source_version}"),
+    ]);
     if let Some(url) = config.get("BUILDPACK_URL") {
         env.push(format!("BUILDPACK_URL={url}"));
     }
@@ -204,9 +233,28 @@ async fn run_build(
 
     out.line(format!("-----> Building {app} with buildpacks"))
         .await;
-    let ran = container::run(&d.runtime, spec, limits, out).await;
+    let started = std::time::Instant::now();
+    let ran = container::run(&d.runtime, spec, limits.limits, limits.timeout, "", out).await;
     d.network.detach(&id, Some(ip)).await;
-    ran?;
+    info!(
+        ms = started.elapsed().as_millis() as u64,
+        ended = ?ran.as_ref().ok(),
+        "build container finished"
+    );
+    match ran? {
+        container::Ended::Exited(0) => {}
+        container::Ended::Exited(code) => return Err(BuildError::Failed(code)),
+        container::Ended::OutOfMemory => {
+            return Err(BuildError::OutOfMemory {
+                limit: limits.limits.memory,
+            })
+        }
+        container::Ended::TimedOut => {
+            return Err(BuildError::TimedOut {
+                after: limits.timeout,
+            })
+        }
+    }
 
     let process_types = process_types(source, &out_dir)?;
     out.line(format!(
@@ -229,21 +277,35 @@ async fn run_build(
     out.line("-----> Packing the image").await;
     let images = d.images.clone();
     let source = source.to_path_buf();
-    let image = tokio::task::spawn_blocking(move || -> Result<String, ImageError> {
+    let declared = buildpacks::declared_layers(&out_dir)?;
+    let memo = d.paths.layer_memo(app);
+    let started = std::time::Instant::now();
+    let image = tokio::task::spawn_blocking(move || -> Result<String, BuildError> {
         let run = images.image(&run_image)?;
-        let app_layer = images.layer_from_dir(&source, "app")?;
         let mut layers = run.layers.clone();
-        layers.push(app_layer);
+        // Dependency layers (a venv, node_modules) first, reused while their key is unchanged;
+        // then the rest of /app.
+        for declared in &declared {
+            match buildpacks::dependency_layer(&images, &source, &memo, declared)? {
+                buildpacks::Dependency::Layer(layer) => layers.push(layer),
+                buildpacks::Dependency::Kept => {}
+                buildpacks::Dependency::Stale => {
+                    std::fs::remove_dir_all(&cache_dir)?;
+                    return Err(BuildError::StaleCache);
+                }
+            }
+        }
+        layers.push(images.layer_from_dir(&source, "app")?);
         let config = ImageConfig {
             env: run.config.env.clone(),
             working_dir: "/app".into(),
             cmd: vec![],
         };
-        images.put_image(&layers, &config)
+        Ok(images.put_image(&layers, &config)?)
     })
     .await
     .expect("pack task")?;
-    info!(%image, "built");
+    info!(%image, ms = started.elapsed().as_millis() as u64, "packed");
     Ok(Built {
         image,
         process_types,

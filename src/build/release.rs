@@ -1,4 +1,4 @@
-//! The output of a buildpack's `bin/release`: the tiny YAML subset Heroku buildpacks print,
+//! The output of a buildpack's `bin/release` (Heroku buildpack API v2), read with a YAML parser:
 //!
 //! ```yaml
 //! ---
@@ -6,91 +6,67 @@
 //!   web: python app.py
 //! ```
 //!
-//! Owns only that format (other top-level keys such as `addons:` are ignored); must not touch
-//! the filesystem or run anything.
+//! Only `default_process_types` is used (other keys such as `addons:` or `config_vars:` are
+//! ignored). Owns only that format; must not touch the filesystem or run anything.
+
+use serde::Deserialize;
 
 use super::procfile::valid_name;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("bin/release output line {line}: expected `name: command` under default_process_types, got `{text}` — fix the buildpack's bin/release")]
-    BadLine { line: usize, text: String },
-    #[error("bin/release output line {line}: process type `{name}` may only use letters, digits, `_` and `-` — fix the buildpack's bin/release")]
-    BadName { line: usize, name: String },
-    #[error("bin/release output line {line}: process type `{name}` appears twice — fix the buildpack's bin/release")]
-    Duplicate { line: usize, name: String },
+    /// `message` is the parser's, with the line and column.
+    #[error("bin/release output: {message} — fix the buildpack's bin/release")]
+    Yaml {
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("bin/release output: default_process_types must map names to commands, e.g. `web: python app.py` — fix the buildpack's bin/release")]
+    NotAMap,
+    #[error("bin/release output: process type `{name}` must be a name of letters, digits, `_` and `-` with a non-empty command — fix the buildpack's bin/release")]
+    BadEntry { name: String },
 }
 
-/// The `default_process_types` of a `bin/release` output, in order. Empty, `{}` or a missing
-/// section give no process types.
+#[derive(Deserialize)]
+struct Release {
+    #[serde(default)]
+    default_process_types: Option<serde_norway::Value>,
+}
+
+/// The `default_process_types` of a `bin/release` output, in order. Empty, `{}`, `~` or a
+/// missing section give no process types.
 pub fn default_process_types(yaml: &str) -> Result<Vec<(String, String)>, ReleaseError> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    let mut in_section = false;
-    for (i, raw) in yaml.lines().enumerate() {
-        let line = i + 1;
-        let text = raw.trim_end();
-        let content = text.trim_start();
-        if content.is_empty() || content.starts_with('#') || content == "---" {
-            continue;
-        }
-        let indented = text.len() != content.len();
-        if !indented {
-            // A top-level key: ours, or another one we skip (its indented lines too).
-            in_section = false;
-            if let Some(rest) = content.strip_prefix("default_process_types:") {
-                let rest = rest.trim();
-                if !(rest.is_empty() || rest == "{}" || rest == "~" || rest == "null") {
-                    return Err(ReleaseError::BadLine {
-                        line,
-                        text: content.to_string(),
-                    });
-                }
-                in_section = rest.is_empty();
-            }
-            continue;
-        }
-        if !in_section {
-            continue;
-        }
-        let Some((name, command)) = content.split_once(':') else {
-            return Err(ReleaseError::BadLine {
-                line,
-                text: content.to_string(),
-            });
+    if yaml.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let release: Option<Release> =
+        serde_norway::from_str(yaml).map_err(|e| ReleaseError::Yaml {
+            line: e.location().map(|l| l.line()),
+            message: e.to_string(),
+        })?;
+    let types = match release.and_then(|r| r.default_process_types) {
+        None | Some(serde_norway::Value::Null) => return Ok(Vec::new()),
+        Some(serde_norway::Value::Mapping(map)) => map,
+        Some(_) => return Err(ReleaseError::NotAMap),
+    };
+    let mut out = Vec::new();
+    for (name, command) in types {
+        let text = |v: &serde_norway::Value| match v {
+            serde_norway::Value::String(s) => Some(s.trim().to_string()),
+            _ => None,
         };
-        let name = unquote(name.trim());
-        let command = unquote(command.trim());
-        if !valid_name(name) {
-            return Err(ReleaseError::BadName {
-                line,
-                name: name.to_string(),
-            });
+        match (text(&name), text(&command)) {
+            (Some(name), Some(command)) if valid_name(&name) && !command.is_empty() => {
+                out.push((name, command))
+            }
+            (shown, _) => {
+                return Err(ReleaseError::BadEntry {
+                    name: shown.unwrap_or_else(|| format!("{name:?}")),
+                })
+            }
         }
-        if command.is_empty() {
-            return Err(ReleaseError::BadLine {
-                line,
-                text: content.to_string(),
-            });
-        }
-        if out.iter().any(|(n, _)| n == name) {
-            return Err(ReleaseError::Duplicate {
-                line,
-                name: name.to_string(),
-            });
-        }
-        out.push((name.to_string(), command.to_string()));
     }
     Ok(out)
-}
-
-/// Strips one pair of matching surrounding quotes (`'…'` or `"…"`).
-fn unquote(s: &str) -> &str {
-    for q in ['\'', '"'] {
-        if s.len() >= 2 && s.starts_with(q) && s.ends_with(q) {
-            return &s[1..s.len() - 1];
-        }
-    }
-    s
 }
 
 #[cfg(test)]
@@ -117,6 +93,15 @@ mod tests {
                 "addons:\n  - heroku-postgresql\ndefault_process_types:\n\n    web: 'python -m http.server $PORT'\nconfig_vars:\n  A: b\n",
                 &[("web", "python -m http.server $PORT")],
             ),
+            // Flow style and block scalars, which a line-by-line reader would get wrong.
+            (
+                "default_process_types: {web: node server.js, worker: 'x'}\n",
+                &[("web", "node server.js"), ("worker", "x")],
+            ),
+            (
+                "default_process_types:\n  clock: >-\n    python\n    clock.py\n",
+                &[("clock", "python clock.py")],
+            ),
         ];
         for (yaml, want) in cases {
             let want: Vec<(String, String)> = want
@@ -128,51 +113,37 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_output_with_line_numbers() {
-        use ReleaseError::*;
-        let cases: &[(&str, ReleaseError)] = &[
-            (
-                "---\ndefault_process_types:\n  web python\n",
-                BadLine {
-                    line: 3,
-                    text: "web python".into(),
-                },
-            ),
+    fn rejects_bad_output() {
+        let line = |yaml: &str| match default_process_types(yaml) {
+            Err(ReleaseError::Yaml { line, .. }) => line,
+            other => panic!("{yaml:?}: {other:?}"),
+        };
+        assert_eq!(
+            line("---\ndefault_process_types:\n  web: a\n  x: [\n"),
+            Some(5)
+        );
+        assert_eq!(
+            line("default_process_types:\n  web: a\n  web: b\n"),
+            Some(2)
+        );
+        for (yaml, want) in [
+            ("default_process_types: web\n", ReleaseError::NotAMap),
             (
                 "default_process_types:\n  web app: x\n",
-                BadName {
-                    line: 2,
+                ReleaseError::BadEntry {
                     name: "web app".into(),
                 },
             ),
             (
                 "default_process_types:\n  web:\n",
-                BadLine {
-                    line: 2,
-                    text: "web:".into(),
-                },
+                ReleaseError::BadEntry { name: "web".into() },
             ),
-            (
-                "default_process_types:\n  web: a\n  web: b\n",
-                Duplicate {
-                    line: 3,
-                    name: "web".into(),
-                },
-            ),
-            (
-                "default_process_types: web\n",
-                BadLine {
-                    line: 1,
-                    text: "default_process_types: web".into(),
-                },
-            ),
-        ];
-        for (yaml, want) in cases {
-            assert_eq!(
-                default_process_types(yaml).as_ref(),
-                Err(want),
-                "yaml {yaml:?}"
-            );
+        ] {
+            assert_eq!(default_process_types(yaml), Err(want), "yaml {yaml:?}");
         }
+        let message = default_process_types("default_process_types:\n  web: [\n")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("at line 3"), "{message}");
     }
 }

@@ -19,7 +19,7 @@ pub const PORT: u16 = 5000;
 pub const STOP_GRACE_SECS: u64 = 10;
 
 /// The command line that runs a process type: sources `.profile.d/*.sh`, then execs `command`.
-fn launcher(command: &str) -> Vec<String> {
+pub(super) fn launcher(command: &str) -> Vec<String> {
     let script = format!(
         "for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; exec {command}"
     );
@@ -83,6 +83,16 @@ impl std::fmt::Display for Dyno {
     }
 }
 
+/// What an app's containers get from the host: its resolvers (reached by NAT like any outside
+/// address).
+pub fn binds() -> Vec<Bind> {
+    vec![Bind {
+        source: "/etc/resolv.conf".into(),
+        destination: "/etc/resolv.conf".into(),
+        readonly: true,
+    }]
+}
+
 /// The limits the containers of `app`'s `process_type` start with.
 pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limits, DeployError> {
     let set = d.store.resources(app).await?;
@@ -124,26 +134,14 @@ pub async fn start(
         d.network.detach(&id, Some(ip)).await;
         return Err(err.into());
     }
-    let mut env = image.config.env.clone();
-    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
-    env.extend([
-        format!("PORT={PORT}"),
-        format!("DYNO={dyno}"),
-        "HOME=/app".to_string(),
-    ]);
     let spec = ContainerSpec {
         id: id.clone(),
         layers: image.layer_dirs(),
         args: launcher(command),
-        env,
+        env: env(release, image, dyno),
         cwd: "/app".into(),
         hostname: id.chars().take(63).collect(),
-        // The host's resolvers (reached by NAT like any outside address).
-        binds: vec![Bind {
-            source: "/etc/resolv.conf".into(),
-            destination: "/etc/resolv.conf".into(),
-            readonly: true,
-        }],
+        binds: binds(),
         netns: Some(netns),
         log: LogTarget::File {
             path: d.paths.log(&release.app),
@@ -163,6 +161,18 @@ pub async fn start(
     }
     info!(id = %row.id, ip = %row.ip, "container started");
     Ok(row)
+}
+
+/// The environment of `dyno`: the image's, the release's config, `PORT`, `DYNO`, `HOME`.
+pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> {
+    let mut env = image.config.env.clone();
+    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend([
+        format!("PORT={PORT}"),
+        format!("DYNO={dyno}"),
+        "HOME=/app".to_string(),
+    ]);
+    env
 }
 
 /// Whether the container has exited, and with which code.

@@ -39,6 +39,7 @@ use crate::tls::{Cert, Certs};
 
 mod container;
 mod health;
+mod release_phase;
 mod supervisor;
 mod switch;
 
@@ -123,6 +124,16 @@ pub enum DeployError {
     NoPendingPush { app: String, secs: u64 },
     #[error("the push ended before its release was checked, so nothing was deployed — push again")]
     PushEnded,
+    #[error("the release command exited with code {code} — see its output above; the release did not go live and what ran before keeps serving")]
+    ReleasePhaseFailed { code: i32 },
+    #[error(
+        "the release command ran longer than {secs} s and was stopped; the release did not go live"
+    )]
+    ReleasePhaseTimeout { secs: u64 },
+    #[error("the release command ran out of memory (its limit is {limit}) — raise it with `berth resources:set APP release --memory 1G`; the release did not go live")]
+    ReleasePhaseOutOfMemory { limit: String },
+    #[error("`release` is the release command, run once per release, not a process type to scale")]
+    ScaleRelease,
 }
 
 impl From<BuildError> for DeployError {
@@ -148,6 +159,16 @@ struct Pending {
     release: Release,
     started: Vec<ContainerRow>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Who and what a push deploys.
+pub struct Push<'a> {
+    /// The push's id (`BERTH_PUSH_ID`).
+    pub id: &'a str,
+    /// The pushed commit (`SOURCE_VERSION` in the build).
+    pub commit: &'a str,
+    /// The name of the SSH key that pushed.
+    pub by: &'a str,
 }
 
 /// The handles deploys need, and nothing more.
@@ -248,17 +269,17 @@ impl Deployer {
         app: &str,
         source: PathBuf,
         description: &str,
-        by: &str,
-        push: &str,
+        push: &Push<'_>,
         out: &Progress,
     ) -> Result<Release, DeployError> {
+        let (by, push_id) = (push.by, push.id);
         let guard = self.locks.lock(app).await;
         let (release, started) = async {
             let config = self.store.config(app).await?;
             let limits = BuildLimits::with(&self.store.build_limits(app).await?);
             let built = self
                 .builder
-                .build(app, source, &config, limits, out)
+                .build(app, source, push.commit, &config, limits, out)
                 .await?;
             let live = self.store.live_release(app).await?;
             let formation =
@@ -272,7 +293,7 @@ impl Deployer {
                 created_by: by.to_string(),
                 checks: built.checks,
             };
-            self.start_release(app, new, out).await
+            self.start_release(app, new, true, out).await
         }
         .instrument(info_span!("deploy", %app))
         .await?;
@@ -282,6 +303,7 @@ impl Deployer {
             started,
             _guard: guard,
         };
+        let push = push_id;
         if self.ended.lock().expect("ended").remove(push).is_some() {
             self.discard(pending, "the push ended before its release was checked")
                 .await;
@@ -383,7 +405,7 @@ impl Deployer {
                     ..next_of(&live)
                 };
                 let span = info_span!("config", %app);
-                Some(self.release(app, new, out).instrument(span).await?)
+                Some(self.release(app, new, true, out).instrument(span).await?)
             }
         };
         self.store.replace_config(app, &config).await?;
@@ -402,6 +424,9 @@ impl Deployer {
         let live = self.live(app).await?;
         for (process_type, count) in changes {
             self.require_type(&live, process_type)?;
+            if process_type == release_phase::PROCESS_TYPE {
+                return Err(DeployError::ScaleRelease);
+            }
             if *count > MAX_SCALE {
                 return Err(DeployError::TooMany {
                     process_type: process_type.clone(),
@@ -426,7 +451,7 @@ impl Deployer {
             created_by: by.to_string(),
             ..next_of(&live)
         };
-        self.release(app, new, out)
+        self.release(app, new, false, out)
             .instrument(info_span!("scale", %app))
             .await
     }
@@ -498,7 +523,7 @@ impl Deployer {
             checks: target.checks,
         };
         let release = self
-            .release(app, new, out)
+            .release(app, new, true, out)
             .instrument(info_span!("rollback", %app))
             .await?;
         self.store.replace_config(app, &target.config).await?;
@@ -635,23 +660,26 @@ impl Deployer {
         }
     }
 
-    /// Records `new` as a `deploying` release and switches to it.
+    /// Records `new` as a `deploying` release and switches to it (after its release command
+    /// when `release_phase`).
     async fn release(
         self: &Arc<Self>,
         app: &str,
         new: NewRelease,
+        release_phase: bool,
         out: &Progress,
     ) -> Result<Release, DeployError> {
-        let (release, started) = self.start_release(app, new, out).await?;
+        let (release, started) = self.start_release(app, new, release_phase, out).await?;
         self.commit(release, started, out).await
     }
 
-    /// Records `new` as a `deploying` release, starts and checks its containers; marks it
-    /// failed if that fails.
+    /// Records `new` as a `deploying` release, runs its release command (with
+    /// `release_phase`), starts and checks its containers; marks it failed if that fails.
     async fn start_release(
         self: &Arc<Self>,
         app: &str,
         new: NewRelease,
+        release_phase: bool,
         out: &Progress,
     ) -> Result<(Release, Vec<ContainerRow>), DeployError> {
         if !new.process_types.contains_key("web") {
@@ -659,10 +687,20 @@ impl Deployer {
         }
         let release = self.store.insert_release(app, &new).await?;
         let span = info_span!("start", %app, release = release.version);
-        match switch::start_and_check(self, &release, None, out)
-            .instrument(span)
-            .await
-        {
+        let started = async {
+            if release_phase
+                && release
+                    .process_types
+                    .contains_key(release_phase::PROCESS_TYPE)
+            {
+                let image = self.load_image(&release.image).await?;
+                release_phase::run(self, &release, &image, out)
+                    .instrument(info_span!("release_phase"))
+                    .await?;
+            }
+            switch::start_and_check(self, &release, None, out).await
+        };
+        match started.instrument(span).await {
             Ok(started) => Ok((release, started)),
             Err(err) => Err(self.failed(&release, err).await),
         }

@@ -338,6 +338,15 @@ impl ImageStore {
         Some(digest.trim().to_string())
     }
 
+    /// The stored layer with this digest, if its blob and extracted directory are both there.
+    pub fn layer(&self, digest: &str) -> Option<Layer> {
+        let dir = self.layer_dir(digest);
+        (self.blob_path(digest).ok()?.is_file() && dir.is_dir()).then(|| Layer {
+            digest: digest.to_string(),
+            dir,
+        })
+    }
+
     /// Reads an image back: its config and its extracted layers, top-most first.
     ///
     /// A layer whose extracted directory is missing is extracted again from its blob.
