@@ -8,7 +8,10 @@
 //! headers, request ids, retries, WebSocket bridging and one access-log line per request
 //! (target `berth::access`), and the ACME HTTP-01 answers `acme` hands it.
 //!
-//! Must not touch the store or the runtime: `deploy` tells it what to route.
+//! Must not touch the store or the runtime: `deploy` tells it what to route. Upstream
+//! connections are [`pool`]'s.
+
+mod pool;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -25,21 +28,21 @@ use bytes::Bytes;
 use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::http::{request, uri};
+use hyper::http::request;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 use tracing::{debug, info, warn};
+
+use pool::{Pool, Pooled, SendError};
 
 /// Requests counted for one host since it was first [`Routes::set`], by status class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,8 +126,6 @@ impl Drop for InFlight {
 /// One upstream of a route.
 struct Upstream {
     addr: SocketAddr,
-    /// `addr` as the authority of the URI sent upstream.
-    authority: Authority,
     gauge: Arc<Gauge>,
     /// Milliseconds since [`Routes::epoch`] until which the upstream is skipped after it
     /// refused a connection; 0 while it is in the rotation.
@@ -199,8 +200,6 @@ impl Routes {
             .into_iter()
             .map(|addr| Upstream {
                 addr,
-                authority: Authority::try_from(addr.to_string())
-                    .expect("a socket address is a valid URI authority"),
                 gauge: gauges.entry(addr).or_default().clone(),
                 down_until: AtomicU64::new(0),
             })
@@ -383,8 +382,6 @@ enum ProxyError {
     UnknownHost(String),
     #[error("berth: the app at {0} has no running web container — check `berth ps` and `berth logs` for it")]
     NoUpstream(String),
-    #[error("berth: the request target is not a path — send one such as /index.html")]
-    BadTarget,
     #[error("berth: the request body is larger than {0} bytes — send a smaller body")]
     TooLarge(usize),
     #[error("berth: the request body stalled — send it without long pauses")]
@@ -393,13 +390,13 @@ enum ProxyError {
     Refused {
         host: String,
         #[source]
-        source: ClientError,
+        source: SendError,
     },
     #[error("berth: the app at {host} closed the connection without an answer — check `berth logs` for it")]
     Failed {
         host: String,
         #[source]
-        source: ClientError,
+        source: SendError,
     },
     #[error("berth: the app at {host} did not answer within {after:?} — make it answer sooner or check `berth logs` for it")]
     Timeout { host: String, after: Duration },
@@ -409,7 +406,7 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             Self::RedirectHttps(_) => StatusCode::PERMANENT_REDIRECT,
-            Self::NoHost | Self::BadTarget => StatusCode::BAD_REQUEST,
+            Self::NoHost => StatusCode::BAD_REQUEST,
             Self::UnknownHost(_) => StatusCode::NOT_FOUND,
             Self::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -420,7 +417,7 @@ impl ProxyError {
     }
 
     /// Sorts a failed upstream request by where it went wrong: the client's body or the upstream.
-    fn from_client(host: &str, max_body: usize, source: ClientError) -> Self {
+    fn from_send(host: &str, max_body: usize, source: SendError) -> Self {
         let caused_by = |is: fn(&(dyn std::error::Error + 'static)) -> bool| {
             std::iter::successors(Some(&source as &(dyn std::error::Error + 'static)), |e| {
                 e.source()
@@ -431,7 +428,7 @@ impl ProxyError {
             Self::TooLarge(max_body)
         } else if caused_by(|e| e.is::<TimeoutError>()) {
             Self::BodyStalled
-        } else if source.is_connect() {
+        } else if matches!(source, SendError::Connect { .. }) {
             Self::Refused {
                 host: host.to_owned(),
                 source,
@@ -469,25 +466,36 @@ fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     );
     response
 }
-
-type ClientError = hyper_util::client::legacy::Error;
 /// A request body on its way to an upstream: limited in size and in pauses, or none.
 type UpstreamBody = Either<Pin<Box<TimeoutBody<Limited<Incoming>>>>, Empty<Bytes>>;
 /// A response body on its way to the client: the upstream's, or berth's own one line.
 type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// The client side of one accepted connection.
-#[derive(Clone, Copy)]
+/// The client side of one accepted connection, with the header values every request on it
+/// sends upstream made once.
 struct Conn {
-    peer: IpAddr,
-    local_port: u16,
+    /// The client's IP address.
+    peer: HeaderValue,
+    /// The port the client connected to.
+    local_port: HeaderValue,
     /// The client came over TLS (the HTTPS listener).
     https: bool,
 }
 
+impl Conn {
+    fn new(peer: IpAddr, local_port: u16, https: bool) -> Self {
+        Self {
+            peer: HeaderValue::from_str(&peer.to_string())
+                .expect("an IP address is a valid header value"),
+            local_port: HeaderValue::from(local_port),
+            https,
+        }
+    }
+}
+
 struct Proxy {
     routes: Arc<Routes>,
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Arc<Pool>,
     config: ProxyConfig,
 }
 
@@ -521,21 +529,18 @@ async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle)
-        .build(connector);
+    let pool = Pool::new(
+        config.connect_timeout,
+        config.pool_idle_timeout,
+        config.pool_max_idle,
+    );
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let proxy = Arc::new(Proxy {
         routes,
-        client,
+        pool,
         config,
     });
     let connections = TaskTracker::new();
@@ -562,11 +567,11 @@ async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "TCP_NODELAY");
         }
-        let conn = Conn {
-            peer: peer.ip(),
-            local_port: stream.local_addr().map_or(0, |addr| addr.port()),
-            https: tls.is_some(),
-        };
+        let conn = Conn::new(
+            peer.ip(),
+            stream.local_addr().map_or(0, |addr| addr.port()),
+            tls.is_some(),
+        );
         let (proxy, http, tls, shutdown) =
             (proxy.clone(), http.clone(), tls.clone(), shutdown.clone());
         connections.spawn(async move {
@@ -612,9 +617,10 @@ async fn serve_connection<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let conn = Arc::new(conn);
     let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(conn, req).await) }
+        let (proxy, conn) = (proxy.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
     });
     let connection = http
         .serve_connection(TokioIo::new(io), service)
@@ -631,7 +637,7 @@ where
 }
 
 impl Proxy {
-    async fn handle(&self, conn: Conn, req: Request<Incoming>) -> Response<Tracked> {
+    async fn handle(&self, conn: &Conn, req: Request<Incoming>) -> Response<Tracked> {
         let mut exchange = Exchange::start(&req);
         let acme = (!conn.https)
             .then(|| self.routes.acme_answer(req.uri().path()))
@@ -669,16 +675,19 @@ impl Proxy {
     /// when it switched protocols, the client side of the upgrade.
     async fn forward(
         &self,
-        conn: Conn,
+        conn: &Conn,
         mut req: Request<Incoming>,
         exchange: &mut Exchange,
     ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
         let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
         exchange.host.clone_from(&host);
+        let route = self
+            .routes
+            .route(&host)
+            .ok_or_else(|| ProxyError::UnknownHost(host.clone()))?;
+        exchange.host_state = Some(route.state.clone());
         if !conn.https {
-            let redirect = self.routes.route(&host).map_or(0, |route| {
-                route.state.redirect_https.load(Ordering::Relaxed)
-            });
+            let redirect = route.state.redirect_https.load(Ordering::Relaxed);
             if redirect != 0 {
                 let port = if redirect == 443 {
                     String::new()
@@ -691,7 +700,11 @@ impl Proxy {
                 )));
             }
         }
-        let route = self.route_with_upstreams(&host, exchange).await?;
+        let route = if route.upstreams.is_empty() {
+            self.route_with_upstreams(&host, exchange).await?
+        } else {
+            route
+        };
         if req.body().size_hint().lower() > self.config.max_body as u64 {
             return Err(ProxyError::TooLarge(self.config.max_body));
         }
@@ -703,6 +716,10 @@ impl Proxy {
             .cloned()
             .or_else(|| HeaderValue::from_str(&host).ok());
         strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        if let (None, Some(value)) = (parts.headers.get(header::HOST), &forwarded_host) {
+            // An absolute-form request may come without Host; the upstream needs one.
+            parts.headers.insert(header::HOST, value.clone());
+        }
         set_forwarding(
             &mut parts.headers,
             conn,
@@ -799,27 +816,26 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
-        let mut target = uri::Parts::default();
-        target.scheme = Some(Scheme::HTTP);
-        target.authority = Some(upstream.authority.clone());
-        target.path_and_query = Some(
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        // Origin form: the upstream is the server, not a proxy.
+        *req.uri_mut() = Uri::from(
             parts
                 .uri
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = Uri::from_parts(target).map_err(|_| ProxyError::BadTarget)?;
         *req.headers_mut() = headers;
-        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(req)).await {
-            Ok(Ok(response)) => {
+        let sent = self.pool.send(upstream.addr, req);
+        match tokio::time::timeout(self.config.upstream_timeout, sent).await {
+            Ok(Ok((response, connection))) => {
                 upstream.down_until.store(0, Ordering::Relaxed);
+                exchange.connection = Some(connection);
                 Ok(response)
             }
             Ok(Err(source)) => {
-                let err = ProxyError::from_client(host, self.config.max_body, source);
+                let err = ProxyError::from_send(host, self.config.max_body, source);
                 if matches!(err, ProxyError::Refused { .. }) {
                     let until = self.routes.now_ms() + self.config.down_for.as_millis() as u64;
                     upstream.down_until.store(until, Ordering::Relaxed);
@@ -877,6 +893,8 @@ struct Exchange {
     host_state: Option<Arc<HostState>>,
     upstream: Option<SocketAddr>,
     in_flight: Option<InFlight>,
+    /// The upstream connection the response came on, pooled again when the exchange ends.
+    connection: Option<Pooled>,
     status: StatusCode,
 }
 
@@ -891,6 +909,7 @@ impl Exchange {
             host_state: None,
             upstream: None,
             in_flight: None,
+            connection: None,
             status: CLIENT_CLOSED,
         }
     }
@@ -1022,11 +1041,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// forwarding headers are berth's alone (client copies replaced, `Forwarded` dropped).
 fn set_forwarding(
     headers: &mut HeaderMap,
-    conn: Conn,
+    conn: &Conn,
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) {
-    let peer = conn.peer.to_string();
     let prior: Vec<&str> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
@@ -1035,14 +1053,15 @@ fn set_forwarding(
         .filter(|value| !value.is_empty())
         .collect();
     let forwarded_for = if prior.is_empty() {
-        peer.clone()
+        Some(conn.peer.clone())
     } else {
-        format!("{}, {peer}", prior.join(", "))
+        let peer = conn.peer.to_str().expect("an IP address is visible ASCII");
+        HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
     };
     headers.remove(header::FORWARDED);
     for (name, value) in [
-        (X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).ok()),
-        (X_REAL_IP, HeaderValue::from_str(&peer).ok()),
+        (X_FORWARDED_FOR, forwarded_for),
+        (X_REAL_IP, Some(conn.peer.clone())),
         (
             X_FORWARDED_PROTO,
             Some(HeaderValue::from_static(if conn.https {
@@ -1052,7 +1071,7 @@ fn set_forwarding(
             })),
         ),
         (X_FORWARDED_HOST, host),
-        (X_FORWARDED_PORT, Some(HeaderValue::from(conn.local_port))),
+        (X_FORWARDED_PORT, Some(conn.local_port.clone())),
         (X_REQUEST_ID, Some(request_id.clone())),
     ] {
         match value {
@@ -1069,8 +1088,10 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .filter(|value| is_valid_request_id(value.as_bytes()))
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&hex::encode(rand::random::<[u8; 16]>()))
-                .expect("hex digits are a valid header value")
+            let mut id = [0; 32];
+            hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut id)
+                .expect("32 hex digits hold 16 bytes");
+            HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
         })
 }
 
@@ -1316,11 +1337,7 @@ mod tests {
 
     #[test]
     fn forwarding_headers_table() {
-        let conn = Conn {
-            peer: "192.0.2.7".parse().unwrap(),
-            local_port: 8080,
-            https: false,
-        };
+        let conn = Conn::new("192.0.2.7".parse().unwrap(), 8080, false);
         let cases: [(&[(&str, &str)], &str); 3] = [
             (&[], "192.0.2.7"),
             (
@@ -1341,7 +1358,7 @@ mod tests {
             map.insert(X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
             map.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
             let host = Some(HeaderValue::from_static("app.localhost:8080"));
-            set_forwarding(&mut map, conn, host, &HeaderValue::from_static("id-1"));
+            set_forwarding(&mut map, &conn, host, &HeaderValue::from_static("id-1"));
             assert_eq!(map.get_all(X_FORWARDED_FOR).iter().count(), 1);
             assert_eq!(map[X_FORWARDED_FOR], forwarded_for);
             assert_eq!(map[X_REAL_IP], "192.0.2.7");

@@ -252,6 +252,40 @@ async fn round_robin_across_upstreams() {
     assert_eq!((stats.requests, stats.success), (6, 6));
 }
 
+/// Upstream connections are kept alive and reused across requests from different clients: an
+/// upstream answering with the number of the connection each request came on sees only one.
+#[tokio::test]
+async fn upstream_connections_are_pooled() {
+    let proxy = start_proxy(config()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy
+        .routes
+        .set("app.localhost", vec![listener.local_addr().unwrap()]);
+    tokio::spawn(async move {
+        for number in 1.. {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_until(&mut stream, "\r\n\r\n").await;
+                    if !head.ends_with("\r\n\r\n") {
+                        return;
+                    }
+                    let body = format!("connection {number}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    for _ in 0..5 {
+        let (status, _, body) = get_from(proxy.addr, "app.localhost").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "connection 1"));
+    }
+}
+
 #[tokio::test]
 async fn plain_http_is_redirected_to_https_when_asked() {
     let proxy = start_proxy(config()).await;

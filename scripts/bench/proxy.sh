@@ -4,10 +4,13 @@
 # (default 3) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
 # the serving process used per request, which other load on the machine disturbs less than req/s.
 #
-# The upstream is NOT a berth container (that needs the server and the stack images): it is a second
-# nginx on 127.0.0.1 answering `200 ok` to every request, the same for all rows. Every proxy runs one
-# worker (berth: one tokio thread, examples/proxy_bench.rs), keeps upstream connections alive and
-# writes no access log. Everything runs on this machine, so wrk, proxy and upstream share its cores.
+# The upstream, the same for every row, is Debian's nginx answering `200 ok` to every request inside a
+# container that berth's embedded runtime runs in its own network namespace on a bridge of its own
+# (examples/bench_upstream.rs), as `berth server` runs an app: wrk, berth, nginx and haproxy all
+# reach it over the bridge. Every proxy runs one worker (berth: one tokio thread,
+# examples/proxy_bench.rs), keeps upstream connections alive and writes no access log. Everything
+# runs on this machine, so wrk, the proxies and the upstream share its cores. On exit, Ctrl-C
+# included, the upstream removes its container, netns, bridge, nftables table and files.
 #
 # Usage: scripts/bench/proxy.sh   (as root; env ROUNDS=3 DURATION=5s)
 set -euo pipefail
@@ -15,7 +18,7 @@ cd "$(dirname "$0")/../.."
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
-UP=18080 BERTH=18081 NGINX=18082 HAPROXY=18083
+BERTH=18081 NGINX=18082 HAPROXY=18083
 
 missing=()
 for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null || missing+=("$tool"); done
@@ -25,16 +28,27 @@ if ((${#missing[@]})); then
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
 fi
 source scripts/deps
-cargo build --release --example proxy_bench >&2
+cargo build --release --example proxy_bench --example bench_upstream >&2
 
 dir=$(mktemp -d)
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$dir"
+    rm -rf --one-file-system "$dir" # never into a mount the upstream may have left
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# The upstream container; it prints its address once nginx in it answers.
+target/release/examples/bench_upstream "$dir/upstream" >"$dir/upstream.addr" 2>"$dir/upstream.err" &
+pids+=($!)
+for _ in $(seq 200); do
+    [ -s "$dir/upstream.addr" ] || ! kill -0 "${pids[0]}" 2>/dev/null && break
+    sleep 0.1
+done
+UP=$(cat "$dir/upstream.addr")
+[ -n "$UP" ] || { echo "error: the upstream container did not start: $(cat "$dir/upstream.err")" >&2; exit 1; }
 
 nginx_conf() { # NAME PORT SERVER_BLOCK_BODY [HTTP_EXTRA]
     cat >"$dir/$1.conf" <<CONF
@@ -57,10 +71,9 @@ http {
 }
 CONF
 }
-nginx_conf upstream $UP "default_type text/plain; return 200 'ok';"
 nginx_conf nginx $NGINX "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
     proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;" \
-    "upstream app { server 127.0.0.1:$UP; keepalive 256; }"
+    "upstream app { server $UP; keepalive 256; }"
 cat >"$dir/haproxy.cfg" <<CONF
 global
     nbthread 1
@@ -77,25 +90,27 @@ frontend web
     option forwardfor
     default_backend app
 backend app
-    server up 127.0.0.1:$UP
+    server up $UP
 CONF
 
 declare -A worker # the process that serves each target, whose CPU time is measured
-nginx -e "$dir/upstream.err" -c "$dir/upstream.conf" & pids+=($!)
 nginx -e "$dir/nginx.err" -c "$dir/nginx.conf" & pids+=($!)
 haproxy -f "$dir/haproxy.cfg" 2>"$dir/haproxy.err" & pids+=($!)
 worker[haproxy]=$!
-target/release/examples/proxy_bench 127.0.0.1:$BERTH 127.0.0.1:$UP & pids+=($!)
+target/release/examples/proxy_bench 127.0.0.1:$BERTH "$UP" & pids+=($!)
 worker[berth]=$!
-for port in $UP $BERTH $NGINX $HAPROXY; do
+declare -A url=([direct]="http://$UP/" [berth]="http://127.0.0.1:$BERTH/"
+    [nginx]="http://127.0.0.1:$NGINX/" [haproxy]="http://127.0.0.1:$HAPROXY/")
+for name in direct berth nginx haproxy; do
     for _ in $(seq 100); do
-        curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null && break
+        curl -fs -H 'Host: bench.localhost' "${url[$name]}" >/dev/null && break
         sleep 0.1
     done
-    curl -fs -H 'Host: bench.localhost' "http://127.0.0.1:$port/" >/dev/null ||
-        { echo "error: nothing answers on port $port — see $dir/*.err" >&2; exit 1; }
+    curl -fs -H 'Host: bench.localhost' "${url[$name]}" >/dev/null ||
+        { echo "error: nothing answers at ${url[$name]} — see $dir/*.err" >&2; exit 1; }
 done
-worker[direct]=$(pgrep -P "${pids[0]}")
+# The container's nginx worker: the child of its master, the container's first process.
+worker[direct]=$(pgrep -P "$(cat "$dir"/upstream/containers/*/pid)")
 worker[nginx]=$(pgrep -P "${pids[1]}")
 
 # CPU time (user + system, in clock ticks) a process has used so far.
@@ -106,7 +121,7 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 measure() { # NAME CONNECTIONS
     local before wrk_out
     before=$(cpu_ticks "${worker[$1]}")
-    wrk_out=$(wrk -t1 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "http://127.0.0.1:${port[$1]}/")
+    wrk_out=$(wrk -t1 -c"$2" -d"$DURATION" --latency -H 'Host: bench.localhost' "${url[$1]}")
     awk -v ticks=$(($(cpu_ticks "${worker[$1]}") - before)) -v tick_us="$TICK_US" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
         /requests in/ { n = $1 } /Requests\/sec/ { rps = $2 } $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
@@ -114,7 +129,6 @@ measure() { # NAME CONNECTIONS
 }
 
 names=(direct berth nginx haproxy)
-declare -A port=([direct]=$UP [berth]=$BERTH [nginx]=$NGINX [haproxy]=$HAPROXY)
 for round in $(seq "$ROUNDS"); do
     order=("${names[@]}")
     ((round % 2 == 0)) && order=(haproxy nginx berth direct)
@@ -144,4 +158,4 @@ for c in 50 200; do
         -v bc="$(median "$dir/berth-$c" 4)" -v nc="$(median "$dir/nginx-$c" 4)" \
         'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, br / nr, "", bp / np, bc / nc }'
 done
-echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok on 127.0.0.1)"
+echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok in a berth container at $UP)"
