@@ -667,7 +667,17 @@ impl Proxy {
             }
             None => Some(exchange),
         };
-        response.map(|body| Tracked { body, exchange })
+        // A stream (no length known: server-sent events, long polls) ends cleanly, with its
+        // last chunk, when its upstream is disconnected at the end of a drain.
+        let gone = (exchange.as_ref())
+            .filter(|_| response.body().size_hint().exact().is_none())
+            .and_then(|exchange| exchange.in_flight.as_ref())
+            .map(|flight| Box::pin(flight.0.gone.clone().cancelled_owned()));
+        response.map(|body| Tracked {
+            body,
+            exchange,
+            gone,
+        })
     }
 
     /// Sends `req` to one of its host's upstreams (and, for an idempotent request without a
@@ -935,6 +945,8 @@ impl Drop for Exchange {
 struct Tracked {
     body: ProxyBody,
     exchange: Option<Exchange>,
+    /// For a stream: fires when its upstream is disconnected.
+    gone: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
 }
 
 impl Body for Tracked {
@@ -946,9 +958,18 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
+        if frame.is_pending()
+            && this
+                .gone
+                .as_mut()
+                .is_some_and(|g| std::future::Future::poll(g.as_mut(), cx).is_ready())
+        {
+            frame = Poll::Ready(None);
+        }
         if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
             this.exchange = None;
+            this.gone = None;
         }
         frame
     }

@@ -614,6 +614,24 @@ async fn server_sent_events_arrive_one_by_one() {
         .unwrap()
         .is_none());
     assert!(proxy.routes.wait_idle(upstream, WAIT).await);
+
+    // A stream still open when its upstream is disconnected (the end of a drain) ends cleanly,
+    // with its last chunk, not with a broken connection.
+    let req = request("GET", "sse.localhost", "/events")
+        .body(Full::default())
+        .unwrap();
+    let mut body = open(proxy.addr, req).await.into_body();
+    let mut events = streams.recv().await.unwrap();
+    events.send(Bytes::from("data: 4\n\n")).await.unwrap();
+    let frame = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+    assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "data: 4\n\n");
+    proxy.routes.disconnect(upstream);
+    let end = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the stream stayed open after its upstream was disconnected");
+    assert!(end.is_none(), "the stream broke instead of ending: {end:?}");
+    assert!(proxy.routes.wait_idle(upstream, WAIT).await);
+    drop(events);
 }
 
 #[tokio::test]

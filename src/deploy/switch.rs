@@ -236,6 +236,8 @@ impl Deployer {
             tokio::spawn(async move {
                 if c.process_type == "web" && !d.routes.wait_idle(c.addr(), deadline).await {
                     warn!(id = %c.id, secs = deadline.as_secs(), "requests still in flight at the drain deadline; stopping anyway");
+                    // Streams and WebSockets still open end cleanly now, before the app goes.
+                    d.routes.disconnect(c.addr());
                 }
                 container::stop(&d, &c).await;
                 d.routes.disconnect(c.addr());
