@@ -251,6 +251,7 @@ fn put_image_round_trips_with_layers_top_most_first() {
         env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
         working_dir: "/app".into(),
         cmd: vec!["python".into(), "app.py".into()],
+        ..ImageConfig::default()
     };
 
     let digest = store
@@ -572,6 +573,7 @@ fn slow_stack_images_build_and_run_the_python_buildpack() {
                 env: run.config.env.clone(),
                 working_dir: "/app".into(),
                 cmd: vec![],
+                ..ImageConfig::default()
             },
         )
         .unwrap();

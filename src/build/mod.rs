@@ -23,12 +23,20 @@ use crate::store::ProcessTypes;
 use crate::tree;
 
 pub mod buildpacks;
+pub mod dockerfile;
 pub mod output;
 pub mod procfile;
 pub mod release;
 
 /// Where the host CA bundle appears inside build containers.
 const CA_BUNDLE_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The variables that point build tools at the CA bundle.
+const CA_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+];
 
 #[derive(Debug, Error)]
 pub enum BuildError {
@@ -50,7 +58,9 @@ pub enum BuildError {
     Network(#[from] crate::network::NetworkError),
     #[error(transparent)]
     Checks(#[from] checks::ChecksError),
-    #[error("no process types: add a Procfile with a line like `web: python app.py`")]
+    #[error(transparent)]
+    Dockerfile(#[from] dockerfile::DockerfileError),
+    #[error("no process types: add a Procfile with a line like `web: python app.py` (or a CMD to the Dockerfile)")]
     NoProcessTypes,
 }
 
@@ -125,9 +135,8 @@ async fn run_build(
     out: &Progress,
 ) -> Result<Built, BuildError> {
     let (build_image, run_image) = d.ensure_stacks(false, out).await?;
-    if tree::has_file(source, "Dockerfile") {
-        out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
-            .await;
+    if let Some(path) = dockerfile::find(source, config)? {
+        return dockerfile::build(d, app, source, &path, config, out).await;
     }
     let env_dir = scratch.join("env");
     let out_dir = scratch.join("out");
@@ -158,12 +167,7 @@ async fn run_build(
     ];
     if let Some(ca) = &d.ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
-        for var in [
-            "SSL_CERT_FILE",
-            "PIP_CERT",
-            "REQUESTS_CA_BUNDLE",
-            "NODE_EXTRA_CA_CERTS",
-        ] {
+        for var in CA_VARS {
             env.push(format!("{var}={CA_BUNDLE_IN_BUILD}"));
         }
     }
@@ -246,6 +250,7 @@ async fn run_build(
             env: run.config.env.clone(),
             working_dir: "/app".into(),
             cmd: vec![],
+            ..ImageConfig::default()
         };
         images.put_image(&layers, &config)
     })
@@ -280,4 +285,10 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
         return Err(BuildError::NoProcessTypes);
     }
     Ok(types)
+}
+
+impl From<dockerfile::parse::ParseError> for BuildError {
+    fn from(err: dockerfile::parse::ParseError) -> Self {
+        BuildError::Dockerfile(err.into())
+    }
 }

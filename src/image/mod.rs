@@ -17,7 +17,7 @@ pub mod stack;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -84,12 +84,37 @@ pub struct Layer {
     pub dir: PathBuf,
 }
 
-/// The part of an OCI image config berth uses to start processes.
+/// The part of an OCI image config berth uses to start processes. The fields after `cmd` are
+/// set by Dockerfile builds and written to the OCI config only when set, so images without
+/// them keep their digests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     pub env: Vec<String>,
     pub working_dir: String,
     pub cmd: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub user: String,
+    /// `8000/tcp`
+    pub exposed_ports: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub stop_signal: String,
+    pub volumes: Vec<String>,
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// Docker's `Healthcheck` image config (durations in nanoseconds, as Docker writes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Healthcheck {
+    #[serde(rename = "Test")]
+    pub test: Vec<String>,
+    #[serde(rename = "Interval", default)]
+    pub interval_ns: u64,
+    #[serde(rename = "Timeout", default)]
+    pub timeout_ns: u64,
+    #[serde(rename = "StartPeriod", default)]
+    pub start_period_ns: u64,
+    #[serde(rename = "Retries", default)]
+    pub retries: u32,
 }
 
 /// An image read back from the store.
@@ -143,8 +168,96 @@ struct OciRunConfig {
     env: Vec<String>,
     #[serde(rename = "WorkingDir", default)]
     working_dir: String,
-    #[serde(rename = "Cmd", default)]
+    #[serde(rename = "Cmd", default, deserialize_with = "null_as_default")]
     cmd: Vec<String>,
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    entrypoint: Vec<String>,
+    #[serde(rename = "User", default, skip_serializing_if = "String::is_empty")]
+    user: String,
+    #[serde(
+        rename = "ExposedPorts",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    exposed_ports: BTreeMap<String, serde_json::Value>,
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    labels: BTreeMap<String, String>,
+    #[serde(
+        rename = "StopSignal",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    stop_signal: String,
+    #[serde(
+        rename = "Volumes",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    volumes: BTreeMap<String, serde_json::Value>,
+    #[serde(
+        rename = "Healthcheck",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    healthcheck: Option<Healthcheck>,
+}
+
+/// Docker writes `null` for empty lists and maps.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+impl OciRunConfig {
+    fn from_config(config: &ImageConfig) -> Self {
+        let set = |list: &[String]| -> BTreeMap<String, serde_json::Value> {
+            list.iter()
+                .map(|k| (k.clone(), serde_json::json!({})))
+                .collect()
+        };
+        OciRunConfig {
+            env: config.env.clone(),
+            working_dir: config.working_dir.clone(),
+            cmd: config.cmd.clone(),
+            entrypoint: config.entrypoint.clone(),
+            user: config.user.clone(),
+            exposed_ports: set(&config.exposed_ports),
+            labels: config.labels.clone(),
+            stop_signal: config.stop_signal.clone(),
+            volumes: set(&config.volumes),
+            healthcheck: config.healthcheck.clone(),
+        }
+    }
+
+    fn into_config(self) -> ImageConfig {
+        ImageConfig {
+            env: self.env,
+            working_dir: self.working_dir,
+            cmd: self.cmd,
+            entrypoint: self.entrypoint,
+            user: self.user,
+            exposed_ports: self.exposed_ports.into_keys().collect(),
+            labels: self.labels,
+            stop_signal: self.stop_signal,
+            volumes: self.volumes.into_keys().collect(),
+            healthcheck: self.healthcheck,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -221,6 +334,57 @@ impl ImageStore {
         {
             return Err(ImageError::BadPrefix(prefix.to_string()));
         }
+        self.pack_layer(dir, prefix_path)
+    }
+
+    /// Packs `dir` as a layer whose root is `dir` itself (a build step's overlay upper dir, or
+    /// a staged `COPY`). Consumed like [`ImageStore::layer_from_dir`]'s `dir`.
+    pub fn layer_from_root(&self, dir: &Path) -> Result<Layer, ImageError> {
+        self.pack_layer(dir, Path::new(""))
+    }
+
+    /// The stored layer `digest` (extracted again if its directory is missing).
+    pub fn layer(&self, digest: &str) -> Result<Layer, ImageError> {
+        digest_hex(digest)?;
+        let dir = self.layer_dir(digest);
+        if !dir.exists() {
+            self.extract_layer(digest, &dir)?;
+        }
+        Ok(Layer {
+            digest: digest.to_string(),
+            dir,
+        })
+    }
+
+    /// The layer cached under `key` (`cache/<key>`: a build step's cache key, 64 hex digits),
+    /// if it is still in the store. This is where Dockerfile build steps are cached.
+    pub fn cached_layer(&self, key: &str) -> Option<Layer> {
+        let digest = fs::read_to_string(self.cache_path(key)?).ok()?;
+        self.layer(digest.trim()).ok()
+    }
+
+    /// Remembers `layer` as the result of the build step `key`.
+    pub fn cache_layer(&self, key: &str, layer: &Layer) -> Result<(), ImageError> {
+        let path = self
+            .cache_path(key)
+            .ok_or_else(|| ImageError::BadDigest(key.to_string()))?;
+        let dir = path.parent().expect("cache entries sit in cache/");
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        write_atomic(&path, layer.digest.as_bytes())
+    }
+
+    fn cache_path(&self, key: &str) -> Option<PathBuf> {
+        (key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| self.root.join("cache").join(key))
+    }
+
+    /// A fresh scratch path inside the store, on its filesystem (so layers move in by rename).
+    pub fn scratch(&self, what: &str) -> PathBuf {
+        self.tmp_path(what)
+    }
+
+    /// Packs `dir` as a layer under `prefix` (empty: at the root).
+    fn pack_layer(&self, dir: &Path, prefix_path: &Path) -> Result<Layer, ImageError> {
         let tmp = self.tmp_path("layer.tar");
         let written = write_dir_tar(dir, prefix_path, &tmp);
         let digest = written.and_then(|()| {
@@ -230,6 +394,10 @@ impl ImageStore {
         let _ = fs::remove_file(&tmp);
         let digest = digest?;
 
+        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
+        let chmod_755 = |p: &Path| {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
+        };
         let layer_dir = self.layer_dir(&digest);
         if layer_dir.exists() {
             fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
@@ -238,14 +406,27 @@ impl ImageStore {
                 dir: layer_dir,
             });
         }
+        if prefix_path.as_os_str().is_empty() {
+            chmod_755(dir)?;
+            return match fs::rename(dir, &layer_dir) {
+                Ok(()) => Ok(Layer {
+                    digest,
+                    dir: layer_dir,
+                }),
+                Err(_) => {
+                    self.extract_layer(&digest, &layer_dir)?;
+                    fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
+                    Ok(Layer {
+                        digest,
+                        dir: layer_dir,
+                    })
+                }
+            };
+        }
         let staging = self.tmp_path("layer");
         let target = staging.join(prefix_path);
         let parent = target.parent().expect("prefix has a component");
         fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
-        let chmod_755 = |p: &Path| {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
-        };
         let mut fixed = staging.clone();
         chmod_755(&fixed)?;
         for c in prefix_path.parent().unwrap_or(Path::new("")).components() {
@@ -292,11 +473,7 @@ impl ImageStore {
         let oci_config = OciConfig {
             architecture: oci_arch().to_string(),
             os: "linux".to_string(),
-            config: OciRunConfig {
-                env: config.env.clone(),
-                working_dir: config.working_dir.clone(),
-                cmd: config.cmd.clone(),
-            },
+            config: OciRunConfig::from_config(config),
             rootfs: RootFs {
                 kind: "layers".to_string(),
                 diff_ids: layers.iter().map(|l| l.digest.clone()).collect(),
@@ -358,11 +535,7 @@ impl ImageStore {
         }
         Ok(Image {
             digest: digest.to_string(),
-            config: ImageConfig {
-                env: config.config.env,
-                working_dir: config.config.working_dir,
-                cmd: config.config.cmd,
-            },
+            config: config.config.into_config(),
             layers,
         })
     }
@@ -616,7 +789,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
     // Parent directories of the prefix (e.g. `a/` for `a/b`), owned by root.
     let mut parent = PathBuf::new();
     let components: Vec<_> = prefix.components().collect();
-    for c in &components[..components.len() - 1] {
+    for c in &components[..components.len().saturating_sub(1)] {
         parent.push(c);
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Directory);
@@ -640,9 +813,12 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
         let ft = meta.file_type();
         if ft.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
-            builder
-                .append_data(&mut header, &name, io::empty())
-                .map_err(io_err("writing", out))?;
+            // A root layer (empty prefix) has no entry for its root.
+            if !name.as_os_str().is_empty() {
+                builder
+                    .append_data(&mut header, &name, io::empty())
+                    .map_err(io_err("writing", out))?;
+            }
             let mut children: Vec<_> = fs::read_dir(&src)
                 .map_err(io_err("listing", &src))?
                 .map(|e| e.map(|e| e.file_name()))

@@ -198,6 +198,7 @@ fn build_stacks(
             env: stack_env(),
             working_dir: "/app".to_string(),
             cmd: Vec::new(),
+            ..ImageConfig::default()
         };
         let digest = store.put_image(&[layer], &config)?;
         store.tag(&name, &digest)?;
