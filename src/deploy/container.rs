@@ -12,7 +12,8 @@ use super::{DeployError, Deployer};
 use crate::image::Image;
 use crate::store::{ContainerRow, ContainerState, Release, Store};
 
-/// The port every container's app listens on, inside its own netns.
+/// The port every container's app listens on, inside its own netns, unless its image exposes
+/// one TCP port (a Dockerfile's `EXPOSE`).
 pub const PORT: u16 = 5000;
 /// How long a stopping container gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE_SECS: u64 = 10;
@@ -93,6 +94,7 @@ pub async fn start(
         .get(process_type)
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
+    let port = image.config.port().unwrap_or(PORT);
     let (ip, netns) = d.network.attach(&id).await?;
     let row = ContainerRow {
         id: id.clone(),
@@ -101,7 +103,7 @@ pub async fn start(
         process_type: process_type.to_string(),
         number: number.into(),
         ip: ip.to_string(),
-        port: PORT.into(),
+        port: port.into(),
         created_at: Store::timestamp(),
         state: ContainerState::Starting,
         restarts: dyno.restarts,
@@ -114,7 +116,7 @@ pub async fn start(
     let mut env = image.config.env.clone();
     env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
     env.extend([
-        format!("PORT={PORT}"),
+        format!("PORT={port}"),
         format!("DYNO={dyno}"),
         "HOME=/app".to_string(),
     ]);
@@ -123,7 +125,10 @@ pub async fn start(
         layers: image.layer_dirs(),
         args: launcher(command),
         env,
-        cwd: "/app".into(),
+        cwd: match image.config.working_dir.as_str() {
+            "" => "/app".into(),
+            dir => dir.into(),
+        },
         hostname: id.chars().take(63).collect(),
         binds: vec![],
         netns: Some(netns),

@@ -11,7 +11,12 @@
 //! Must not touch: mounts, namespaces or containers (the runtime crate does that with the
 //! directories [`ImageStore::image`] returns), and nothing outside its root.
 //!
-//! Layers carry no OCI whiteouts: berth's layers only add files (a stack, an app directory).
+//! - `cache/<64 hex>`: the layer cache of Dockerfile build steps, one file per step key holding
+//!   a layer digest ([`ImageStore::cached_layer`]).
+//!
+//! Layer tars carry no OCI whiteouts. A Dockerfile `RUN` layer is its container's overlay upper
+//! dir, moved in as the extracted layer, so its deletions (overlay whiteouts) work as a lower
+//! dir; extracting its tar again would lose them.
 
 pub mod stack;
 
@@ -100,6 +105,16 @@ pub struct ImageConfig {
     pub stop_signal: String,
     pub volumes: Vec<String>,
     pub healthcheck: Option<Healthcheck>,
+}
+
+impl ImageConfig {
+    /// The one TCP port the image exposes, if it exposes exactly one.
+    pub fn port(&self) -> Option<u16> {
+        match self.exposed_ports.as_slice() {
+            [one] => one.strip_suffix("/tcp")?.parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 /// Docker's `Healthcheck` image config (durations in nanoseconds, as Docker writes them).
