@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{chown, symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use globset::{Glob, GlobMatcher};
+use globset::GlobMatcher;
 use sha2::{Digest, Sha256};
 
 /// The `.dockerignore` rules of a context: later rules win; `!` re-includes.
@@ -35,22 +35,15 @@ impl Ignore {
                 None => (false, line),
             };
             let pattern = clean(pattern);
-            let glob = Glob::new(&pattern)
-                .and_then(|g| Ok(g.compile_matcher()))
-                .map_err(|e| format!(".dockerignore line {}: {e}: {line}", n + 1))?;
-            rules.push((glob, negated));
-        }
-        // `*` must not cross `/`, as in Docker (Go's filepath.Match).
-        let mut strict = Vec::new();
-        for (glob, negated) in rules {
-            let glob = globset::GlobBuilder::new(glob.glob().glob())
+            // `*` does not cross `/`, as in Docker (Go's filepath.Match).
+            let glob = globset::GlobBuilder::new(&pattern)
                 .literal_separator(true)
                 .build()
-                .expect("the pattern compiled above")
+                .map_err(|e| format!(".dockerignore line {}: {e}: {line}", n + 1))?
                 .compile_matcher();
-            strict.push((glob, negated));
+            rules.push((glob, negated));
         }
-        Ok(Ignore { rules: strict })
+        Ok(Ignore { rules })
     }
 
     /// Whether `path` (relative to the context) is left out: the last rule matching it or one
