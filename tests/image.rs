@@ -617,3 +617,92 @@ fn slow_stack_images_build_and_run_the_python_buildpack() {
         "{output}"
     );
 }
+
+/// A `docker save` archive of two layers (the second gzip-compressed, deleting a file of the
+/// first with an OCI whiteout) imports under its RepoTag with its config; the store's own OCI
+/// layout, packed as a tar, imports into another store as an OCI archive.
+#[test]
+fn images_import_docker_save_and_oci_archives() {
+    use tar::EntryType::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let layer_tar = |entries: &[(&str, &[u8])]| -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = header(Regular, 0o644, 0, data.len() as u64);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let first = layer_tar(&[("bin/hello", b"hi"), ("gone", b"old")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &layer_tar(&[(".wh.gone", b""), ("new", b"n")])).unwrap();
+    let second = gz.finish().unwrap();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"],"Cmd":["/bin/hello"],"Entrypoint":null,"ExposedPorts":{"8080/tcp":{}},"WorkingDir":"/srv"},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let manifest = br#"[{"Config":"cfg.json","RepoTags":["hello:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}]"#;
+    let archive = tmp.path().join("saved.tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    for (name, data) in [
+        ("l1/layer.tar", &first[..]),
+        ("l2/layer.tar", &second[..]),
+        ("cfg.json", &config[..]),
+        ("manifest.json", &manifest[..]),
+    ] {
+        let mut h = header(Regular, 0o644, 0, data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    b.finish().unwrap();
+    drop(b);
+
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let (name, digest) = store.import_archive(&archive, None).unwrap();
+    assert_eq!(name, "hello:1");
+    assert_eq!(store.resolve("hello:1").as_deref(), Some(digest.as_str()));
+    let image = store.image(&digest).unwrap();
+    assert_eq!(image.config.env, ["A=1"]);
+    assert_eq!(image.config.cmd, ["/bin/hello"]);
+    assert_eq!(image.config.working_dir, "/srv");
+    assert_eq!(image.config.port(), Some(8080));
+    assert_eq!(image.layers.len(), 2);
+    assert_eq!(
+        fs::read(image.layers[0].dir.join("bin/hello")).unwrap(),
+        b"hi"
+    );
+    // The whiteout became overlayfs's: a 0:0 character device where `gone` was.
+    let gone = fs::symlink_metadata(image.layers[1].dir.join("gone")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &gone.file_type()
+    ));
+    assert_eq!(gone.rdev(), 0);
+    assert!(!image.layers[1].dir.join(".wh.gone").exists());
+
+    // The store is an OCI layout: packed as a tar it is an OCI archive another store imports.
+    let oci = tmp.path().join("oci.tar");
+    let mut b = tar::Builder::new(fs::File::create(&oci).unwrap());
+    for part in ["oci-layout", "index.json", "blobs"] {
+        let path = tmp.path().join("images").join(part);
+        if path.is_dir() {
+            b.append_dir_all(part, &path).unwrap();
+        } else {
+            b.append_path_with_name(&path, part).unwrap();
+        }
+    }
+    b.finish().unwrap();
+    drop(b);
+    let other = ImageStore::open(&tmp.path().join("other")).unwrap();
+    let (name, again) = other.import_archive(&oci, None).unwrap();
+    assert_eq!(
+        (name.as_str(), again.as_str()),
+        ("hello:1", digest.as_str())
+    );
+    let (_, renamed) = other.import_archive(&oci, Some("base")).unwrap();
+    assert_eq!(other.resolve("base"), Some(renamed));
+
+    // Not an image archive: a plain layer tar.
+    let err = store.import_archive(
+        &tmp.path()
+            .join("images/blobs/sha256")
+            .join(&image.layers[0].digest[7..]),
+        None,
+    );
+    assert!(matches!(err, Err(ImageError::BadArchive { .. })), "{err:?}");
+}

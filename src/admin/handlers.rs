@@ -307,6 +307,15 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Removed the certificate of {name}")).await;
             Ok(())
         }
+        Request::ImagesImport { file, name } => {
+            let images = d.deployer.builder().images.clone();
+            let (name, digest) =
+                tokio::task::spawn_blocking(move || images.import_archive(&file, name.as_deref()))
+                    .await
+                    .expect("import task")?;
+            out.line(format!("Imported {name}: {digest}")).await;
+            Ok(())
+        }
         Request::StackBuild { force } => {
             let (build, run) = d.deployer.builder().ensure_stacks(force, out).await?;
             out.line(format!(

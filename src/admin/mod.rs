@@ -102,6 +102,11 @@ pub enum Request {
     StackBuild {
         force: bool,
     },
+    ImagesImport {
+        /// An absolute path on the server (the admin socket is local).
+        file: std::path::PathBuf,
+        name: Option<String>,
+    },
     PsScale {
         name: String,
         /// `TYPE=N` pairs.

@@ -14,10 +14,11 @@
 //! - `cache/<64 hex>`: the layer cache of Dockerfile build steps, one file per step key holding
 //!   a layer digest ([`ImageStore::cached_layer`]).
 //!
-//! Layer tars carry no OCI whiteouts. A Dockerfile `RUN` layer is its container's overlay upper
-//! dir, moved in as the extracted layer, so its deletions (overlay whiteouts) work as a lower
-//! dir; extracting its tar again would lose them.
+//! Deletions: layer tars carry OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`); extracted layers
+//! carry overlayfs's (a 0:0 character device, the `trusted.overlay.opaque` xattr), so a build
+//! step's overlay upper dir is a layer as it is.
 
+mod import;
 pub mod stack;
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,8 @@ pub enum ImageError {
         digest: String,
         detail: String,
     },
+    #[error("{} is not an image archive berth can import: {problem} — pass a `docker save` tar or an OCI archive", path.display())]
+    BadArchive { path: PathBuf, problem: String },
     #[error("{tool} is not installed — install it with `apt-get install {package}` and retry")]
     MissingTool {
         tool: &'static str,
@@ -163,7 +166,7 @@ struct Descriptor {
 struct Manifest {
     #[serde(rename = "schemaVersion")]
     schema_version: u32,
-    #[serde(rename = "mediaType")]
+    #[serde(rename = "mediaType", default)]
     media_type: String,
     config: Descriptor,
     layers: Vec<Descriptor>,
@@ -179,7 +182,7 @@ struct OciConfig {
 
 #[derive(Serialize, Deserialize)]
 struct OciRunConfig {
-    #[serde(rename = "Env", default)]
+    #[serde(rename = "Env", default, deserialize_with = "null_as_default")]
     env: Vec<String>,
     #[serde(rename = "WorkingDir", default)]
     working_dir: String,
@@ -776,8 +779,17 @@ fn extract_tar(tar: &Path, dst: &Path) -> Result<(), ImageError> {
     // Directories last, deepest first, so a read-only directory does not block its children
     // and directory mtimes survive.
     let mut directories = Vec::new();
+    let mut whiteouts = Vec::new();
     for entry in archive.entries().map_err(io_err("reading", tar))? {
         let mut entry = entry.map_err(io_err("reading", tar))?;
+        let path = entry.path().map_err(io_err("reading", tar))?.into_owned();
+        if path
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()))
+        {
+            whiteouts.push(path);
+            continue;
+        }
         match entry.header().entry_type() {
             tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => continue,
             tar::EntryType::Directory => directories.push(entry),
@@ -790,8 +802,61 @@ fn extract_tar(tar: &Path, dst: &Path) -> Result<(), ImageError> {
     for mut dir in directories {
         dir.unpack_in(dst).map_err(io_err("extracting", tar))?;
     }
+    for path in whiteouts {
+        overlay_whiteout(dst, &path).map_err(io_err("extracting", tar))?;
+    }
     // The layer root itself: like any image root, 0755.
     fs::set_permissions(dst, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", dst))
+}
+
+/// OCI whiteouts: `.wh.NAME` deletes NAME from the layers below, `.wh..wh..opq` hides
+/// everything below in its folder.
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Turns the OCI whiteout at `rel` into overlayfs's form under `root`: a 0:0 character device
+/// in place of the deleted name, or the opaque xattr on the folder.
+fn overlay_whiteout(root: &Path, rel: &Path) -> io::Result<()> {
+    let name = rel.file_name().unwrap_or_default().to_string_lossy();
+    let parent = root.join(rel.parent().unwrap_or(Path::new("")));
+    fs::create_dir_all(&parent)?;
+    if name == OPAQUE_WHITEOUT {
+        let dir = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+        let key = std::ffi::CString::new(OPAQUE_XATTR).expect("no NUL");
+        // SAFETY: both are valid NUL-terminated strings; the value is one byte long.
+        let rc =
+            unsafe { nix::libc::lsetxattr(dir.as_ptr(), key.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+        return if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
+    let target = parent.join(&name[WHITEOUT_PREFIX.len()..]);
+    let _ = fs::remove_file(&target);
+    nix::sys::stat::mknod(
+        &target,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Whether the folder carries overlayfs's opaque mark.
+fn is_opaque(dir: &Path) -> bool {
+    let (Ok(path), Ok(key)) = (
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()),
+        std::ffi::CString::new(OPAQUE_XATTR),
+    ) else {
+        return false;
+    };
+    let mut value = [0u8; 1];
+    // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
+    let n =
+        unsafe { nix::libc::lgetxattr(path.as_ptr(), key.as_ptr(), value.as_mut_ptr().cast(), 1) };
+    n == 1 && value[0] == b'y'
 }
 
 /// Writes `dir` as a deterministic tar under `prefix/`: sorted names, mtime 0, real modes and
@@ -834,6 +899,16 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
                     .append_data(&mut header, &name, io::empty())
                     .map_err(io_err("writing", out))?;
             }
+            if is_opaque(&src) {
+                let mut wh = tar::Header::new_gnu();
+                wh.set_entry_type(tar::EntryType::Regular);
+                wh.set_mode(0o644);
+                wh.set_size(0);
+                wh.set_mtime(0);
+                builder
+                    .append_data(&mut wh, name.join(OPAQUE_WHITEOUT), io::empty())
+                    .map_err(io_err("writing", out))?;
+            }
             let mut children: Vec<_> = fs::read_dir(&src)
                 .map_err(io_err("listing", &src))?
                 .map(|e| e.map(|e| e.file_name()))
@@ -849,6 +924,17 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
             header.set_entry_type(tar::EntryType::Symlink);
             builder
                 .append_link(&mut header, &name, &target)
+                .map_err(io_err("writing", out))?;
+        } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && meta.rdev() == 0 {
+            // An overlayfs whiteout (a build step deleted this name): OCI's `.wh.NAME`.
+            let file = name.file_name().unwrap_or_default().to_string_lossy();
+            header.set_entry_type(tar::EntryType::Regular);
+            builder
+                .append_data(
+                    &mut header,
+                    name.with_file_name(format!("{WHITEOUT_PREFIX}{file}")),
+                    io::empty(),
+                )
                 .map_err(io_err("writing", out))?;
         } else if ft.is_file() {
             let key = (meta.dev(), meta.ino());
