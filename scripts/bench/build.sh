@@ -27,7 +27,9 @@ source scripts/deps
 cargo build --release --locked >&2
 berth_bin=$PWD/target/release/berth
 
-dir=$(mktemp -d /tmp/berth-build-bench-XXXXXX)
+# Lowercase: buildah names an image pulled from an oci: path after the path.
+dir=/tmp/berth-build-bench-$$
+mkdir "$dir"
 data=$dir/data
 server=""
 bah() { buildah --root "$dir/buildah" --runroot "$dir/buildah-run" --storage-driver overlay "$@"; }

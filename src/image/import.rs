@@ -67,7 +67,12 @@ impl ImageStore {
         archive: &Path,
         name: Option<&str>,
     ) -> Result<(String, String), ImageError> {
-        super::check_tar_paths(archive)?;
+        super::check_tar_paths(archive).map_err(|e| match e {
+            ImageError::Io { source, .. } if source.kind() != io::ErrorKind::NotFound => {
+                bad(archive, format!("it is not a tar ({source})"))
+            }
+            other => other,
+        })?;
         let staging = self.tmp_path("import");
         let result = self.import_unpacked(archive, &staging, name);
         let _ = fs::remove_dir_all(&staging);
