@@ -11,17 +11,20 @@
 # without git, checkout and the deploy that follows); "cold" first empties berth's step cache
 # (DATA/images/cache). buildah: `buildah build --layers` (cold: `--no-cache`) with its own
 # storage under the temp dir, timed around the whole command; its base images are berth's stack
-# images, pulled from berth's OCI layout, so both build FROM the same bytes.
+# images, pulled from berth's OCI layout, so both build FROM the same bytes; its RUN steps run
+# under runc.
 #
 # Usage: scripts/bench/build.sh   (as root; env ROUNDS=5)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 ROUNDS=${ROUNDS:-5}
-if ! command -v buildah >/dev/null; then
+# runc: buildah's default crun refuses cgroup v1 hybrid hosts ("cgroups in hybrid mode not
+# supported").
+if ! command -v buildah >/dev/null || ! command -v runc >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq buildah >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq buildah runc >/dev/null
 fi
 source scripts/deps
 cargo build --release --locked >&2
@@ -111,7 +114,8 @@ berth_build() { # → seconds, as the push reports them
 buildah_build() { # [--no-cache] → seconds
     local start end
     start=$(date +%s%N)
-    bah build -q --layers "$@" --build-arg BASE=localhost/berth/stack-build \
+    # --omit-history: berth's stack images carry no history, which buildah's commit checks.
+    bah build -q --runtime runc --layers --omit-history "$@" --build-arg BASE=localhost/berth/stack-build \
         -t bench "$app" >"$dir/buildah.log" 2>&1 || { cat "$dir/buildah.log" >&2; exit 1; }
     end=$(date +%s%N)
     awk -v ns=$((end - start)) 'BEGIN {printf "%.3f\n", ns / 1e9}'
