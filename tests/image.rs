@@ -706,3 +706,86 @@ fn images_import_docker_save_and_oci_archives() {
     );
     assert!(matches!(err, Err(ImageError::BadArchive { .. })), "{err:?}");
 }
+
+/// A build step's overlay upper dir (a deleted file is a 0:0 character device, a replaced
+/// folder carries the opaque xattr) packs to OCI whiteouts and extracts back to overlay's form.
+#[test]
+fn root_layers_keep_deletions_as_whiteouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let upper = tmp.path().join("upper");
+    fs::create_dir_all(upper.join("etc/replaced")).unwrap();
+    fs::write(upper.join("etc/kept"), "k").unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("etc/deleted"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let dir = std::ffi::CString::new(
+        upper
+            .join("etc/replaced")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: valid NUL-terminated strings; a one-byte value.
+    let rc = unsafe {
+        nix::libc::lsetxattr(
+            dir.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setting trusted.overlay.opaque needs root");
+
+    let layer = store.layer_from_root(&upper).unwrap();
+    let blob = tmp
+        .path()
+        .join("images/blobs/sha256")
+        .join(&layer.digest["sha256:".len()..]);
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(fs::File::open(&blob).unwrap())
+        .entries()
+        .unwrap()
+    {
+        names.push(entry.unwrap().path().unwrap().display().to_string());
+    }
+    assert!(names.contains(&"etc/.wh.deleted".to_string()), "{names:?}");
+    assert!(!names.contains(&"etc/deleted".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"etc/replaced/.wh..wh..opq".to_string()),
+        "{names:?}"
+    );
+    // Extracted again from the blob: overlay's form.
+    fs::remove_dir_all(&layer.dir).unwrap();
+    let again = store.layer(&layer.digest).unwrap();
+    let deleted = fs::symlink_metadata(again.dir.join("etc/deleted")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &deleted.file_type()
+    ));
+    assert_eq!(deleted.rdev(), 0);
+    assert_eq!(fs::read(again.dir.join("etc/kept")).unwrap(), b"k");
+    let mut value = [0u8; 1];
+    let dir = std::ffi::CString::new(
+        again
+            .dir
+            .join("etc/replaced")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
+    let n = unsafe {
+        nix::libc::lgetxattr(
+            dir.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            1,
+        )
+    };
+    assert_eq!((n, value[0]), (1, b'y'), "the opaque mark is back");
+}
