@@ -226,10 +226,7 @@ async fn run_build(
         process_types.keys().cloned().collect::<Vec<_>>().join(", ")
     ))
     .await;
-    let checks = match tree::read_file(source, "app.json")? {
-        Some(text) => checks::from_app_json(&text)?,
-        None => Checks::new(),
-    };
+    let checks = app_json_checks(source)?;
     for (process_type, list) in &checks {
         out.line(format!(
             "-----> app.json: {} check(s) for {process_type}",
@@ -261,6 +258,14 @@ async fn run_build(
         image,
         process_types,
         checks,
+    })
+}
+
+/// The app.json health checks of the pushed tree (none without app.json).
+fn app_json_checks(source: &Path) -> Result<Checks, BuildError> {
+    Ok(match tree::read_file(source, "app.json")? {
+        Some(text) => checks::from_app_json(&text)?,
+        None => Checks::new(),
     })
 }
 

@@ -177,23 +177,13 @@ pub fn copy_tree(
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent)?;
     }
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        let _ = fs::remove_file(dst);
-        symlink(fs::read_link(src)?, dst)?;
-        std::os::unix::fs::lchown(dst, Some(owner.uid), Some(owner.gid))?;
-        return Ok(());
-    }
-    let mode = owner.mode.unwrap_or(meta.mode() & 0o7777);
-    if ft.is_dir() {
+    if meta.is_dir() {
         fs::create_dir_all(dst)?;
         let mut err = Ok(());
         walk(src, Path::new(""), &mut |rel, m| {
             if err.is_err()
-                || skip(rel)
                 || rel
                     .ancestors()
-                    .skip(1)
                     .any(|a| !a.as_os_str().is_empty() && skip(a))
             {
                 return;
@@ -201,14 +191,9 @@ pub fn copy_tree(
             err = copy_one(&src.join(rel), &dst.join(rel), m, owner);
         })?;
         err?;
-    } else if ft.is_file() {
-        let _ = fs::remove_file(dst);
-        fs::copy(src, dst)?;
-    } else {
-        return Ok(());
     }
-    chown(dst, Some(owner.uid), Some(owner.gid))?;
-    fs::set_permissions(dst, fs::Permissions::from_mode(mode))
+    // The folder itself last, so its mode cannot block its children.
+    copy_one(src, dst, &meta, owner)
 }
 
 fn copy_one(src: &Path, dst: &Path, meta: &fs::Metadata, owner: Owner) -> io::Result<()> {

@@ -153,14 +153,7 @@ pub async fn build(
         let shown: String = instruction.text.chars().take(MAX_STEP_TEXT).collect();
         out.line(format!("Step {}/{total} : {shown}", n + 1)).await;
         let step_started = Instant::now();
-        let fail = |problem: String| -> BuildError {
-            DockerfileError::Step {
-                line: instruction.line,
-                text: instruction.text.clone(),
-                problem,
-            }
-            .into()
-        };
+        let fail = |problem| step_error(instruction, problem);
         let cached = match (&instruction.kind, current.as_mut()) {
             (Kind::Arg(raw), None) => {
                 for (name, value) in arg_values(raw, &global_args, config).map_err(fail)? {
@@ -221,10 +214,7 @@ pub async fn build(
         process_types.keys().cloned().collect::<Vec<_>>().join(", ")
     ))
     .await;
-    let checks = match tree::read_file(source, "app.json")? {
-        Some(text) => checks::from_app_json(&text)?,
-        None => Checks::new(),
-    };
+    let checks = super::app_json_checks(source)?;
     let checks = if checks.is_empty() {
         healthcheck(&stage.config, out).await
     } else {
@@ -239,6 +229,16 @@ pub async fn build(
         process_types,
         checks,
     })
+}
+
+/// A step's instruction refused with the problem, its line and its text.
+fn step_error(instruction: &Instruction, problem: String) -> BuildError {
+    DockerfileError::Step {
+        line: instruction.line,
+        text: instruction.text.clone(),
+        problem,
+    }
+    .into()
 }
 
 /// The values of an `ARG` line: the app's config (build args) over the defaults.
@@ -328,14 +328,7 @@ async fn step(
     config: &Config,
     out: &Progress,
 ) -> Result<Option<bool>, BuildError> {
-    let fail = |problem: String| -> BuildError {
-        DockerfileError::Step {
-            line: instruction.line,
-            text: instruction.text.clone(),
-            problem,
-        }
-        .into()
-    };
+    let fail = |problem| step_error(instruction, problem);
     let vars = stage.vars();
     let one = |raw: &str| -> Result<String, BuildError> {
         Ok(parse::words(raw, &vars).map_err(fail)?.join(" "))
