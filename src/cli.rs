@@ -272,6 +272,15 @@ pub enum Command {
         #[arg(long)]
         timeout: Option<String>,
     },
+    /// Import an image archive (`docker save` output or an OCI archive) for Dockerfiles' FROM.
+    #[command(name = "images:import")]
+    ImagesImport {
+        /// The archive (a tar).
+        file: PathBuf,
+        /// The name to tag it with (default: the name the archive carries).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
@@ -461,6 +470,10 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },
         Command::StackBuild { force, stack } => Request::StackBuild { force, stack },
+        Command::ImagesImport { file, name } => Request::ImagesImport {
+            file: std::path::absolute(&file)?,
+            name,
+        },
         Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
             unreachable!("handled before")
         }

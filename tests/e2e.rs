@@ -2194,3 +2194,150 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
         "no release container left"
     );
 }
+
+const DOCKERFILE: &str = r#"# A two-stage build: the first stage compiles the app into a zipapp.
+ARG BASE=berth/stack-build
+FROM ${BASE} AS build
+WORKDIR /src
+COPY app/ ./
+RUN <<EOF
+set -e
+mkdir -p /out
+python3 -m zipapp /src -o /out/app.pyz
+python3 --version > /out/built-with
+EOF
+
+FROM berth/stack-run
+ENV GREETING="hello from a Dockerfile" \
+    APP_HOME=/srv/app
+WORKDIR $APP_HOME
+COPY --from=build /out/ ./
+COPY *.txt ./
+EXPOSE 8080
+HEALTHCHECK --interval=1s CMD curl -f http://localhost:8080/health
+CMD ["python3", "app.pyz"]
+"#;
+
+const DOCKER_APP_PY: &str = r#"import http.server, os
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        built = open("built-with").read().split()[0]
+        notes = open("notes.txt").read().strip()
+        files = ",".join(sorted(os.listdir(".")))
+        body = f"{os.environ['GREETING']} | {built} | {notes} | {files} | {os.getcwd()} | {os.environ['PORT']}\n"
+        body = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// Dockerfile builds end to end: a two-stage Dockerfile (the first stage compiles a zipapp)
+/// pushed over git+ssh serves through the proxy on its EXPOSEd port from its WORKDIR, with
+/// `.dockerignore` applied; an unchanged rebuild takes every layer from the cache; a changed
+/// copied file rebuilds from its step on; a malformed Dockerfile is refused with its line.
+#[test]
+fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
+    if !prerequisites_met(&[]) {
+        return;
+    }
+    let mut server = Server::start();
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "dock"]);
+    std::fs::create_dir_all(laptop.dir.join("app")).unwrap();
+    laptop.write("app/__main__.py", DOCKER_APP_PY);
+    laptop.write("Dockerfile", DOCKERFILE);
+    laptop.write("notes.txt", "first notes");
+    laptop.write("secret.txt", "not for the image");
+    laptop.write("README.md", "readme");
+    laptop.write(".dockerignore", "secret.txt\nREADME.md\n");
+    laptop.commit("Dockerfile app");
+    let remote = format!("ssh://git@127.0.0.1:{}/dock", server.ssh.port());
+    laptop.git(&["remote", "add", "deploy", &remote]);
+
+    let push = |what: &str| -> String {
+        let push = laptop.git(&["push", "deploy", "main"]);
+        let push_text = text(&push);
+        assert!(
+            push.status.success(),
+            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
+            server.log()
+        );
+        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
+        push_text
+    };
+    let first = push("the first push");
+    for expected in [
+        "Building dock from Dockerfile",
+        "Step 1/13 : ARG BASE=berth/stack-build",
+        "Step 5/13 : RUN <<EOF",
+        "HEALTHCHECK: GET /health",
+        "Process types: web",
+        "dock v1 is live",
+    ] {
+        assert!(first.contains(expected), "{expected:?} missing:\n{first}");
+    }
+    let (status, body) = server.get("dock.localhost");
+    assert_eq!(status, 200, "{body}\n--- server log:\n{}", server.log());
+    let fields: Vec<&str> = body.trim_end().split(" | ").collect();
+    assert_eq!(
+        fields,
+        [
+            "hello from a Dockerfile",
+            "Python",
+            "first notes",
+            "app.pyz,built-with,notes.txt",
+            "/srv/app",
+            "8080"
+        ],
+        "{body}"
+    );
+
+    // An unchanged rebuild (only an ignored file changed) reuses every layer.
+    let layer_steps = 6;
+    laptop.write("README.md", "readme, edited");
+    laptop.commit("Edit the README");
+    let again = push("the unchanged rebuild");
+    assert_eq!(again.matches("Using cache").count(), layer_steps, "{again}");
+
+    // One copied file changed: the steps before it come from the cache, it and later rebuild.
+    laptop.write("notes.txt", "second notes");
+    laptop.commit("New notes");
+    let changed = push("the rebuild after a copied file changed");
+    assert_eq!(
+        changed.matches("Using cache").count(),
+        layer_steps - 1,
+        "{changed}"
+    );
+    let (_, body) = server.get("dock.localhost");
+    assert!(body.contains(" | second notes | "), "{body}");
+
+    // A malformed Dockerfile is refused with its line; v3 keeps serving.
+    laptop.write(
+        "Dockerfile",
+        "FROM berth/stack-run\nWORKDIR /srv\nCOPY onlyone\nCMD [\"true\"]\n",
+    );
+    laptop.commit("Broken Dockerfile");
+    laptop.push_rejected(&[
+        "Dockerfile line 3: COPY takes one or more sources and a destination",
+        "COPY onlyone",
+    ]);
+    let (_, body) = server.get("dock.localhost");
+    assert!(body.contains(" | second notes | "), "{body}");
+
+    server.stop();
+    let left = server.leftovers();
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
+}

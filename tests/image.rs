@@ -254,6 +254,7 @@ fn put_image_round_trips_with_layers_top_most_first() {
         env: vec!["PATH=/usr/bin:/bin".into(), "LANG=C.UTF-8".into()],
         working_dir: "/app".into(),
         cmd: vec!["python".into(), "app.py".into()],
+        ..ImageConfig::default()
     };
 
     let digest = store
@@ -613,6 +614,7 @@ fn slow_stack_images_build_and_run_the_python_buildpack() {
                 env: run.config.env.clone(),
                 working_dir: "/app".into(),
                 cmd: vec![],
+                ..ImageConfig::default()
             },
         )
         .unwrap();
@@ -655,4 +657,176 @@ fn slow_stack_images_build_and_run_the_python_buildpack() {
         output.contains("buildpack python failed to compile"),
         "{output}"
     );
+}
+
+/// A `docker save` archive of two layers (the second gzip-compressed, deleting a file of the
+/// first with an OCI whiteout) imports under its RepoTag with its config; the store's own OCI
+/// layout, packed as a tar, imports into another store as an OCI archive.
+#[test]
+fn images_import_docker_save_and_oci_archives() {
+    use tar::EntryType::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let layer_tar = |entries: &[(&str, &[u8])]| -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = header(Regular, 0o644, 0, data.len() as u64);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let first = layer_tar(&[("bin/hello", b"hi"), ("gone", b"old")]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &layer_tar(&[(".wh.gone", b""), ("new", b"n")])).unwrap();
+    let second = gz.finish().unwrap();
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"],"Cmd":["/bin/hello"],"Entrypoint":null,"ExposedPorts":{"8080/tcp":{}},"WorkingDir":"/srv"},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let manifest = br#"[{"Config":"cfg.json","RepoTags":["hello:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}]"#;
+    let archive = tmp.path().join("saved.tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    for (name, data) in [
+        ("l1/layer.tar", &first[..]),
+        ("l2/layer.tar", &second[..]),
+        ("cfg.json", &config[..]),
+        ("manifest.json", &manifest[..]),
+    ] {
+        let mut h = header(Regular, 0o644, 0, data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    b.finish().unwrap();
+    drop(b);
+
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let (name, digest) = store.import_archive(&archive, None).unwrap();
+    assert_eq!(name, "hello:1");
+    assert_eq!(store.resolve("hello:1").as_deref(), Some(digest.as_str()));
+    let image = store.image(&digest).unwrap();
+    assert_eq!(image.config.env, ["A=1"]);
+    assert_eq!(image.config.cmd, ["/bin/hello"]);
+    assert_eq!(image.config.working_dir, "/srv");
+    assert_eq!(image.config.port(), Some(8080));
+    assert_eq!(image.layers.len(), 2);
+    assert_eq!(
+        fs::read(image.layers[0].dir.join("bin/hello")).unwrap(),
+        b"hi"
+    );
+    // The whiteout became overlayfs's: a 0:0 character device where `gone` was.
+    let gone = fs::symlink_metadata(image.layers[1].dir.join("gone")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &gone.file_type()
+    ));
+    assert_eq!(gone.rdev(), 0);
+    assert!(!image.layers[1].dir.join(".wh.gone").exists());
+
+    // The store is an OCI layout: packed as a tar it is an OCI archive another store imports.
+    let oci = tmp.path().join("oci.tar");
+    let mut b = tar::Builder::new(fs::File::create(&oci).unwrap());
+    for part in ["oci-layout", "index.json", "blobs"] {
+        let path = tmp.path().join("images").join(part);
+        if path.is_dir() {
+            b.append_dir_all(part, &path).unwrap();
+        } else {
+            b.append_path_with_name(&path, part).unwrap();
+        }
+    }
+    b.finish().unwrap();
+    drop(b);
+    let other = ImageStore::open(&tmp.path().join("other")).unwrap();
+    let (name, again) = other.import_archive(&oci, None).unwrap();
+    assert_eq!(
+        (name.as_str(), again.as_str()),
+        ("hello:1", digest.as_str())
+    );
+    let (_, renamed) = other.import_archive(&oci, Some("base")).unwrap();
+    assert_eq!(other.resolve("base"), Some(renamed));
+
+    // Not an image archive: a plain layer tar.
+    let err = store.import_archive(
+        &tmp.path()
+            .join("images/blobs/sha256")
+            .join(&image.layers[0].digest[7..]),
+        None,
+    );
+    assert!(matches!(err, Err(ImageError::BadArchive { .. })), "{err:?}");
+}
+
+/// A build step's overlay upper dir (a deleted file is a 0:0 character device, a replaced
+/// folder carries the opaque xattr) packs to OCI whiteouts and extracts back to overlay's form.
+#[test]
+fn root_layers_keep_deletions_as_whiteouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&tmp.path().join("images")).unwrap();
+    let upper = tmp.path().join("upper");
+    fs::create_dir_all(upper.join("etc/replaced")).unwrap();
+    fs::write(upper.join("etc/kept"), "k").unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("etc/deleted"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let dir = std::ffi::CString::new(
+        upper
+            .join("etc/replaced")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: valid NUL-terminated strings; a one-byte value.
+    let rc = unsafe {
+        nix::libc::lsetxattr(
+            dir.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setting trusted.overlay.opaque needs root");
+
+    let layer = store.layer_from_root(&upper).unwrap();
+    let blob = tmp
+        .path()
+        .join("images/blobs/sha256")
+        .join(&layer.digest["sha256:".len()..]);
+    let mut names = Vec::new();
+    for entry in tar::Archive::new(fs::File::open(&blob).unwrap())
+        .entries()
+        .unwrap()
+    {
+        names.push(entry.unwrap().path().unwrap().display().to_string());
+    }
+    assert!(names.contains(&"etc/.wh.deleted".to_string()), "{names:?}");
+    assert!(!names.contains(&"etc/deleted".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"etc/replaced/.wh..wh..opq".to_string()),
+        "{names:?}"
+    );
+    // Extracted again from the blob: overlay's form.
+    fs::remove_dir_all(&layer.dir).unwrap();
+    let again = store.layer(&layer.digest).unwrap();
+    let deleted = fs::symlink_metadata(again.dir.join("etc/deleted")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &deleted.file_type()
+    ));
+    assert_eq!(deleted.rdev(), 0);
+    assert_eq!(fs::read(again.dir.join("etc/kept")).unwrap(), b"k");
+    let mut value = [0u8; 1];
+    let dir = std::ffi::CString::new(
+        again
+            .dir
+            .join("etc/replaced")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
+    let n = unsafe {
+        nix::libc::lgetxattr(
+            dir.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast(),
+            1,
+        )
+    };
+    assert_eq!((n, value[0]), (1, b'y'), "the opaque mark is back");
 }

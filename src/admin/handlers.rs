@@ -461,6 +461,15 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             .await;
             Ok(())
         }
+        Request::ImagesImport { file, name } => {
+            let images = d.deployer.builder().images.clone();
+            let (name, digest) =
+                tokio::task::spawn_blocking(move || images.import_archive(&file, name.as_deref()))
+                    .await
+                    .expect("import task")?;
+            out.line(format!("Imported {name}: {digest}")).await;
+            Ok(())
+        }
         Request::StackBuild { force, stack } => {
             let stack = crate::build::buildpacks::stack_named(&stack)?;
             let (build, run) = d

@@ -131,6 +131,11 @@ pub enum Request {
         #[serde(default)]
         stack: String,
     },
+    ImagesImport {
+        /// An absolute path on the server (the admin socket is local).
+        file: std::path::PathBuf,
+        name: Option<String>,
+    },
     PsScale {
         name: String,
         /// `TYPE=N` pairs.

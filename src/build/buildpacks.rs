@@ -133,7 +133,7 @@ pub fn dependency_layer(
     let record = memo.join(&declared.key);
     let known = std::fs::read_to_string(&record)
         .ok()
-        .and_then(|digest| images.layer(digest.trim()));
+        .and_then(|digest| images.layer(digest.trim()).ok());
     let io = |action, path: &Path| {
         let path = path.to_path_buf();
         move |source| ImageError::Io {

@@ -4,6 +4,7 @@
 //! ended (exit code, out of memory, out of time); must not decide what runs in it.
 
 use std::io::BufReader;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,16 +26,32 @@ pub enum Ended {
     TimedOut,
 }
 
-/// Runs `spec` under `limits` until it ends or `deadline` passes, each output line sent to
-/// `out` after `indent`.
+/// One one-off container to run.
+pub struct OneOff {
+    pub spec: ContainerSpec,
+    pub limits: Limits,
+    /// How long it may run.
+    pub deadline: Duration,
+    /// Put before each of its output lines.
+    pub indent: &'static str,
+    /// On a clean exit, its writable layer (the overlay's upper dir) is moved here before the
+    /// container is removed (a Dockerfile `RUN` step's new layer).
+    pub keep_upper: Option<PathBuf>,
+}
+
+/// Runs `job` until it ends or its deadline passes, each output line sent to `out`.
 pub async fn run(
     runtime: &Arc<Runtime>,
-    mut spec: ContainerSpec,
-    limits: Limits,
-    deadline: Duration,
-    indent: &'static str,
+    job: OneOff,
     out: &Progress,
 ) -> Result<Ended, berth_runtime::Error> {
+    let OneOff {
+        mut spec,
+        limits,
+        deadline,
+        indent,
+        keep_upper,
+    } = job;
     spec.limits = limits.runtime();
     let id = spec.id.clone();
     let task = tokio::task::spawn_blocking({
@@ -61,9 +78,18 @@ pub async fn run(
         done = &mut task => Some(done.expect("one-off container task")),
         () = tokio::time::sleep(deadline) => None,
     };
+    let upper = runtime.container_dir(&id).join("upper");
     let ended = match finished {
         Some(code) => match code? {
-            0 => Ok(Ended::Exited(0)),
+            0 => match keep_upper {
+                Some(to) => std::fs::rename(&upper, &to)
+                    .map(|()| Ended::Exited(0))
+                    .map_err(|source| berth_runtime::Error::Io {
+                        context: format!("keeping the new layer of {id}"),
+                        source,
+                    }),
+                None => Ok(Ended::Exited(0)),
+            },
             _ if runtime.oom_killed(&id) => Ok(Ended::OutOfMemory),
             code => Ok(Ended::Exited(code)),
         },

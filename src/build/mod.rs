@@ -26,12 +26,20 @@ use crate::tree;
 
 pub mod buildpacks;
 pub mod container;
+pub mod dockerfile;
 pub mod output;
 pub mod procfile;
 pub mod release;
 
 /// Where the host CA bundle appears inside build containers.
 const CA_BUNDLE_IN_BUILD: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The variables that point build tools at the CA bundle.
+const CA_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+];
 
 #[derive(Debug, Error)]
 pub enum BuildError {
@@ -57,7 +65,9 @@ pub enum BuildError {
     Network(#[from] crate::network::NetworkError),
     #[error(transparent)]
     Checks(#[from] checks::ChecksError),
-    #[error("no process types: add a Procfile with a line like `web: python app.py`")]
+    #[error(transparent)]
+    Dockerfile(#[from] dockerfile::DockerfileError),
+    #[error("no process types: add a Procfile with a line like `web: python app.py` (or a CMD to the Dockerfile)")]
     NoProcessTypes,
     #[error(transparent)]
     Stack(#[from] buildpacks::StackError),
@@ -86,35 +96,33 @@ pub struct Builder {
     pub ca_bundle: Option<PathBuf>,
 }
 
+/// One build: which app, the pushed commit, the app's config and the limits to build under.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub app: &'a str,
+    pub source_version: &'a str,
+    pub config: &'a Config,
+    pub limits: BuildLimits,
+}
+
 impl Builder {
-    /// Builds `source` (a checkout of commit `source_version` in `DATA/builds/ID/src`) for
-    /// `app`. The scratch folder is removed afterwards, pass or fail; on success the built tree
-    /// now lives in the image store.
+    /// Builds `source` (a checkout of commit `job.source_version` in `DATA/builds/ID/src`).
+    /// The scratch folder is removed afterwards, pass or fail; on success the built tree now
+    /// lives in the image store.
     pub async fn build(
         &self,
-        app: &str,
+        job: Job<'_>,
         source: PathBuf,
-        source_version: &str,
-        config: &Config,
-        limits: BuildLimits,
         out: &Progress,
     ) -> Result<Built, BuildError> {
         let scratch = source
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| source.clone());
-        let result = run_build(
-            self,
-            app,
-            &source,
-            &scratch,
-            source_version,
-            config,
-            limits,
-            out,
-        )
-        .instrument(info_span!("build", %app))
-        .await;
+        let app = job.app;
+        let result = run_build(self, job, &source, &scratch, out)
+            .instrument(info_span!("build", %app))
+            .await;
         // In the background: the result does not wait for a venv's worth of unlinks. A server
         // stopped before it finishes clears `DATA/builds` on its next start.
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&scratch));
@@ -145,22 +153,24 @@ impl Builder {
 
 async fn run_build(
     d: &Builder,
-    app: &str,
+    job: Job<'_>,
     source: &Path,
     scratch: &Path,
-    source_version: &str,
-    config: &Config,
-    limits: BuildLimits,
     out: &Progress,
 ) -> Result<Built, BuildError> {
+    let Job {
+        app,
+        source_version,
+        config,
+        limits,
+    } = job;
     let (stack, why) = buildpacks::choose_stack(source, config)?;
     if let Some(why) = why {
         out.line(format!("-----> {why}")).await;
     }
     let (build_image, run_image) = d.ensure_stacks(&stack, false, out).await?;
-    if tree::has_file(source, "Dockerfile") {
-        out.line("-----> Dockerfile found, but Dockerfile builds are not supported yet: building with buildpacks")
-            .await;
+    if let Some(path) = dockerfile::find(source, config)? {
+        return dockerfile::build(d, app, source, &path, config, limits, out).await;
     }
     let env_dir = scratch.join("env");
     let out_dir = scratch.join("out");
@@ -195,12 +205,7 @@ async fn run_build(
     ];
     if let Some(ca) = &d.ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
-        for var in [
-            "SSL_CERT_FILE",
-            "PIP_CERT",
-            "REQUESTS_CA_BUNDLE",
-            "NODE_EXTRA_CA_CERTS",
-        ] {
+        for var in CA_VARS {
             env.push(format!("{var}={CA_BUNDLE_IN_BUILD}"));
         }
     }
@@ -234,7 +239,14 @@ async fn run_build(
     out.line(format!("-----> Building {app} with buildpacks"))
         .await;
     let started = std::time::Instant::now();
-    let ran = container::run(&d.runtime, spec, limits.limits, limits.timeout, "", out).await;
+    let job = container::OneOff {
+        spec,
+        limits: limits.limits,
+        deadline: limits.timeout,
+        indent: "",
+        keep_upper: None,
+    };
+    let ran = container::run(&d.runtime, job, out).await;
     d.network.detach(&id, Some(ip)).await;
     info!(
         ms = started.elapsed().as_millis() as u64,
@@ -262,10 +274,7 @@ async fn run_build(
         process_types.keys().cloned().collect::<Vec<_>>().join(", ")
     ))
     .await;
-    let checks = match tree::read_file(source, "app.json")? {
-        Some(text) => checks::from_app_json(&text)?,
-        None => Checks::new(),
-    };
+    let checks = app_json_checks(source)?;
     for (process_type, list) in &checks {
         out.line(format!(
             "-----> app.json: {} check(s) for {process_type}",
@@ -300,6 +309,7 @@ async fn run_build(
             env: run.config.env.clone(),
             working_dir: "/app".into(),
             cmd: vec![],
+            ..ImageConfig::default()
         };
         Ok(images.put_image(&layers, &config)?)
     })
@@ -310,6 +320,14 @@ async fn run_build(
         image,
         process_types,
         checks,
+    })
+}
+
+/// The app.json health checks of the pushed tree (none without app.json).
+fn app_json_checks(source: &Path) -> Result<Checks, BuildError> {
+    Ok(match tree::read_file(source, "app.json")? {
+        Some(text) => checks::from_app_json(&text)?,
+        None => Checks::new(),
     })
 }
 
@@ -334,4 +352,10 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
         return Err(BuildError::NoProcessTypes);
     }
     Ok(types)
+}
+
+impl From<dockerfile::parse::ParseError> for BuildError {
+    fn from(err: dockerfile::parse::ParseError) -> Self {
+        BuildError::Dockerfile(err.into())
+    }
 }

@@ -13,7 +13,8 @@ use crate::image::Image;
 use crate::limits::Limits;
 use crate::store::{ContainerRow, ContainerState, Release, Store};
 
-/// The port every container's app listens on, inside its own netns.
+/// The port every container's app listens on, inside its own netns, unless its image exposes
+/// one TCP port (a Dockerfile's `EXPOSE`).
 pub const PORT: u16 = 5000;
 /// How long a stopping container gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE_SECS: u64 = 10;
@@ -115,6 +116,7 @@ pub async fn start(
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
     let limits = limits(d, &release.app, process_type).await?;
+    let port = image.config.port().unwrap_or(PORT);
     let (ip, netns) = d.network.attach(&id).await?;
     let row = ContainerRow {
         id: id.clone(),
@@ -123,7 +125,7 @@ pub async fn start(
         process_type: process_type.to_string(),
         number: number.into(),
         ip: ip.to_string(),
-        port: PORT.into(),
+        port: port.into(),
         created_at: Store::timestamp(),
         state: ContainerState::Starting,
         restarts: dyno.restarts,
@@ -139,7 +141,7 @@ pub async fn start(
         layers: image.layer_dirs(),
         args: launcher(command),
         env: env(release, image, dyno),
-        cwd: "/app".into(),
+        cwd: cwd(image),
         hostname: id.chars().take(63).collect(),
         binds: binds(),
         netns: Some(netns),
@@ -168,11 +170,19 @@ pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> 
     let mut env = image.config.env.clone();
     env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
     env.extend([
-        format!("PORT={PORT}"),
+        format!("PORT={}", image.config.port().unwrap_or(PORT)),
         format!("DYNO={dyno}"),
         "HOME=/app".to_string(),
     ]);
     env
+}
+
+/// Where a container of `image` starts: its `WORKDIR`, else `/app` (buildpack images).
+pub(super) fn cwd(image: &Image) -> String {
+    match image.config.working_dir.as_str() {
+        "" => "/app".into(),
+        dir => dir.into(),
+    }
 }
 
 /// Whether the container has exited, and with which code.

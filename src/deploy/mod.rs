@@ -279,7 +279,16 @@ impl Deployer {
             let limits = BuildLimits::with(&self.store.build_limits(app).await?);
             let built = self
                 .builder
-                .build(app, source, push.commit, &config, limits, out)
+                .build(
+                    crate::build::Job {
+                        app,
+                        source_version: push.commit,
+                        config: &config,
+                        limits,
+                    },
+                    source,
+                    out,
+                )
                 .await?;
             let live = self.store.live_release(app).await?;
             let formation =

@@ -14,7 +14,7 @@ use tracing::info;
 
 use super::container::{self, Dyno};
 use super::{DeployError, Deployer};
-use crate::build::container::Ended;
+use crate::build::container::{Ended, OneOff};
 use crate::image::Image;
 use crate::progress::Progress;
 use crate::store::Release;
@@ -46,7 +46,7 @@ pub(super) async fn run(
         layers: image.layer_dirs(),
         args: container::launcher(command),
         env: container::env(release, image, &Dyno::new(PROCESS_TYPE, 1)),
-        cwd: "/app".into(),
+        cwd: container::cwd(image),
         hostname: id.chars().take(63).collect(),
         binds: container::binds(),
         netns: Some(netns),
@@ -55,8 +55,14 @@ pub(super) async fn run(
         limits: Default::default(), // set by the one-off runner
         init: true,
     };
-    let ended =
-        crate::build::container::run(&d.runtime, spec, limits, DEADLINE, "       ", out).await;
+    let job = OneOff {
+        spec,
+        limits,
+        deadline: DEADLINE,
+        indent: "       ",
+        keep_upper: None,
+    };
+    let ended = crate::build::container::run(&d.runtime, job, out).await;
     d.network.detach(&id, Some(ip)).await;
     let ended = ended?;
     info!(%app, version = release.version, ?ended, "release command finished");

@@ -11,13 +11,19 @@
 //! Must not touch: mounts, namespaces or containers (the runtime crate does that with the
 //! directories [`ImageStore::image`] returns), and nothing outside its root.
 //!
-//! Layers carry no OCI whiteouts: berth's layers only add files (a stack, an app directory).
+//! - `cache/<64 hex>`: the layer cache of Dockerfile build steps, one file per step key holding
+//!   a layer digest ([`ImageStore::cached_layer`]).
+//!
+//! Deletions: layer tars carry OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`); extracted layers
+//! carry overlayfs's (a 0:0 character device, the `trusted.overlay.opaque` xattr), so a build
+//! step's overlay upper dir is a layer as it is.
 
+mod import;
 pub mod stack;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -54,6 +60,8 @@ pub enum ImageError {
         digest: String,
         detail: String,
     },
+    #[error("{} is not an image archive berth can import: {problem} — pass a `docker save` tar or an OCI archive", path.display())]
+    BadArchive { path: PathBuf, problem: String },
     #[error("{tool} is not installed — install it with `apt-get install {package}` and retry")]
     MissingTool {
         tool: &'static str,
@@ -84,12 +92,47 @@ pub struct Layer {
     pub dir: PathBuf,
 }
 
-/// The part of an OCI image config berth uses to start processes.
+/// The part of an OCI image config berth uses to start processes. The fields after `cmd` are
+/// set by Dockerfile builds and written to the OCI config only when set, so images without
+/// them keep their digests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageConfig {
     pub env: Vec<String>,
     pub working_dir: String,
     pub cmd: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub user: String,
+    /// `8000/tcp`
+    pub exposed_ports: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub stop_signal: String,
+    pub volumes: Vec<String>,
+    pub healthcheck: Option<Healthcheck>,
+}
+
+impl ImageConfig {
+    /// The one TCP port the image exposes, if it exposes exactly one.
+    pub fn port(&self) -> Option<u16> {
+        match self.exposed_ports.as_slice() {
+            [one] => one.strip_suffix("/tcp")?.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Docker's `Healthcheck` image config (durations in nanoseconds, as Docker writes them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Healthcheck {
+    #[serde(rename = "Test")]
+    pub test: Vec<String>,
+    #[serde(rename = "Interval", default)]
+    pub interval_ns: u64,
+    #[serde(rename = "Timeout", default)]
+    pub timeout_ns: u64,
+    #[serde(rename = "StartPeriod", default)]
+    pub start_period_ns: u64,
+    #[serde(rename = "Retries", default)]
+    pub retries: u32,
 }
 
 /// An image read back from the store.
@@ -123,7 +166,7 @@ struct Descriptor {
 struct Manifest {
     #[serde(rename = "schemaVersion")]
     schema_version: u32,
-    #[serde(rename = "mediaType")]
+    #[serde(rename = "mediaType", default)]
     media_type: String,
     config: Descriptor,
     layers: Vec<Descriptor>,
@@ -139,12 +182,100 @@ struct OciConfig {
 
 #[derive(Serialize, Deserialize)]
 struct OciRunConfig {
-    #[serde(rename = "Env", default)]
+    #[serde(rename = "Env", default, deserialize_with = "null_as_default")]
     env: Vec<String>,
     #[serde(rename = "WorkingDir", default)]
     working_dir: String,
-    #[serde(rename = "Cmd", default)]
+    #[serde(rename = "Cmd", default, deserialize_with = "null_as_default")]
     cmd: Vec<String>,
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    entrypoint: Vec<String>,
+    #[serde(rename = "User", default, skip_serializing_if = "String::is_empty")]
+    user: String,
+    #[serde(
+        rename = "ExposedPorts",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    exposed_ports: BTreeMap<String, serde_json::Value>,
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    labels: BTreeMap<String, String>,
+    #[serde(
+        rename = "StopSignal",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    stop_signal: String,
+    #[serde(
+        rename = "Volumes",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    volumes: BTreeMap<String, serde_json::Value>,
+    #[serde(
+        rename = "Healthcheck",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    healthcheck: Option<Healthcheck>,
+}
+
+/// Docker writes `null` for empty lists and maps.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+impl OciRunConfig {
+    fn from_config(config: &ImageConfig) -> Self {
+        let set = |list: &[String]| -> BTreeMap<String, serde_json::Value> {
+            list.iter()
+                .map(|k| (k.clone(), serde_json::json!({})))
+                .collect()
+        };
+        OciRunConfig {
+            env: config.env.clone(),
+            working_dir: config.working_dir.clone(),
+            cmd: config.cmd.clone(),
+            entrypoint: config.entrypoint.clone(),
+            user: config.user.clone(),
+            exposed_ports: set(&config.exposed_ports),
+            labels: config.labels.clone(),
+            stop_signal: config.stop_signal.clone(),
+            volumes: set(&config.volumes),
+            healthcheck: config.healthcheck.clone(),
+        }
+    }
+
+    fn into_config(self) -> ImageConfig {
+        ImageConfig {
+            env: self.env,
+            working_dir: self.working_dir,
+            cmd: self.cmd,
+            entrypoint: self.entrypoint,
+            user: self.user,
+            exposed_ports: self.exposed_ports.into_keys().collect(),
+            labels: self.labels,
+            stop_signal: self.stop_signal,
+            volumes: self.volumes.into_keys().collect(),
+            healthcheck: self.healthcheck,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -221,6 +352,63 @@ impl ImageStore {
         {
             return Err(ImageError::BadPrefix(prefix.to_string()));
         }
+        self.pack_layer(dir, prefix_path)
+    }
+
+    /// Packs `dir` as a layer whose root is `dir` itself (a build step's overlay upper dir, or
+    /// a staged `COPY`). Consumed like [`ImageStore::layer_from_dir`]'s `dir`.
+    pub fn layer_from_root(&self, dir: &Path) -> Result<Layer, ImageError> {
+        self.pack_layer(dir, Path::new(""))
+    }
+
+    /// The stored layer `digest` (extracted again if its directory is missing); an error when
+    /// its blob is gone.
+    pub fn layer(&self, digest: &str) -> Result<Layer, ImageError> {
+        digest_hex(digest)?;
+        if !self.blob_path(digest)?.is_file() {
+            return Err(ImageError::NotFound {
+                what: format!("layer {digest}"),
+            });
+        }
+        let dir = self.layer_dir(digest);
+        if !dir.exists() {
+            self.extract_layer(digest, &dir)?;
+        }
+        Ok(Layer {
+            digest: digest.to_string(),
+            dir,
+        })
+    }
+
+    /// The layer cached under `key` (`cache/<key>`: a build step's cache key, 64 hex digits),
+    /// if it is still in the store. This is where Dockerfile build steps are cached.
+    pub fn cached_layer(&self, key: &str) -> Option<Layer> {
+        let digest = fs::read_to_string(self.cache_path(key)?).ok()?;
+        self.layer(digest.trim()).ok()
+    }
+
+    /// Remembers `layer` as the result of the build step `key`.
+    pub fn cache_layer(&self, key: &str, layer: &Layer) -> Result<(), ImageError> {
+        let path = self
+            .cache_path(key)
+            .ok_or_else(|| ImageError::BadDigest(key.to_string()))?;
+        let dir = path.parent().expect("cache entries sit in cache/");
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        write_atomic(&path, layer.digest.as_bytes())
+    }
+
+    fn cache_path(&self, key: &str) -> Option<PathBuf> {
+        (key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| self.root.join("cache").join(key))
+    }
+
+    /// A fresh scratch path inside the store, on its filesystem (so layers move in by rename).
+    pub fn scratch(&self, what: &str) -> PathBuf {
+        self.tmp_path(what)
+    }
+
+    /// Packs `dir` as a layer under `prefix` (empty: at the root).
+    fn pack_layer(&self, dir: &Path, prefix_path: &Path) -> Result<Layer, ImageError> {
         let tmp = self.tmp_path("layer.tar");
         let written = write_dir_tar(dir, prefix_path, &tmp);
         let digest = written.and_then(|()| {
@@ -230,6 +418,10 @@ impl ImageStore {
         let _ = fs::remove_file(&tmp);
         let digest = digest?;
 
+        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
+        let chmod_755 = |p: &Path| {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
+        };
         let layer_dir = self.layer_dir(&digest);
         if layer_dir.exists() {
             fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
@@ -238,14 +430,27 @@ impl ImageStore {
                 dir: layer_dir,
             });
         }
+        if prefix_path.as_os_str().is_empty() {
+            chmod_755(dir)?;
+            return match fs::rename(dir, &layer_dir) {
+                Ok(()) => Ok(Layer {
+                    digest,
+                    dir: layer_dir,
+                }),
+                Err(_) => {
+                    self.extract_layer(&digest, &layer_dir)?;
+                    fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
+                    Ok(Layer {
+                        digest,
+                        dir: layer_dir,
+                    })
+                }
+            };
+        }
         let staging = self.tmp_path("layer");
         let target = staging.join(prefix_path);
         let parent = target.parent().expect("prefix has a component");
         fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
-        let chmod_755 = |p: &Path| {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
-        };
         let mut fixed = staging.clone();
         chmod_755(&fixed)?;
         for c in prefix_path.parent().unwrap_or(Path::new("")).components() {
@@ -292,11 +497,7 @@ impl ImageStore {
         let oci_config = OciConfig {
             architecture: oci_arch().to_string(),
             os: "linux".to_string(),
-            config: OciRunConfig {
-                env: config.env.clone(),
-                working_dir: config.working_dir.clone(),
-                cmd: config.cmd.clone(),
-            },
+            config: OciRunConfig::from_config(config),
             rootfs: RootFs {
                 kind: "layers".to_string(),
                 diff_ids: layers.iter().map(|l| l.digest.clone()).collect(),
@@ -338,15 +539,6 @@ impl ImageStore {
         Some(digest.trim().to_string())
     }
 
-    /// The stored layer with this digest, if its blob and extracted directory are both there.
-    pub fn layer(&self, digest: &str) -> Option<Layer> {
-        let dir = self.layer_dir(digest);
-        (self.blob_path(digest).ok()?.is_file() && dir.is_dir()).then(|| Layer {
-            digest: digest.to_string(),
-            dir,
-        })
-    }
-
     /// Reads an image back: its config and its extracted layers, top-most first.
     ///
     /// A layer whose extracted directory is missing is extracted again from its blob.
@@ -367,11 +559,7 @@ impl ImageStore {
         }
         Ok(Image {
             digest: digest.to_string(),
-            config: ImageConfig {
-                env: config.config.env,
-                working_dir: config.config.working_dir,
-                cmd: config.config.cmd,
-            },
+            config: config.config.into_config(),
             layers,
         })
     }
@@ -597,8 +785,17 @@ fn extract_tar(tar: &Path, dst: &Path) -> Result<(), ImageError> {
     // Directories last, deepest first, so a read-only directory does not block its children
     // and directory mtimes survive.
     let mut directories = Vec::new();
+    let mut whiteouts = Vec::new();
     for entry in archive.entries().map_err(io_err("reading", tar))? {
         let mut entry = entry.map_err(io_err("reading", tar))?;
+        let path = entry.path().map_err(io_err("reading", tar))?.into_owned();
+        if path
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()))
+        {
+            whiteouts.push(path);
+            continue;
+        }
         match entry.header().entry_type() {
             tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => continue,
             tar::EntryType::Directory => directories.push(entry),
@@ -611,8 +808,61 @@ fn extract_tar(tar: &Path, dst: &Path) -> Result<(), ImageError> {
     for mut dir in directories {
         dir.unpack_in(dst).map_err(io_err("extracting", tar))?;
     }
+    for path in whiteouts {
+        overlay_whiteout(dst, &path).map_err(io_err("extracting", tar))?;
+    }
     // The layer root itself: like any image root, 0755.
     fs::set_permissions(dst, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", dst))
+}
+
+/// OCI whiteouts: `.wh.NAME` deletes NAME from the layers below, `.wh..wh..opq` hides
+/// everything below in its folder.
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Turns the OCI whiteout at `rel` into overlayfs's form under `root`: a 0:0 character device
+/// in place of the deleted name, or the opaque xattr on the folder.
+fn overlay_whiteout(root: &Path, rel: &Path) -> io::Result<()> {
+    let name = rel.file_name().unwrap_or_default().to_string_lossy();
+    let parent = root.join(rel.parent().unwrap_or(Path::new("")));
+    fs::create_dir_all(&parent)?;
+    if name == OPAQUE_WHITEOUT {
+        let dir = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes())?;
+        let key = std::ffi::CString::new(OPAQUE_XATTR).expect("no NUL");
+        // SAFETY: both are valid NUL-terminated strings; the value is one byte long.
+        let rc =
+            unsafe { nix::libc::lsetxattr(dir.as_ptr(), key.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+        return if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
+    let target = parent.join(&name[WHITEOUT_PREFIX.len()..]);
+    let _ = fs::remove_file(&target);
+    nix::sys::stat::mknod(
+        &target,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Whether the folder carries overlayfs's opaque mark.
+fn is_opaque(dir: &Path) -> bool {
+    let (Ok(path), Ok(key)) = (
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()),
+        std::ffi::CString::new(OPAQUE_XATTR),
+    ) else {
+        return false;
+    };
+    let mut value = [0u8; 1];
+    // SAFETY: valid NUL-terminated strings and a buffer of the length passed.
+    let n =
+        unsafe { nix::libc::lgetxattr(path.as_ptr(), key.as_ptr(), value.as_mut_ptr().cast(), 1) };
+    n == 1 && value[0] == b'y'
 }
 
 /// Writes `dir` as a deterministic tar under `prefix/`: sorted names, mtime 0, real modes and
@@ -625,7 +875,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
     // Parent directories of the prefix (e.g. `a/` for `a/b`), owned by root.
     let mut parent = PathBuf::new();
     let components: Vec<_> = prefix.components().collect();
-    for c in &components[..components.len() - 1] {
+    for c in &components[..components.len().saturating_sub(1)] {
         parent.push(c);
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Directory);
@@ -649,9 +899,22 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
         let ft = meta.file_type();
         if ft.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
-            builder
-                .append_data(&mut header, &name, io::empty())
-                .map_err(io_err("writing", out))?;
+            // A root layer (empty prefix) has no entry for its root.
+            if !name.as_os_str().is_empty() {
+                builder
+                    .append_data(&mut header, &name, io::empty())
+                    .map_err(io_err("writing", out))?;
+            }
+            if is_opaque(&src) {
+                let mut wh = tar::Header::new_gnu();
+                wh.set_entry_type(tar::EntryType::Regular);
+                wh.set_mode(0o644);
+                wh.set_size(0);
+                wh.set_mtime(0);
+                builder
+                    .append_data(&mut wh, name.join(OPAQUE_WHITEOUT), io::empty())
+                    .map_err(io_err("writing", out))?;
+            }
             let mut children: Vec<_> = fs::read_dir(&src)
                 .map_err(io_err("listing", &src))?
                 .map(|e| e.map(|e| e.file_name()))
@@ -667,6 +930,17 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
             header.set_entry_type(tar::EntryType::Symlink);
             builder
                 .append_link(&mut header, &name, &target)
+                .map_err(io_err("writing", out))?;
+        } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && meta.rdev() == 0 {
+            // An overlayfs whiteout (a build step deleted this name): OCI's `.wh.NAME`.
+            let file = name.file_name().unwrap_or_default().to_string_lossy();
+            header.set_entry_type(tar::EntryType::Regular);
+            builder
+                .append_data(
+                    &mut header,
+                    name.with_file_name(format!("{WHITEOUT_PREFIX}{file}")),
+                    io::empty(),
+                )
                 .map_err(io_err("writing", out))?;
         } else if ft.is_file() {
             let key = (meta.dev(), meta.ino());

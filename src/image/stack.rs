@@ -192,7 +192,16 @@ pub fn ensure_stacks(
             what: name.to_string(),
         })
     };
-    Ok((digest(&build)?, digest(&run)?))
+    let (build, run) = (digest(&build)?, digest(&run)?);
+    // The default stack also answers to the bare names (a Dockerfile's `FROM berth/stack-run`).
+    if stack.suite == STACKS[0].suite {
+        for (bare, digest) in [(STACK_BUILD, &build), (STACK_RUN, &run)] {
+            if store.resolve(bare).as_ref() != Some(digest) {
+                store.tag(bare, digest)?;
+            }
+        }
+    }
+    Ok((build, run))
 }
 
 /// Runs one mmdebstrap per image concurrently, then imports and tags each.
@@ -318,6 +327,7 @@ fn build_stacks(
             env: stack_env(),
             working_dir: "/app".to_string(),
             cmd: Vec::new(),
+            ..ImageConfig::default()
         };
         let digest = store.put_image(&[layer], &config)?;
         store.tag(&name, &digest)?;
