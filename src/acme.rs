@@ -406,25 +406,13 @@ impl Acme {
 
     /// Writes the account file (mode 0600), replacing it atomically.
     fn keep(&self, stored: StoredAccount) -> Result<(), AcmeError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let failed = |source| AcmeError::AccountFile {
-            path: self.account_file.clone(),
-            source,
-        };
         let json = serde_json::to_vec_pretty(&stored).expect("account credentials serialize");
-        let tmp = self.account_file.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(failed)?;
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(failed)?;
-        std::fs::rename(&tmp, &self.account_file).map_err(failed)
+        crate::paths::write_secret(&self.account_file, &json).map_err(|source| {
+            AcmeError::AccountFile {
+                path: self.account_file.clone(),
+                source,
+            }
+        })
     }
 }
 

@@ -100,3 +100,20 @@ impl Paths {
         self.root.join("buildpacks")
     }
 }
+
+/// Writes a secret (a key) to `path` with mode 0600: into a temporary file beside it, synced,
+/// then renamed over it, so a crash never leaves half of it behind.
+pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -10,8 +10,6 @@
 //! (git-receive-pack and its hooks do) and never deploys (the pre-receive hook does).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -147,19 +145,7 @@ fn create_host_key(path: &Path) -> Result<PrivateKey, SshError> {
     let text = key
         .to_openssh(LineEnding::LF)
         .map_err(|e| write_err(std::io::Error::other(e)))?;
-    // Write a temporary file and rename it, so a crash never leaves half a key behind.
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(write_err)?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(write_err)?;
-    std::fs::rename(&tmp, path).map_err(write_err)?;
+    crate::paths::write_secret(path, text.as_bytes()).map_err(write_err)?;
     info!(path = %path.display(), fingerprint = %key.public_key().fingerprint(Default::default()), "made a new ssh host key");
     Ok(key)
 }
