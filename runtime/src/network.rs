@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::Error;
 
@@ -162,6 +162,14 @@ async fn wire(
         .execute()
         .await
         .map_err(Error::netlink(format!("attaching {host} to {bridge}")))?;
+    // An isolated port reaches the bridge itself (the host: NAT, the proxy's connections in)
+    // but no other isolated port: containers cannot talk to each other directly.
+    handle
+        .link()
+        .set_port(LinkBridgePort::new(host_index).isolated(true).build())
+        .execute()
+        .await
+        .map_err(Error::netlink(format!("isolating {host} on {bridge}")))?;
     set_up(&handle, host_index, &host).await?;
     let path = path.to_path_buf();
     on_thread(move || in_netns(&path, configure_inside(peer, ip, prefix_len, gateway))).await

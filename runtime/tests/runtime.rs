@@ -641,6 +641,31 @@ fn network_http_over_bridge() {
     );
     assert!(body.ends_with("hello from berth\n"), "{body}");
 
+    // Another container on the bridge cannot reach it: containers are isolated from each other.
+    let mut peer = fx.spec(
+        "net-peer",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox timeout 3 busybox nc {ip} 8080 \
+                 | grep -q 'hello from berth'; then echo REACHED; else echo BLOCKED; fi"
+            ),
+        ],
+    );
+    let peer_ip = Ipv4Addr::new(10, 250, subnet, 3);
+    fx.netns.push(peer.id.clone());
+    peer.netns = Some(rt.block_on(async {
+        network::create_netns(&netns_dir, &peer.id, &bridge, peer_ip, 24, gateway)
+            .await
+            .unwrap()
+    }));
+    let (out, _) = run_attached(&fx, &peer);
+    assert!(out.contains("BLOCKED") && !out.contains("REACHED"), "{out}");
+    fx.runtime.remove(&peer.id).unwrap();
+    rt.block_on(network::delete_netns(&netns_dir, &peer.id))
+        .unwrap();
+
     fx.runtime.stop(&spec.id).unwrap();
     fx.runtime.remove(&spec.id).unwrap();
     rt.block_on(async {
