@@ -80,14 +80,14 @@ pub fn remove_cgroup_parent() {
     }
 }
 
-/// Docker's (containerd's) default capabilities: enough for package managers in builds.
-const CAPABILITIES: [Capability; 14] = [
+/// Docker's (containerd's) default capabilities but `NET_RAW` (raw sockets would let a container
+/// forge packets on the bridge): enough for package managers in builds.
+const CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,

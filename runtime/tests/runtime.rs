@@ -526,7 +526,7 @@ fn binds_and_env() {
             "sh",
             "-c",
             "cat /mnt/data/hello.txt; touch /mnt/data/new 2>/dev/null && echo writable; \
-             echo $GREETING; hostname",
+             echo $GREETING; hostname; grep CapBnd /proc/self/status",
         ],
     );
     spec.binds.push(Bind {
@@ -544,6 +544,9 @@ fn binds_and_env() {
     );
     assert_eq!(lines[1], "hi", "{out}");
     assert_eq!(lines[2], "binds");
+    let bounding = u64::from_str_radix(lines[3].trim_start_matches("CapBnd:").trim(), 16).unwrap();
+    assert_eq!(bounding & (1 << 13), 0, "CAP_NET_RAW is left out: {out}");
+    assert_ne!(bounding & 1, 0, "CAP_CHOWN stays: {out}");
     assert!(!data.join("new").exists());
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
