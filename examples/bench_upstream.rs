@@ -122,6 +122,7 @@ impl Bench {
             stop_grace_secs: 2,
             limits: Default::default(),
             init: false,
+            user: None,
         };
         self.runtime.start(&spec)?;
         let addr = SocketAddr::from((self.ip, 8080));

@@ -2215,6 +2215,7 @@ COPY --from=build /out/ ./
 COPY *.txt ./
 EXPOSE 8080
 HEALTHCHECK --interval=1s CMD curl -f http://localhost:8080/health
+USER nobody
 CMD ["python3", "app.pyz"]
 "#;
 
@@ -2225,7 +2226,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         built = open("built-with").read().split()[0]
         notes = open("notes.txt").read().strip()
         files = ",".join(sorted(os.listdir(".")))
-        body = f"{os.environ['GREETING']} | {built} | {notes} | {files} | {os.getcwd()} | {os.environ['PORT']}\n"
+        body = f"{os.environ['GREETING']} | {built} | {notes} | {files} | {os.getcwd()} | {os.environ['PORT']} | {os.getuid()}\n"
         body = body.encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -2277,8 +2278,8 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let first = push("the first push");
     for expected in [
         "Building dock from Dockerfile",
-        "Step 1/13 : ARG BASE=berth/stack-build",
-        "Step 5/13 : RUN <<EOF",
+        "Step 1/14 : ARG BASE=berth/stack-build",
+        "Step 5/14 : RUN <<EOF",
         "HEALTHCHECK: GET /health",
         "Process types: web",
         "dock v1 is live",
@@ -2296,7 +2297,8 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
             "first notes",
             "app.pyz,built-with,notes.txt",
             "/srv/app",
-            "8080"
+            "8080",
+            "65534"
         ],
         "{body}"
     );

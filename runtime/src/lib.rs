@@ -64,6 +64,16 @@ pub struct ContainerSpec {
     /// SIGTERM handler still stops on SIGTERM, and zombies do not pile up.
     #[serde(default)]
     pub init: bool,
+    /// The user the command runs as; root (0:0) when None.
+    #[serde(default)]
+    pub user: Option<User>,
+}
+
+/// A numeric user and group inside the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A container's cgroup limits; `None` is unlimited.

@@ -12,7 +12,7 @@ use oci_spec::runtime::{
     get_default_mounts, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
     LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
     LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::{ContainerSpec, Error};
@@ -132,8 +132,15 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
     } else {
         spec.args.clone()
     };
+    let user = spec.user.unwrap_or(crate::User { uid: 0, gid: 0 });
+    let user = UserBuilder::default()
+        .uid(user.uid)
+        .gid(user.gid)
+        .build()
+        .map_err(invalid)?;
     let process = ProcessBuilder::default()
         .terminal(false)
+        .user(user)
         .args(args)
         .env(env)
         .cwd(spec.cwd.clone())
@@ -265,6 +272,7 @@ mod tests {
             log: LogTarget::Inherit,
             stop_grace_secs: 10,
             init: false,
+            user: None,
             limits: crate::Limits {
                 memory: Some(1 << 28),
                 cpu_millis: Some(500),

@@ -79,6 +79,7 @@ fn main() {
         ),
         ("shim_outlives_its_starter", shim_outlives_its_starter),
         ("binds_and_env", binds_and_env),
+        ("runs_as_its_user", runs_as_its_user),
         (
             "limits_hold_and_oom_kills_are_reported",
             limits_hold_and_oom_kills_are_reported,
@@ -216,6 +217,7 @@ impl Fixture {
             stop_grace_secs: 5,
             limits: Limits::default(),
             init: false,
+            user: None,
         }
     }
 
@@ -548,6 +550,31 @@ fn binds_and_env() {
     assert_eq!(bounding & (1 << 13), 0, "CAP_NET_RAW is left out: {out}");
     assert_ne!(bounding & 1, 0, "CAP_CHOWN stays: {out}");
     assert!(!data.join("new").exists());
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+/// A container with a user runs its command as that uid and gid, without capabilities.
+fn runs_as_its_user() {
+    let mut fx = Fixture::new("user");
+    let mut spec = fx.spec(
+        "user",
+        &["sh", "-c", "id -u; id -g; grep CapEff /proc/self/status"],
+    );
+    spec.user = Some(berth_runtime::User {
+        uid: 65534,
+        gid: 65533,
+    });
+    spec.init = true;
+    let (out, code) = run_attached(&fx, &spec);
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["65534", "65533"], "{out}");
+    assert_eq!(
+        lines[2].trim_start_matches("CapEff:").trim(),
+        "0000000000000000",
+        "{out}"
+    );
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
 }

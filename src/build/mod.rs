@@ -234,6 +234,7 @@ async fn run_build(
         stop_grace_secs: 5,
         limits: Default::default(),
         init: true,
+        user: None,
     };
 
     out.line(format!("-----> Building {app} with buildpacks"))

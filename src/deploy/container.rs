@@ -152,6 +152,7 @@ pub async fn start(
         stop_grace_secs: STOP_GRACE_SECS,
         limits: limits.runtime(),
         init: true,
+        user: user(image),
     };
     let runtime = d.runtime.clone();
     let started = tokio::task::spawn_blocking(move || runtime.start(&spec))
@@ -175,6 +176,19 @@ pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> 
         "HOME=/app".to_string(),
     ]);
     env
+}
+
+/// The user containers of `image` run as: its config's numeric `uid[:gid]` (Dockerfile builds
+/// store `USER` so), else root.
+pub(super) fn user(image: &Image) -> Option<berth_runtime::User> {
+    let (uid, gid) = match image.config.user.split_once(':') {
+        Some((uid, gid)) => (uid.parse().ok()?, gid.parse().ok()?),
+        None => {
+            let uid = image.config.user.parse().ok()?;
+            (uid, uid)
+        }
+    };
+    Some(berth_runtime::User { uid, gid })
 }
 
 /// Where a container of `image` starts: its `WORKDIR`, else `/app` (buildpack images).

@@ -54,6 +54,7 @@ pub(super) async fn run(
         stop_grace_secs: container::STOP_GRACE_SECS,
         limits: Default::default(), // set by the one-off runner
         init: true,
+        user: container::user(image),
     };
     let job = OneOff {
         spec,

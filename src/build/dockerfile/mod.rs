@@ -60,6 +60,23 @@ pub enum DockerfileError {
     Ignore(String),
     #[error("{PATH_VAR}={0} is not a file in the pushed tree — fix the config or add the file")]
     Missing(String),
+    #[error("USER {user}: {problem} — create the user in a RUN step (useradd) or give a numeric uid:gid")]
+    User { user: String, problem: String },
+}
+
+/// The numeric user a stage's `USER` names (resolved in its image's /etc/passwd and
+/// /etc/group); None for root or no `USER`.
+fn user_of(stage: &Stage) -> Result<Option<berth_runtime::User>, DockerfileError> {
+    let user = stage.config.user.as_str();
+    if user.is_empty() {
+        return Ok(None);
+    }
+    let (uid, gid) =
+        context::owner(&stage.dirs(), user).map_err(|problem| DockerfileError::User {
+            user: user.to_string(),
+            problem,
+        })?;
+    Ok(Some(berth_runtime::User { uid, gid }))
 }
 
 /// The Dockerfile to build, if the app has one: its path in the tree.
@@ -202,18 +219,15 @@ pub async fn build(
             _ => out.line(format!(" ---> {secs:.2} s")).await,
         }
     }
-    let stage = current.expect("parse requires a FROM");
+    let mut stage = current.expect("parse requires a FROM");
     out.line(format!(
         "-----> Built in {:.2} s",
         started.elapsed().as_secs_f64()
     ))
     .await;
-    if !stage.config.user.is_empty() && stage.config.user != "root" && stage.config.user != "0" {
-        out.warn(format!(
-            "       USER {} is kept in the image, but berth's runtime runs build steps and apps as root",
-            stage.config.user
-        ))
-        .await;
+    // Stored numerically: the app's containers start as it without reading /etc/passwd.
+    if let Some(user) = user_of(&stage)? {
+        stage.config.user = format!("{}:{}", user.uid, user.gid);
     }
 
     let process_types = process_types(source, &dir, &stage.config)?;
@@ -764,6 +778,7 @@ async fn run(
         stop_grace_secs: 5,
         limits: Default::default(), // set by the one-off runner
         init: true,
+        user: user_of(stage)?,
     };
     let staging = d.images.scratch("run");
     let job = OneOff {
