@@ -1,6 +1,7 @@
 //! App logs: one file per app (`DATA/logs/APP.log`) that the shims append lines to, as
-//! `TIMESTAMP app[web.1]: text`. Owns reading it (last lines, follow) and berth's own lines
-//! about an app's containers (`berth[web.1]: …`); the app's output is the shim's to write.
+//! `TIMESTAMP app[web.1]: text`. Owns reading it (last lines from its end, following it by
+//! inotify), rotating it (`APP.log.1`), and berth's own lines about an app's containers
+//! (`berth[web.1]: …`); the app's output is the shim's to write.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -20,15 +21,77 @@ pub fn append(path: &Path, source: &str, text: &str) {
     }
 }
 
-/// The last `n` lines of the log.
+/// How much of a log's end [`tail`] reads at most.
+const MAX_TAIL: u64 = 8 << 20;
+/// How large a log grows before [`rotate`] moves it aside.
+pub const MAX_LOG: u64 = 16 << 20;
+
+/// The last `n` lines of the log, read from its end (at most [`MAX_TAIL`] bytes of it).
 pub fn tail(path: &Path, n: usize) -> Vec<String> {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| l.to_string())
-        .collect()
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut chunk = 64 << 10;
+    loop {
+        let start = len.saturating_sub(chunk);
+        let mut buf = Vec::new();
+        if file.seek(SeekFrom::Start(start)).is_err()
+            || file
+                .by_ref()
+                .take(len - start)
+                .read_to_end(&mut buf)
+                .is_err()
+        {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&buf);
+        // Past the start of the file the first line is cut: it does not count.
+        let lines: Vec<&str> = text.lines().skip(usize::from(start > 0)).collect();
+        if lines.len() >= n || start == 0 || chunk >= MAX_TAIL {
+            return lines[lines.len().saturating_sub(n)..]
+                .iter()
+                .map(|l| l.to_string())
+                .collect();
+        }
+        chunk = (chunk * 4).min(MAX_TAIL);
+    }
+}
+
+/// Moves a log larger than [`MAX_LOG`] to `APP.log.1` (replacing the one before) by copying it
+/// and truncating it, so the shims keep appending to the file they hold open (`O_APPEND` writes
+/// go to the new end); a line written during the copy can be lost. Returns whether it rotated.
+pub fn rotate(path: &Path) -> std::io::Result<bool> {
+    if std::fs::metadata(path).map_or(true, |m| m.len() <= MAX_LOG) {
+        return Ok(false);
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(path, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// Wakes the receiver whenever the log changes (inotify on its folder, so it works before the
+/// file exists and across rotations). Keep the watcher alive while receiving.
+pub fn watch(
+    path: &Path,
+) -> notify::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::Receiver<()>)> {
+    use notify::Watcher;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let name = path.file_name().map(ToOwned::to_owned);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let ours = event.is_ok_and(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref()));
+        if ours {
+            let _ = tx.try_send(()); // one pending wake is enough
+        }
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    Ok((watcher, rx))
 }
 
 /// The last `n` lines that mention `needle` (e.g. `app[web.1]`), joined for an error message.
@@ -106,5 +169,53 @@ mod tests {
         assert_eq!(lines, vec!["4 app[web.1]: d"]);
         f.write_all(b" line\n").unwrap();
         assert_eq!(read_from(&path, offset).0, vec!["5 partial line"]);
+    }
+
+    #[test]
+    fn tail_reads_from_the_end_and_rotation_keeps_the_old_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.log");
+        let line = format!(
+            "{} app[web.1]: {}\n",
+            "2026-11-25T00:00:00Z",
+            "x".repeat(1000)
+        );
+        let count = (MAX_LOG / line.len() as u64) as usize + 10;
+        let mut text = line.repeat(count);
+        text.push_str("last app[web.1]: the end\n");
+        std::fs::write(&path, &text).unwrap();
+        let last = tail(&path, 3);
+        assert_eq!(last.len(), 3);
+        assert_eq!(last[2], "last app[web.1]: the end");
+        assert_eq!(last[1], line.trim_end(), "whole lines only");
+        assert_eq!(tail(&path, 100).len(), 100, "more than one chunk back");
+
+        assert!(rotate(&path).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        let old = dir.path().join("big.log.1");
+        assert_eq!(tail(&old, 1), vec!["last app[web.1]: the end"]);
+        assert!(!rotate(&path).unwrap(), "a small log stays");
+        // A shim's O_APPEND handle writes at the new end, and following starts over.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"after app[web.1]: rotation\n").unwrap();
+        assert_eq!(
+            read_from(&path, text.len() as u64).0,
+            vec!["after app[web.1]: rotation"]
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_wakes_on_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.log");
+        let (_watcher, mut woken) = watch(&path).unwrap();
+        append(&path, "berth[web.1]", "hello");
+        tokio::time::timeout(std::time::Duration::from_secs(5), woken.recv())
+            .await
+            .expect("no wake for a new line");
+        assert_eq!(tail(&path, 1).len(), 1);
     }
 }

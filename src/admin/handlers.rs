@@ -704,8 +704,14 @@ async fn logs_command(
     for line in logs::tail(&path, num) {
         out.line(line).await;
     }
-    while follow && !out.is_closed() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Woken by inotify as lines arrive; the timeout only notices a client that went away.
+    let mut watch = if follow {
+        Some(logs::watch(&path).context("cannot watch the app's log")?)
+    } else {
+        None
+    };
+    while let Some((_, woken)) = watch.as_mut().filter(|_| !out.is_closed()) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), woken.recv()).await;
         let (lines, next) = logs::read_from(&path, offset);
         offset = next;
         for line in lines {

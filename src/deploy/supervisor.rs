@@ -133,7 +133,15 @@ impl Deployer {
                 _ = shutdown.cancelled() => return,
                 Some(app) = wakes.recv() => self.queue(app),
                 _ = tick.tick() => match self.store.apps().await {
-                    Ok(apps) => apps.into_iter().for_each(|a| self.queue(a.name)),
+                    Ok(apps) => apps.into_iter().for_each(|a| {
+                        let log = self.paths.log(&a.name);
+                        match crate::logs::rotate(&log) {
+                            Ok(true) => info!(app = %a.name, "rotated the app's log"),
+                            Ok(false) => {}
+                            Err(err) => warn!(app = %a.name, %err, "rotating the app's log failed"),
+                        }
+                        self.queue(a.name)
+                    }),
                     Err(err) => warn!(%err, "listing apps to converge failed"),
                 },
             }
