@@ -64,15 +64,32 @@ impl Runtime {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe; it detaches the shim from our session so it
-        // survives us and our terminal.
+            .stderr(Stdio::null())
+            .env(crate::shim::READY_FD_VAR, crate::shim::READY_FD.to_string());
+        // The shim writes to this pipe once the container runs or could not start, so the
+        // start waits on it instead of polling the container's files.
+        let (ready, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|err| Error::io("creating the shim's ready pipe")(err.into()))?;
+        let ready_w_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
+        // SAFETY: setsid and dup2 are async-signal-safe. setsid detaches the shim from our
+        // session so it survives us and our terminal; dup2 hands it the pipe as READY_FD
+        // (without close-on-exec).
         unsafe {
-            command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
+            command.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if nix::libc::dup2(ready_w_fd, crate::shim::READY_FD) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
-        let mut child = self.spawn(&mut command, &dir, &spec.id)?;
+        let spawned = self.spawn(&mut command, &dir, &spec.id);
+        drop(ready_w);
+        let mut child = spawned?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
+            // Readable once the shim said so, or at end of file when it died without a word.
+            wait_readable(&ready, deadline.saturating_duration_since(Instant::now()));
             let exited = child.try_wait().ok().flatten();
             if let Some(reason) = layout::read(&dir, layout::ERROR) {
                 let _ = child.wait();
@@ -103,7 +120,8 @@ impl Runtime {
                     secs: START_TIMEOUT.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(2));
+            // Readable but no file yet: the pipe closed before the shim's exit shows; look again.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +33,22 @@ use crate::{layout, rootfs, spec, ContainerSpec, Error, LogTarget};
 
 /// Exit code of a shim whose container could not start.
 pub const START_FAILED: i32 = 125;
+
+/// When this variable is set, the shim's fd [`READY_FD`] is a pipe to the starting daemon: the
+/// shim writes one byte to it once the container runs (`DIR/pid`) or could not start
+/// (`DIR/error`), then closes it.
+pub const READY_FD_VAR: &str = "BERTH_SHIM_READY_FD";
+pub const READY_FD: i32 = 3;
+
+/// Tells the starting daemon that `DIR/pid` or `DIR/error` is written (see [`READY_FD_VAR`]).
+fn signal_ready() {
+    if std::env::var_os(READY_FD_VAR).is_some() {
+        // SAFETY: the daemon handed this fd over for exactly this; it is closed here once.
+        let pipe = unsafe { std::fs::File::from_raw_fd(READY_FD) };
+        let _ = (&pipe).write_all(b"1");
+        std::env::remove_var(READY_FD_VAR);
+    }
+}
 
 /// Longest log line; longer output is split.
 const MAX_LINE: usize = 64 * 1024;
@@ -61,6 +77,11 @@ pub fn main_without_seccomp(dir: &Path) -> i32 {
 }
 
 fn main_with(dir: &Path, seccomp: bool) -> i32 {
+    if std::env::var_os(READY_FD_VAR).is_some() {
+        // Not for the container's processes.
+        // SAFETY: fcntl on an fd number; F_SETFD changes only its close-on-exec flag.
+        unsafe { nix::libc::fcntl(READY_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+    }
     let dir = match std::path::absolute(dir) {
         Ok(dir) => dir,
         Err(err) => {
@@ -75,6 +96,7 @@ fn main_with(dir: &Path, seccomp: bool) -> i32 {
             eprintln!("error: {reason}");
             let _ = layout::write(&dir, layout::ERROR, &reason);
             let _ = layout::write(&dir, layout::EXIT, &START_FAILED.to_string());
+            signal_ready();
             START_FAILED
         }
     }
@@ -127,6 +149,7 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
             reason: "libcontainer reported no pid".into(),
         })?;
     layout::write(dir, layout::PID, &init.to_string())?;
+    signal_ready();
     tracing::info!(id = spec.id, pid = init.as_raw(), "container started");
 
     let code = supervise(init, log, Duration::from_secs(spec.stop_grace_secs))?;
