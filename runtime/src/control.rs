@@ -154,13 +154,12 @@ impl Runtime {
         if let Some(code) = layout::read_i32(&dir, layout::EXIT) {
             return State::Exited { code };
         }
-        let shim = shim_pid(&dir);
-        match layout::read_i32(&dir, layout::PID) {
-            Some(pid) if alive(pid) => State::Running { pid },
-            _ => match shim {
-                Some(shim) => State::Running { pid: shim },
-                None => State::Exited { code: -1 },
-            },
+        // Without its shim a container is not supervised (no log, no exit code): one whose
+        // shim died (SIGKILL) counts as exited, and `stop` kills what it left running.
+        match (shim_pid(&dir), layout::read_i32(&dir, layout::PID)) {
+            (Some(_), Some(pid)) if alive(pid) => State::Running { pid },
+            (Some(shim), _) => State::Running { pid: shim },
+            (None, _) => State::Exited { code: -1 },
         }
     }
 
@@ -193,6 +192,14 @@ impl Runtime {
                     secs: limit.as_secs(),
                 });
             }
+        } else if layout::read_i32(&dir, layout::EXIT).is_none() {
+            // Its shim died and left the container running: kill what is in its cgroup.
+            tracing::warn!(
+                id,
+                "the container's shim is gone; killing what it left running"
+            );
+            crate::spec::kill_cgroup(id, STOP_SLACK);
+            layout::write(&dir, layout::EXIT, &(128 + 9).to_string())?;
         }
         Ok(layout::read_i32(&dir, layout::EXIT))
     }

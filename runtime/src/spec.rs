@@ -63,6 +63,54 @@ pub fn oom_kills(id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Container `id`'s cgroup directories: one per controller on cgroup v1, one on v2.
+fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
+    let cgroup = cgroup_path(id);
+    if cgroup_v2_only() {
+        return vec![Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'))];
+    }
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|controllers| {
+            controllers
+                .flatten()
+                .map(|c| c.path().join(cgroup.trim_start_matches('/')))
+                .filter(|dir| dir.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills every process left in container `id`'s cgroup (its shim died without cleaning up)
+/// and removes the cgroup. Returns once they are gone, or after `within`.
+pub fn kill_cgroup(id: &str, within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    let dirs = cgroup_dirs(id);
+    loop {
+        let pids: HashSet<i32> = dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .collect();
+        if pids.is_empty() || std::time::Instant::now() >= deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
 /// Removes the parent cgroup from every controller where it is empty (the last container of
 /// every server on this machine is gone); where containers still run it stays. For servers
 /// that shut down for good (`--ephemeral`) and tests.

@@ -78,6 +78,10 @@ fn main() {
             remove_stops_a_running_container,
         ),
         ("shim_outlives_its_starter", shim_outlives_its_starter),
+        (
+            "a_container_whose_shim_was_killed_is_stopped",
+            a_container_whose_shim_was_killed_is_stopped,
+        ),
         ("binds_and_env", binds_and_env),
         ("runs_as_its_user", runs_as_its_user),
         (
@@ -514,6 +518,50 @@ fn shim_outlives_its_starter() {
     });
     assert_eq!(runtime.stop(&spec.id).unwrap(), Some(0));
     runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+/// A shim killed with SIGKILL leaves its container running unsupervised: it counts as exited,
+/// and stopping it kills what is left in its cgroup.
+fn a_container_whose_shim_was_killed_is_stopped() {
+    let mut fx = Fixture::new("orphan");
+    let spec = fx.spec("orphan", &["sh", "-c", "while true; do sleep 0.05; done"]);
+    fx.runtime.start(&spec).unwrap();
+    let State::Running { pid } = fx.runtime.state(&spec.id) else {
+        panic!("not running: {:?}", fx.runtime.state(&spec.id));
+    };
+    let dir = fx.runtime.container_dir(&spec.id);
+    let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
+    wait_for(Duration::from_secs(10), "the shim to die", || {
+        (!Path::new(&format!("/proc/{shim}/cmdline")).exists()
+            || std::fs::read_to_string(format!("/proc/{shim}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            }))
+        .then_some(())
+    });
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the container outlived its shim"
+    );
+    assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: -1 });
+    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(128 + 9));
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap()
+                .is_empty(),
+        "the container's process still runs"
+    );
+    fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
 }
 
