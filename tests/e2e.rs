@@ -2394,7 +2394,7 @@ impl Registry {
     /// Copies the OCI layout `layout` (its tag `tag`) into the registry as `name:tag`.
     fn push(&self, layout: &Path, tag: &str, name: &str) {
         let out = run(Command::new("skopeo")
-            .args(["copy", "--dest-tls-verify=false"])
+            .args(["copy", "--all", "--dest-tls-verify=false"])
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{name}:{tag}", self.host)));
         assert!(out.status.success(), "skopeo copy: {}", text(&out));
@@ -2410,6 +2410,8 @@ impl Drop for Registry {
 
 /// An OCI image layout at `dir` tagged `tag`: one gzip layer holding the host's static
 /// busybox as `/bin/busybox` and `/bin/sh`, and `/www`; its command serves `/www` on `$PORT`.
+/// Also tagged in two multi-platform indexes: `TAG-multi` (linux/arm64 and linux/amd64) and
+/// `TAG-arm` (linux/arm64 only).
 fn busybox_layout(dir: &Path, tag: &str) {
     use sha2::Digest;
     let blobs = dir.join("blobs/sha256");
@@ -2472,14 +2474,42 @@ fn busybox_layout(dir: &Path, tag: &str) {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}]
     });
     let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
+    // Two multi-platform indexes of it: `TAG-multi` (arm64 listed first) and `TAG-arm`.
+    let platform_index = |arches: &[&str]| {
+        let entries: Vec<_> = arches
+            .iter()
+            .map(|arch| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest,
+                    "size": manifest_size,
+                    "platform": {"architecture": arch, "os": "linux"}
+                })
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries
+        });
+        put(index.to_string().as_bytes())
+    };
+    let entry = |media_type: &str, (digest, size): (String, usize), name: String| {
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": name}
+        })
+    };
+    let index_type = "application/vnd.oci.image.index.v1+json";
     let index = serde_json::json!({
         "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest,
-            "size": manifest_size,
-            "annotations": {"org.opencontainers.image.ref.name": tag}
-        }]
+        "manifests": [
+            entry("application/vnd.oci.image.manifest.v1+json", (manifest.clone(), manifest_size), tag.to_string()),
+            entry(index_type, platform_index(&["arm64", "amd64"]), format!("{tag}-multi")),
+            entry(index_type, platform_index(&["arm64"]), format!("{tag}-arm")),
+        ]
     });
     std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
@@ -2498,7 +2528,9 @@ fn slow_dockerfile_from_registry() {
     let registry = Registry::start(server.dir.path());
     let layout = server.dir.path().join("busybox-oci");
     busybox_layout(&layout, "1");
-    registry.push(&layout, "1", "team/web");
+    for tag in ["1", "1-multi", "1-arm"] {
+        registry.push(&layout, tag, "team/web");
+    }
 
     let laptop = Laptop::new(server.dir.path(), "laptop");
     server.berth_ok(&[
@@ -2562,6 +2594,16 @@ fn slow_dockerfile_from_registry() {
         &format!("has no image `{}/team/web:nope`", registry.host),
         "check the name and tag",
     ]);
+    laptop.write(
+        "Dockerfile",
+        &format!("FROM {}/team/web:1-arm\n", registry.host),
+    );
+    laptop.commit("Wrong platform");
+    let platform = laptop.push_rejected(&[
+        &format!("Dockerfile line 1: FROM {}/team/web:1-arm:", registry.host),
+        "has no linux/amd64 image (it has linux/arm64) — use an image built for linux/amd64",
+    ]);
+    eprintln!("--- a wrong platform:\n{platform}");
     let closed = free_port();
     laptop.write(
         "Dockerfile",
@@ -2575,6 +2617,20 @@ fn slow_dockerfile_from_registry() {
     eprintln!("--- the refused pushes:\n{unknown}\n{unreachable}");
     let (_, body) = server.get("pulled.localhost");
     assert_eq!(body, "second version (built)");
+
+    // From a multi-platform index berth takes the linux/amd64 image.
+    laptop.write(
+        "Dockerfile",
+        &format!(
+            "FROM {}/team/web:1-multi\nCOPY index.html /www/\n",
+            registry.host
+        ),
+    );
+    laptop.commit("From an index");
+    let third = push("a push from an index");
+    assert!(third.contains("layer 1/1"), "{third}");
+    let (_, body) = server.get("pulled.localhost");
+    assert_eq!(body, "second version");
 
     drop(registry);
     server.stop();

@@ -82,6 +82,12 @@ pub enum PullError {
         what: &'static str,
         detail: String,
     },
+    #[error("the registry {registry} answered HTTP {code} for `{reference}` — check the registry and the name")]
+    Status {
+        registry: String,
+        reference: String,
+        code: u16,
+    },
     #[error(
         "pulling `{reference}` from {registry} failed (retry; if it persists, check the registry)"
     )]
@@ -408,6 +414,12 @@ impl Puller {
             };
         }
         match &e {
+            // Not the body: whatever answers (a loopback service, say) is not echoed to the push.
+            OciDistributionError::ServerError { code, .. } => PullError::Status {
+                registry,
+                reference,
+                code: *code,
+            },
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
                 PullError::Unreachable {
                     registry,

@@ -1,6 +1,8 @@
 //! Dockerfile builds, with no Docker daemon: chosen when the pushed tree has a `Dockerfile` (or
 //! the file the app's `BERTH_DOCKERFILE_PATH` names). Each stage starts from an image in
-//! berth's store (by name, e.g. `berth/stack-build`), an earlier stage, or `scratch`; each
+//! berth's store (by name, e.g. `berth/stack-build`; a name with a registry host that the
+//! store lacks is pulled into it first, [`crate::image::pull`]), an earlier stage, or
+//! `scratch`; each
 //! `RUN` runs in a build container (its own netns, the host CA bundle passed in) over the
 //! layers so far, and the container's overlay upper dir becomes the step's layer; `COPY`/`ADD`
 //! stage their files in a folder that becomes a layer. The other instructions change the image
@@ -185,10 +187,13 @@ pub async fn build(
                     stages.push(done);
                 }
                 let image = parse::words(image, &global_args).map_err(fail)?.join("");
-                let stage = from(d, &stages, &image, name.clone(), config, out).await;
+                let stage = from(d, &stages, &image, name.clone(), config, &budget, out).await;
                 current = Some(stage.map_err(|e| {
                     match e {
                         FromError::Problem(problem) => fail(problem),
+                        FromError::TimedOut => BuildError::TimedOut {
+                            after: budget.limits.timeout,
+                        },
                         FromError::Pull(source) => DockerfileError::Pull {
                             line: instruction.line,
                             text: instruction.text.clone(),
@@ -300,6 +305,8 @@ enum FromError {
     /// A problem with the line itself.
     Problem(String),
     Pull(Box<PullError>),
+    /// The pull ran past the build's deadline.
+    TimedOut,
 }
 
 /// The start of a stage: an earlier stage, `scratch`, an image in the store, or one pulled from
@@ -310,6 +317,7 @@ async fn from(
     image: &str,
     name: Option<String>,
     config: &Config,
+    budget: &Budget<'_>,
     out: &Progress,
 ) -> Result<Stage, FromError> {
     let stage = |layers, config, key: String| Stage {
@@ -350,7 +358,11 @@ async fn from(
                 }),
                 _ => None,
             };
-            let digest = d.images.pull(image, login, out).await;
+            // A pull counts against the build's time limit like any step.
+            let pull = d.images.pull(image, login, out);
+            let digest = tokio::time::timeout_at(budget.until.into(), pull)
+                .await
+                .map_err(|_| FromError::TimedOut)?;
             Some(digest.map_err(|e| FromError::Pull(Box::new(e)))?)
         }
         None => None,
