@@ -483,6 +483,19 @@ impl Laptop {
 
     /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
     /// returns the output.
+    /// Pushes `main` to `deploy`, which must succeed; returns (and shows) its output.
+    fn push_ok(&self, server: &Server, what: &str) -> String {
+        let push = self.git(&["push", "deploy", "main"]);
+        let push_text = text(&push);
+        assert!(
+            push.status.success(),
+            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
+            server.log()
+        );
+        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
+        push_text
+    }
+
     fn push_rejected(&self, expected: &[&str]) -> String {
         let push = self.git(&["push", "deploy", "main"]);
         let push_text = text(&push);
@@ -2263,17 +2276,7 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let remote = format!("ssh://git@127.0.0.1:{}/dock", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
 
-    let push = |what: &str| -> String {
-        let push = laptop.git(&["push", "deploy", "main"]);
-        let push_text = text(&push);
-        assert!(
-            push.status.success(),
-            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
-            server.log()
-        );
-        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
-        push_text
-    };
+    let push = |what: &str| laptop.push_ok(&server, what);
     let first = push("the first push");
     for expected in [
         "Building dock from Dockerfile",
@@ -2548,17 +2551,7 @@ fn slow_dockerfile_from_registry() {
     let remote = format!("ssh://git@127.0.0.1:{}/pulled", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
 
-    let push = |what: &str| -> String {
-        let push = laptop.git(&["push", "deploy", "main"]);
-        let push_text = text(&push);
-        assert!(
-            push.status.success(),
-            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
-            server.log()
-        );
-        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
-        push_text
-    };
+    let push = |what: &str| laptop.push_ok(&server, what);
     let first = push("the first push");
     for expected in [
         format!("Pulling {image}"),
