@@ -2346,7 +2346,8 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
 }
 
 /// Debian's `docker-registry` (the CNCF distribution registry) on a free loopback port with
-/// its storage in `dir`; killed on drop.
+/// its storage in `dir`, asking for the login `user:password` (HTTP basic, an htpasswd file
+/// made with apache2-utils' `htpasswd`); killed on drop.
 struct Registry {
     child: Child,
     /// `127.0.0.1:PORT`
@@ -2354,14 +2355,18 @@ struct Registry {
 }
 
 impl Registry {
-    fn start(dir: &Path) -> Registry {
+    fn start(dir: &Path, user: &str, password: &str) -> Registry {
         let port = free_port();
+        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+        assert!(htpasswd.status.success(), "htpasswd: {}", text(&htpasswd));
+        std::fs::write(dir.join("registry.htpasswd"), &htpasswd.stdout).unwrap();
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("registry-storage").display()
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                dir.join("registry-storage").display(),
+                dir.join("registry.htpasswd").display()
             ),
         )
         .unwrap();
@@ -2380,7 +2385,13 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = run(Command::new("curl")
-                .args(["-sSf", "--max-time", "5"])
+                .args([
+                    "-sSf",
+                    "--max-time",
+                    "5",
+                    "-u",
+                    &format!("{user}:{password}"),
+                ])
                 .arg(format!("http://{}/v2/", registry.host)));
             if out.status.success() {
                 return registry;
@@ -2395,9 +2406,15 @@ impl Registry {
     }
 
     /// Copies the OCI layout `layout` (its tag `tag`) into the registry as `name:tag`.
-    fn push(&self, layout: &Path, tag: &str, name: &str) {
+    fn push(&self, layout: &Path, tag: &str, name: &str, login: &str) {
         let out = run(Command::new("skopeo")
-            .args(["copy", "--all", "--dest-tls-verify=false"])
+            .args([
+                "copy",
+                "--all",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                login,
+            ])
             .arg(format!("oci:{}:{tag}", layout.display()))
             .arg(format!("docker://{}/{name}:{tag}", self.host)));
         assert!(out.status.success(), "skopeo copy: {}", text(&out));
@@ -2518,21 +2535,21 @@ fn busybox_layout(dir: &Path, tag: &str) {
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
-/// A Dockerfile `FROM` an image in a registry on loopback (Debian's docker-registry): the
-/// first push pulls it into the store and the app serves through the proxy; the next push
+/// A Dockerfile `FROM` an image in a registry on loopback (Debian's docker-registry, with a
+/// login the app's config gives): the first push pulls it into the store and the app serves through the proxy; the next push
 /// finds it in the store and pulls nothing; an unknown tag and an unreachable registry fail
 /// the push with the Dockerfile line and what to do.
 #[test]
 fn slow_dockerfile_from_registry() {
-    if !prerequisites_met(&["docker-registry", "skopeo", "busybox"]) {
+    if !prerequisites_met(&["docker-registry", "skopeo", "busybox", "htpasswd"]) {
         return;
     }
     let mut server = Server::start();
-    let registry = Registry::start(server.dir.path());
+    let registry = Registry::start(server.dir.path(), "puller", "s3cret");
     let layout = server.dir.path().join("busybox-oci");
     busybox_layout(&layout, "1");
     for tag in ["1", "1-multi", "1-arm"] {
-        registry.push(&layout, tag, "team/web");
+        registry.push(&layout, tag, "team/web", "puller:s3cret");
     }
 
     let laptop = Laptop::new(server.dir.path(), "laptop");
@@ -2550,6 +2567,22 @@ fn slow_dockerfile_from_registry() {
     laptop.commit("Dockerfile from a registry");
     let remote = format!("ssh://git@127.0.0.1:{}/pulled", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
+
+    // The registry wants a login: without the app's, the push is refused saying how to set it.
+    let denied = laptop.push_rejected(&[
+        &format!(
+            "Dockerfile line 1: FROM {image}: the registry {} refused",
+            registry.host
+        ),
+        "BERTH_REGISTRY_USER",
+    ]);
+    eprintln!("--- without a login:\n{denied}");
+    server.berth_ok(&[
+        "config:set",
+        "pulled",
+        "BERTH_REGISTRY_USER=puller",
+        "BERTH_REGISTRY_PASSWORD=s3cret",
+    ]);
 
     let push = |what: &str| laptop.push_ok(&server, what);
     let first = push("the first push");
