@@ -152,13 +152,8 @@ impl ImageStore {
 fn client_for(registry: &str) -> Client {
     // reqwest is built without its own crypto provider: berth uses ring throughout.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let host = registry
-        .rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(registry, |(host, _)| host);
-    let loopback = matches!(host, "localhost" | "127.0.0.1" | "[::1]");
     Client::new(ClientConfig {
-        protocol: if loopback {
+        protocol: if is_loopback(registry) {
             ClientProtocol::Http
         } else {
             ClientProtocol::Https
@@ -168,6 +163,16 @@ fn client_for(registry: &str) -> Client {
         read_timeout: Some(Duration::from_secs(60)),
         ..ClientConfig::default()
     })
+}
+
+/// Whether the registry `host[:port]` is this machine's loopback (the only ones spoken to in
+/// plain HTTP).
+fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .filter(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(registry, |(host, _)| host);
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 struct Puller {
@@ -464,7 +469,25 @@ fn check_digest(bytes: &[u8], digest: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::names_registry;
+    use super::{is_loopback, names_registry};
+
+    #[test]
+    fn only_loopback_registries_get_plain_http() {
+        for (registry, loopback) in [
+            ("127.0.0.1:5000", true),
+            ("127.0.0.1", true),
+            ("localhost:5000", true),
+            ("[::1]:5000", true),
+            ("[::1]", true),
+            ("127.0.0.1.example:5000", false),
+            ("localhost.example", false),
+            ("registry.example:5000", false),
+            ("10.0.0.1:5000", false),
+            ("docker.io", false),
+        ] {
+            assert_eq!(is_loopback(registry), loopback, "{registry}");
+        }
+    }
 
     #[test]
     fn which_images_name_a_registry() {
