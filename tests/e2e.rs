@@ -481,8 +481,6 @@ impl Laptop {
         push
     }
 
-    /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
-    /// returns the output.
     /// Pushes `main` to `deploy`, which must succeed; returns (and shows) its output.
     fn push_ok(&self, server: &Server, what: &str) -> String {
         let push = self.git(&["push", "deploy", "main"]);
@@ -496,6 +494,8 @@ impl Laptop {
         push_text
     }
 
+    /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
+    /// returns the output.
     fn push_rejected(&self, expected: &[&str]) -> String {
         let push = self.git(&["push", "deploy", "main"]);
         let push_text = text(&push);
@@ -603,14 +603,7 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.commit("First version");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
-    let push = laptop.git(&["push", "deploy", "main"]);
-    let push_text = text(&push);
-    assert!(
-        push.status.success(),
-        "push failed:\n{push_text}\n--- server log:\n{}",
-        server.log()
-    );
-    eprintln!("--- the first push, as the developer sees it:\n{push_text}");
+    let push_text = laptop.push_ok(&server, "the first push");
     assert!(push_text.contains("Python app detected"), "{push_text}");
     assert!(
         push_text.contains("-----> hello v1 is live at http://hello.localhost"),
