@@ -5,10 +5,11 @@
 //! ([`ImageStore::store_foreign`]) and tagged with the reference as written, so the next build
 //! finds it without pulling.
 //!
-//! The registry is untrusted: manifests and configs over [`MAX_JSON`] are refused, layers are
-//! streamed to a scratch file in the store, never past the size their manifest gives, and their
-//! digests are checked. Plain HTTP only for loopback registries; HTTPS with the system's roots
-//! otherwise.
+//! The registry is untrusted: manifests and configs over [`MAX_JSON`] are refused (a config
+//! is read no further; a manifest only once `oci-client` has read it whole), layers are
+//! streamed to a scratch file in the store, never past the size their manifest gives, and
+//! their digests are checked. Plain HTTP only for loopback registries; HTTPS with the system's
+//! roots otherwise.
 //!
 //! Owns talking to registries; must not run anything.
 
@@ -334,7 +335,8 @@ impl Puller {
             let path = images.scratch("pull-layer");
             blobs.push(path.clone());
             self.layer(desc, &path).await?;
-            tracing::info!(layer = %desc.digest, ms = started.elapsed().as_millis() as u64, "pulled layer");
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::info!(layer = %desc.digest, ms, "pulled layer");
         }
         Ok(())
     }
