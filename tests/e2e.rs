@@ -481,6 +481,19 @@ impl Laptop {
         push
     }
 
+    /// Pushes `main` to `deploy`, which must succeed; returns (and shows) its output.
+    fn push_ok(&self, server: &Server, what: &str) -> String {
+        let push = self.git(&["push", "deploy", "main"]);
+        let push_text = text(&push);
+        assert!(
+            push.status.success(),
+            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
+            server.log()
+        );
+        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
+        push_text
+    }
+
     /// Pushes main to `deploy` and requires the push to fail with output containing `expected`;
     /// returns the output.
     fn push_rejected(&self, expected: &[&str]) -> String {
@@ -590,14 +603,7 @@ fn slow_push_deploy_config_and_bad_input() {
     laptop.commit("First version");
     let remote = format!("ssh://git@127.0.0.1:{}/hello", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
-    let push = laptop.git(&["push", "deploy", "main"]);
-    let push_text = text(&push);
-    assert!(
-        push.status.success(),
-        "push failed:\n{push_text}\n--- server log:\n{}",
-        server.log()
-    );
-    eprintln!("--- the first push, as the developer sees it:\n{push_text}");
+    let push_text = laptop.push_ok(&server, "the first push");
     assert!(push_text.contains("Python app detected"), "{push_text}");
     assert!(
         push_text.contains("-----> hello v1 is live at http://hello.localhost"),
@@ -2264,17 +2270,7 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let remote = format!("ssh://git@127.0.0.1:{}/dock", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
 
-    let push = |what: &str| -> String {
-        let push = laptop.git(&["push", "deploy", "main"]);
-        let push_text = text(&push);
-        assert!(
-            push.status.success(),
-            "{what}: push failed:\n{push_text}\n--- server log:\n{}",
-            server.log()
-        );
-        eprintln!("--- {what}, as the developer sees it:\n{push_text}");
-        push_text
-    };
+    let push = |what: &str| laptop.push_ok(&server, what);
     let first = push("the first push");
     for expected in [
         "Building dock from Dockerfile",
@@ -2335,6 +2331,329 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let (_, body) = server.get("dock.localhost");
     assert!(body.contains(" | second notes | "), "{body}");
 
+    server.stop();
+    let left = server.leftovers();
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
+}
+
+/// Debian's `docker-registry` (the CNCF distribution registry) on a free loopback port with
+/// its storage in `dir`, asking for the login `user:password` (HTTP basic, an htpasswd file
+/// made with apache2-utils' `htpasswd`); killed on drop.
+struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    host: String,
+}
+
+impl Registry {
+    fn start(dir: &Path, user: &str, password: &str) -> Registry {
+        let port = free_port();
+        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+        assert!(htpasswd.status.success(), "htpasswd: {}", text(&htpasswd));
+        std::fs::write(dir.join("registry.htpasswd"), &htpasswd.stdout).unwrap();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                dir.join("registry-storage").display(),
+                dir.join("registry.htpasswd").display()
+            ),
+        )
+        .unwrap();
+        let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log("registry.log"))
+            .stderr(log("registry.err"))
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = Registry {
+            child,
+            host: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = run(Command::new("curl")
+                .args([
+                    "-sSf",
+                    "--max-time",
+                    "5",
+                    "-u",
+                    &format!("{user}:{password}"),
+                ])
+                .arg(format!("http://{}/v2/", registry.host)));
+            if out.status.success() {
+                return registry;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer: {}",
+                std::fs::read_to_string(dir.join("registry.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Copies the OCI layout `layout` (its tag `tag`) into the registry as `name:tag`.
+    fn push(&self, layout: &Path, tag: &str, name: &str, login: &str) {
+        let out = run(Command::new("skopeo")
+            .args([
+                "copy",
+                "--all",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                login,
+            ])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{name}:{tag}", self.host)));
+        assert!(out.status.success(), "skopeo copy: {}", text(&out));
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An OCI image layout at `dir` tagged `tag`: one gzip layer holding the host's static
+/// busybox as `/bin/busybox` and `/bin/sh`, and `/www`; its command serves `/www` on `$PORT`.
+/// Also tagged in two multi-platform indexes: `TAG-multi` (linux/arm64 and linux/amd64) and
+/// `TAG-arm` (linux/arm64 only).
+fn busybox_layout(dir: &Path, tag: &str) {
+    use sha2::Digest;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dir_entry = |path: &str| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(0o755);
+        header.set_size(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        tar.append_data(&mut header, path, std::io::empty())
+            .unwrap();
+    };
+    dir_entry("bin");
+    dir_entry("www");
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o755);
+    header.set_size(busybox.len() as u64);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    tar.append_data(&mut header, "bin/busybox", &busybox[..])
+        .unwrap();
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    link.set_mode(0o777);
+    link.set_uid(0);
+    link.set_gid(0);
+    link.set_mtime(0);
+    tar.append_link(&mut link, "bin/sh", "busybox").unwrap();
+    let plain = tar.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&plain).unwrap();
+    let (layer, layer_size) = put(&gz.finish().unwrap());
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/bin"],
+            "Cmd": ["/bin/sh", "-c", "exec busybox httpd -f -p $PORT -h /www"]
+        },
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}
+    });
+    let (config, config_size) = put(config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}]
+    });
+    let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
+    // Two multi-platform indexes of it: `TAG-multi` (arm64 listed first) and `TAG-arm`.
+    let platform_index = |arches: &[&str]| {
+        let entries: Vec<_> = arches
+            .iter()
+            .map(|arch| {
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest,
+                    "size": manifest_size,
+                    "platform": {"architecture": arch, "os": "linux"}
+                })
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries
+        });
+        put(index.to_string().as_bytes())
+    };
+    let entry = |media_type: &str, (digest, size): (String, usize), name: String| {
+        serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": name}
+        })
+    };
+    let index_type = "application/vnd.oci.image.index.v1+json";
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [
+            entry("application/vnd.oci.image.manifest.v1+json", (manifest.clone(), manifest_size), tag.to_string()),
+            entry(index_type, platform_index(&["arm64", "amd64"]), format!("{tag}-multi")),
+            entry(index_type, platform_index(&["arm64"]), format!("{tag}-arm")),
+        ]
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// A Dockerfile `FROM` an image in a registry on loopback (Debian's docker-registry, with a
+/// login the app's config gives): the first push pulls it into the store and the app serves through the proxy; the next push
+/// finds it in the store and pulls nothing; an unknown tag and an unreachable registry fail
+/// the push with the Dockerfile line and what to do.
+#[test]
+fn slow_dockerfile_from_registry() {
+    if !prerequisites_met(&["docker-registry", "skopeo", "busybox", "htpasswd"]) {
+        return;
+    }
+    let mut server = Server::start();
+    let registry = Registry::start(server.dir.path(), "puller", "s3cret");
+    let layout = server.dir.path().join("busybox-oci");
+    busybox_layout(&layout, "1");
+    for tag in ["1", "1-multi", "1-arm"] {
+        registry.push(&layout, tag, "team/web", "puller:s3cret");
+    }
+
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "pulled"]);
+    let image = format!("{}/team/web:1", registry.host);
+    let dockerfile =
+        format!("FROM {image}\nCOPY index.html /www/\nRUN echo -n ' (built)' >> /www/index.html\n");
+    laptop.write("Dockerfile", &dockerfile);
+    laptop.write("index.html", "served from a pulled image");
+    laptop.commit("Dockerfile from a registry");
+    let remote = format!("ssh://git@127.0.0.1:{}/pulled", server.ssh.port());
+    laptop.git(&["remote", "add", "deploy", &remote]);
+
+    // The registry wants a login: without the app's, the push is refused saying how to set it.
+    let denied = laptop.push_rejected(&[
+        &format!(
+            "Dockerfile line 1: FROM {image}: the registry {} refused",
+            registry.host
+        ),
+        "BERTH_REGISTRY_USER",
+    ]);
+    eprintln!("--- without a login:\n{denied}");
+    server.berth_ok(&[
+        "config:set",
+        "pulled",
+        "BERTH_REGISTRY_USER=puller",
+        "BERTH_REGISTRY_PASSWORD=s3cret",
+    ]);
+
+    let push = |what: &str| laptop.push_ok(&server, what);
+    let first = push("the first push");
+    for expected in [
+        format!("Pulling {image}"),
+        "layer 1/1".to_string(),
+        format!("Pulled {image} in"),
+        "pulled v1 is live".to_string(),
+    ] {
+        assert!(first.contains(&expected), "{expected:?} missing:\n{first}");
+    }
+    let (status, body) = server.get("pulled.localhost");
+    assert_eq!(status, 200, "{body}\n--- server log:\n{}", server.log());
+    assert_eq!(body, "served from a pulled image (built)");
+
+    // The image is in the store now, under the reference: no second pull.
+    laptop.write("index.html", "second version");
+    laptop.commit("New page");
+    let second = push("the second push");
+    assert!(!second.contains("Pulling"), "pulled again:\n{second}");
+    let (_, body) = server.get("pulled.localhost");
+    assert_eq!(body, "second version (built)");
+
+    // An unknown tag and a registry nobody listens on: refused, v2 keeps serving.
+    laptop.write(
+        "Dockerfile",
+        &format!("FROM {}/team/web:nope\n", registry.host),
+    );
+    laptop.commit("Unknown tag");
+    let unknown = laptop.push_rejected(&[
+        &format!(
+            "Dockerfile line 1: FROM {}/team/web:nope: the registry",
+            registry.host
+        ),
+        &format!("has no image `{}/team/web:nope`", registry.host),
+        "check the name and tag",
+    ]);
+    laptop.write(
+        "Dockerfile",
+        &format!("FROM {}/team/web:1-arm\n", registry.host),
+    );
+    laptop.commit("Wrong platform");
+    let platform = laptop.push_rejected(&[
+        &format!("Dockerfile line 1: FROM {}/team/web:1-arm:", registry.host),
+        "has no linux/amd64 image (it has linux/arm64) — use an image built for linux/amd64",
+    ]);
+    eprintln!("--- a wrong platform:\n{platform}");
+    let closed = free_port();
+    laptop.write(
+        "Dockerfile",
+        &format!("FROM 127.0.0.1:{closed}/team/web:1\n"),
+    );
+    laptop.commit("Unreachable registry");
+    let unreachable = laptop.push_rejected(&[
+        &format!("Dockerfile line 1: FROM 127.0.0.1:{closed}/team/web:1: cannot reach the registry 127.0.0.1:{closed}"),
+        "check that it runs",
+    ]);
+    eprintln!("--- the refused pushes:\n{unknown}\n{unreachable}");
+    let (_, body) = server.get("pulled.localhost");
+    assert_eq!(body, "second version (built)");
+
+    // From a multi-platform index berth takes the linux/amd64 image.
+    laptop.write(
+        "Dockerfile",
+        &format!(
+            "FROM {}/team/web:1-multi\nCOPY index.html /www/\n",
+            registry.host
+        ),
+    );
+    laptop.commit("From an index");
+    let third = push("a push from an index");
+    assert!(third.contains("layer 1/1"), "{third}");
+    let (_, body) = server.get("pulled.localhost");
+    assert_eq!(body, "second version");
+
+    drop(registry);
     server.stop();
     let left = server.leftovers();
     assert!(

@@ -46,8 +46,13 @@ struct Platform {
     architecture: String,
 }
 
+/// An image config as it comes from outside berth (an archive or a registry).
 #[derive(Deserialize)]
-struct ConfigFile {
+pub(super) struct ConfigFile {
+    #[serde(default)]
+    pub(super) architecture: Option<String>,
+    #[serde(default)]
+    pub(super) os: Option<String>,
     #[serde(default)]
     config: Option<OciRunConfig>,
 }
@@ -142,22 +147,38 @@ impl ImageStore {
             .ok_or_else(|| bad(archive, "it names no image: pass --name NAME"))?;
 
         let config: ConfigFile = parse(archive, &config_rel, read(&config_rel)?)?;
+        let layer_paths = layer_rels
+            .iter()
+            .map(|rel| inside(rel))
+            .collect::<Result<Vec<_>, _>>()?;
+        let digest = self.store_foreign(config, &layer_paths, &name)?;
+        Ok((name, digest))
+    }
+
+    /// Stores an image that comes from outside berth — its config and its layer blobs (tars,
+    /// plain or gzip), bottom-most first — and tags it `name`; returns the manifest digest.
+    /// Archives ([`ImageStore::import_archive`]) and registry pulls (`pull`) both end here.
+    pub(super) fn store_foreign(
+        &self,
+        config: ConfigFile,
+        layer_blobs: &[PathBuf],
+        name: &str,
+    ) -> Result<String, ImageError> {
         let config = config
             .config
             .map(OciRunConfig::into_config)
             .unwrap_or_default();
         let mut layers = Vec::new();
-        for rel in &layer_rels {
-            let path = inside(rel)?;
+        for path in layer_blobs {
             let plain = self.tmp_path("import-layer.tar");
-            let unpacked = decompress(&path, &plain).map_err(io_err("decompressing", &path));
+            let unpacked = decompress(path, &plain).map_err(io_err("decompressing", path));
             let layer = unpacked.and_then(|()| self.import_layer_tar(&plain));
             let _ = fs::remove_file(&plain);
             layers.push(layer?);
         }
         let digest = self.put_image(&layers, &config)?;
-        self.tag(&name, &digest)?;
-        Ok((name, digest))
+        self.tag(name, &digest)?;
+        Ok(digest)
     }
 }
 

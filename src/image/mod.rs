@@ -19,6 +19,7 @@
 //! step's overlay upper dir is a layer as it is.
 
 mod import;
+pub mod pull;
 pub mod stack;
 
 use serde::{Deserialize, Serialize};

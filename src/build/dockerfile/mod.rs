@@ -1,6 +1,8 @@
 //! Dockerfile builds, with no Docker daemon: chosen when the pushed tree has a `Dockerfile` (or
 //! the file the app's `BERTH_DOCKERFILE_PATH` names). Each stage starts from an image in
-//! berth's store (by name, e.g. `berth/stack-build`), an earlier stage, or `scratch`; each
+//! berth's store (by name, e.g. `berth/stack-build`; a name with a registry host that the
+//! store lacks is pulled into it first, [`crate::image::pull`]), an earlier stage, or
+//! `scratch`; each
 //! `RUN` runs in a build container (its own netns, the host CA bundle passed in) over the
 //! layers so far, and the container's overlay upper dir becomes the step's layer; `COPY`/`ADD`
 //! stage their files in a folder that becomes a layer. The other instructions change the image
@@ -30,6 +32,7 @@ use super::container::{self, Ended, OneOff};
 use super::{bind, procfile, BuildError, Builder, Built, CA_BUNDLE_IN_BUILD, CA_VARS};
 use crate::checks::{self, Checks};
 use crate::config::Config;
+use crate::image::pull::{self, PullError};
 use crate::image::{self, ImageConfig, ImageStore, Layer};
 use crate::limits::BuildLimits;
 use crate::progress::Progress;
@@ -40,6 +43,9 @@ use parse::{Command, Instruction, Kind};
 
 /// App config naming the Dockerfile to build (relative to the repo root).
 pub const PATH_VAR: &str = "BERTH_DOCKERFILE_PATH";
+/// App config: the user name and password `FROM` uses to pull from a registry.
+pub const REGISTRY_USER_VAR: &str = "BERTH_REGISTRY_USER";
+pub const REGISTRY_PASSWORD_VAR: &str = "BERTH_REGISTRY_PASSWORD";
 /// The longest instruction text shown in a `Step n/m : …` line.
 const MAX_STEP_TEXT: usize = 200;
 
@@ -56,6 +62,13 @@ pub enum DockerfileError {
     },
     #[error("Dockerfile line {line}: the step failed (exit code {code}) — see its output above, fix it and push again")]
     RunFailed { line: usize, code: i32 },
+    #[error("Dockerfile line {line}: {text}")]
+    Pull {
+        line: usize,
+        text: String,
+        #[source]
+        source: Box<PullError>,
+    },
     #[error("{0} — fix it and push again")]
     Ignore(String),
     #[error("{PATH_VAR}={0} is not a file in the pushed tree — fix the config or add the file")]
@@ -191,7 +204,21 @@ pub async fn build(
                     stages.push(done);
                 }
                 let image = parse::words(image, &global_args).map_err(fail)?.join("");
-                current = Some(from(d, &stages, &image, name.clone()).await.map_err(fail)?);
+                let stage = from(d, &stages, &image, name.clone(), config, &budget, out).await;
+                current = Some(stage.map_err(|e| {
+                    match e {
+                        FromError::Problem(problem) => fail(problem),
+                        FromError::TimedOut => BuildError::TimedOut {
+                            after: budget.limits.timeout,
+                        },
+                        FromError::Pull(source) => DockerfileError::Pull {
+                            line: instruction.line,
+                            text: instruction.text.clone(),
+                            source,
+                        }
+                        .into(),
+                    }
+                })?);
                 None
             }
             (_, None) => unreachable!("parse puts FROM first"),
@@ -220,6 +247,11 @@ pub async fn build(
         }
     }
     let mut stage = current.expect("parse requires a FROM");
+    // No WORKDIR means `/`, as in Docker (berth starts containers of images without one in
+    // `/app`, where buildpacks put the app; a base image from a registry may not have it).
+    if stage.config.working_dir.is_empty() {
+        stage.config.working_dir = "/".into();
+    }
     out.line(format!(
         "-----> Built in {:.2} s",
         started.elapsed().as_secs_f64()
@@ -282,13 +314,26 @@ fn arg_values(
         .collect())
 }
 
-/// The start of a stage: an earlier stage, `scratch`, or an image in the store.
+/// Why a `FROM` could not start its stage.
+enum FromError {
+    /// A problem with the line itself.
+    Problem(String),
+    Pull(Box<PullError>),
+    /// The pull ran past the build's deadline.
+    TimedOut,
+}
+
+/// The start of a stage: an earlier stage, `scratch`, an image in the store, or one pulled from
+/// the registry the name starts with (then kept in the store under that name).
 async fn from(
     d: &Builder,
     stages: &[Stage],
     image: &str,
     name: Option<String>,
-) -> Result<Stage, String> {
+    config: &Config,
+    budget: &Budget<'_>,
+    out: &Progress,
+) -> Result<Stage, FromError> {
     let stage = |layers, config, key: String| Stage {
         name: name.clone(),
         layers,
@@ -311,16 +356,39 @@ async fn from(
     }
     let images = d.images.clone();
     let owned = image.to_string();
-    let found = tokio::task::spawn_blocking(move || {
-        let digest = resolve(&images, &owned)?;
-        images.image(&digest).ok()
-    })
-    .await
-    .expect("image task");
+    let stored = tokio::task::spawn_blocking(move || resolve(&images, &owned))
+        .await
+        .expect("image task");
+    let digest = match stored {
+        Some(digest) => Some(digest),
+        None if pull::names_registry(image) => {
+            let login = match (
+                config.get(REGISTRY_USER_VAR),
+                config.get(REGISTRY_PASSWORD_VAR),
+            ) {
+                (Some(user), Some(password)) => Some(pull::Login {
+                    user: user.clone(),
+                    password: password.clone(),
+                }),
+                _ => None,
+            };
+            // A pull counts against the build's time limit like any step.
+            let pull = d.images.pull(image, login, out);
+            let digest = tokio::time::timeout_at(budget.until.into(), pull)
+                .await
+                .map_err(|_| FromError::TimedOut)?;
+            Some(digest.map_err(|e| FromError::Pull(Box::new(e)))?)
+        }
+        None => None,
+    };
+    let images = d.images.clone();
+    let found = tokio::task::spawn_blocking(move || digest.and_then(|d| images.image(&d).ok()))
+        .await
+        .expect("image task");
     let found = found.ok_or_else(|| {
-        format!(
-            "the image `{image}` is not in berth's image store — use `berth/stack-build`, `berth/stack-run`, `scratch` or an earlier stage"
-        )
+        FromError::Problem(format!(
+            "the image `{image}` is not in berth's image store — use `berth/stack-build`, `berth/stack-run`, `scratch`, an earlier stage, an image from `berth images:import`, or a registry reference such as `registry.example:5000/name:tag`"
+        ))
     })?;
     let key = found.digest.clone();
     Ok(stage(found.layers, found.config, key))
