@@ -353,6 +353,10 @@ pub struct ServerArgs {
         value_name = "FILE"
     )]
     pub build_ca_bundle: String,
+    /// Let a Dockerfile's `FROM` pull from a registry on this machine's loopback (refused
+    /// otherwise: a push must not make the daemon reach the host's loopback services).
+    #[arg(long)]
+    pub allow_loopback_registries: bool,
     /// On shutdown, also stop every container and remove the bridge (tests, throwaway servers).
     #[arg(long)]
     pub ephemeral: bool,

@@ -152,6 +152,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
             network,
             paths: paths.clone(),
             ca_bundle: build_ca_bundle,
+            allow_loopback_registries: args.allow_loopback_registries,
         },
         paths: paths.clone(),
         domain: args.domain.clone(),

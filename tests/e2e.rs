@@ -2563,6 +2563,21 @@ fn slow_dockerfile_from_registry() {
     let remote = format!("ssh://git@127.0.0.1:{}/pulled", server.ssh.port());
     laptop.git(&["remote", "add", "deploy", &remote]);
 
+    // A registry on the host's loopback is off limits to pushes by default: the daemon pulls
+    // from the host's network, where loopback-only services listen.
+    laptop.push_rejected(&[
+        &format!(
+            "the registry {} is on this machine's loopback",
+            registry.host
+        ),
+        "--allow-loopback-registries",
+    ]);
+    server.stop();
+    server.extra_args = vec!["--allow-loopback-registries".to_string()];
+    server.launch();
+    let remote = format!("ssh://git@127.0.0.1:{}/pulled", server.ssh.port());
+    laptop.git(&["remote", "set-url", "deploy", &remote]);
+
     // The registry wants a login: without the app's, the push is refused saying how to set it.
     let denied = laptop.push_rejected(&[
         &format!(

@@ -94,6 +94,8 @@ pub struct Builder {
     pub network: Arc<Network>,
     pub paths: Paths,
     pub ca_bundle: Option<PathBuf>,
+    /// Whether a Dockerfile's `FROM` may pull from a registry on this machine's loopback.
+    pub allow_loopback_registries: bool,
 }
 
 /// One build: which app, the pushed commit, the app's config and the limits to build under.

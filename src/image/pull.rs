@@ -53,6 +53,8 @@ pub enum PullError {
         #[source]
         source: oci_client::ParseError,
     },
+    #[error("the registry {registry} is on this machine's loopback, which a push may not make berth reach — use a registry elsewhere, or start `berth server` with --allow-loopback-registries (a registry on this host, tests)")]
+    Loopback { registry: String },
     #[error("cannot reach the registry {registry} (check that it runs and that this server can reach it)")]
     Unreachable {
         registry: String,
@@ -119,10 +121,14 @@ pub struct Login {
 impl ImageStore {
     /// Pulls `reference` (as written in the Dockerfile) from its registry into the store,
     /// tagged `reference`; returns the manifest digest. Progress lines go to `out`.
+    /// A registry on this machine's loopback (by name or by what its name resolves to) is
+    /// refused unless `allow_loopback`: the daemon pulls from the host's network, where the
+    /// host's loopback-only services are.
     pub async fn pull(
         self: &Arc<Self>,
         reference: &str,
         login: Option<Login>,
+        allow_loopback: bool,
         out: &Progress,
     ) -> Result<String, PullError> {
         let parsed: Reference = reference
@@ -131,6 +137,11 @@ impl ImageStore {
                 reference: reference.to_string(),
                 source,
             })?;
+        if !allow_loopback && resolves_to_loopback(parsed.registry()).await {
+            return Err(PullError::Loopback {
+                registry: parsed.registry().to_string(),
+            });
+        }
         let puller = Puller {
             client: client_for(parsed.registry()),
             registry: parsed.registry().to_string(),
@@ -164,6 +175,26 @@ fn client_for(registry: &str) -> Client {
         read_timeout: Some(Duration::from_secs(60)),
         ..ClientConfig::default()
     })
+}
+
+/// Whether the registry `host[:port]` is, or resolves to, an address of this machine's own
+/// (loopback or unspecified). A name that cannot be resolved is not (the pull then fails as
+/// unreachable).
+async fn resolves_to_loopback(registry: &str) -> bool {
+    if is_loopback(registry) {
+        return true;
+    }
+    let target = if registry
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        registry.to_string()
+    } else {
+        format!("{registry}:443")
+    };
+    tokio::net::lookup_host(target)
+        .await
+        .is_ok_and(|mut addrs| addrs.any(|a| a.ip().is_loopback() || a.ip().is_unspecified()))
 }
 
 /// Whether the registry `host[:port]` is this machine's loopback (the only ones spoken to in

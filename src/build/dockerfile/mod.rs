@@ -373,7 +373,9 @@ async fn from(
                 _ => None,
             };
             // A pull counts against the build's time limit like any step.
-            let pull = d.images.pull(image, login, out);
+            let pull = d
+                .images
+                .pull(image, login, d.allow_loopback_registries, out);
             let digest = tokio::time::timeout_at(budget.until.into(), pull)
                 .await
                 .map_err(|_| FromError::TimedOut)?;
