@@ -12,7 +12,6 @@ use berth_runtime::{ContainerSpec, Runtime};
 use tracing::warn;
 
 use super::output;
-use crate::limits::Limits;
 use crate::progress::Progress;
 
 /// How a one-off container ended.
@@ -29,7 +28,6 @@ pub enum Ended {
 /// One one-off container to run.
 pub struct OneOff {
     pub spec: ContainerSpec,
-    pub limits: Limits,
     /// How long it may run.
     pub deadline: Duration,
     /// Put before each of its output lines.
@@ -46,13 +44,11 @@ pub async fn run(
     out: &Progress,
 ) -> Result<Ended, berth_runtime::Error> {
     let OneOff {
-        mut spec,
-        limits,
+        spec,
         deadline,
         indent,
         keep_upper,
     } = job;
-    spec.limits = limits.runtime();
     let id = spec.id.clone();
     let task = tokio::task::spawn_blocking({
         let (runtime, out) = (runtime.clone(), out.clone());

@@ -234,7 +234,7 @@ async fn run_build(
         netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
-        limits: Default::default(),
+        limits: limits.limits.runtime(),
         init: true,
         user: None,
     };
@@ -244,7 +244,6 @@ async fn run_build(
     let started = std::time::Instant::now();
     let job = container::OneOff {
         spec,
-        limits: limits.limits,
         deadline: limits.timeout,
         indent: "",
         keep_upper: None,

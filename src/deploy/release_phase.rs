@@ -52,13 +52,12 @@ pub(super) async fn run(
         netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: container::STOP_GRACE_SECS,
-        limits: Default::default(), // set by the one-off runner
+        limits: limits.runtime(),
         init: true,
         user: container::user(image),
     };
     let job = OneOff {
         spec,
-        limits,
         deadline: DEADLINE,
         indent: "       ",
         keep_upper: None,

@@ -846,14 +846,13 @@ async fn run(
         netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
-        limits: Default::default(), // set by the one-off runner
+        limits: budget.limits.limits.runtime(),
         init: true,
         user: user_of(stage)?,
     };
     let staging = d.images.scratch("run");
     let job = OneOff {
         spec,
-        limits: budget.limits.limits,
         deadline: budget.until.saturating_duration_since(Instant::now()),
         indent: "       ",
         keep_upper: Some(staging.clone()),
