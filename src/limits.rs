@@ -78,16 +78,18 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// An app container's: 512 MiB (Heroku's standard dyno), one CPU, 1024 processes, with
-    /// what a user set for its process type (`resources:set`) over them.
-    pub fn for_app(set: Option<&crate::store::ResourcesRow>) -> Self {
+    /// A container of `process_type`'s: 512 MiB (Heroku's standard dyno), one CPU, 1024
+    /// processes, with what a user set for that type (`resources:set`, among `set`) over them.
+    pub fn for_app(set: &[crate::store::ResourcesRow], process_type: &str) -> Self {
         let default = Self {
             memory: 512 << 20,
             cpu_millis: 1000,
             pids: 1024,
         };
-        let Some(set) = set else { return default };
-        default.with(set.memory, set.cpu_millis, set.pids)
+        match set.iter().find(|row| row.process_type == process_type) {
+            Some(row) => default.with(row.memory, row.cpu_millis, row.pids),
+            None => default,
+        }
     }
 
     /// These limits with the values a user set over them.

@@ -172,8 +172,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             } in containers
             {
                 if last_type.as_ref() != Some(&c.process_type) {
-                    let row = set.iter().find(|r| r.process_type == c.process_type);
-                    let limits = limits::Limits::for_app(row);
+                    let limits = limits::Limits::for_app(&set, &c.process_type);
                     out.line(format!("=== {} ({})", c.process_type, limits.describe()))
                         .await;
                     last_type = Some(c.process_type.clone());
@@ -357,7 +356,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             let all: Vec<(String, limits::Limits)> = types
                 .into_iter()
                 .map(|t| {
-                    let limits = limits::Limits::for_app(set.iter().find(|r| r.process_type == t));
+                    let limits = limits::Limits::for_app(&set, &t);
                     (t, limits)
                 })
                 .collect();
@@ -405,7 +404,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             change_limit(&mut set.cpu_millis, cpus, limits::parse_cpus, big)?;
             change_limit(&mut set.pids, pids, limits::parse_pids, |p| p)?;
             d.store.set_resources(&name, &set).await?;
-            let limits = limits::Limits::for_app(Some(&set));
+            let limits = limits::Limits::for_app(std::slice::from_ref(&set), &process_type);
             out.line(format!(
                 "{name} {process_type}: {} — running containers get it at their next restart: `berth ps:restart {name} {process_type}`",
                 limits.describe()

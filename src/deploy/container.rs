@@ -97,9 +97,7 @@ pub fn binds() -> Vec<Bind> {
 /// The limits the containers of `app`'s `process_type` start with.
 pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limits, DeployError> {
     let set = d.store.resources(app).await?;
-    Ok(Limits::for_app(
-        set.iter().find(|r| r.process_type == process_type),
-    ))
+    Ok(Limits::for_app(&set, process_type))
 }
 
 /// Starts `dyno` of `release` (recorded as `starting`); returns once its process runs.
