@@ -45,17 +45,10 @@ fn cgroup_v2_only() -> bool {
 /// How many times the kernel's OOM killer killed a process in container `id`'s cgroup, read
 /// while the cgroup still exists (v1: `memory.oom_control`, v2: `memory.events`).
 pub fn oom_kills(id: &str) -> u64 {
-    let cgroup = cgroup_path(id);
-    let (file, path) = if cgroup_v2_only() {
-        ("memory.events", format!("/sys/fs/cgroup{cgroup}"))
-    } else {
-        (
-            "memory.oom_control",
-            format!("/sys/fs/cgroup/memory{cgroup}"),
-        )
-    };
-    std::fs::read_to_string(Path::new(&path).join(file))
-        .ok()
+    cgroup_dirs(id)
+        .iter()
+        .flat_map(|dir| ["memory.oom_control", "memory.events"].map(|file| dir.join(file)))
+        .find_map(|file| std::fs::read_to_string(file).ok())
         .and_then(|text| {
             text.lines()
                 .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
