@@ -161,6 +161,12 @@ pub enum Command {
         /// How many past lines to show.
         #[arg(short = 'n', long, default_value_t = 100)]
         num: usize,
+        /// Only lines of this process type's containers, e.g. web.
+        #[arg(short = 'p', long = "process", value_name = "TYPE")]
+        process_type: Option<String>,
+        /// One JSON object per line: time, source, process, text.
+        #[arg(long)]
+        json: bool,
     },
     /// List an app's domains: its default host and the custom ones.
     Domains {
@@ -421,7 +427,19 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         Command::PsScale { name, pairs } => Request::PsScale { name, pairs },
         Command::PsRestart { name, process_type } => Request::PsRestart { name, process_type },
         Command::ReleasesRollback { name, version } => Request::ReleasesRollback { name, version },
-        Command::Logs { name, follow, num } => Request::Logs { name, follow, num },
+        Command::Logs {
+            name,
+            follow,
+            num,
+            process_type,
+            json,
+        } => Request::Logs {
+            name,
+            follow,
+            num,
+            process_type,
+            json,
+        },
         Command::Domains { name, json } => Request::Domains { name, json },
         Command::DomainsAdd { name, host } => Request::DomainsAdd { name, host },
         Command::DomainsRemove { name, host } => Request::DomainsRemove { name, host },

@@ -28,6 +28,12 @@ pub const MAX_LOG: u64 = 16 << 20;
 
 /// The last `n` lines of the log, read from its end (at most [`MAX_TAIL`] bytes of it).
 pub fn tail(path: &Path, n: usize) -> Vec<String> {
+    tail_where(path, n, |_| true)
+}
+
+/// The last `n` lines of the log that `keep` accepts, read from its end (at most [`MAX_TAIL`]
+/// bytes of it).
+pub fn tail_where(path: &Path, n: usize, keep: impl Fn(&str) -> bool) -> Vec<String> {
     let Ok(mut file) = std::fs::File::open(path) else {
         return Vec::new();
     };
@@ -47,7 +53,11 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
         }
         let text = String::from_utf8_lossy(&buf);
         // Past the start of the file the first line is cut: it does not count.
-        let lines: Vec<&str> = text.lines().skip(usize::from(start > 0)).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .skip(usize::from(start > 0))
+            .filter(|l| keep(l))
+            .collect();
         if lines.len() >= n || start == 0 || chunk >= MAX_TAIL {
             return lines[lines.len().saturating_sub(n)..]
                 .iter()
@@ -55,6 +65,46 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
                 .collect();
         }
         chunk = (chunk * 4).min(MAX_TAIL);
+    }
+}
+
+/// One log line taken apart: `TIMESTAMP app[web.1]: text` or `TIMESTAMP berth[web.1]: text`.
+#[derive(Debug, PartialEq, serde::Serialize)]
+pub struct Line<'a> {
+    pub time: &'a str,
+    /// `app` for the app's own output, `berth` for berth's lines about it.
+    pub source: &'a str,
+    /// The container, e.g. `web.1`; empty for a line about the whole app.
+    pub process: &'a str,
+    pub text: &'a str,
+}
+
+impl<'a> Line<'a> {
+    /// Parses a line as the shims and [`append`] write it; `None` for anything else.
+    pub fn parse(line: &'a str) -> Option<Self> {
+        let (time, rest) = line.split_once(' ')?;
+        let (who, text) = rest
+            .split_once(": ")
+            .or_else(|| rest.strip_suffix(':').map(|w| (w, "")))?;
+        let (source, process) = match who.split_once('[') {
+            Some((source, process)) => (source, process.strip_suffix(']')?),
+            None => (who, ""),
+        };
+        Some(Self {
+            time,
+            source,
+            process,
+            text,
+        })
+    }
+
+    /// Whether the line comes from (or is about) a container of `process_type`.
+    pub fn is_of_type(&self, process_type: &str) -> bool {
+        let kind = self
+            .process
+            .split_once('.')
+            .map_or(self.process, |(t, _)| t);
+        kind == process_type
     }
 }
 
@@ -96,11 +146,7 @@ pub fn watch(
 
 /// The last `n` lines that mention `needle` (e.g. `app[web.1]`), joined for an error message.
 pub fn tail_matching(path: &Path, needle: &str, n: usize) -> String {
-    let lines: Vec<String> = tail(path, 10_000)
-        .into_iter()
-        .filter(|l| l.contains(needle))
-        .collect();
-    let shown = &lines[lines.len().saturating_sub(n)..];
+    let shown = tail_where(path, n, |l| l.contains(needle));
     if shown.is_empty() {
         "       (no output)".to_string()
     } else {
@@ -204,6 +250,43 @@ mod tests {
         assert_eq!(
             read_from(&path, text.len() as u64).0,
             vec!["after app[web.1]: rotation"]
+        );
+    }
+
+    #[test]
+    fn lines_parse_and_filter_by_process_type() {
+        let line = Line::parse("2026-11-25T10:00:00Z app[worker.2]: a: b").unwrap();
+        assert_eq!(
+            line,
+            Line {
+                time: "2026-11-25T10:00:00Z",
+                source: "app",
+                process: "worker.2",
+                text: "a: b"
+            }
+        );
+        assert!(line.is_of_type("worker") && !line.is_of_type("web"));
+        let about = Line::parse("2026-11-25T10:00:00Z berth[web.1]: out of memory").unwrap();
+        assert_eq!((about.source, about.process), ("berth", "web.1"));
+        assert!(about.is_of_type("web"));
+        assert_eq!(
+            Line::parse("2026-11-25T10:00:00Z berth: hi")
+                .unwrap()
+                .process,
+            ""
+        );
+        assert!(Line::parse("garbage").is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let mut text = String::from("0 app[web.1]: early web\n");
+        text.push_str(&"1 app[worker.1]: busy\n".repeat(20_000));
+        std::fs::write(&path, text).unwrap();
+        let web = |l: &str| Line::parse(l).is_some_and(|l| l.is_of_type("web"));
+        assert_eq!(
+            tail_where(&path, 5, web),
+            vec!["0 app[web.1]: early web"],
+            "reads back past other types' lines"
         );
     }
 

@@ -775,6 +775,19 @@ fn slow_push_deploy_config_and_bad_input() {
     // Logs show the app's output.
     let logs = server.berth_ok(&["logs", "hello", "-n", "50"]);
     assert!(logs.contains("app[web.1]:"), "{logs}");
+    // As JSON, one object per line, and only the asked-for process type.
+    let json = server.berth_ok(&["logs", "hello", "-n", "5", "-p", "web", "--json"]);
+    let objects: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!objects.is_empty(), "{json}");
+    for object in &objects {
+        assert!(object["process"].as_str().unwrap().starts_with("web."), "{object}");
+        assert!(object["time"].as_str().unwrap().starts_with("20"), "{object}");
+    }
+    let none = server.berth_ok(&["logs", "hello", "-p", "worker"]);
+    assert!(none.trim().is_empty(), "no worker runs: {none}");
     // `logs -f` streams new lines: the request below shows up in Flask's access log.
     let mut follow = Command::new(BERTH)
         .arg("--data")

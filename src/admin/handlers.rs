@@ -202,9 +202,16 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             }
             Ok(())
         }
-        Request::Logs { name, follow, num } => {
+        Request::Logs {
+            name,
+            follow,
+            num,
+            process_type,
+            json,
+        } => {
             d.store.require_app(&name).await?;
-            logs_command(d, &name, follow, num, out).await
+            let view = LogView { process_type, json };
+            logs_command(d, &name, follow, num, &view, out).await
         }
         Request::PsScale { name, pairs } => {
             d.store.require_app(&name).await?;
@@ -691,17 +698,45 @@ async fn apply_config(
     Ok(())
 }
 
+/// Which log lines `logs` shows, and how.
+struct LogView {
+    process_type: Option<String>,
+    json: bool,
+}
+
+impl LogView {
+    fn keep(&self, line: &str) -> bool {
+        self.process_type
+            .as_deref()
+            .is_none_or(|kind| logs::Line::parse(line).is_some_and(|line| line.is_of_type(kind)))
+    }
+
+    fn render(&self, line: String) -> String {
+        if !self.json {
+            return line;
+        }
+        let parsed = logs::Line::parse(&line).unwrap_or(logs::Line {
+            time: "",
+            source: "",
+            process: "",
+            text: &line,
+        });
+        serde_json::to_string(&parsed).expect("a log line serializes")
+    }
+}
+
 async fn logs_command(
     d: &Handles,
     name: &str,
     follow: bool,
     num: usize,
+    view: &LogView,
     out: &Out,
 ) -> anyhow::Result<()> {
     let path = d.paths.log(name);
     let mut offset = logs::end(&path);
-    for line in logs::tail(&path, num) {
-        out.line(line).await;
+    for line in logs::tail_where(&path, num, |l| view.keep(l)) {
+        out.line(view.render(line)).await;
     }
     // Woken by inotify as lines arrive; the timeout only notices a client that went away.
     let mut watch = if follow {
@@ -713,8 +748,8 @@ async fn logs_command(
         let _ = tokio::time::timeout(Duration::from_secs(1), woken.recv()).await;
         let (lines, next) = logs::read_from(&path, offset);
         offset = next;
-        for line in lines {
-            out.line(line).await;
+        for line in lines.into_iter().filter(|l| view.keep(l)) {
+            out.line(view.render(line)).await;
         }
     }
     Ok(())

@@ -71,6 +71,8 @@ pub enum Request {
         name: String,
         follow: bool,
         num: usize,
+        process_type: Option<String>,
+        json: bool,
     },
     Domains {
         name: String,
