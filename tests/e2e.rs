@@ -783,8 +783,14 @@ fn slow_push_deploy_config_and_bad_input() {
         .collect();
     assert!(!objects.is_empty(), "{json}");
     for object in &objects {
-        assert!(object["process"].as_str().unwrap().starts_with("web."), "{object}");
-        assert!(object["time"].as_str().unwrap().starts_with("20"), "{object}");
+        assert!(
+            object["process"].as_str().unwrap().starts_with("web."),
+            "{object}"
+        );
+        assert!(
+            object["time"].as_str().unwrap().starts_with("20"),
+            "{object}"
+        );
     }
     let none = server.berth_ok(&["logs", "hello", "-p", "worker"]);
     assert!(none.trim().is_empty(), "no worker runs: {none}");
@@ -1981,7 +1987,8 @@ fn push_app(server: &Server, laptop: &Laptop, app: &str) -> String {
 /// stack and answering through the proxy, on one server: Django with gunicorn, WhiteNoise's
 /// manifest static files (collectstatic at build time) and a `release:` migrate step; a failing
 /// release command that keeps the old release serving; a warm redeploy reusing the cached venv;
-/// Express from npm (`npm start` as the default web); a static site; a Go module with vendored
+/// Express from npm (`npm start` as the default web), also with yarn and pnpm lockfiles; an app
+/// installed from its pyproject.toml, then from a Pipfile; a static site; a Go module with vendored
 /// dependencies; and three buildpacks in `.buildpacks` (a path in the app, a git URL, a
 /// built-in) with `export` between them.
 #[test]
@@ -2132,6 +2139,58 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     let (status, body) = server.get("express.localhost");
     assert!(
         status == 200 && body.starts_with("hello from express 5."),
+        "{status} {body}"
+    );
+
+    // The same app with a yarn lockfile, then a pnpm one: each installs with its own tool.
+    let lockfiles = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/node-lockfiles");
+    for (lock, tool) in [("yarn.lock", "yarn"), ("pnpm-lock.yaml", "pnpm")] {
+        for old in ["yarn.lock", "pnpm-lock.yaml"] {
+            let _ = std::fs::remove_file(express.dir.join(old));
+        }
+        std::fs::copy(lockfiles.join(lock), express.dir.join(lock)).unwrap();
+        express.commit(&format!("Locked with {tool}"));
+        let out = push_app(&server, &express, "express");
+        assert!(
+            out.contains(&format!("Installing dependencies ({lock})")),
+            "{out}"
+        );
+        assert!(
+            server
+                .get("express.localhost")
+                .1
+                .starts_with("hello from express 5."),
+            "{tool}"
+        );
+    }
+
+    // A pyproject.toml app is installed with `pip install .`; then the same app with a Pipfile.
+    let py = laptop("pyproject-flask");
+    py.commit("pyproject");
+    server.berth_ok(&["apps:create", "pyproj"]);
+    let out = push_app(&server, &py, "pyproj");
+    assert!(out.contains("Installing the app with pip"), "{out}");
+    let (status, body) = server.get("pyproj.localhost");
+    assert!(
+        status == 200 && body.starts_with("hello from pyproject with flask 3."),
+        "{status} {body}"
+    );
+    std::fs::remove_file(py.dir.join("pyproject.toml")).unwrap();
+    py.write("Pipfile", "[packages]\nflask = \">=3\"\n");
+    let app_py = std::fs::read_to_string(py.dir.join("hello_app.py")).unwrap();
+    py.write(
+        "hello_app.py",
+        &app_py.replace("from pyproject", "from a Pipfile"),
+    );
+    py.commit("Pipfile");
+    let out = push_app(&server, &py, "pyproj");
+    assert!(
+        out.contains("Installing Pipfile's packages with pip"),
+        "{out}"
+    );
+    let (status, body) = server.get("pyproj.localhost");
+    assert!(
+        status == 200 && body.starts_with("hello from a Pipfile with flask 3."),
         "{status} {body}"
     );
 
