@@ -12,6 +12,16 @@ pub type Config = BTreeMap<String, String>;
 /// Keys berth sets itself; users may not override them.
 pub const RESERVED: &[&str] = &["PORT", "DYNO"];
 
+/// The registry login a Dockerfile's `FROM` pulls with.
+pub const REGISTRY_USER: &str = "BERTH_REGISTRY_USER";
+pub const REGISTRY_PASSWORD: &str = "BERTH_REGISTRY_PASSWORD";
+
+/// Whether a config var is for berth's pulls only: the login stays out of the app's containers
+/// and buildpacks, so a compromised app cannot take it.
+pub fn is_registry_login(key: &str) -> bool {
+    key == REGISTRY_USER || key == REGISTRY_PASSWORD
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(

@@ -2711,6 +2711,15 @@ fn slow_dockerfile_from_registry() {
     assert!(!second.contains("Pulling"), "pulled again:\n{second}");
     let (_, body) = server.get("pulled.localhost");
     assert_eq!(body, "second version (built)");
+    // The registry login is berth's, not the app's: it is not in the container's environment.
+    let pids = container_pids(&server, "pulled");
+    assert!(!pids.is_empty());
+    for (dyno, pid) in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(environ.contains(&format!("DYNO={dyno}")), "{environ}");
+        assert!(!environ.contains("BERTH_REGISTRY"), "{environ}");
+    }
 
     // An unknown tag and a registry nobody listens on: refused, v2 keeps serving.
     laptop.write(

@@ -180,7 +180,10 @@ async fn run_build(
     for dir in [&env_dir, &out_dir, &cache_dir] {
         std::fs::create_dir_all(dir)?;
     }
-    for (key, value) in config {
+    for (key, value) in config
+        .iter()
+        .filter(|(k, _)| !crate::config::is_registry_login(k))
+    {
         std::fs::write(env_dir.join(key), value)?;
     }
 

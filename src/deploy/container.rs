@@ -164,10 +164,17 @@ pub async fn start(
     Ok(row)
 }
 
-/// The environment of `dyno`: the image's, the release's config, `PORT`, `DYNO`, `HOME`.
+/// The environment of `dyno`: the image's, the release's config (but the registry login),
+/// `PORT`, `DYNO`, `HOME`.
 pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> {
     let mut env = image.config.env.clone();
-    env.extend(release.config.iter().map(|(k, v)| format!("{k}={v}")));
+    env.extend(
+        release
+            .config
+            .iter()
+            .filter(|(k, _)| !crate::config::is_registry_login(k))
+            .map(|(k, v)| format!("{k}={v}")),
+    );
     env.extend([
         format!("PORT={}", image.config.port().unwrap_or(PORT)),
         format!("DYNO={dyno}"),

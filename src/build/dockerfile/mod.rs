@@ -44,8 +44,6 @@ use parse::{Command, Instruction, Kind};
 /// App config naming the Dockerfile to build (relative to the repo root).
 pub const PATH_VAR: &str = "BERTH_DOCKERFILE_PATH";
 /// App config: the user name and password `FROM` uses to pull from a registry.
-pub const REGISTRY_USER_VAR: &str = "BERTH_REGISTRY_USER";
-pub const REGISTRY_PASSWORD_VAR: &str = "BERTH_REGISTRY_PASSWORD";
 /// The longest instruction text shown in a `Step n/m : …` line.
 const MAX_STEP_TEXT: usize = 200;
 
@@ -363,8 +361,8 @@ async fn from(
         Some(digest) => Some(digest),
         None if pull::names_registry(image) => {
             let login = match (
-                config.get(REGISTRY_USER_VAR),
-                config.get(REGISTRY_PASSWORD_VAR),
+                config.get(crate::config::REGISTRY_USER),
+                config.get(crate::config::REGISTRY_PASSWORD),
             ) {
                 (Some(user), Some(password)) => Some(pull::Login {
                     user: user.clone(),
