@@ -895,3 +895,58 @@ async fn a_run_whose_client_goes_away_is_abandoned() {
     assert_eq!(*server.abandoned.lock().unwrap(), ["sleepy"]);
     server.stop().await;
 }
+
+/// An SSH client that trusts any host key (the server is this test's own).
+struct TrustingClient;
+
+impl russh::client::Handler for TrustingClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// The size a client asks its pty to be reaches the run, and so does a window change (sent
+/// here with russh's client, as OpenSSH sends one only on its own terminal's SIGWINCH).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_gets_the_pty_size_and_window_changes() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let key = russh::keys::load_secret_key(&server.key, None).unwrap();
+    let config = Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", server.port), TrustingClient)
+        .await
+        .unwrap();
+    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
+    let auth = session.authenticate_publickey("git", key).await.unwrap();
+    assert!(auth.success());
+    let mut channel = session.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 101, 33, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.exec(true, "run hello -- shell").await.unwrap();
+    channel.window_change(120, 40, 0, 0).await.unwrap();
+    channel.eof().await.unwrap();
+    let (mut shown, mut status) = (String::new(), None);
+    while let Some(message) = tokio::time::timeout(DEADLINE, channel.wait())
+        .await
+        .expect("the run did not end")
+    {
+        match message {
+            russh::ChannelMsg::Data { data } => shown.push_str(&String::from_utf8_lossy(&data)),
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        shown,
+        "hello for laptop: shell (terminal 33x101)\nresized 40x120\n"
+    );
+    assert_eq!(status, Some(0));
+    server.stop().await;
+}
