@@ -2749,6 +2749,18 @@ fn slow_run_one_off_commands() {
     ]);
     server.berth_ok(&["apps:create", "once"]);
     server.berth_ok(&["config:set", "once", "GREETING=from config"]);
+    // Nothing to run before a push, nor in an app that does not exist.
+    for (app, expected) in [
+        (
+            "once",
+            "error: app \"once\" has no release yet — push code first",
+        ),
+        ("nope", "error: app \"nope\" not found — see `berth apps`"),
+    ] {
+        let out = server.berth(&["run", app, "--", "true"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).starts_with(expected), "{}", text(&out));
+    }
     laptop.write("app.py", STDLIB_APP_PY);
     laptop.write("version.txt", "v1");
     laptop.write("Procfile", "web: python3 app.py\n");
