@@ -281,8 +281,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes container `id`'s directory, stopping it first if it still runs. Succeeds if
-    /// there is no such container.
+    /// Removes container `id`'s directory, stopping it first if it still runs (also what a
+    /// dead shim left running in its cgroup). Succeeds if there is no such container.
     pub fn remove(&self, id: &str) -> Result<(), Error> {
         if !valid_id(id) {
             return Err(Error::InvalidId(id.to_string()));
@@ -291,7 +291,8 @@ impl Runtime {
         if !dir.exists() {
             return Ok(());
         }
-        if shim_pid(&dir).is_some() {
+        // Running, or left running by a shim that died before recording its exit.
+        if shim_pid(&dir).is_some() || layout::read_i32(&dir, layout::EXIT).is_none() {
             self.stop(id)?;
         }
         self.discard(&dir);

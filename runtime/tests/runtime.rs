@@ -534,44 +534,57 @@ fn shim_outlives_its_starter() {
 /// and stopping it kills what is left in its cgroup.
 fn a_container_whose_shim_was_killed_is_stopped() {
     let mut fx = Fixture::new("orphan");
-    let spec = fx.spec("orphan", &["sh", "-c", "while true; do sleep 0.05; done"]);
-    fx.runtime.start(&spec).unwrap();
-    let State::Running { pid } = fx.runtime.state(&spec.id) else {
-        panic!("not running: {:?}", fx.runtime.state(&spec.id));
+    // Two containers whose shims are killed: one stopped, one removed without a stop.
+    let mut orphan = |name: &str| {
+        let spec = fx.spec(name, &["sh", "-c", "while true; do sleep 0.05; done"]);
+        fx.runtime.start(&spec).unwrap();
+        let State::Running { pid } = fx.runtime.state(&spec.id) else {
+            panic!("not running: {:?}", fx.runtime.state(&spec.id));
+        };
+        let dir = fx.runtime.container_dir(&spec.id);
+        let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL)
+            .unwrap();
+        wait_for(Duration::from_secs(10), "the shim to die", || {
+            (!Path::new(&format!("/proc/{shim}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{shim}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                }))
+            .then_some(())
+        });
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "the container outlived its shim"
+        );
+        assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: -1 });
+        (spec.id, pid)
     };
-    let dir = fx.runtime.container_dir(&spec.id);
-    let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
-    wait_for(Duration::from_secs(10), "the shim to die", || {
-        (!Path::new(&format!("/proc/{shim}/cmdline")).exists()
-            || std::fs::read_to_string(format!("/proc/{shim}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            }))
-        .then_some(())
-    });
-    assert!(
-        Path::new(&format!("/proc/{pid}")).exists(),
-        "the container outlived its shim"
-    );
-    assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: -1 });
-    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(128 + 9));
-    assert!(
+    let gone = |pid: i32| {
         !Path::new(&format!("/proc/{pid}/cmdline")).exists()
             || std::fs::read(format!("/proc/{pid}/cmdline"))
                 .unwrap()
-                .is_empty(),
-        "the container's process still runs"
+                .is_empty()
+    };
+    let (stopped, pid) = orphan("orphan");
+    let (removed, removed_pid) = orphan("orphan2");
+    assert_eq!(fx.runtime.stop(&stopped).unwrap(), Some(128 + 9));
+    assert!(gone(pid), "the stopped container's process still runs");
+    fx.runtime.remove(&stopped).unwrap();
+    fx.assert_clean(&stopped);
+    fx.runtime.remove(&removed).unwrap();
+    assert!(
+        gone(removed_pid),
+        "the removed container's process still runs"
     );
-    fx.runtime.remove(&spec.id).unwrap();
-    fx.assert_clean(&spec.id);
+    fx.assert_clean(&removed);
 }
 
 fn binds_and_env() {
