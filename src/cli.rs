@@ -297,6 +297,25 @@ pub enum Command {
         #[arg(long, default_value = "trixie")]
         stack: String,
     },
+    /// Run a command in a new container of an app's live release (its image, config vars and
+    /// network), attached to this terminal, like `heroku run`; exits with the command's code.
+    /// With a terminal on stdin it gets one too (as `docker run -it`).
+    Run {
+        /// The app's name.
+        name: String,
+        /// The command and its arguments, after `--` (e.g. `-- python manage.py shell`). One
+        /// word is run as a shell command line (`-- 'echo $HOME'`); several as they are.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<String>,
+        /// No terminal, even when stdin is one.
+        #[arg(long)]
+        no_tty: bool,
+    },
     /// Internal: run one container under a shim (started by the daemon).
     #[command(hide = true)]
     Shim {
@@ -379,6 +398,11 @@ pub fn run(cli: Cli) -> i32 {
         Command::Hook {
             hook: HookCommand::PostReceive,
         } => crate::hook::post_receive(&cli.data),
+        Command::Run {
+            name,
+            command,
+            no_tty,
+        } => admin::run::call(&cli.data, name, shell_command(&command), !no_tty),
         command => to_request(command).and_then(|request| admin::client::call(&cli.data, request)),
     };
     match result {
@@ -496,10 +520,23 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             file: std::path::absolute(&file)?,
             name,
         },
-        Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } => {
+        Command::Server(_) | Command::Shim { .. } | Command::Hook { .. } | Command::Run { .. } => {
             unreachable!("handled before")
         }
     })
+}
+
+/// `berth run`'s words as one shell command line: a single word as it is (`'echo $HOME'`, as
+/// `heroku run` and ssh take it), several each quoted, so they reach the command as given.
+fn shell_command(words: &[String]) -> String {
+    match words {
+        [line] => line.clone(),
+        words => words
+            .iter()
+            .map(|word| crate::server::shell_quote(word))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
 }
 
 /// Reads a PEM file for `certs:add`, refusing one larger than any chain or key.
@@ -537,4 +574,38 @@ fn read_key_file(file: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| {
         format!("cannot read {file} — pass an OpenSSH public key file, e.g. ~/.ssh/id_ed25519.pub")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_the_command_after_the_app_as_given() {
+        let parsed = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Run {
+                name,
+                command,
+                no_tty,
+            } => (name, shell_command(&command), no_tty),
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(
+            parsed(&["berth", "run", "app", "--", "sh", "-c", "exit 7"]),
+            ("app".into(), "'sh' '-c' 'exit 7'".into(), false)
+        );
+        assert_eq!(
+            parsed(&["berth", "run", "--no-tty", "app", "ls", "-la"]),
+            ("app".into(), "'ls' '-la'".into(), true)
+        );
+        assert_eq!(
+            parsed(&["berth", "run", "app", "--", "echo $HOME; it's"]),
+            ("app".into(), "echo $HOME; it's".into(), false)
+        );
+        assert_eq!(
+            parsed(&["berth", "run", "app", "--no-tty", "--", "ls", "--all"]),
+            ("app".into(), "'ls' '--all'".into(), true)
+        );
+        assert!(Cli::try_parse_from(["berth", "run", "app"]).is_err());
+    }
 }

@@ -27,6 +27,7 @@
 //! - [`tls`]: certificates (PEM parsing, host coverage) and the SNI table of `--https`.
 //! - [`paths`]: the layout of the data directory.
 //! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
+//! - [`attach`]: the input and output channels between a user and a one-off container (`run`).
 //! - [`tree`]: reading files out of a pushed tree or a build's output, never through a symlink.
 //!
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
@@ -34,6 +35,7 @@
 pub mod acme;
 pub mod admin;
 pub mod app;
+pub mod attach;
 pub mod build;
 pub mod checks;
 pub mod cli;

@@ -26,7 +26,8 @@ use crate::store::Store;
 use crate::tls::Certs;
 use crate::{admin, build, ssh};
 
-/// Lets the SSH server ask the store about keys and apps, and tell the deployer a push ended.
+/// Lets the SSH server ask the store about keys and apps, tell the deployer a push ended and
+/// have it run one-off commands.
 struct Gate {
     store: Store,
     deployer: Arc<Deployer>,
@@ -49,6 +50,20 @@ impl ssh::Gate for Gate {
     fn push_ended(&self, push: String) -> BoxFuture<'static, ()> {
         let deployer = self.deployer.clone();
         Box::pin(async move { deployer.push_ended(&push).await })
+    }
+
+    fn run(
+        &self,
+        app: String,
+        command: String,
+        key: String,
+        attach: crate::attach::Attach,
+    ) -> BoxFuture<'static, Result<i32, String>> {
+        let deployer = self.deployer.clone();
+        Box::pin(async move {
+            let ran = deployer.run_one_off(&app, &command, &key, attach).await;
+            ran.map_err(|err| err.to_string())
+        })
     }
 }
 
@@ -248,6 +263,8 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    // A run belongs to its connection, which ends with the server: stop and remove them all.
+    deployer.end_runs().await;
     if args.ephemeral {
         deployer.stop_everything().await;
         berth_runtime::spec::remove_cgroup_parent();

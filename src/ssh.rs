@@ -1,13 +1,19 @@
-//! The SSH git endpoint: `git push` over SSH, and nothing else.
+//! The SSH endpoint: `git push` over SSH, and one-off runs (`ssh -t git@HOST run APP -- bash`).
 //!
 //! Owns the SSH host key file and the SSH listener. A client logs in with a public key that the
-//! [`Gate`] knows (any user name; users write `git@`), then may only run `git-receive-pack` for an
-//! existing app: the real `git-receive-pack` is spawned on the app's bare repo (see [`crate::git`])
-//! and its stdin/stdout/stderr are joined to the SSH channel, with russh's flow control. Every
-//! other request (shell, other commands, subsystems) gets one `error: …` line and exit status 1.
+//! [`Gate`] knows (any user name; users write `git@`), then may run, for an existing app,
+//! `git-receive-pack` — the real one, spawned on the app's bare repo (see [`crate::git`]), its
+//! stdin/stdout/stderr joined to the SSH channel with russh's flow control — or `run APP [--]
+//! COMMAND`: the [`Gate`] runs COMMAND (a shell command line) in a one-off container of the app
+//! attached to the channel (its stderr as extended data; a terminal of the requested size when
+//! the client asked for a pty, resized on window changes), and the channel's exit status is the
+//! command's. A client that goes away has its container stopped. Both need the same permission:
+//! a key that may push the app. Every other request (shell, other commands, subsystems) gets one
+//! `error: …` line and exit status 1.
 //!
 //! This module never reads the store itself (the [`Gate`] answers for it), never writes to repos
-//! (git-receive-pack and its hooks do) and never deploys (the pre-receive hook does).
+//! (git-receive-pack and its hooks do), never deploys (the pre-receive hook does) and never
+//! starts containers (the [`Gate`] does).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info, info_span, warn, Instrument, Span};
 
+use crate::attach::{self, Attach, Frontend, Input, Output, WindowSize};
 use crate::git;
 use crate::locks::Locks;
 
@@ -37,6 +44,15 @@ pub trait Gate: Send + Sync + 'static {
     fn app_exists(&self, app: String) -> BoxFuture<'static, bool>;
     /// The push with this id (`BERTH_PUSH_ID` of its hooks) is over: its git-receive-pack exited.
     fn push_ended(&self, push: String) -> BoxFuture<'static, ()>;
+    /// Runs `command` (a shell command line) in a one-off container of `app` for the key named
+    /// `key`, attached to `attach`; its exit code, or why it could not run.
+    fn run(
+        &self,
+        app: String,
+        command: String,
+        key: String,
+        attach: Attach,
+    ) -> BoxFuture<'static, Result<i32, String>>;
 }
 
 /// Where the SSH endpoint keeps its host key and finds the apps' bare repos.
@@ -102,6 +118,7 @@ pub async fn run(
                         span: span.clone(),
                         key_name: None,
                         channels: HashMap::new(),
+                        terminals: HashMap::new(),
                     };
                     let serve = serve(russh_config.clone(), stream, handler, shutdown.clone());
                     connections.spawn(serve.instrument(span));
@@ -187,6 +204,8 @@ struct Connection {
     span: Span,
     key_name: Option<String>,
     channels: HashMap<ChannelId, Channel<Msg>>,
+    /// The pty size each channel asked for, if it asked for one.
+    terminals: HashMap<ChannelId, WindowSize>,
 }
 
 impl russh::server::Handler for Connection {
@@ -233,6 +252,7 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.terminals.remove(&channel);
         Ok(())
     }
 
@@ -240,15 +260,17 @@ impl russh::server::Handler for Connection {
         &mut self,
         channel: ChannelId,
         _term: &str,
-        _col_width: u32,
-        _row_height: u32,
+        col_width: u32,
+        row_height: u32,
         _pix_width: u32,
         _pix_height: u32,
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // No terminal is ever made, but saying yes lets the shell or command that follows get
-        // the explanation: `ssh -tt` gives up silently when its pty request fails.
+        // A `run` that follows gets a terminal of this size; anything else is refused with an
+        // explanation (`ssh -tt` gives up silently when its pty request fails).
+        self.terminals
+            .insert(channel, window_size(col_width, row_height));
         session.channel_success(channel)
     }
 
@@ -271,11 +293,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
         session.channel_success(channel)?;
-        refuse(
-            session,
-            channel,
-            "only git push is allowed here (got a shell) — push with: git push deploy main",
-        )
+        refuse(session, channel, &not_served("a shell"))
     }
 
     async fn subsystem_request(
@@ -286,10 +304,11 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
         session.channel_success(channel)?;
-        let refused = git::GitError::NotAPush {
-            command: format!("subsystem {name}"),
-        };
-        refuse(session, channel, &refused.to_string())
+        refuse(
+            session,
+            channel,
+            &not_served(&format!("{:?}", format!("subsystem {name}"))),
+        )
     }
 
     async fn exec_request(
@@ -304,16 +323,30 @@ impl russh::server::Handler for Connection {
         };
         session.channel_success(channel_id)?;
         let command = String::from_utf8_lossy(data);
+        let terminal = self.terminals.remove(&channel_id);
+        if is_run(&command) {
+            let (app, command) = match parse_run(&command) {
+                Ok(run) => run,
+                Err(message) => return refuse(session, channel_id, &message),
+            };
+            if let Err(message) = self.may_push(&app).await {
+                return refuse(session, channel_id, &message);
+            }
+            let (frontend, attach) = attach::pair(terminal);
+            let key = self.key_name.clone().unwrap_or_default();
+            let run = self.gate.run(app, command, key, attach);
+            tokio::spawn(run_attached(channel, frontend, run).instrument(self.span.clone()));
+            return Ok(());
+        }
         let app = match git::parse_receive_pack(&command) {
             Ok(app) => app,
+            Err(git::GitError::NotAPush { command }) => {
+                return refuse(session, channel_id, &not_served(&format!("{command:?}")))
+            }
             Err(e) => return refuse(session, channel_id, &e.to_string()),
         };
-        self.span.record("app", app.as_str());
-        if !self.gate.app_exists(app.clone()).await {
-            let missing = format!(
-                "app {app:?} does not exist — create it first with: berth apps:create {app}"
-            );
-            return refuse(session, channel_id, &missing);
+        if let Err(message) = self.may_push(&app).await {
+            return refuse(session, channel_id, &message);
         }
 
         let push = format!("{:016x}", rand::rngs::OsRng.next_u64());
@@ -345,6 +378,132 @@ impl russh::server::Handler for Connection {
         tokio::spawn(receive.instrument(self.span.clone()));
         Ok(())
     }
+}
+
+impl Connection {
+    /// Whether this connection's key may push `app` (and so run commands in it); the message
+    /// to refuse with otherwise.
+    async fn may_push(&self, app: &str) -> Result<(), String> {
+        self.span.record("app", app);
+        if !self.gate.app_exists(app.to_string()).await {
+            return Err(format!(
+                "app {app:?} does not exist — create it first with: berth apps:create {app}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a refused request is told: what is served here, and how to use it.
+fn not_served(what: &str) -> String {
+    format!("only git push and run are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash")
+}
+
+/// Whether `command` asks for a one-off run (`run APP …`).
+fn is_run(command: &str) -> bool {
+    command == "run" || command.starts_with("run ")
+}
+
+/// `run APP [--] COMMAND` → (APP, COMMAND); the message to refuse with otherwise.
+fn parse_run(command: &str) -> Result<(String, String), String> {
+    let usage = "say which app and what to run: ssh -t -p PORT git@HOST run APP -- COMMAND";
+    let rest = command.strip_prefix("run").unwrap_or_default().trim_start();
+    let (app, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if app.is_empty() {
+        return Err(usage.to_string());
+    }
+    crate::app::validate(app).map_err(|e| e.to_string())?;
+    let rest = rest.trim_start();
+    let rest = match rest.strip_prefix("--") {
+        Some(after) if after.is_empty() || after.starts_with(char::is_whitespace) => after,
+        _ => rest,
+    };
+    let command = rest.trim();
+    if command.is_empty() {
+        return Err(usage.to_string());
+    }
+    Ok((app.to_string(), command.to_string()))
+}
+
+/// A pty size as a client asked for it; 24×80 for what it left out.
+fn window_size(cols: u32, rows: u32) -> WindowSize {
+    let cells = |n: u32, default: u16| match u16::try_from(n) {
+        Ok(0) | Err(_) => default,
+        Ok(n) => n,
+    };
+    WindowSize {
+        rows: cells(rows, 24),
+        cols: cells(cols, 80),
+    }
+}
+
+/// Joins the channel to a one-off run: the client's data, end of input and window changes go
+/// in; the run's stdout (data) and stderr (extended data 1) come out, then its exit status,
+/// EOF and close. A client that goes away (the channel closes) has its container stopped.
+async fn run_attached(
+    channel: Channel<Msg>,
+    frontend: Frontend,
+    run: BoxFuture<'static, Result<i32, String>>,
+) {
+    let (mut from_client, to_client) = channel.split();
+    let Frontend { input, output } = frontend;
+    let gone = CancellationToken::new();
+    let receiving = tokio::spawn({
+        let gone = gone.clone();
+        async move {
+            while let Some(msg) = from_client.wait().await {
+                let message = match msg {
+                    ChannelMsg::Data { data } => Input::Data(data.to_vec()),
+                    ChannelMsg::Eof => Input::Eof,
+                    ChannelMsg::WindowChange {
+                        col_width,
+                        row_height,
+                        ..
+                    } => Input::Resize(window_size(col_width, row_height)),
+                    ChannelMsg::Close => break,
+                    _ => continue,
+                };
+                // Once the run is over nobody takes input; the channel closes soon.
+                let _ = input.send(message).await;
+            }
+            gone.cancel();
+        }
+        .in_current_span()
+    });
+    let forwarding = async {
+        let mut output = output;
+        let mut out = to_client.make_writer();
+        let mut err = to_client.make_writer_ext(Some(1));
+        loop {
+            let message = tokio::select! {
+                message = output.recv() => message,
+                () = gone.cancelled() => return,
+            };
+            let sent = match message {
+                Some(Output::Stdout(bytes)) => out.write_all(&bytes).await,
+                Some(Output::Stderr(bytes)) => err.write_all(&bytes).await,
+                None => return,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    };
+    let (ran, ()) = tokio::join!(run, forwarding);
+    receiving.abort();
+    let code = match ran {
+        Ok(code) => u32::try_from(code).unwrap_or(1),
+        Err(message) => {
+            info!(message, "run refused");
+            let line = format!("error: {message}\n");
+            let _ = to_client.extended_data_bytes(1, line.into_bytes()).await;
+            1
+        }
+    };
+    info!(code, "run finished");
+    let _ = to_client.exit_status(code).await;
+    let _ = to_client.eof().await;
+    let _ = to_client.close().await;
 }
 
 /// Answers a request berth does not serve: one `error: …` line on stderr, exit status 1.

@@ -513,7 +513,13 @@ impl Laptop {
     }
 
     fn ssh(&self, port: u16, command: &str) -> Output {
-        run(Command::new("ssh")
+        run(&mut self.ssh_command(port, &[command]))
+    }
+
+    /// `ssh … -p PORT git@127.0.0.1 ARGS…` with this laptop's key.
+    fn ssh_command(&self, port: u16, args: &[&str]) -> Command {
+        let mut command = Command::new("ssh");
+        command
             .args(["-i"])
             .arg(&self.key)
             .args([
@@ -532,8 +538,9 @@ impl Laptop {
                 "-p",
                 &port.to_string(),
                 "git@127.0.0.1",
-                command,
-            ]))
+            ])
+            .args(args);
+        command
     }
 }
 
@@ -2774,6 +2781,178 @@ fn slow_dockerfile_from_registry() {
     assert_eq!(body, "second version");
 
     drop(registry);
+    server.stop();
+    let left = server.leftovers();
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
+}
+
+/// Runs `command` with `input` on its stdin; returns its output.
+fn with_input(command: &mut Command, input: &[u8]) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// What is left of the one-off runs of `app`: container directories, mounts, cgroups, shims.
+fn run_leftovers(server: &Server, app: &str) -> Vec<String> {
+    let prefix = format!("{app}-run-");
+    server
+        .leftovers()
+        .into_iter()
+        .filter(|l| l.contains(&prefix))
+        .collect()
+}
+
+/// `berth run` and `ssh … run`, like `heroku run`: one-off containers of the live release with
+/// its config, stdin and stdout wired, the exit code passed back, a terminal when asked for
+/// (through `script` for the CLI, `ssh -tt` over SSH), listed by `ps` while they run, stopped
+/// when their client goes away, and removed when they end.
+#[test]
+fn slow_run_one_off_commands() {
+    if !prerequisites_met(&["script"]) {
+        return;
+    }
+    let mut server = Server::start();
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "once"]);
+    server.berth_ok(&["config:set", "once", "GREETING=from config"]);
+    // Nothing to run before a push, nor in an app that does not exist.
+    for (app, expected) in [
+        (
+            "once",
+            "error: app \"once\" has no release yet — push code first",
+        ),
+        ("nope", "error: app \"nope\" not found — see `berth apps`"),
+    ] {
+        let out = server.berth(&["run", app, "--", "true"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).starts_with(expected), "{}", text(&out));
+    }
+    laptop.write("app.py", STDLIB_APP_PY);
+    laptop.write("version.txt", "v1");
+    laptop.write("Procfile", "web: python3 app.py\n");
+    laptop.commit("a web app");
+    let remote = format!("ssh://git@127.0.0.1:{}/once", server.ssh.port());
+    laptop.git(&["remote", "add", "deploy", &remote]);
+    laptop.push_ok(&server, "the first push");
+    let data = server.data();
+    let berth_run = |stdin: &str, args: &[&str]| -> Output {
+        let mut command = Command::new(BERTH);
+        command.arg("--data").arg(&data).args(["run", "once", "--"]);
+        with_input(command.args(args), stdin.as_bytes())
+    };
+
+    let why = |out: &Output| format!("{}\n--- server log:\n{}", text(out), server.log());
+
+    // The exit code comes back; stdin goes in and comes back out, stderr apart.
+    let out = berth_run("", &["sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", why(&out));
+    let out = berth_run("hi\nthere\n", &["sh", "-c", "cat; echo to stderr >&2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", why(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\nthere\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to stderr\n");
+    // The app's config and the run's own name are in its environment; one word is a shell line.
+    let out = berth_run(
+        "",
+        &["echo \"$GREETING\" $DYNO; test -t 0 || echo no terminal"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from config run.1\nno terminal\n",
+        "{}",
+        text(&out)
+    );
+    assert_eq!(run_leftovers(&server, "once"), Vec::<String>::new());
+
+    // With a terminal on stdin (script gives the CLI one), the run gets a terminal of its own
+    // (/dev/pts inside the container) and an interactive shell reads commands from it.
+    let script = format!(
+        "{BERTH} --data {} run once -- sh",
+        berth::server::shell_quote(&data.to_string_lossy())
+    );
+    let out = with_input(
+        Command::new("script").args(["-qec", &script, "/dev/null"]),
+        b"tty; echo \"size $(stty size)\"\nexit 5\n",
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{}", why(&out));
+    assert!(shown.contains("/dev/pts/0\r\n"), "{}", why(&out));
+    assert!(shown.contains("size "), "{}", why(&out));
+
+    // Over SSH: the exit status comes back, and `-tt` gives a terminal too.
+    let out = laptop.ssh(server.ssh.port(), "run once -- sh -c 'exit 3'");
+    assert_eq!(out.status.code(), Some(3), "{}", why(&out));
+    let out = with_input(
+        &mut laptop.ssh_command(server.ssh.port(), &["-tt", "run once -- sh"]),
+        b"tty; echo \"$GREETING\"\nexit 4\n",
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{}", why(&out));
+    assert!(shown.contains("/dev/pts/0\r\n"), "{}", why(&out));
+    assert!(shown.contains("from config\r\n"), "{}", why(&out));
+    // A key berth does not know may not run anything.
+    let stranger = Laptop::new(server.dir.path(), "stranger");
+    let out = stranger.ssh(server.ssh.port(), "run once -- true");
+    assert_eq!(out.status.code(), Some(255), "{}", why(&out));
+    assert!(text(&out).contains("Permission denied"), "{}", why(&out));
+
+    // While a run sleeps, ps lists it with its command; when its client goes away, it is
+    // stopped and removed.
+    let mut sleeper = Command::new(BERTH)
+        .arg("--data")
+        .arg(&data)
+        .args(["run", "once", "--", "sleep", "300"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ps = wait_for_ps(&server, "once", 60, |ps| ps.contains("run.1: up"));
+    assert!(ps.contains("`'sleep' '300'` (by admin)"), "{ps}");
+    assert!(
+        ps.contains("=== run: one-off (512 MiB, 1 CPU, 1024 pids)"),
+        "{ps}"
+    );
+    let json = server.berth_ok(&["ps", "once", "--json"]);
+    assert!(json.contains(r#""command": "'sleep' '300'""#), "{json}");
+    assert_eq!(
+        std::fs::read_dir(data.join("containers")).unwrap().count(),
+        2,
+        "web.1 and run.1"
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    wait_for_ps(&server, "once", 60, |ps| !ps.contains("run.1"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_leftovers(&server, "once").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left of the abandoned run: {:#?}",
+            run_leftovers(&server, "once")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs = server.berth_ok(&["logs", "once"]);
+    assert!(
+        logs.contains("berth[run.1]: started `sh` by laptop"),
+        "{logs}"
+    );
+    assert!(logs.contains("berth[run.1]: exited with code 4"), "{logs}");
+
     server.stop();
     let left = server.leftovers();
     assert!(

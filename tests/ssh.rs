@@ -8,6 +8,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth::attach::{self, Attach, Input};
 use berth::git;
 use berth::ssh::{self, Gate, SshConfig};
 use futures::future::BoxFuture;
@@ -24,6 +25,8 @@ struct TestGate {
     apps: HashSet<String>,
     /// The ids of the pushes the server said were over, in order.
     ended: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The commands of runs whose user went away.
+    abandoned: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Gate for TestGate {
@@ -41,6 +44,58 @@ impl Gate for TestGate {
         self.ended.lock().unwrap().push(push);
         async {}.boxed()
     }
+
+    /// A stand-in for a container: says what it was asked (app, key, command, terminal),
+    /// then `exit N` exits N at once; anything else echoes its input to stdout, reports
+    /// window changes and exits 0 on end of input, or records in `abandoned` that its user
+    /// went away.
+    fn run(
+        &self,
+        app: String,
+        command: String,
+        key: String,
+        attach: Attach,
+    ) -> BoxFuture<'static, Result<i32, String>> {
+        let abandoned = self.abandoned.clone();
+        async move {
+            let Attach {
+                terminal,
+                mut input,
+                output,
+            } = attach;
+            let terminal =
+                terminal.map_or("none".to_string(), |t| format!("{}x{}", t.rows, t.cols));
+            let said = format!("{app} for {key}: {command} (terminal {terminal})\n");
+            let _ = output.send(attach::Output::Stdout(said.into_bytes())).await;
+            if let Some(code) = command.strip_prefix("exit ") {
+                return code.parse().map_err(|_| format!("bad code {code}"));
+            }
+            loop {
+                let message = tokio::select! {
+                    message = input.recv() => message,
+                    () = output.closed() => None,
+                };
+                let reply = match message {
+                    Some(Input::Data(bytes)) => attach::Output::Stdout(bytes),
+                    Some(Input::Resize(size)) => attach::Output::Stdout(
+                        format!("resized {}x{}\n", size.rows, size.cols).into_bytes(),
+                    ),
+                    Some(Input::Eof) => {
+                        let _ = output
+                            .send(attach::Output::Stderr(b"end of input\n".to_vec()))
+                            .await;
+                        return Ok(0);
+                    }
+                    None => {
+                        abandoned.lock().unwrap().push(command);
+                        return Ok(143);
+                    }
+                };
+                let _ = output.send(reply).await;
+            }
+        }
+        .boxed()
+    }
 }
 
 /// A running server with its own temp dir, one app repo per name in `apps`, and a client key
@@ -52,6 +107,7 @@ struct TestServer {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ssh::SshError>>,
     ended: Arc<std::sync::Mutex<Vec<String>>>,
+    abandoned: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl TestServer {
@@ -78,10 +134,12 @@ impl TestServer {
             }
         }
         let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let abandoned = Arc::new(std::sync::Mutex::new(Vec::new()));
         let gate = TestGate {
             keys: HashMap::from([(bare, "laptop".to_string())]),
             apps,
             ended: ended.clone(),
+            abandoned: abandoned.clone(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -98,6 +156,7 @@ impl TestServer {
             shutdown,
             task,
             ended,
+            abandoned,
         }
     }
 
@@ -498,35 +557,37 @@ async fn an_unknown_key_is_refused() {
 async fn anything_but_a_push_is_refused_with_one_line() {
     let scripts = tempfile::tempdir().unwrap();
     let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
-    let cases: &[(&[&str], &str)] = &[
-        (
-            &["ls"],
-            "error: only git push is allowed here (got \"ls\") — push with: git push deploy main\n",
-        ),
+    let refused = |what: &str| {
+        format!("error: only git push and run are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash\n")
+    };
+    let usage =
+        "error: say which app and what to run: ssh -t -p PORT git@HOST run APP -- COMMAND\n";
+    let cases: &[(&[&str], String)] = &[
+        (&["ls"], refused("\"ls\"")),
         (
             &["git-upload-pack '/hello'"],
-            "error: only git push is allowed here (got \"git-upload-pack '/hello'\") — push with: git push deploy main\n",
+            refused("\"git-upload-pack '/hello'\""),
         ),
         (
             &["git-receive-pack '../hello'"],
-            "error: \"../hello\" is not a valid app name — use 1 to 63 lowercase letters, digits and dashes, starting with a letter\n",
+            "error: \"../hello\" is not a valid app name — use 1 to 63 lowercase letters, digits and dashes, starting with a letter\n".to_string(),
+        ),
+        (&[], refused("a shell")),
+        (&["-tt"], refused("a shell")),
+        (&["-tt", "ls"], refused("\"ls\"")),
+        (&["-s", "sftp"], refused("\"subsystem sftp\"")),
+        (&["run"], usage.to_string()),
+        (&["run hello"], usage.to_string()),
+        (&["run hello --"], usage.to_string()),
+        (
+            &["run ../hello -- ls"],
+            "error: invalid app name \"../hello\": use 1–63 characters, lowercase letters, digits and '-', starting with a letter (e.g. my-app)\n".to_string(),
         ),
         (
-            &[],
-            "error: only git push is allowed here (got a shell) — push with: git push deploy main\n",
+            &["run nope -- ls"],
+            "error: app \"nope\" does not exist — create it first with: berth apps:create nope\n".to_string(),
         ),
-        (
-            &["-tt"],
-            "error: only git push is allowed here (got a shell) — push with: git push deploy main\n",
-        ),
-        (
-            &["-tt", "ls"],
-            "error: only git push is allowed here (got \"ls\") — push with: git push deploy main\n",
-        ),
-        (
-            &["-s", "sftp"],
-            "error: only git push is allowed here (got \"subsystem sftp\") — push with: git push deploy main\n",
-        ),
+        (&["runner"], refused("\"runner\"")),
     ];
     for (args, expected) in cases {
         let output = server.ssh(&server.key, args).await;
@@ -749,5 +810,143 @@ async fn checkout_sees_the_pushed_commit_in_quarantine() {
     // The hook refused the push: the commit stayed in quarantine and was thrown away.
     assert!(!output.status.success(), "{}", text(&output));
     assert_eq!(main_ref(&server.repo("hello")), None);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_wires_input_output_terminal_and_the_exit_status() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+
+    // The command is the rest of the line after `--`, as one shell line; its code comes back.
+    let output = server.ssh(&server.key, &["run hello -- exit 3"]).await;
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello for laptop: exit 3 (terminal none)\n"
+    );
+
+    // Without `--` too: stdin goes in, stdout comes back, stderr apart, end of input passed on.
+    let mut command = server.ssh_to(&server.key, &["run hello cat -v 'a b'"]);
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"some input\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("the run did not end")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello for laptop: cat -v 'a b' (terminal none)\nsome input\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "end of input\n");
+
+    // A client that asks for a pty (-tt) gets a terminal: 24x80 when its own size is unknown.
+    let output = server
+        .ssh(&server.key, &["-tt", "run hello -- exit 0"])
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("(terminal 24x80)"),
+        "{}",
+        text(&output)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_client_goes_away_is_abandoned() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let mut command = server.ssh_to(&server.key, &["run hello -- sleepy"]);
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
+    )
+    .await
+    .expect("the run never started")
+    .unwrap();
+    assert_eq!(line, "hello for laptop: sleepy (terminal none)\n");
+    assert!(server.abandoned.lock().unwrap().is_empty());
+
+    child.kill().await.unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while server.abandoned.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never saw its client go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*server.abandoned.lock().unwrap(), ["sleepy"]);
+    server.stop().await;
+}
+
+/// An SSH client that trusts any host key (the server is this test's own).
+struct TrustingClient;
+
+impl russh::client::Handler for TrustingClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// The size a client asks its pty to be reaches the run, and so does a window change (sent
+/// here with russh's client, as OpenSSH sends one only on its own terminal's SIGWINCH).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_gets_the_pty_size_and_window_changes() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    let key = russh::keys::load_secret_key(&server.key, None).unwrap();
+    let config = Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", server.port), TrustingClient)
+        .await
+        .unwrap();
+    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
+    let auth = session.authenticate_publickey("git", key).await.unwrap();
+    assert!(auth.success());
+    let mut channel = session.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 101, 33, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.exec(true, "run hello -- shell").await.unwrap();
+    channel.window_change(120, 40, 0, 0).await.unwrap();
+    channel.eof().await.unwrap();
+    let (mut shown, mut status) = (String::new(), None);
+    while let Some(message) = tokio::time::timeout(DEADLINE, channel.wait())
+        .await
+        .expect("the run did not end")
+    {
+        match message {
+            russh::ChannelMsg::Data { data } => shown.push_str(&String::from_utf8_lossy(&data)),
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        shown,
+        "hello for laptop: shell (terminal 33x101)\nresized 40x120\n"
+    );
+    assert_eq!(status, Some(0));
     server.stop().await;
 }

@@ -3,7 +3,7 @@
 //! calls libcontainer and never mounts anything, so it is safe in the multithreaded daemon.
 
 use std::fs;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,13 +13,39 @@ use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{layout, rootfs, valid_id, ContainerSpec, Error};
+use crate::{layout, rootfs, terminal, valid_id, ContainerSpec, Error};
 
 /// How long [`Runtime::start`] waits for the shim to report the container running.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long [`Runtime::stop`] waits beyond the grace period for the shim to finish.
 const STOP_SLACK: Duration = Duration::from_secs(15);
+
+/// How a container run with [`Runtime::run_attached`] is connected to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// No input; the container's stdout and stderr, and the shim's own errors, in one pipe
+    /// (the shim's stdout): builds and release commands, whose output is read as lines.
+    Output,
+    /// The container's stdin, stdout and stderr are the shim's, each a pipe to the caller (the
+    /// shim's own errors also go to stderr).
+    Pipes,
+    /// A pseudo-terminal of this size in the container's own `/dev/pts` is its stdin, stdout
+    /// and stderr; its master comes back in [`Attached::terminal`] (see [`crate::terminal`]).
+    /// The shim's errors go to its stderr pipe.
+    Terminal(terminal::WindowSize),
+}
+
+/// A container run with [`Runtime::run_attached`].
+#[derive(Debug)]
+pub struct Attached {
+    /// The shim, with the pipes [`Io`] asked for; its exit code is the container's.
+    pub shim: Child,
+    /// With [`Io::Terminal`]: the terminal's master (close-on-exec, blocking). `None` when
+    /// the container did not start (its shim says why on stderr and exits with
+    /// [`crate::shim::START_FAILED`]).
+    pub terminal: Option<OwnedFd>,
+}
 
 /// What a container is doing, as its directory tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,16 +97,12 @@ impl Runtime {
         let (ready, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|err| Error::io("creating the shim's ready pipe")(err.into()))?;
         let ready_w_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
-        // SAFETY: setsid and dup2 are async-signal-safe. setsid detaches the shim from our
-        // session so it survives us and our terminal; dup2 hands it the pipe as READY_FD
-        // (without close-on-exec).
+        // SAFETY: setsid, dup2 and fcntl are async-signal-safe. setsid detaches the shim from
+        // our session so it survives us and our terminal; it gets the pipe as READY_FD.
         unsafe {
             command.pre_exec(move || {
                 nix::unistd::setsid()?;
-                if nix::libc::dup2(ready_w_fd, crate::shim::READY_FD) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
+                inherit_as(ready_w_fd, crate::shim::READY_FD)
             });
         }
         let spawned = self.spawn(&mut command, &dir, &spec.id);
@@ -125,24 +147,58 @@ impl Runtime {
         }
     }
 
-    /// Runs `spec` under a shim whose stdout carries the container's stdout and stderr (and
-    /// the shim's own errors). The shim's exit code is the container's. The caller waits for
-    /// the child and then calls [`Runtime::remove`].
-    pub fn run_attached(&self, spec: &ContainerSpec) -> Result<Child, Error> {
+    /// Runs `spec` under a shim connected to the caller as `io` says. The shim's exit code is
+    /// the container's. The caller reads what it asked for, waits for the shim and then calls
+    /// [`Runtime::remove`].
+    pub fn run_attached(&self, spec: &ContainerSpec, io: Io) -> Result<Attached, Error> {
         let dir = self.prepare(spec)?;
         let mut command = self.shim_command(&dir);
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // SAFETY: dup2 is async-signal-safe; it merges the shim's stderr into its stdout pipe.
-        unsafe {
-            command.pre_exec(|| match nix::libc::dup2(1, 2) {
-                -1 => Err(std::io::Error::last_os_error()),
-                _ => Ok(()),
-            });
-        }
-        self.spawn(&mut command, &dir, &spec.id)
+        let handover = match io {
+            Io::Output => {
+                command
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null());
+                // SAFETY: dup2 is async-signal-safe; it merges the shim's stderr into its
+                // stdout pipe.
+                unsafe {
+                    command.pre_exec(|| match nix::libc::dup2(1, 2) {
+                        -1 => Err(std::io::Error::last_os_error()),
+                        _ => Ok(()),
+                    });
+                }
+                None
+            }
+            Io::Pipes => {
+                command
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                None
+            }
+            Io::Terminal(size) => {
+                command
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .env(terminal::TERMINAL_FD_VAR, terminal::TERMINAL_FD.to_string())
+                    .env(terminal::TERMINAL_SIZE_VAR, size.to_string());
+                let (ours, theirs) = terminal::handover_pair()?;
+                let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+                // SAFETY: dup2 and fcntl are async-signal-safe; the shim gets its end of the
+                // handover socket as TERMINAL_FD.
+                unsafe {
+                    command.pre_exec(move || inherit_as(theirs_fd, terminal::TERMINAL_FD));
+                }
+                Some((ours, theirs))
+            }
+        };
+        let shim = self.spawn(&mut command, &dir, &spec.id)?;
+        let terminal = handover.and_then(|(ours, theirs)| {
+            drop(theirs);
+            terminal::receive_master(&ours, Instant::now() + START_TIMEOUT)
+        });
+        Ok(Attached { shim, terminal })
     }
 
     /// The state of container `id`.
@@ -225,8 +281,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// Removes container `id`'s directory, stopping it first if it still runs. Succeeds if
-    /// there is no such container.
+    /// Removes container `id`'s directory, stopping it first if it still runs (also what a
+    /// dead shim left running in its cgroup). Succeeds if there is no such container.
     pub fn remove(&self, id: &str) -> Result<(), Error> {
         if !valid_id(id) {
             return Err(Error::InvalidId(id.to_string()));
@@ -235,7 +291,8 @@ impl Runtime {
         if !dir.exists() {
             return Ok(());
         }
-        if shim_pid(&dir).is_some() {
+        // Running, or left running by a shim that died before recording its exit.
+        if shim_pid(&dir).is_some() || layout::read_i32(&dir, layout::EXIT).is_none() {
             self.stop(id)?;
         }
         self.discard(&dir);
@@ -319,6 +376,22 @@ impl Runtime {
                 tracing::warn!(dir = %dir.display(), "deleting the container directory: {err}");
             }
         }
+    }
+}
+
+/// Between fork and exec: makes `fd` the child's fd `to`, kept open across exec. (dup2 onto
+/// itself would keep its close-on-exec flag, so that case clears the flag instead.)
+fn inherit_as(fd: RawFd, to: RawFd) -> std::io::Result<()> {
+    // SAFETY: plain fcntl/dup2 calls on fd numbers; async-signal-safe.
+    let done = unsafe {
+        match fd == to {
+            true => nix::libc::fcntl(fd, nix::libc::F_SETFD, 0),
+            false => nix::libc::dup2(fd, to),
+        }
+    };
+    match done {
+        -1 => Err(std::io::Error::last_os_error()),
+        _ => Ok(()),
     }
 }
 

@@ -11,11 +11,13 @@
 //! and [`Runtime::state`]. libcontainer is only ever called inside a shim, never in the
 //! multithreaded daemon (it deadlocks in malloc there).
 //!
-//! - [`Runtime`] (daemon side): start, run attached, state, stop, remove, list.
+//! - [`Runtime`] (daemon side): start, run attached ([`Io`]: output, pipes or a terminal),
+//!   state, stop, remove, list.
 //! - [`shim`]: the process that owns one container.
 //! - [`rootfs`]: the overlay root filesystem of a container.
 //! - [`spec`]: the OCI runtime config written for libcontainer.
 //! - [`seccomp`]: the default seccomp profile of every container.
+//! - [`terminal`]: a container's pseudo-terminal, handed from its shim to the daemon; its size.
 //! - [`network`]: bridge, per-container network namespaces and veth pairs (netlink).
 //! - [`firewall`]: the bridge's nftables table: NAT out, no new connections into the host.
 
@@ -32,8 +34,9 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod shim;
 pub mod spec;
+pub mod terminal;
 
-pub use control::{Runtime, State};
+pub use control::{Attached, Io, Runtime, State};
 pub use error::Error;
 
 /// Everything needed to run one container. The daemon writes it as `DIR/shim.json`.

@@ -2,7 +2,9 @@
 //! or conmon). It reads `DIR/shim.json`, mounts the rootfs, creates and starts the container
 //! with libcontainer, writes its pid, copies its output to the log, forwards SIGTERM/SIGINT to
 //! it (SIGKILL after the grace period), waits for it, cleans up (libcontainer state, cgroup,
-//! mount) and finally writes `DIR/exit` and exits with the container's code.
+//! mount) and finally writes `DIR/exit` and exits with the container's code. Asked for a
+//! terminal ([`terminal::TERMINAL_FD_VAR`]), it runs the container with one and hands the
+//! terminal's master to the daemon ([`terminal`]).
 //!
 //! It never starts a thread: libcontainer deadlocks in multithreaded processes. Its mounts are
 //! made in a private mount namespace of its own, so they vanish with it even if it is killed.
@@ -29,7 +31,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::{layout, rootfs, spec, ContainerSpec, Error, LogTarget};
+use crate::{layout, rootfs, spec, terminal, ContainerSpec, Error, LogTarget};
 
 /// Exit code of a shim whose container could not start.
 pub const START_FAILED: i32 = 125;
@@ -77,10 +79,15 @@ pub fn main_without_seccomp(dir: &Path) -> i32 {
 }
 
 fn main_with(dir: &Path, seccomp: bool) -> i32 {
-    if std::env::var_os(READY_FD_VAR).is_some() {
-        // Not for the container's processes.
-        // SAFETY: fcntl on an fd number; F_SETFD changes only its close-on-exec flag.
-        unsafe { nix::libc::fcntl(READY_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+    for (var, fd) in [
+        (READY_FD_VAR, READY_FD),
+        (terminal::TERMINAL_FD_VAR, terminal::TERMINAL_FD),
+    ] {
+        if std::env::var_os(var).is_some() {
+            // Not for the container's processes.
+            // SAFETY: fcntl on an fd number; F_SETFD changes only its close-on-exec flag.
+            unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC) };
+        }
     }
     let dir = match std::path::absolute(dir) {
         Ok(dir) => dir,
@@ -195,6 +202,16 @@ fn start(
             linux.set_seccomp(None);
         }
     }
+    // Run with a terminal when the daemon asked for one (it waits on TERMINAL_FD for it).
+    let console = match std::env::var_os(terminal::TERMINAL_FD_VAR) {
+        Some(_) => {
+            if let Some(process) = oci.process_mut() {
+                process.set_terminal(Some(true));
+            }
+            Some(terminal::ConsoleSocket::bind(dir)?)
+        }
+        None => None,
+    };
     let config = dir.join("config.json");
     oci.save(&config)
         .map_err(|err| Error::Spec(format!("writing {}: {err}", config.display())))?;
@@ -210,6 +227,9 @@ fn start(
             .map_err(Error::io("duplicating the log pipe"))?;
         builder = builder.with_stdout(out).with_stderr(err);
     }
+    if let Some(console) = &console {
+        builder = builder.with_console_socket(Some(console.path()));
+    }
     let created = builder
         .as_init(dir)
         .with_systemd(false)
@@ -222,6 +242,12 @@ fn start(
             return Err(lc("creating the container")(err));
         }
     };
+    if let Some(console) = console {
+        if let Err(err) = console.hand_over() {
+            let _ = container.delete(true);
+            return Err(err);
+        }
+    }
     if let Err(err) = container.start() {
         let _ = container.delete(true);
         return Err(lc("starting the container")(err));

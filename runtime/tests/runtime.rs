@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth_runtime::{
-    firewall, network, Bind, ContainerSpec, Error, Limits, LogTarget, Runtime, State,
+    firewall, network, terminal, Bind, ContainerSpec, Error, Io, Limits, LogTarget, Runtime, State,
 };
 
 /// A link to this binary with this name is a shim that applies no seccomp profile, for the one
@@ -83,6 +83,11 @@ fn main() {
             a_container_whose_shim_was_killed_is_stopped,
         ),
         ("binds_and_env", binds_and_env),
+        ("pipes_carry_stdin_and_stderr", pipes_carry_stdin_and_stderr),
+        (
+            "a_terminal_of_its_own_and_resizing",
+            a_terminal_of_its_own_and_resizing,
+        ),
         ("runs_as_its_user", runs_as_its_user),
         (
             "limits_hold_and_oom_kills_are_reported",
@@ -188,7 +193,8 @@ impl Fixture {
         }
         std::fs::copy("/bin/busybox", image.join("bin/busybox")).unwrap();
         for tool in [
-            "sh", "echo", "cat", "sleep", "httpd", "wget", "true", "touch", "ls", "env",
+            "sh", "echo", "cat", "sleep", "httpd", "wget", "true", "touch", "ls", "env", "tty",
+            "stty",
         ] {
             symlink("busybox", image.join("bin").join(tool)).unwrap();
         }
@@ -326,7 +332,10 @@ fn run_attached(fx: &Fixture, spec: &ContainerSpec) -> (String, i32) {
 }
 
 fn run_attached_with(runtime: &Runtime, spec: &ContainerSpec) -> (String, i32) {
-    let mut child = runtime.run_attached(spec).expect("run_attached");
+    let mut child = runtime
+        .run_attached(spec, Io::Output)
+        .expect("run_attached")
+        .shim;
     let mut out = String::new();
     child
         .stdout
@@ -525,44 +534,57 @@ fn shim_outlives_its_starter() {
 /// and stopping it kills what is left in its cgroup.
 fn a_container_whose_shim_was_killed_is_stopped() {
     let mut fx = Fixture::new("orphan");
-    let spec = fx.spec("orphan", &["sh", "-c", "while true; do sleep 0.05; done"]);
-    fx.runtime.start(&spec).unwrap();
-    let State::Running { pid } = fx.runtime.state(&spec.id) else {
-        panic!("not running: {:?}", fx.runtime.state(&spec.id));
+    // Two containers whose shims are killed: one stopped, one removed without a stop.
+    let mut orphan = |name: &str| {
+        let spec = fx.spec(name, &["sh", "-c", "while true; do sleep 0.05; done"]);
+        fx.runtime.start(&spec).unwrap();
+        let State::Running { pid } = fx.runtime.state(&spec.id) else {
+            panic!("not running: {:?}", fx.runtime.state(&spec.id));
+        };
+        let dir = fx.runtime.container_dir(&spec.id);
+        let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL)
+            .unwrap();
+        wait_for(Duration::from_secs(10), "the shim to die", || {
+            (!Path::new(&format!("/proc/{shim}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{shim}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                }))
+            .then_some(())
+        });
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "the container outlived its shim"
+        );
+        assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: -1 });
+        (spec.id, pid)
     };
-    let dir = fx.runtime.container_dir(&spec.id);
-    let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
-    wait_for(Duration::from_secs(10), "the shim to die", || {
-        (!Path::new(&format!("/proc/{shim}/cmdline")).exists()
-            || std::fs::read_to_string(format!("/proc/{shim}/stat")).is_ok_and(|s| {
-                s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            }))
-        .then_some(())
-    });
-    assert!(
-        Path::new(&format!("/proc/{pid}")).exists(),
-        "the container outlived its shim"
-    );
-    assert_eq!(fx.runtime.state(&spec.id), State::Exited { code: -1 });
-    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(128 + 9));
-    assert!(
+    let gone = |pid: i32| {
         !Path::new(&format!("/proc/{pid}/cmdline")).exists()
             || std::fs::read(format!("/proc/{pid}/cmdline"))
                 .unwrap()
-                .is_empty(),
-        "the container's process still runs"
+                .is_empty()
+    };
+    let (stopped, pid) = orphan("orphan");
+    let (removed, removed_pid) = orphan("orphan2");
+    assert_eq!(fx.runtime.stop(&stopped).unwrap(), Some(128 + 9));
+    assert!(gone(pid), "the stopped container's process still runs");
+    fx.runtime.remove(&stopped).unwrap();
+    fx.assert_clean(&stopped);
+    fx.runtime.remove(&removed).unwrap();
+    assert!(
+        gone(removed_pid),
+        "the removed container's process still runs"
     );
-    fx.runtime.remove(&spec.id).unwrap();
-    fx.assert_clean(&spec.id);
+    fx.assert_clean(&removed);
 }
 
 fn binds_and_env() {
@@ -603,6 +625,95 @@ fn binds_and_env() {
 }
 
 /// A container with a user runs its command as that uid and gid, without capabilities.
+/// All of what a shim run with its stderr piped writes there.
+fn stderr_of(shim: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    let pipe = shim.stderr.as_mut().expect("stderr is piped");
+    pipe.read_to_string(&mut err).unwrap();
+    err
+}
+
+/// With pipes, what the caller writes to the shim's stdin is the container's stdin (until it
+/// closes it), and the container's stderr comes back apart from its stdout.
+fn pipes_carry_stdin_and_stderr() {
+    let mut fx = Fixture::new("pipes");
+    let spec = fx.spec("pipes", &["sh", "-c", "cat; echo done >&2; exit 4"]);
+    let mut shim = fx.runtime.run_attached(&spec, Io::Pipes).unwrap().shim;
+    let mut stdin = shim.stdin.take().unwrap();
+    stdin.write_all(b"line one\nline two\n").unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    let stdout = shim.stdout.as_mut().unwrap();
+    stdout.read_to_string(&mut out).unwrap();
+    let err = stderr_of(&mut shim);
+    assert_eq!(shim.wait().unwrap().code(), Some(4));
+    assert_eq!(out, "line one\nline two\n");
+    assert_eq!(err, "done\n");
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+/// With a terminal, the container's stdin, stdout and stderr are a pty of the container's own
+/// /dev/pts (not the host's), the caller gets its master, and a resize reaches the container.
+fn a_terminal_of_its_own_and_resizing() {
+    let mut fx = Fixture::new("tty");
+    let spec = fx.spec(
+        "tty",
+        &[
+            "sh",
+            "-c",
+            "tty; stty size; read word; stty size; echo typed $word; exit 6",
+        ],
+    );
+    let size = terminal::WindowSize {
+        rows: 33,
+        cols: 101,
+    };
+    let attached = fx.runtime.run_attached(&spec, Io::Terminal(size)).unwrap();
+    let mut shim = attached.shim;
+    let Some(master) = attached.terminal else {
+        panic!("no terminal; the shim said: {}", stderr_of(&mut shim));
+    };
+    let mut pty = std::fs::File::from(master.try_clone().unwrap());
+    // Read on a thread until the slave side is closed (EIO once every process of the
+    // container is gone), so the test waits with a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut chunk) {
+            if tx.send(chunk[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = String::new();
+    let mut read_until = |marker: &str| {
+        while !out.contains(marker) {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(chunk) => out.push_str(&String::from_utf8_lossy(&chunk).replace('\r', "")),
+                Err(err) => panic!("{marker:?} never came ({err}): {out}"),
+            }
+        }
+    };
+    // Its size from the start, then a new one while it runs.
+    read_until("/dev/pts/0\n33 101\n");
+    terminal::resize(
+        &master,
+        terminal::WindowSize {
+            rows: 40,
+            cols: 120,
+        },
+    )
+    .unwrap();
+    pty.write_all(b"hello\n").unwrap();
+    read_until("40 120\ntyped hello\n");
+    assert_eq!(shim.wait().unwrap().code(), Some(6));
+    assert_eq!(stderr_of(&mut shim), "", "the shim complained");
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
 fn runs_as_its_user() {
     let mut fx = Fixture::new("user");
     let mut spec = fx.spec(
@@ -862,7 +973,7 @@ fn missing_layer_is_refused() {
         Err(Error::MissingLayer(path)) => assert!(path.ends_with("no-such-layer")),
         other => panic!("expected MissingLayer, got {other:?}"),
     }
-    match fx.runtime.run_attached(&spec) {
+    match fx.runtime.run_attached(&spec, Io::Pipes) {
         Err(Error::MissingLayer(_)) => {}
         other => panic!("expected MissingLayer, got {other:?}"),
     }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::{Handles, Request};
 use crate::config;
+use crate::deploy::run;
 use crate::progress::Progress as Out;
 use crate::store::Formation;
 use crate::{app, git, keys, limits, logs};
@@ -158,10 +159,19 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
                     container: c,
                 })
                 .collect();
+            let runs = d.deployer.runs(&name);
             if json {
-                return print_json(out, &containers).await;
+                let runs = runs
+                    .into_iter()
+                    .map(|run| PsEntry::Run { run, status: "up" });
+                let all: Vec<PsEntry> = containers
+                    .into_iter()
+                    .map(PsEntry::Container)
+                    .chain(runs)
+                    .collect();
+                return print_json(out, &all).await;
             }
-            if containers.is_empty() {
+            if containers.is_empty() && runs.is_empty() {
                 out.line(format!("{name} has no running containers")).await;
             }
             let set = d.store.resources(&name).await?;
@@ -197,6 +207,21 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
                     c.restarts,
                     c.addr(),
                     c.id
+                ))
+                .await;
+            }
+            if !runs.is_empty() {
+                let limits = limits::Limits::for_app(&set, run::PROCESS_TYPE);
+                out.line(format!("=== run: one-off ({})", limits.describe()))
+                    .await;
+            }
+            for run in runs {
+                let since = chrono::DateTime::parse_from_rfc3339(&run.created_at)
+                    .map(|t| format_age(chrono::Utc::now() - t.to_utc()))
+                    .unwrap_or_default();
+                out.line(format!(
+                    "run.{}: up {since}  v{}  `{}` (by {})  {}",
+                    run.number, run.release, run.command, run.by, run.id
                 ))
                 .await;
             }
@@ -514,15 +539,23 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             d.deployer.promote_push(&app, &push, out).await?;
             Ok(())
         }
+        Request::Run { .. } => {
+            bail!("`run` is an exchange of its own on the admin socket (see admin::run), not a command — use `berth run APP -- COMMAND`")
+        }
     }
 }
 
-/// The process types of `app`'s live release (none before its first deploy).
+/// The process types of `app`'s live release and `run` (the limits of one-off runs), as
+/// `resources` lists them (none before its first deploy).
 async fn process_types(d: &Handles, app: &str) -> anyhow::Result<Vec<String>> {
     let live = d.store.live_release(app).await?;
-    Ok(live
+    let mut types: Vec<String> = live
         .map(|r| r.process_types.keys().cloned().collect())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    if !types.is_empty() && !types.iter().any(|t| t == run::PROCESS_TYPE) {
+        types.push(run::PROCESS_TYPE.to_string());
+    }
+    Ok(types)
 }
 
 /// Applies one `builds:set` value to `field`: `default` clears it; anything else must parse.
@@ -761,6 +794,18 @@ struct PsRow {
     #[serde(flatten)]
     container: crate::store::ContainerRow,
     status: String,
+}
+
+/// One line of `ps --json`: a container of the formation, or a one-off run (with its command).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum PsEntry {
+    Container(PsRow),
+    Run {
+        #[serde(flatten)]
+        run: run::RunRow,
+        status: &'static str,
+    },
 }
 
 /// `web=2 worker=1` → a formation; refuses malformed pairs.

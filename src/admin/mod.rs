@@ -3,7 +3,8 @@
 //! then `done` or `error`). Owns the wire types and [`Handles`], what the handlers get;
 //! [`client`] is the CLI side, [`server`] accepts connections and adapts the handlers'
 //! [`crate::progress::Progress`] lines to events, and [`handlers`] turns each request into calls
-//! on the store and `deploy`.
+//! on the store and `deploy`. `berth run` switches to a framed exchange of its own after its
+//! request line ([`run`]).
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod handlers;
+pub mod run;
 pub mod server;
 
 /// One command for the daemon.
@@ -164,6 +166,14 @@ pub enum Request {
         /// The pushed commit (the build's `SOURCE_VERSION`).
         #[serde(default)]
         commit: String,
+    },
+    /// `berth run`: after this line both sides switch to [`run`]'s frames.
+    Run {
+        name: String,
+        /// A shell command line.
+        command: String,
+        /// `Some`: run it with a terminal of this size.
+        terminal: Option<crate::attach::WindowSize>,
     },
     /// From the post-receive hook: git updated the branch; make the push's release live.
     Promote {

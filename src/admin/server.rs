@@ -1,4 +1,5 @@
-//! Accepts admin socket connections: reads one request, runs its handler, streams the events back.
+//! Accepts admin socket connections: reads one request, runs its handler, streams the events back
+//! (or, for `berth run`, hands the connection to [`super::run`]).
 
 use std::sync::Arc;
 
@@ -30,9 +31,19 @@ pub async fn run(listener: UnixListener, daemon: Arc<Handles>, shutdown: Cancell
 
 async fn serve_connection(stream: UnixStream, daemon: Arc<Handles>) {
     let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
     let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await.is_err() {
+    if read.read_line(&mut line).await.is_err() {
         return;
+    }
+    if let Ok(Request::Run {
+        name,
+        command,
+        terminal,
+    }) = serde_json::from_str::<Request>(&line)
+    {
+        let deployer = daemon.deployer.clone();
+        return super::run::serve(read, write, deployer, name, command, terminal).await;
     }
     let (tx, mut rx) = mpsc::channel::<Line>(256);
     let out = Progress::new(tx);

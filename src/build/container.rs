@@ -1,17 +1,26 @@
-//! One-off containers run to their end: a build, or a release command. Each runs under its
-//! limits and deadline, with its output streamed line by line (bounded, see
-//! [`super::output`]), and is removed afterwards however it ended. Owns how such a container
-//! ended (exit code, out of memory, out of time); must not decide what runs in it.
+//! One-off containers run to their end: a build, a release command, or a `berth run`. Each runs
+//! under its limits and deadline, with its output either streamed line by line to a
+//! [`Progress`] (bounded, see [`super::output`]) or attached to a user ([`crate::attach`]:
+//! stdin, stdout and stderr, or a terminal), and is removed afterwards however it ended (also
+//! when the attached user went away: it is stopped then, and ends with the code that gives).
+//! Owns how such a container ended (exit code, out of memory, out of time); must not decide
+//! what runs in it.
 
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_runtime::terminal::Master;
 use berth_runtime::{ContainerSpec, Runtime};
-use tracing::warn;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
 use super::output;
+use crate::attach::{Attach, Input, Output};
 use crate::progress::Progress;
 
 /// How a one-off container ended.
@@ -30,50 +39,71 @@ pub struct OneOff {
     pub spec: ContainerSpec,
     /// How long it may run.
     pub deadline: Duration,
-    /// Put before each of its output lines.
-    pub indent: &'static str,
     /// On a clean exit, its writable layer (the overlay's upper dir) is moved here before the
     /// container is removed (a Dockerfile `RUN` step's new layer).
     pub keep_upper: Option<PathBuf>,
 }
 
-/// Runs `job` until it ends or its deadline passes, each output line sent to `out`.
+/// Where an attached container's input goes: its stdin pipe or its terminal.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Where an attached container's output comes from: its stdout pipe or its terminal.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Where a one-off container's input comes from and its output goes.
+pub enum Io<'a> {
+    /// No input; its output (stdout and stderr together) line by line to `out`, each line
+    /// after `indent`.
+    Lines {
+        out: &'a Progress,
+        indent: &'static str,
+    },
+    /// Wired to a user (`berth run`).
+    Attached(Attach),
+}
+
+/// Runs `job` until it ends, its deadline passes or (attached) its user goes away.
 pub async fn run(
     runtime: &Arc<Runtime>,
     job: OneOff,
-    out: &Progress,
+    io: Io<'_>,
 ) -> Result<Ended, berth_runtime::Error> {
     let OneOff {
         spec,
         deadline,
-        indent,
         keep_upper,
     } = job;
     let id = spec.id.clone();
-    let task = tokio::task::spawn_blocking({
-        let (runtime, out) = (runtime.clone(), out.clone());
-        move || -> Result<i32, berth_runtime::Error> {
-            let mut child = runtime.run_attached(&spec)?;
-            if let Some(stdout) = child.stdout.take() {
-                for line in output::lines(BufReader::new(stdout)) {
-                    match line {
-                        Ok(line) => out.blocking_line(format!("{indent}{line}")),
-                        Err(_) => break,
-                    }
-                }
-            }
-            let status = child.wait().map_err(|source| berth_runtime::Error::Io {
-                context: format!("waiting for container {}", spec.id),
-                source,
-            })?;
-            Ok(status.code().unwrap_or(-1))
+    let (work, user): (BoxFuture<'static, _>, _) = match io {
+        Io::Lines { out, indent } => {
+            let work = lines(runtime.clone(), spec, out.clone(), indent);
+            (Box::pin(work), None)
         }
-    });
-    tokio::pin!(task);
-    let finished = tokio::select! {
-        done = &mut task => Some(done.expect("one-off container task")),
-        () = tokio::time::sleep(deadline) => None,
+        Io::Attached(attach) => {
+            let user = attach.output.clone();
+            (
+                Box::pin(attached(runtime.clone(), spec, attach)),
+                Some(user),
+            )
+        }
     };
+    // A task of its own: after a stop it still reads the output to its end.
+    let mut work = tokio::spawn(work);
+    let user_gone = async {
+        match &user {
+            Some(output) => output.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let finished = tokio::select! {
+        done = &mut work => Some(done.expect("one-off container task")),
+        () = tokio::time::sleep(deadline) => None,
+        () = user_gone => {
+            info!(%id, "the user went away; stopping the container");
+            stop(runtime, &id).await;
+            Some((&mut work).await.expect("one-off container task"))
+        }
+    };
+    drop(user);
     let upper = runtime.container_dir(&id).join("upper");
     let ended = match finished {
         Some(code) => match code? {
@@ -90,11 +120,8 @@ pub async fn run(
             code => Ok(Ended::Exited(code)),
         },
         None => {
-            // SIGTERM, then SIGKILL after the grace period; the output then ends.
-            let stopping = runtime.clone();
-            let stop_id = id.clone();
-            let _ = tokio::task::spawn_blocking(move || stopping.stop(&stop_id)).await;
-            let _ = task.await;
+            stop(runtime, &id).await;
+            let _ = work.await;
             Ok(Ended::TimedOut)
         }
     };
@@ -103,4 +130,153 @@ pub async fn run(
         warn!(%err, "removing a one-off container failed");
     }
     ended
+}
+
+/// Stops container `id`: SIGTERM, then SIGKILL after the grace period; its output then ends.
+async fn stop(runtime: &Arc<Runtime>, id: &str) {
+    let (runtime, id) = (runtime.clone(), id.to_string());
+    let _ = tokio::task::spawn_blocking(move || runtime.stop(&id)).await;
+}
+
+/// Runs `spec` with its output sent to `out` line by line; returns its exit code.
+async fn lines(
+    runtime: Arc<Runtime>,
+    spec: ContainerSpec,
+    out: Progress,
+    indent: &'static str,
+) -> Result<i32, berth_runtime::Error> {
+    tokio::task::spawn_blocking(move || {
+        let mut child = runtime.run_attached(&spec, berth_runtime::Io::Output)?.shim;
+        if let Some(stdout) = child.stdout.take() {
+            for line in output::lines(BufReader::new(stdout)) {
+                match line {
+                    Ok(line) => out.blocking_line(format!("{indent}{line}")),
+                    Err(_) => break,
+                }
+            }
+        }
+        let status = child.wait().map_err(|source| berth_runtime::Error::Io {
+            context: format!("waiting for container {}", spec.id),
+            source,
+        })?;
+        Ok(status.code().unwrap_or(-1))
+    })
+    .await
+    .expect("one-off container task")
+}
+
+/// Runs `spec` attached to a user: their input to its stdin (or terminal), its stdout and
+/// stderr (or terminal) to them, all of it before this returns its exit code.
+async fn attached(
+    runtime: Arc<Runtime>,
+    spec: ContainerSpec,
+    attach: Attach,
+) -> Result<i32, berth_runtime::Error> {
+    let Attach {
+        terminal,
+        input,
+        output,
+    } = attach;
+    let io = match terminal {
+        Some(size) => berth_runtime::Io::Terminal(size),
+        None => berth_runtime::Io::Pipes,
+    };
+    let id = spec.id.clone();
+    let started = tokio::task::spawn_blocking(move || runtime.run_attached(&spec, io))
+        .await
+        .expect("one-off container task")?;
+    let io_err = |what: &str| {
+        let context = format!("{what} of container {id}");
+        move |source| berth_runtime::Error::Io { context, source }
+    };
+    let mut shim = started.shim;
+    let stderr = shim
+        .stderr
+        .take()
+        .map(|p| pipe::Receiver::from_owned_fd(p.into()));
+    let stderr = stderr.transpose().map_err(io_err("reading the stderr"))?;
+    // What the user types goes to the terminal or the stdin pipe; what it shows, or the
+    // stdout pipe, comes back.
+    let (to_container, from_container, master): (Option<Writer>, Option<Reader>, _) =
+        match started.terminal {
+            Some(fd) => {
+                let reader = Master::new(fd).map_err(io_err("attaching to the terminal"))?;
+                let writer = reader
+                    .try_clone()
+                    .map_err(io_err("attaching to the terminal"))?;
+                let master = writer.try_clone().ok();
+                (Some(Box::new(writer)), Some(Box::new(reader)), master)
+            }
+            None => {
+                let stdin = shim
+                    .stdin
+                    .take()
+                    .map(|p| pipe::Sender::from_owned_fd(p.into()));
+                let stdin = stdin.transpose().map_err(io_err("writing the stdin"))?;
+                let stdout = shim
+                    .stdout
+                    .take()
+                    .map(|p| pipe::Receiver::from_owned_fd(p.into()));
+                let stdout = stdout.transpose().map_err(io_err("reading the stdout"))?;
+                let stdin = stdin.map(|p| Box::new(p) as Writer);
+                let stdout = stdout.map(|p| Box::new(p) as Reader);
+                (stdin, stdout, None)
+            }
+        };
+    let feeding = tokio::spawn(feed(input, to_container, master));
+    let waiting = tokio::task::spawn_blocking(move || shim.wait());
+    tokio::join!(
+        copy_out(from_container, &output, Output::Stdout),
+        copy_out(stderr, &output, Output::Stderr),
+    );
+    let status = waiting
+        .await
+        .expect("one-off container task")
+        .map_err(io_err("waiting for the shim"))?;
+    feeding.abort();
+    Ok(status.code().unwrap_or(-1))
+}
+
+/// Copies the user's input to the container until the input ends: bytes to `to`, end of
+/// input closes it (a pipe; not a terminal, which would hang up), a resize to `terminal`.
+async fn feed(mut input: mpsc::Receiver<Input>, mut to: Option<Writer>, terminal: Option<Master>) {
+    while let Some(message) = input.recv().await {
+        match message {
+            Input::Data(bytes) => {
+                if let Some(writer) = to.as_mut() {
+                    if writer.write_all(&bytes).await.is_err() {
+                        to = None; // it stopped reading; later input has nowhere to go
+                    }
+                }
+            }
+            Input::Eof if terminal.is_none() => to = None,
+            Input::Eof => {}
+            Input::Resize(size) => {
+                if let Some(master) = &terminal {
+                    let _ = master.resize(size);
+                }
+            }
+        }
+    }
+}
+
+/// Sends what `from` yields to the user, each chunk wrapped by `kind`, until its end. When the
+/// user is gone it keeps reading, so the container never blocks on a full pipe.
+async fn copy_out(
+    from: Option<impl AsyncRead + Unpin>,
+    output: &mpsc::Sender<Output>,
+    kind: fn(Vec<u8>) -> Output,
+) {
+    let Some(mut from) = from else {
+        return;
+    };
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let _ = output.send(kind(chunk[..n].to_vec())).await;
+            }
+        }
+    }
 }

@@ -248,10 +248,9 @@ async fn run_build(
     let job = container::OneOff {
         spec,
         deadline: limits.timeout,
-        indent: "",
         keep_upper: None,
     };
-    let ran = container::run(&d.runtime, job, out).await;
+    let ran = container::run(&d.runtime, job, container::Io::Lines { out, indent: "" }).await;
     d.network.detach(&id, Some(ip)).await;
     info!(
         ms = started.elapsed().as_millis() as u64,

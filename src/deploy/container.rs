@@ -3,6 +3,7 @@
 //! crash never leaves a container nobody knows of). The runtime crate does the OS work.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
 use berth_runtime::{Bind, ContainerSpec, LogTarget, State};
 use rand::Rng;
@@ -20,15 +21,25 @@ pub const PORT: u16 = 5000;
 pub const STOP_GRACE_SECS: u64 = 10;
 
 /// The command line that runs a process type: sources `.profile.d/*.sh`, then execs `command`.
-pub(super) fn launcher(command: &str) -> Vec<String> {
-    let script = format!(
-        "for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; exec {command}"
-    );
+fn launcher(command: &str) -> Vec<String> {
+    after_profile(&format!("exec {command}"))
+}
+
+/// The command line of a one-off run: sources `.profile.d/*.sh`, then runs `line`, a shell
+/// command line of any shape (`a; b`), and exits with its status.
+pub(super) fn run_launcher(line: &str) -> Vec<String> {
+    after_profile(line)
+}
+
+/// `/bin/sh -c` sourcing `.profile.d/*.sh`, then running `script`.
+fn after_profile(script: &str) -> Vec<String> {
+    let script =
+        format!("for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; {script}");
     vec!["/bin/sh".into(), "-c".into(), script]
 }
 
 /// A container id: readable, unique, at most 64 characters.
-fn container_id(app: &str, process_type: &str, number: u32) -> String {
+pub(super) fn container_id(app: &str, process_type: &str, number: u32) -> String {
     let suffix: u32 = rand::thread_rng().gen();
     // 36 + 1 + 12 + 1 + up to 5 digits + 1 + 8 = 64 at most.
     let app = &app[..app.len().min(36)];
@@ -86,7 +97,7 @@ impl std::fmt::Display for Dyno {
 
 /// What an app's containers get from the host: its resolvers (reached by NAT like any outside
 /// address).
-pub fn binds() -> Vec<Bind> {
+fn binds() -> Vec<Bind> {
     vec![Bind {
         source: "/etc/resolv.conf".into(),
         destination: "/etc/resolv.conf".into(),
@@ -135,22 +146,11 @@ pub async fn start(
         return Err(err.into());
     }
     let spec = ContainerSpec {
-        id: id.clone(),
-        layers: image.layer_dirs(),
-        args: launcher(command),
-        env: env(release, image, dyno),
-        cwd: cwd(image),
-        hostname: id.chars().take(63).collect(),
-        binds: binds(),
-        netns: Some(netns),
         log: LogTarget::File {
             path: d.paths.log(&release.app),
             prefix: format!("app[{dyno}]"),
         },
-        stop_grace_secs: STOP_GRACE_SECS,
-        limits: limits.runtime(),
-        init: true,
-        user: user(image),
+        ..spec(&id, command, release, image, dyno, netns, &limits)
     };
     let runtime = d.runtime.clone();
     let started = tokio::task::spawn_blocking(move || runtime.start(&spec))
@@ -164,9 +164,37 @@ pub async fn start(
     Ok(row)
 }
 
+/// The spec of container `id` of `release` (whose image is `image`) running `command` as
+/// `dyno` in `netns`: its output goes to the shim's own stdout (callers set `log` otherwise).
+pub(super) fn spec(
+    id: &str,
+    command: &str,
+    release: &Release,
+    image: &Image,
+    dyno: &Dyno,
+    netns: PathBuf,
+    limits: &Limits,
+) -> ContainerSpec {
+    ContainerSpec {
+        id: id.to_string(),
+        layers: image.layer_dirs(),
+        args: launcher(command),
+        env: env(release, image, dyno),
+        cwd: cwd(image),
+        hostname: id.chars().take(63).collect(),
+        binds: binds(),
+        netns: Some(netns),
+        log: LogTarget::Inherit,
+        stop_grace_secs: STOP_GRACE_SECS,
+        limits: limits.runtime(),
+        init: true,
+        user: user(image),
+    }
+}
+
 /// The environment of `dyno`: the image's, the release's config (but the registry login),
 /// `PORT`, `DYNO`, `HOME`.
-pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> {
+fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> {
     let mut env = image.config.env.clone();
     env.extend(
         release
@@ -185,7 +213,7 @@ pub(super) fn env(release: &Release, image: &Image, dyno: &Dyno) -> Vec<String> 
 
 /// The user containers of `image` run as: its config's numeric `uid[:gid]` (Dockerfile builds
 /// store `USER` so), else root.
-pub(super) fn user(image: &Image) -> Option<berth_runtime::User> {
+fn user(image: &Image) -> Option<berth_runtime::User> {
     let (uid, gid) = match image.config.user.split_once(':') {
         Some((uid, gid)) => (uid.parse().ok()?, gid.parse().ok()?),
         None => {
@@ -197,7 +225,7 @@ pub(super) fn user(image: &Image) -> Option<berth_runtime::User> {
 }
 
 /// Where a container of `image` starts: its `WORKDIR`, else `/app` (buildpack images).
-pub(super) fn cwd(image: &Image) -> String {
+fn cwd(image: &Image) -> String {
     match image.config.working_dir.as_str() {
         "" => "/app".into(),
         dir => dir.into(),
@@ -258,6 +286,8 @@ mod tests {
     fn launcher_sources_profile_d() {
         let args = launcher("python app.py");
         assert_eq!(args[0], "/bin/sh");
-        assert!(args[2].contains(".profile.d") && args[2].ends_with("exec python app.py"));
+        assert!(args[2].contains(".profile.d") && args[2].ends_with("; exec python app.py"));
+        let args = run_launcher("a; b");
+        assert!(args[2].contains(".profile.d") && args[2].ends_with("; a; b"));
     }
 }

@@ -40,6 +40,7 @@ use crate::tls::{Cert, Certs};
 mod container;
 mod health;
 mod release_phase;
+pub mod run;
 mod supervisor;
 mod switch;
 
@@ -134,6 +135,8 @@ pub enum DeployError {
     ReleasePhaseOutOfMemory { limit: String },
     #[error("`release` is the release command, run once per release, not a process type to scale")]
     ScaleRelease,
+    #[error("the server is stopping — run it again once it is back")]
+    Stopping,
 }
 
 impl From<BuildError> for DeployError {
@@ -214,6 +217,8 @@ pub struct Deployer {
     crashed_at: Mutex<HashMap<String, Instant>>,
     /// Set when the server stops everything: convergence starts nothing any more.
     stopping: std::sync::atomic::AtomicBool,
+    /// One-off runs in progress (`berth run`).
+    runs: run::Runs,
     /// Checked releases of pushes whose branch is not updated yet, by push id.
     pending: Mutex<HashMap<String, Pending>>,
     /// Pushes that ended (by id, with when), for a check that finishes after its push ended.
@@ -241,6 +246,7 @@ impl Deployer {
             queued: Mutex::new(HashSet::new()),
             crashed_at: Mutex::new(HashMap::new()),
             stopping: false.into(),
+            runs: run::Runs::default(),
             pending: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
         })
@@ -629,6 +635,7 @@ impl Deployer {
         self.store.delete_app(app).await?;
         let containers = self.store.containers(Some(app)).await?;
         futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;
+        self.stop_runs(Some(app)).await;
         Ok(())
     }
 

@@ -8,13 +8,12 @@
 
 use std::time::Duration;
 
-use berth_runtime::{ContainerSpec, LogTarget};
 use rand::Rng;
 use tracing::info;
 
 use super::container::{self, Dyno};
 use super::{DeployError, Deployer};
-use crate::build::container::{Ended, OneOff};
+use crate::build::container::{Ended, Io, OneOff};
 use crate::image::Image;
 use crate::progress::Progress;
 use crate::store::Release;
@@ -41,28 +40,22 @@ pub(super) async fn run(
     let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
     let limits = container::limits(d, app, PROCESS_TYPE).await?;
     let (ip, netns) = d.network.attach(&id).await?;
-    let spec = ContainerSpec {
-        id: id.clone(),
-        layers: image.layer_dirs(),
-        args: container::launcher(command),
-        env: container::env(release, image, &Dyno::new(PROCESS_TYPE, 1)),
-        cwd: container::cwd(image),
-        hostname: id.chars().take(63).collect(),
-        binds: container::binds(),
-        netns: Some(netns),
-        log: LogTarget::Inherit,
-        stop_grace_secs: container::STOP_GRACE_SECS,
-        limits: limits.runtime(),
-        init: true,
-        user: container::user(image),
-    };
+    let dyno = Dyno::new(PROCESS_TYPE, 1);
+    let spec = container::spec(&id, command, release, image, &dyno, netns, &limits);
     let job = OneOff {
         spec,
         deadline: DEADLINE,
-        indent: "       ",
         keep_upper: None,
     };
-    let ended = crate::build::container::run(&d.runtime, job, out).await;
+    let ended = crate::build::container::run(
+        &d.runtime,
+        job,
+        Io::Lines {
+            out,
+            indent: "       ",
+        },
+    )
+    .await;
     d.network.detach(&id, Some(ip)).await;
     let ended = ended?;
     info!(%app, version = release.version, ?ended, "release command finished");

@@ -852,10 +852,17 @@ async fn run(
     let job = OneOff {
         spec,
         deadline: budget.until.saturating_duration_since(Instant::now()),
-        indent: "       ",
         keep_upper: Some(staging.clone()),
     };
-    let ended = container::run(&d.runtime, job, out).await;
+    let ended = container::run(
+        &d.runtime,
+        job,
+        container::Io::Lines {
+            out,
+            indent: "       ",
+        },
+    )
+    .await;
     d.network.detach(&id, Some(ip)).await;
     match ended? {
         Ended::Exited(0) => {}
