@@ -195,6 +195,7 @@ struct Info {
 
 pub async fn info(d: &Handles, json: bool, out: &Out) -> anyhow::Result<()> {
     let (paths, store) = (d.paths.clone(), d.deployer.builder().images.clone());
+    let keep_releases = d.deployer.keep_releases();
     let info = tokio::task::spawn_blocking(move || {
         Ok::<_, anyhow::Error>(Info {
             version: env!("CARGO_PKG_VERSION"),
@@ -203,15 +204,11 @@ pub async fn info(d: &Handles, json: bool, out: &Out) -> anyhow::Result<()> {
             images: store.images()?.len(),
             build_caches_bytes: usage(&paths.caches()),
             logs_bytes: usage(&paths.logs()),
-            keep_releases: 0,
+            keep_releases,
         })
     })
     .await
     .expect("info task")?;
-    let info = Info {
-        keep_releases: d.deployer.keep_releases(),
-        ..info
-    };
     if json {
         return super::handlers::print_json(out, &info).await;
     }
@@ -223,7 +220,10 @@ pub async fn info(d: &Handles, json: bool, out: &Out) -> anyhow::Result<()> {
             human(info.images_bytes),
             info.images
         ),
-        format!("build caches:  {}", human(info.build_caches_bytes)),
+        format!(
+            "build caches:  {} (buildpack caches; cached Dockerfile steps are layers, under images)",
+            human(info.build_caches_bytes)
+        ),
         format!("logs:          {}", human(info.logs_bytes)),
         format!(
             "kept releases: the last {} of each app (`berth server --keep-releases`)",
