@@ -287,6 +287,30 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// List the images in the store: name, digest, size and which releases use them.
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write an image as a tar to stdout, for `docker load` and skopeo (`docker-archive:` or
+    /// `oci-archive:`): `berth images:export web:v3 > web.tar`.
+    #[command(name = "images:export")]
+    ImagesExport {
+        /// A tag (`berth/stack-run:trixie`), a release (`APP:vN`; `APP` for the live one) or a
+        /// digest from `berth images`.
+        image: String,
+    },
+    /// Remove images no kept release uses (see `berth server --keep-releases`), and the build
+    /// caches nothing needs. Also runs after each deploy.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the version, the data dir and the disk used by images, build caches and logs.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
     /// Build the stack images (berth/stack-build, berth/stack-run) from the Debian mirror.
     #[command(name = "stack:build")]
     StackBuild {
@@ -385,6 +409,11 @@ pub struct ServerArgs {
     /// On shutdown, also stop every container and remove the bridge (tests, throwaway servers).
     #[arg(long)]
     pub ephemeral: bool,
+    /// How many of each app's latest releases keep their images when unused images are
+    /// collected (after each deploy and on `berth gc`); older releases can no longer be rolled
+    /// back to.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub keep_releases: u16,
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -516,6 +545,16 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
         },
         Command::CertsRemove { name } => Request::CertsRemove { name },
         Command::StackBuild { force, stack } => Request::StackBuild { force, stack },
+        Command::Images { json } => Request::Images { json },
+        Command::ImagesExport { image } => {
+            use std::io::IsTerminal;
+            if std::io::stdout().is_terminal() {
+                anyhow::bail!("images:export writes a tar archive to stdout — redirect it: `berth images:export {image} > image.tar`");
+            }
+            Request::ImagesExport { image }
+        }
+        Command::Gc { json } => Request::Gc { json },
+        Command::Info { json } => Request::Info { json },
         Command::ImagesImport { file, name } => Request::ImagesImport {
             file: std::path::absolute(&file)?,
             name,

@@ -26,6 +26,7 @@
 //! - [`acme`]: automatic certificates (`certs:auto`) by ACME HTTP-01, and their renewal.
 //! - [`tls`]: certificates (PEM parsing, host coverage) and the SNI table of `--https`.
 //! - [`paths`]: the layout of the data directory.
+//! - [`disk`]: how much disk a folder takes.
 //! - [`progress`]: the line sink through which builds, deploys and commands report to a front end.
 //! - [`attach`]: the input and output channels between a user and a one-off container (`run`).
 //! - [`tree`]: reading files out of a pushed tree or a build's output, never through a symlink.
@@ -41,6 +42,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod disk;
 pub mod domain;
 pub mod git;
 pub mod hook;

@@ -171,6 +171,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         },
         paths: paths.clone(),
         domain: args.domain.clone(),
+        keep_releases: args.keep_releases.into(),
     });
     let shutdown = CancellationToken::new();
     let supervisor = deployer.run(shutdown.clone()).await?;

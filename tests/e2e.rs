@@ -2961,3 +2961,211 @@ fn slow_run_one_off_commands() {
         server.log()
     );
 }
+
+/// Images and disk on a server keeping one release's images: an app built from an imported
+/// busybox image; `images` lists its image with size and the release using it; the exported
+/// image is a docker-archive and an OCI archive skopeo reads and copies, and berth imports to
+/// the same digest; a second push, then `gc` (after the first release's containers are gone)
+/// removes v1's image and its layer's files but keeps v2's (live) and the tagged base, and a
+/// rollback to v1 says why it cannot; `info` shows where the disk goes.
+#[test]
+fn slow_images_export_gc_and_info() {
+    if !prerequisites_met(&["skopeo", "busybox"]) {
+        return;
+    }
+    let mut server = Server::start_with(&["--keep-releases", "1"]);
+    let layout = server.dir.path().join("busybox-oci");
+    busybox_layout(&layout, "1");
+    let archive = server.dir.path().join("busybox.tar");
+    let out = run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    assert!(out.status.success(), "{}", text(&out));
+    server.berth_ok(&[
+        "images:import",
+        archive.to_str().unwrap(),
+        "--name",
+        "busybox:1",
+    ]);
+
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "img"]);
+    laptop.write("Dockerfile", "FROM busybox:1\nCOPY www /www/\n");
+    std::fs::create_dir_all(laptop.dir.join("www")).unwrap();
+    laptop.write("www/index.html", "first page");
+    // 3 MB that only v1 has, so its collection frees a measurable amount.
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(laptop.dir.join("www/big.bin"), &big).unwrap();
+    laptop.commit("v1");
+    let remote = format!("ssh://git@127.0.0.1:{}/img", server.ssh.port());
+    laptop.git(&["remote", "add", "deploy", &remote]);
+    laptop.push_ok(&server, "the first push");
+    server.assert_serves("img.localhost", "first page");
+
+    let release_image = |version: i64| -> String {
+        let releases: serde_json::Value =
+            serde_json::from_str(&server.berth_ok(&["releases", "img", "--json"])).unwrap();
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["version"] == version)
+            .unwrap_or_else(|| panic!("no v{version}: {releases}"))["image"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let images = || -> Vec<serde_json::Value> {
+        serde_json::from_str(&server.berth_ok(&["images", "--json"])).unwrap()
+    };
+    let v1 = release_image(1);
+    let listed = images();
+    let row = listed.iter().find(|i| i["digest"] == v1.as_str()).unwrap();
+    assert!(row["size"].as_u64().unwrap() > 3_000_000, "{row}");
+    assert_eq!(row["used_by"][0]["app"], "img");
+    assert_eq!(row["used_by"][0]["version"], 1);
+    assert_eq!(row["used_by"][0]["status"], "live");
+    let layers: Vec<String> = row["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 2, "{row}");
+    let layer_dir = |digest: &str| server.data().join("images/l").join(&digest[7..19]);
+    let v1_top = layer_dir(&layers[1]);
+    assert!(v1_top.join("www/big.bin").is_file());
+    let table = server.berth_ok(&["images"]);
+    assert!(table.contains("busybox:1"), "{table}");
+    assert!(
+        table.contains("img:v1") && table.contains("img v1 (live)"),
+        "{table}"
+    );
+    assert!(table.contains(" MB"), "{table}");
+
+    // Exported: skopeo reads it as a docker-archive and as an OCI archive, and copies it.
+    let exported = server.dir.path().join("img-v1.tar");
+    let out = Command::new(BERTH)
+        .arg("--data")
+        .arg(server.data())
+        .args(["images:export", "img:v1"])
+        .stdout(std::fs::File::create(&exported).unwrap())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let skopeo = |args: &[&str]| -> String {
+        let out = run(Command::new("skopeo").args(args));
+        assert!(out.status.success(), "skopeo {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let docker_archive = format!("docker-archive:{}", exported.display());
+    // Named by its tag, as `docker load` would name it.
+    let by_tag = format!("{docker_archive}:img:v1");
+    let inspected: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", &by_tag])).unwrap();
+    assert_eq!(
+        inspected["Layers"],
+        serde_json::json!(layers),
+        "{inspected}"
+    );
+    let oci_archive = format!("oci-archive:{}", exported.display());
+    let inspected: serde_json::Value =
+        serde_json::from_str(&skopeo(&["inspect", &oci_archive])).unwrap();
+    assert_eq!(inspected["Digest"], v1.as_str(), "{inspected}");
+    let copied = server.dir.path().join("copied-oci");
+    skopeo(&[
+        "copy",
+        &docker_archive,
+        &format!("oci:{}:v1", copied.display()),
+    ]);
+    assert!(copied.join("index.json").is_file());
+    server.berth_ok(&[
+        "images:import",
+        exported.to_str().unwrap(),
+        "--name",
+        "copy:1",
+    ]);
+    let copy = images();
+    let copy = copy.iter().find(|i| i["tags"][0] == "copy:1").unwrap();
+    assert_eq!(copy["digest"], v1.as_str(), "re-imported, the same image");
+
+    // v2 replaces v1; once v1's container is gone, gc removes v1's image and its files.
+    std::fs::remove_file(laptop.dir.join("www/big.bin")).unwrap();
+    laptop.write("www/index.html", "second page");
+    laptop.commit("v2");
+    laptop.push_ok(&server, "the second push");
+    server.assert_serves("img.localhost", "second page");
+    wait_for_ps(&server, "img", 60, |ps| !ps.contains(" v1 "));
+    // `copy:1` is a tag on v1's image: tagged images stay, so drop it first by re-tagging.
+    server.berth_ok(&[
+        "images:import",
+        archive.to_str().unwrap(),
+        "--name",
+        "copy:1",
+    ]);
+    let gc: serde_json::Value = serde_json::from_str(&server.berth_ok(&["gc", "--json"])).unwrap();
+    assert!(gc["images"].as_u64().unwrap() >= 1, "{gc}");
+    assert!(gc["layers"].as_u64().unwrap() >= 1, "{gc}");
+    let freed = gc["bytes_before"].as_u64().unwrap() - gc["bytes_after"].as_u64().unwrap();
+    assert!(freed >= 3_000_000, "{gc}");
+    assert!(!v1_top.exists(), "v1's layer is still on disk");
+    let v2 = release_image(2);
+    let listed = images();
+    assert!(
+        !listed.iter().any(|i| i["digest"] == v1.as_str()),
+        "{listed:?}"
+    );
+    let row = listed.iter().find(|i| i["digest"] == v2.as_str()).unwrap();
+    assert_eq!(row["used_by"][0]["status"], "live");
+    assert!(layer_dir(row["layers"][1].as_str().unwrap()).is_dir());
+    assert!(listed.iter().any(|i| i["tags"][0] == "busybox:1"));
+    server.assert_serves("img.localhost", "second page");
+    let rollback = server.berth(&["releases:rollback", "img", "v1"]);
+    assert!(!rollback.status.success());
+    assert!(
+        text(&rollback).contains("img v1's image was removed by gc")
+            && text(&rollback).contains("--keep-releases"),
+        "{}",
+        text(&rollback)
+    );
+
+    let info = server.berth_ok(&["info"]);
+    for expected in [
+        format!("berth {}", env!("CARGO_PKG_VERSION")),
+        format!("data dir:      {}", server.data().display()),
+        "images:".to_string(),
+        "build caches:".to_string(),
+        "logs:".to_string(),
+        "the last 1 of each app".to_string(),
+    ] {
+        assert!(info.contains(&expected), "{expected:?} missing:\n{info}");
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&server.berth_ok(&["info", "--json"])).unwrap();
+    let on_disk = berth::disk::usage(&server.data().join("images"));
+    let reported = info["images_bytes"].as_u64().unwrap();
+    assert!(
+        reported > 0 && reported.abs_diff(on_disk) < 1_000_000,
+        "{info} vs {on_disk}"
+    );
+    assert!(info["logs_bytes"].as_u64().unwrap() > 0, "{info}");
+
+    server.stop();
+    let left = server.leftovers();
+    assert!(
+        left.is_empty(),
+        "left behind after stop: {left:#?}\n--- server log:\n{}",
+        server.log()
+    );
+}

@@ -46,24 +46,58 @@ fn sample_tar(path: &Path) {
     b.finish().unwrap();
 }
 
+/// The names in a tar, hard links as `name => target`.
+fn tar_names(bytes: &[u8]) -> Vec<String> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(entry.header().mtime().unwrap(), 0);
+        let name = entry.path().unwrap().display().to_string();
+        if entry.header().entry_type() == tar::EntryType::Link {
+            names.push(format!(
+                "{name} => {}",
+                entry.link_name().unwrap().unwrap().display()
+            ));
+        } else {
+            names.push(name);
+        }
+    }
+    names
+}
+
 #[test]
-fn import_layer_tar_stores_blob_and_extracts_once() {
+fn import_layer_tar_keeps_one_extracted_copy_and_regenerates_its_tar() {
     let tmp = tempfile::tempdir().unwrap();
     let store = ImageStore::open(&tmp.path().join("images")).unwrap();
     let tar_path = tmp.path().join("layer.tar");
     sample_tar(&tar_path);
 
     let layer = store.import_layer_tar(&tar_path).unwrap();
-    let bytes = fs::read(&tar_path).unwrap();
-    let hex = hex::encode(Sha256::digest(&bytes));
+    // Its digest is that of its canonical tar, which the store regenerates on demand.
+    let tar = store.write_layer_tar(&layer.digest, Vec::new()).unwrap();
+    let hex = hex::encode(Sha256::digest(&tar));
     assert_eq!(layer.digest, format!("sha256:{hex}"));
+    assert_eq!(
+        tar_names(&tar),
+        ["etc", "etc/alias", "etc/hard", "etc/secret => etc/hard"]
+    );
     let root = tmp.path().join("images");
     assert_eq!(
-        fs::read(root.join("blobs/sha256").join(&hex)).unwrap(),
-        bytes
+        fs::read_dir(root.join("blobs/sha256")).unwrap().count(),
+        0,
+        "the tar itself is not kept"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("layers").join(&hex)).unwrap(),
+        tar.len().to_string()
     );
     assert_eq!(layer.dir, root.join("l").join(&hex[..12]));
     assert!(root.join("oci-layout").is_file());
+
+    // The canonical tar imports as the same layer.
+    fs::write(&tar_path, &tar).unwrap();
+    assert_eq!(store.import_layer_tar(&tar_path).unwrap(), layer);
 
     let secret = fs::metadata(layer.dir.join("etc/secret")).unwrap();
     assert_eq!(secret.mode() & 0o7777, 0o640);
@@ -86,8 +120,12 @@ fn import_layer_tar_stores_blob_and_extracts_once() {
         "device nodes are skipped"
     );
 
-    // Importing the same tar again finds the same layer.
-    assert_eq!(store.import_layer_tar(&tar_path).unwrap(), layer);
+    // Files changed on disk no longer give the digest: export refuses the layer.
+    fs::write(layer.dir.join("etc/secret"), "HELLO").unwrap();
+    assert!(matches!(
+        store.write_layer_tar(&layer.digest, Vec::new()),
+        Err(ImageError::Corrupt { .. })
+    ));
 }
 
 /// A tar entry named `name`, written raw: the tar crate refuses to write `..` itself.
@@ -202,24 +240,8 @@ fn layer_from_dir_is_deterministic_and_moves_the_dir() {
     let lc = store.layer_from_dir(&c, "app").unwrap();
     assert_ne!(la.digest, lc.digest, "different content, different digest");
 
-    // The blob is a tar of app/… with mtime 0, the hard link kept as a link.
-    let hex = la.digest.trim_start_matches("sha256:");
-    let blob = tmp.path().join("images/blobs/sha256").join(hex);
-    let mut archive = tar::Archive::new(fs::File::open(blob).unwrap());
-    let mut names = Vec::new();
-    for entry in archive.entries().unwrap() {
-        let entry = entry.unwrap();
-        assert_eq!(entry.header().mtime().unwrap(), 0);
-        let name = entry.path().unwrap().display().to_string();
-        if entry.header().entry_type() == tar::EntryType::Link {
-            names.push(format!(
-                "{name} => {}",
-                entry.link_name().unwrap().unwrap().display()
-            ));
-        } else {
-            names.push(name);
-        }
-    }
+    // Its tar holds app/… with mtime 0, the hard link kept as a link.
+    let names = tar_names(&store.write_layer_tar(&la.digest, Vec::new()).unwrap());
     assert_eq!(
         names,
         [
@@ -309,13 +331,12 @@ fn put_image_round_trips_with_layers_top_most_first() {
         Err(ImageError::BadName(_))
     ));
 
-    // A lost extracted layer comes back from its blob.
+    // A layer lost from disk is an error, not an empty layer.
     fs::remove_dir_all(&base.dir).unwrap();
-    let again = store.image(&digest).unwrap();
-    assert_eq!(
-        fs::read(again.layer_dirs()[1].join("etc/secret")).unwrap(),
-        b"hello"
-    );
+    assert!(matches!(
+        store.image(&digest),
+        Err(ImageError::NotFound { .. })
+    ));
     assert!(matches!(
         store.image(&format!("sha256:{}", "a".repeat(64))),
         Err(ImageError::NotFound { .. })
@@ -716,21 +737,35 @@ fn images_import_docker_save_and_oci_archives() {
     assert_eq!(gone.rdev(), 0);
     assert!(!image.layers[1].dir.join(".wh.gone").exists());
 
-    // The store is an OCI layout: packed as a tar it is an OCI archive another store imports.
+    // Exported, it is an archive (docker save and OCI at once) another store imports.
     let oci = tmp.path().join("oci.tar");
-    let mut b = tar::Builder::new(fs::File::create(&oci).unwrap());
-    for part in ["oci-layout", "index.json", "blobs"] {
-        let path = tmp.path().join("images").join(part);
-        if path.is_dir() {
-            b.append_dir_all(part, &path).unwrap();
-        } else {
-            b.append_path_with_name(&path, part).unwrap();
+    store
+        .export(&digest, Some("hello:1"), fs::File::create(&oci).unwrap())
+        .unwrap();
+    let other = ImageStore::open(&tmp.path().join("other")).unwrap();
+    let (name, again) = other.import_archive(&oci, None).unwrap();
+    assert_eq!(
+        (name.as_str(), again.as_str()),
+        ("hello:1", digest.as_str())
+    );
+    // Without manifest.json it is an OCI archive alone, read through index.json.
+    let oci_only = tmp.path().join("oci-only.tar");
+    let mut b = tar::Builder::new(fs::File::create(&oci_only).unwrap());
+    for entry in tar::Archive::new(fs::File::open(&oci).unwrap())
+        .entries()
+        .unwrap()
+    {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap() != Path::new("manifest.json") {
+            let mut h = entry.header().clone();
+            let path = entry.path().unwrap().into_owned();
+            b.append_data(&mut h, path, &mut entry).unwrap();
         }
     }
     b.finish().unwrap();
     drop(b);
-    let other = ImageStore::open(&tmp.path().join("other")).unwrap();
-    let (name, again) = other.import_archive(&oci, None).unwrap();
+    let third = ImageStore::open(&tmp.path().join("third")).unwrap();
+    let (name, again) = third.import_archive(&oci_only, None).unwrap();
     assert_eq!(
         (name.as_str(), again.as_str()),
         ("hello:1", digest.as_str())
@@ -739,12 +774,9 @@ fn images_import_docker_save_and_oci_archives() {
     assert_eq!(other.resolve("base"), Some(renamed));
 
     // Not an image archive: a plain layer tar.
-    let err = store.import_archive(
-        &tmp.path()
-            .join("images/blobs/sha256")
-            .join(&image.layers[0].digest[7..]),
-        None,
-    );
+    let plain = tmp.path().join("plain.tar");
+    fs::write(&plain, &first).unwrap();
+    let err = store.import_archive(&plain, None);
     assert!(matches!(err, Err(ImageError::BadArchive { .. })), "{err:?}");
 }
 
@@ -784,26 +816,20 @@ fn root_layers_keep_deletions_as_whiteouts() {
     assert_eq!(rc, 0, "setting trusted.overlay.opaque needs root");
 
     let layer = store.layer_from_root(&upper).unwrap();
-    let blob = tmp
-        .path()
-        .join("images/blobs/sha256")
-        .join(&layer.digest["sha256:".len()..]);
-    let mut names = Vec::new();
-    for entry in tar::Archive::new(fs::File::open(&blob).unwrap())
-        .entries()
-        .unwrap()
-    {
-        names.push(entry.unwrap().path().unwrap().display().to_string());
-    }
+    let tar = store.write_layer_tar(&layer.digest, Vec::new()).unwrap();
+    let names = tar_names(&tar);
     assert!(names.contains(&"etc/.wh.deleted".to_string()), "{names:?}");
     assert!(!names.contains(&"etc/deleted".to_string()), "{names:?}");
     assert!(
         names.contains(&"etc/replaced/.wh..wh..opq".to_string()),
         "{names:?}"
     );
-    // Extracted again from the blob: overlay's form.
-    fs::remove_dir_all(&layer.dir).unwrap();
-    let again = store.layer(&layer.digest).unwrap();
+    // Imported from that tar into another store: overlay's form again, the same digest.
+    let other = ImageStore::open(&tmp.path().join("other")).unwrap();
+    let tar_path = tmp.path().join("layer.tar");
+    fs::write(&tar_path, &tar).unwrap();
+    let again = other.import_layer_tar(&tar_path).unwrap();
+    assert_eq!(again.digest, layer.digest);
     let deleted = fs::symlink_metadata(again.dir.join("etc/deleted")).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_char_device(
         &deleted.file_type()
@@ -829,4 +855,95 @@ fn root_layers_keep_deletions_as_whiteouts() {
         )
     };
     assert_eq!((n, value[0]), (1, b'y'), "the opaque mark is back");
+}
+
+/// Collection keeps tagged images and those it is told to keep, with their layers and their
+/// builds' earlier stages' layers; removes the rest (manifest, config, layer record and files),
+/// step cache entries naming removed layers, and what a crash left half-deleted.
+#[test]
+fn collect_removes_what_nothing_keeps() {
+    use std::collections::HashSet;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let store = ImageStore::open(&root).unwrap();
+    let layer = |name: &str, contents: &str| {
+        let dir = tmp.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(name), contents).unwrap();
+        store.layer_from_dir(&dir, "app").unwrap()
+    };
+    let base = layer("base", "shared by every image");
+    let (kept_top, gone_top, stage) = (layer("kept", "k"), layer("gone", "g"), layer("stage", "s"));
+    let config = ImageConfig::default();
+    let tagged = store
+        .put_image(std::slice::from_ref(&base), &config)
+        .unwrap();
+    store.tag("base:1", &tagged).unwrap();
+    let kept = store
+        .put_image(&[base.clone(), kept_top.clone()], &config)
+        .unwrap();
+    store
+        .note_stage_layers(&kept, std::slice::from_ref(&stage))
+        .unwrap();
+    let gone = store
+        .put_image(&[base.clone(), gone_top.clone()], &config)
+        .unwrap();
+    let key = |c: char| c.to_string().repeat(64);
+    store.cache_layer(&key('a'), &gone_top).unwrap();
+    store.cache_layer(&key('b'), &stage).unwrap();
+    // A crash between a layer's move into place and its record: a directory nothing names.
+    fs::create_dir_all(root.join("l/0123456789ab")).unwrap();
+    let digests = |store: &ImageStore| -> HashSet<String> {
+        store
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.digest)
+            .collect()
+    };
+    assert_eq!(
+        digests(&store),
+        HashSet::from([tagged.clone(), kept.clone(), gone.clone()])
+    );
+
+    let done = store.collect(&HashSet::from([kept.clone()])).unwrap();
+    assert_eq!(
+        (done.images, done.layers, done.step_cache_entries),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        digests(&store),
+        HashSet::from([tagged.clone(), kept.clone()])
+    );
+    assert!(!gone_top.dir.exists());
+    assert!(!root.join("layers").join(&gone_top.digest[7..]).exists());
+    assert!(!root.join("l/0123456789ab").exists());
+    assert!(store.cached_layer(&key('a')).is_none());
+    assert_eq!(
+        store.cached_layer(&key('b')),
+        Some(stage.clone()),
+        "an earlier stage of a kept image stays cached"
+    );
+    assert_eq!(
+        store.image(&kept).unwrap().layers,
+        vec![base.clone(), kept_top.clone()]
+    );
+    assert!(store.image(&tagged).is_ok());
+    assert!(matches!(
+        store.image(&gone),
+        Err(ImageError::NotFound { .. })
+    ));
+
+    // A crash after a manifest went leaves what only it named; the next collection removes it.
+    fs::remove_file(root.join("blobs/sha256").join(&kept[7..])).unwrap();
+    let done = store.collect(&HashSet::new()).unwrap();
+    assert_eq!(
+        (done.images, done.layers, done.step_cache_entries),
+        (0, 2, 1)
+    );
+    assert!(!kept_top.dir.exists() && !stage.dir.exists());
+    assert!(base.dir.is_dir(), "the tagged image's layer stays");
+    let blobs = fs::read_dir(root.join("blobs/sha256")).unwrap().count();
+    assert_eq!(blobs, 2, "the tagged image's manifest and config");
+    assert_eq!(fs::read_dir(root.join("stages")).unwrap().count(), 0);
 }

@@ -6,6 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 
 use super::{socket_path, Event, Request};
 
@@ -39,7 +40,16 @@ pub fn call(data: &Path, request: Request) -> anyhow::Result<i32> {
                 stderr.write_all(text.as_bytes())?;
                 stderr.flush()?;
             }
-            Event::Done => return Ok(0),
+            Event::Data(chunk) => {
+                let bytes = BASE64
+                    .decode(chunk)
+                    .context("the server sent data that is not base64")?;
+                stdout.write_all(&bytes)?;
+            }
+            Event::Done => {
+                stdout.flush()?;
+                return Ok(0);
+            }
             Event::Error(message) => bail!("{message}"),
         }
     }

@@ -494,6 +494,7 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
         }
         Request::ImagesImport { file, name } => {
             let images = d.deployer.builder().images.clone();
+            let _writing = images.writing().await;
             let (name, digest) =
                 tokio::task::spawn_blocking(move || images.import_archive(&file, name.as_deref()))
                     .await
@@ -501,7 +502,12 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Imported {name}: {digest}")).await;
             Ok(())
         }
+        Request::Images { json } => super::images::images(d, json, out).await,
+        Request::ImagesExport { image } => super::images::export(d, &image, out).await,
+        Request::Gc { json } => super::images::gc(d, json, out).await,
+        Request::Info { json } => super::images::info(d, json, out).await,
         Request::StackBuild { force, stack } => {
+            let _writing = d.deployer.builder().images.writing().await;
             let stack = crate::build::buildpacks::stack_named(&stack)?;
             let (build, run) = d
                 .deployer
@@ -631,7 +637,7 @@ fn rfc3339(time: std::time::SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-async fn print_json(out: &Out, value: &impl Serialize) -> anyhow::Result<()> {
+pub(super) async fn print_json(out: &Out, value: &impl Serialize) -> anyhow::Result<()> {
     out.line(serde_json::to_string_pretty(value)?).await;
     Ok(())
 }

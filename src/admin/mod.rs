@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub mod client;
 pub mod handlers;
 pub mod run;
+mod images;
 pub mod server;
 
 /// One command for the daemon.
@@ -140,6 +141,19 @@ pub enum Request {
         file: std::path::PathBuf,
         name: Option<String>,
     },
+    Images {
+        json: bool,
+    },
+    /// The archive comes back as [`Event::Data`].
+    ImagesExport {
+        image: String,
+    },
+    Gc {
+        json: bool,
+    },
+    Info {
+        json: bool,
+    },
     PsScale {
         name: String,
         /// `TYPE=N` pairs.
@@ -202,6 +216,8 @@ pub enum Event {
     Out(String),
     /// Text for the client's stderr.
     Err(String),
+    /// Bytes for the client's stdout (an exported image), base64.
+    Data(String),
     /// The command succeeded; nothing follows.
     Done,
     /// The command failed with this one-line message (what went wrong and what to do).

@@ -9,6 +9,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+
 use super::{handlers, Event, Handles, Request};
 use crate::progress::{Line, Progress};
 
@@ -52,6 +54,7 @@ async fn serve_connection(stream: UnixStream, daemon: Arc<Handles>) {
             let event = match line {
                 Line::Out(text) => Event::Out(text + "\n"),
                 Line::Warn(text) => Event::Err(text + "\n"),
+                Line::Data(bytes) => Event::Data(BASE64.encode(bytes)),
             };
             if send(&mut write, &event).await.is_err() {
                 return None; // the client went away; dropping rx tells the handler

@@ -38,6 +38,7 @@ use crate::store::{
 use crate::tls::{Cert, Certs};
 
 mod container;
+pub mod gc;
 mod health;
 mod release_phase;
 pub mod run;
@@ -119,6 +120,12 @@ pub enum DeployError {
         version: i64,
         reason: String,
     },
+    #[error("{app} v{version}'s image was removed by gc (berth keeps the images of each app's last {keep} releases; `berth server --keep-releases N` keeps more) — roll back to a newer release (see `berth releases {app}`) or push that commit again")]
+    ImageCollected {
+        app: String,
+        version: i64,
+        keep: usize,
+    },
     #[error("{app} has no earlier release to roll back to — see `berth releases {app}`")]
     NoEarlierRelease { app: String },
     #[error("no checked release of {app} is waiting for this push (it was discarded after {secs} s) — push again")]
@@ -189,6 +196,8 @@ pub struct DeployerParts {
     pub paths: Paths,
     /// Apps are served at `APP.<domain>`.
     pub domain: String,
+    /// How many of each app's latest releases keep their images ([`gc`]).
+    pub keep_releases: usize,
 }
 
 /// Decides and converges what runs. Shared as `Arc<Deployer>`.
@@ -206,6 +215,7 @@ pub struct Deployer {
     builder: Builder,
     paths: Paths,
     domain: String,
+    keep_releases: usize,
     /// One lock per app: switches and convergence of an app run one at a time.
     locks: Locks,
     /// Apps whose containers changed (an exit, a timer); the supervisor converges them.
@@ -240,6 +250,7 @@ impl Deployer {
             builder: parts.builder,
             paths: parts.paths,
             domain: parts.domain,
+            keep_releases: parts.keep_releases,
             locks: Locks::default(),
             wake,
             wakes: Mutex::new(Some(wakes)),
@@ -250,6 +261,11 @@ impl Deployer {
             pending: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// How many of each app's latest releases keep their images.
+    pub fn keep_releases(&self) -> usize {
+        self.keep_releases
     }
 
     /// The builder (for `stack:build`).
@@ -281,6 +297,8 @@ impl Deployer {
         let (by, push_id) = (push.by, push.id);
         let guard = self.locks.lock(app).await;
         let (release, started) = async {
+            // Until the release naming the new image is recorded.
+            let _writing = self.images.writing().await;
             let config = self.store.config(app).await?;
             let limits = BuildLimits::with(&self.store.build_limits(app).await?);
             let built = self
@@ -526,6 +544,13 @@ impl Deployer {
                 app: app.to_string(),
                 version: target.version,
                 reason: target.reason,
+            });
+        }
+        if let Err(ImageError::NotFound { .. }) = self.images.image(&target.image) {
+            return Err(DeployError::ImageCollected {
+                app: app.to_string(),
+                version: target.version,
+                keep: self.keep_releases,
             });
         }
         let new = NewRelease {

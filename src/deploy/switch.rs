@@ -126,6 +126,7 @@ pub(super) async fn commit(
         .await;
         d.drain(replaced, drain_deadline(release));
     }
+    d.collect_later();
     Ok(())
 }
 

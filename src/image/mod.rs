@@ -1,10 +1,19 @@
 //! The OCI content-addressed image store (`DATA/images`) and, in [`stack`], the stack images.
 //!
 //! Owns everything under its root directory:
-//! - `oci-layout`, `index.json` and `blobs/sha256/<hex>`: an OCI image layout. Layers are stored
-//!   uncompressed (`application/vnd.oci.image.layer.v1.tar`), so a layer's digest is its diff_id.
-//! - `l/<first 12 hex of the layer digest>`: each layer extracted once, ready to be an overlay
-//!   `lowerdir`. The paths are short on purpose: overlay's mount options are capped at one page.
+//! - `oci-layout`, `index.json` and `blobs/sha256/<hex>`: manifests and configs, as in an OCI
+//!   image layout. Layers are uncompressed tars (`application/vnd.oci.image.layer.v1.tar`), so a
+//!   layer's digest is its diff_id — but their tars are not kept: see below.
+//! - `l/<first 12 hex of the layer digest>`: each layer, stored ONCE, extracted, ready to be an
+//!   overlay `lowerdir`. The paths are short on purpose: overlay's mount options are capped at
+//!   one page. A layer's digest is that of its *canonical tar* ([`write_dir_tar`]: sorted
+//!   names, mtime 0, modes, owners and hard links kept), which is regenerated from the
+//!   directory when an image is exported ([`export`]) and checked against the digest. A
+//!   foreign layer (an import, a pull, a stack) is extracted and re-hashed this way, so its
+//!   digest in berth differs from the one it came with.
+//! - `layers/<hex>`: the record of a stored layer (its tar's size). A layer exists when its
+//!   record does; the directory is moved into place before the record is written and deleted
+//!   after it, so a crash leaves at most a directory without a record, which [`gc`] removes.
 //! - `refs/<name, '/' escaped as %2F>`: tags, one file holding a manifest digest. `refs/` is the
 //!   source of truth; `index.json` is rewritten from it on every tag for OCI tools.
 //!
@@ -12,12 +21,15 @@
 //! directories [`ImageStore::image`] returns), and nothing outside its root.
 //!
 //! - `cache/<64 hex>`: the layer cache of Dockerfile build steps, one file per step key holding
-//!   a layer digest ([`ImageStore::cached_layer`]).
+//!   a layer digest ([`ImageStore::cached_layer`]); `stages/<image hex>`: the layers of the
+//!   earlier stages of the Dockerfile build that made an image, kept as long as it is.
 //!
 //! Deletions: layer tars carry OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`); extracted layers
 //! carry overlayfs's (a 0:0 character device, the `trusted.overlay.opaque` xattr), so a build
 //! step's overlay upper dir is a layer as it is.
 
+pub mod export;
+pub mod gc;
 mod import;
 pub mod pull;
 pub mod stack;
@@ -26,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -63,6 +75,8 @@ pub enum ImageError {
     },
     #[error("{} is not an image archive berth can import: {problem} — pass a `docker save` tar or an OCI archive", path.display())]
     BadArchive { path: PathBuf, problem: String },
+    #[error("the image store {} was written by an older berth (each layer kept twice: as a tar and extracted) — move it aside (`mv {} {}.old`), start the server again and push each app again", .root.display(), .root.display(), .root.display())]
+    OldFormat { root: PathBuf },
     #[error("{tool} is not installed — install it with `apt-get install {package}` and retry")]
     MissingTool {
         tool: &'static str,
@@ -299,6 +313,11 @@ struct Index {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    /// Held shared by whatever adds to the store (a build until its release is recorded, an
+    /// import, a stack build) or reads a whole image out of it (an export), and exclusively by
+    /// [`gc`], so a collection never removes an image or layer that is being made but not yet
+    /// referenced, nor one being exported, nor their scratch.
+    writers: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl ImageStore {
@@ -306,10 +325,18 @@ impl ImageStore {
     pub fn open(root: &Path) -> Result<Self, ImageError> {
         let store = ImageStore {
             root: root.to_path_buf(),
+            writers: Default::default(),
         };
+        let had_layers = fs::read_dir(store.root.join("l")).is_ok_and(|mut d| d.next().is_some());
+        if had_layers && !store.record_dir().is_dir() {
+            return Err(ImageError::OldFormat {
+                root: store.root.clone(),
+            });
+        }
         for dir in [
             store.blob_dir(),
             store.root.join("l"),
+            store.record_dir(),
             store.root.join("refs"),
         ] {
             fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
@@ -324,26 +351,26 @@ impl ImageStore {
         Ok(store)
     }
 
-    /// Stores an uncompressed layer tar as a blob and extracts it once under `l/`.
+    /// Stores an uncompressed layer tar: extracts it under `l/` (its digest is then that of its
+    /// canonical tar, see the module doc); the tar itself is not kept.
     ///
     /// Keeps modes, ownership, symlinks and hard links; skips device nodes and fifos (the
     /// runtime provides `/dev`); refuses the whole tar if an entry would land outside the root.
     pub fn import_layer_tar(&self, tar: &Path) -> Result<Layer, ImageError> {
         check_tar_paths(tar)?;
-        let mut src = File::open(tar).map_err(io_err("opening", tar))?;
-        let digest = self.put_blob_from(&mut src, tar)?;
-        let dir = self.layer_dir(&digest);
-        if !dir.exists() {
-            self.extract_layer(&digest, &dir)?;
+        let staging = self.tmp_path("extract");
+        let result = extract_tar(tar, &staging).and_then(|()| self.store_layer(&staging));
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
         }
-        Ok(Layer { digest, dir })
+        result
     }
 
     /// Packs `dir` as a layer whose files live under `/<prefix>` (e.g. `app` → `/app`).
     ///
-    /// The tar is deterministic (sorted names, mtime 0), so equal directories give equal
-    /// digests. `dir` is consumed: it is moved into place as the extracted layer (no second
-    /// copy), or removed if the store already holds that layer.
+    /// The layer's digest is that of its canonical tar, so equal directories give equal
+    /// digests. `dir` is consumed: it is moved into place as the layer (no copy), or removed if
+    /// the store already holds that layer.
     pub fn layer_from_dir(&self, dir: &Path, prefix: &str) -> Result<Layer, ImageError> {
         let prefix_path = Path::new(prefix);
         if prefix.is_empty()
@@ -362,23 +389,45 @@ impl ImageStore {
         self.pack_layer(dir, Path::new(""))
     }
 
-    /// The stored layer `digest` (extracted again if its directory is missing); an error when
-    /// its blob is gone.
+    /// The stored layer `digest`; an error when the store does not hold it.
     pub fn layer(&self, digest: &str) -> Result<Layer, ImageError> {
         digest_hex(digest)?;
-        if !self.blob_path(digest)?.is_file() {
+        let dir = self.layer_dir(digest);
+        if !self.record_path(digest)?.is_file() || !dir.is_dir() {
             return Err(ImageError::NotFound {
                 what: format!("layer {digest}"),
             });
-        }
-        let dir = self.layer_dir(digest);
-        if !dir.exists() {
-            self.extract_layer(digest, &dir)?;
         }
         Ok(Layer {
             digest: digest.to_string(),
             dir,
         })
+    }
+
+    /// The size of a stored layer's canonical tar.
+    fn layer_size(&self, digest: &str) -> Result<u64, ImageError> {
+        let path = self.record_path(digest)?;
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::NotFound {
+                    what: format!("layer {digest}"),
+                })
+            }
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        text.trim().parse().map_err(|_| ImageError::Corrupt {
+            what: "layer record",
+            digest: digest.to_string(),
+            detail: format!("{text:?} is not a size"),
+        })
+    }
+
+    /// Waits until nothing collects the store, then keeps collection out while the guard
+    /// lives: hold it from making layers until the image is referenced (a release, a tag), or
+    /// while exporting.
+    pub async fn writing(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.writers.clone().read_owned().await
     }
 
     /// The layer cached under `key` (`cache/<key>`: a build step's cache key, 64 hex digits),
@@ -408,79 +457,70 @@ impl ImageStore {
         self.tmp_path(what)
     }
 
-    /// Packs `dir` as a layer under `prefix` (empty: at the root).
+    /// Packs `dir` as a layer under `prefix` (empty: at the root): moves it into a staging
+    /// folder in the store at `prefix` (copies it when it is on another filesystem), then
+    /// stores that.
     fn pack_layer(&self, dir: &Path, prefix_path: &Path) -> Result<Layer, ImageError> {
-        let tmp = self.tmp_path("layer.tar");
-        let written = write_dir_tar(dir, prefix_path, &tmp);
-        let digest = written.and_then(|()| {
-            let mut file = File::open(&tmp).map_err(io_err("opening", &tmp))?;
-            self.put_blob_from(&mut file, &tmp)
-        });
-        let _ = fs::remove_file(&tmp);
-        let digest = digest?;
-
-        // The layer root and the prefix's parents are 0755 whatever the umask, as in the tar.
-        let chmod_755 = |p: &Path| {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", p))
-        };
-        let layer_dir = self.layer_dir(&digest);
-        if layer_dir.exists() {
-            fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
-            return Ok(Layer {
-                digest,
-                dir: layer_dir,
-            });
-        }
-        if prefix_path.as_os_str().is_empty() {
-            chmod_755(dir)?;
-            return match fs::rename(dir, &layer_dir) {
-                Ok(()) => Ok(Layer {
-                    digest,
-                    dir: layer_dir,
-                }),
-                Err(_) => {
-                    self.extract_layer(&digest, &layer_dir)?;
-                    fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
-                    Ok(Layer {
-                        digest,
-                        dir: layer_dir,
-                    })
-                }
-            };
-        }
         let staging = self.tmp_path("layer");
         let target = staging.join(prefix_path);
-        let parent = target.parent().expect("prefix has a component");
-        fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-        let mut fixed = staging.clone();
-        chmod_755(&fixed)?;
-        for c in prefix_path.parent().unwrap_or(Path::new("")).components() {
-            fixed.push(c);
-            chmod_755(&fixed)?;
+        let result = (|| {
+            if let Some(parent) = target
+                .parent()
+                .filter(|_| !prefix_path.as_os_str().is_empty())
+            {
+                fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+                // The prefix's parents are root's and 0755 whatever the umask.
+                let mut fixed = staging.clone();
+                chmod_755(&fixed)?;
+                for c in prefix_path.parent().unwrap_or(Path::new("")).components() {
+                    fixed.push(c);
+                    chmod_755(&fixed)?;
+                }
+            }
+            match fs::rename(dir, &target) {
+                Ok(()) => {}
+                // Another filesystem: copy it through a tar, then drop the source.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+                    let tar = self.tmp_path("copy.tar");
+                    let copied = File::create(&tar)
+                        .map_err(io_err("creating", &tar))
+                        .and_then(|file| write_dir_tar(dir, io::BufWriter::new(file)))
+                        .and_then(|_| extract_tar(&tar, &target));
+                    let _ = fs::remove_file(&tar);
+                    copied?;
+                    fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
+                }
+                Err(e) => return Err(io_err("moving", dir)(e)),
+            }
+            self.store_layer(&staging)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&staging);
         }
-        match fs::rename(dir, &target) {
-            Ok(()) => {
-                fs::rename(&staging, &layer_dir).map_err(io_err("moving", &layer_dir))?;
-                Ok(Layer {
-                    digest,
-                    dir: layer_dir,
-                })
+        result
+    }
+
+    /// Stores the finished layer tree `staged` (a scratch folder in the store, consumed):
+    /// hashes its canonical tar, moves it to `l/<short>` unless that is there already, then
+    /// writes the record. A directory under `l/` only ever appears whole (by rename), so one
+    /// that is there holds this layer.
+    fn store_layer(&self, staged: &Path) -> Result<Layer, ImageError> {
+        chmod_755(staged)?;
+        let hashed = write_dir_tar(staged, HashingWriter::new(io::sink()))?;
+        let (_, digest, size) = hashed.finish();
+        let dir = self.layer_dir(&digest);
+        match fs::rename(staged, &dir) {
+            Ok(()) => {}
+            Err(_) if dir.is_dir() => {
+                fs::remove_dir_all(staged).map_err(io_err("removing", staged))?;
             }
-            // Another filesystem: extract the blob instead, then drop the source.
-            Err(e) if e.raw_os_error() == Some(18 /* EXDEV */) => {
-                let _ = fs::remove_dir_all(&staging);
-                self.extract_layer(&digest, &layer_dir)?;
-                fs::remove_dir_all(dir).map_err(io_err("removing", dir))?;
-                Ok(Layer {
-                    digest,
-                    dir: layer_dir,
-                })
-            }
-            Err(e) => {
-                let _ = fs::remove_dir_all(&staging);
-                Err(io_err("moving", dir)(e))
-            }
+            Err(e) => return Err(io_err("moving", &dir)(e)),
         }
+        let record = self.record_path(&digest)?;
+        if !record.exists() {
+            write_atomic(&record, size.to_string().as_bytes())?;
+        }
+        Ok(Layer { digest, dir })
     }
 
     /// Writes the config and manifest blobs of an image made of `layers` (bottom-most first)
@@ -491,7 +531,7 @@ impl ImageStore {
             layer_descs.push(Descriptor {
                 media_type: LAYER_MEDIA_TYPE.to_string(),
                 digest: layer.digest.clone(),
-                size: self.blob_size(&layer.digest)?,
+                size: self.layer_size(&layer.digest)?,
                 annotations: None,
             });
         }
@@ -521,6 +561,25 @@ impl ImageStore {
         self.put_blob_bytes(&manifest_json)
     }
 
+    /// Notes the layers of the earlier stages of the Dockerfile build that made `image`: they
+    /// (and the step cache entries naming them) are kept as long as the image is.
+    pub fn note_stage_layers(&self, image: &str, layers: &[Layer]) -> Result<(), ImageError> {
+        let dir = self.stages_dir();
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let list: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+        write_atomic(&dir.join(digest_hex(image)?), list.join("\n").as_bytes())
+    }
+
+    /// What [`ImageStore::note_stage_layers`] noted for `image`.
+    fn stage_layers(&self, image: &str) -> Vec<String> {
+        let Ok(hex) = digest_hex(image) else {
+            return Vec::new();
+        };
+        fs::read_to_string(self.stages_dir().join(hex))
+            .map(|text| text.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
     /// Points the tag `name` at a manifest digest (replacing what it pointed at).
     pub fn tag(&self, name: &str, digest: &str) -> Result<(), ImageError> {
         let path = self.ref_path(name)?;
@@ -540,24 +599,15 @@ impl ImageStore {
         Some(digest.trim().to_string())
     }
 
-    /// Reads an image back: its config and its extracted layers, top-most first.
-    ///
-    /// A layer whose extracted directory is missing is extracted again from its blob.
+    /// Reads an image back: its config and its extracted layers, bottom-most first.
     pub fn image(&self, digest: &str) -> Result<Image, ImageError> {
         let manifest: Manifest = self.read_json_blob("manifest", digest)?;
         let config: OciConfig = self.read_json_blob("image config", &manifest.config.digest)?;
-        let mut layers = Vec::new();
-        for desc in &manifest.layers {
-            digest_hex(&desc.digest)?;
-            let dir = self.layer_dir(&desc.digest);
-            if !dir.exists() {
-                self.extract_layer(&desc.digest, &dir)?;
-            }
-            layers.push(Layer {
-                digest: desc.digest.clone(),
-                dir,
-            });
-        }
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|desc| self.layer(&desc.digest))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Image {
             digest: digest.to_string(),
             config: config.config.into_config(),
@@ -567,6 +617,19 @@ impl ImageStore {
 
     fn blob_dir(&self) -> PathBuf {
         self.root.join("blobs").join("sha256")
+    }
+
+    /// `stages/<image hex>`: the layers of a Dockerfile build's earlier stages, per image.
+    fn stages_dir(&self) -> PathBuf {
+        self.root.join("stages")
+    }
+
+    fn record_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
+    fn record_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.record_dir().join(digest_hex(digest)?))
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
@@ -617,33 +680,6 @@ impl ImageStore {
         Ok(digest)
     }
 
-    /// Copies a stream into a blob while hashing it; returns its digest.
-    fn put_blob_from(&self, src: &mut dyn Read, src_path: &Path) -> Result<String, ImageError> {
-        let tmp = self.tmp_path("blob");
-        let result = (|| {
-            let mut out = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = src.read(&mut buf).map_err(io_err("reading", src_path))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(io_err("writing", &tmp))?;
-            }
-            out.sync_all().map_err(io_err("writing", &tmp))?;
-            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
-            let path = self.blob_path(&digest)?;
-            fs::rename(&tmp, &path).map_err(io_err("storing", &path))?;
-            Ok(digest)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-
     fn read_json_blob<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
@@ -666,36 +702,24 @@ impl ImageStore {
         })
     }
 
-    /// Extracts a layer blob into `dir` via a staging directory, so `dir` is all or nothing.
-    fn extract_layer(&self, digest: &str, dir: &Path) -> Result<(), ImageError> {
-        let blob = self.blob_path(digest)?;
-        if !blob.exists() {
-            return Err(ImageError::NotFound {
-                what: digest.to_string(),
-            });
-        }
-        let staging = self.tmp_path("extract");
-        let result = extract_tar(&blob, &staging)
-            .and_then(|()| fs::rename(&staging, dir).map_err(io_err("moving", dir)));
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&staging);
-        }
-        result
-    }
-
-    /// Rewrites `index.json` from `refs/` (for OCI tools; refs stay the source of truth).
-    fn write_index(&self) -> Result<(), ImageError> {
+    /// Every tag, sorted.
+    fn tag_names(&self) -> Result<Vec<String>, ImageError> {
         let refs = self.root.join("refs");
         let mut names: Vec<_> = fs::read_dir(&refs)
             .map_err(io_err("listing", &refs))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| !n.starts_with('.'))
+            .map(|escaped| escaped.replace("%2F", "/").replace("%25", "%"))
             .collect();
         names.sort();
+        Ok(names)
+    }
+
+    /// Rewrites `index.json` from `refs/` (for OCI tools; refs stay the source of truth).
+    fn write_index(&self) -> Result<(), ImageError> {
         let mut manifests = Vec::new();
-        for escaped in names {
-            let name = escaped.replace("%2F", "/").replace("%25", "%");
+        for name in self.tag_names()? {
             let Some(digest) = self.resolve(&name) else {
                 continue;
             };
@@ -866,29 +890,14 @@ fn is_opaque(dir: &Path) -> bool {
     n == 1 && value[0] == b'y'
 }
 
-/// Writes `dir` as a deterministic tar under `prefix/`: sorted names, mtime 0, real modes and
-/// owners, hard links kept as links, sockets and device nodes left out.
-fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError> {
-    let file = File::create(out).map_err(io_err("creating", out))?;
-    let mut builder = tar::Builder::new(io::BufWriter::new(file));
+/// Writes the canonical tar of the layer tree `dir`: sorted names, mtime 0, real modes and
+/// owners, hard links kept as links, overlay whiteouts as OCI ones, sockets and device nodes
+/// left out, no entry for the root. A layer's digest is this tar's; export regenerates it.
+fn write_dir_tar<W: Write>(dir: &Path, out: W) -> Result<W, ImageError> {
+    let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
-
-    // Parent directories of the prefix (e.g. `a/` for `a/b`), owned by root.
-    let mut parent = PathBuf::new();
-    let components: Vec<_> = prefix.components().collect();
-    for c in &components[..components.len().saturating_sub(1)] {
-        parent.push(c);
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o755);
-        header.set_size(0);
-        builder
-            .append_data(&mut header, &parent, io::empty())
-            .map_err(io_err("writing", out))?;
-    }
-
     let mut seen_inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let mut stack = vec![(dir.to_path_buf(), prefix.to_path_buf())];
+    let mut stack = vec![(dir.to_path_buf(), PathBuf::new())];
     while let Some((src, name)) = stack.pop() {
         let meta = fs::symlink_metadata(&src).map_err(io_err("reading", &src))?;
         let mut header = tar::Header::new_gnu();
@@ -898,13 +907,14 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
         header.set_mtime(0);
         header.set_size(0);
         let ft = meta.file_type();
+        let packing = io_err("packing", &src);
         if ft.is_dir() {
             header.set_entry_type(tar::EntryType::Directory);
-            // A root layer (empty prefix) has no entry for its root.
+            // The root has no entry of its own.
             if !name.as_os_str().is_empty() {
                 builder
                     .append_data(&mut header, &name, io::empty())
-                    .map_err(io_err("writing", out))?;
+                    .map_err(packing)?;
             }
             if is_opaque(&src) {
                 let mut wh = tar::Header::new_gnu();
@@ -914,7 +924,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
                 wh.set_mtime(0);
                 builder
                     .append_data(&mut wh, name.join(OPAQUE_WHITEOUT), io::empty())
-                    .map_err(io_err("writing", out))?;
+                    .map_err(io_err("packing", &src))?;
             }
             let mut children: Vec<_> = fs::read_dir(&src)
                 .map_err(io_err("listing", &src))?
@@ -931,7 +941,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
             header.set_entry_type(tar::EntryType::Symlink);
             builder
                 .append_link(&mut header, &name, &target)
-                .map_err(io_err("writing", out))?;
+                .map_err(packing)?;
         } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && meta.rdev() == 0 {
             // An overlayfs whiteout (a build step deleted this name): OCI's `.wh.NAME`.
             let file = name.file_name().unwrap_or_default().to_string_lossy();
@@ -942,7 +952,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
                     name.with_file_name(format!("{WHITEOUT_PREFIX}{file}")),
                     io::empty(),
                 )
-                .map_err(io_err("writing", out))?;
+                .map_err(packing)?;
         } else if ft.is_file() {
             let key = (meta.dev(), meta.ino());
             if meta.nlink() > 1 {
@@ -950,7 +960,7 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
                     header.set_entry_type(tar::EntryType::Link);
                     builder
                         .append_link(&mut header, &name, first)
-                        .map_err(io_err("writing", out))?;
+                        .map_err(packing)?;
                     continue;
                 }
                 seen_inodes.insert(key, name.clone());
@@ -960,13 +970,47 @@ fn write_dir_tar(dir: &Path, prefix: &Path, out: &Path) -> Result<(), ImageError
             let data = File::open(&src).map_err(io_err("opening", &src))?;
             builder
                 .append_data(&mut header, &name, data)
-                .map_err(io_err("writing", out))?;
+                .map_err(packing)?;
         }
     }
-    let writer = builder.into_inner().map_err(io_err("writing", out))?;
-    writer
-        .into_inner()
-        .map_err(|e| io_err("writing", out)(e.into_error()))?
-        .sync_all()
-        .map_err(io_err("writing", out))
+    builder.into_inner().map_err(io_err("packing", dir))
+}
+
+fn chmod_755(path: &Path) -> Result<(), ImageError> {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", path))
+}
+
+/// Writes through to `out` (`io::sink()` to only learn a digest) while hashing and counting.
+struct HashingWriter<W> {
+    out: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(out: W) -> Self {
+        Self {
+            out,
+            hasher: Sha256::new(),
+            len: 0,
+        }
+    }
+
+    /// The writer, the `sha256:` digest and the byte count of what went through.
+    fn finish(self) -> (W, String, u64) {
+        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        (self.out, digest, self.len)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }

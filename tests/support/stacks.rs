@@ -1,15 +1,15 @@
 //! Stack images shared by the slow tests: a stack is built with mmdebstrap once per recipe
-//! (suite and package lists, [`Stack::recipe`]) into `/var/tmp/berth-test-stacks/RECIPE` under a
+//! (suite and package lists, [`Stack::recipe`]) into `/var/tmp/berth-test-stacks-2/RECIPE` under a
 //! file lock, so concurrent test binaries wait for one build, and each test's data dir gets
-//! hard links to it (layers are read-only lower dirs and blobs are never rewritten, so sharing
-//! inodes is safe). A fresh machine pays one build (about 2 min for trixie); later runs none.
+//! hard links to it (layers are read-only lower dirs and records are never rewritten, so sharing
+//! inodes is safe). The `-2` is the store's format: layers stored once, extracted. A fresh machine pays one build (about 2 min for trixie); later runs none.
 
 use berth::image::stack::{ensure_stacks, Stack};
 use berth::image::ImageStore;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SHARED: &str = "/var/tmp/berth-test-stacks";
+const SHARED: &str = "/var/tmp/berth-test-stacks-2";
 
 /// The shared image store holding `stack`'s images, built if missing; returns its path and
 /// what the build said (empty when it was already there).

@@ -273,9 +273,14 @@ pub async fn build(
         checks
     };
     let images = d.images.clone();
-    let image = tokio::task::spawn_blocking(move || images.put_image(&stage.layers, &stage.config))
-        .await
-        .expect("image task")?;
+    let earlier: Vec<Layer> = stages.into_iter().flat_map(|s| s.layers).collect();
+    let image = tokio::task::spawn_blocking(move || {
+        let image = images.put_image(&stage.layers, &stage.config)?;
+        images.note_stage_layers(&image, &earlier)?;
+        Ok::<_, crate::image::ImageError>(image)
+    })
+    .await
+    .expect("image task")?;
     Ok(Built {
         image,
         process_types,
