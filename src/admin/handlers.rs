@@ -701,6 +701,8 @@ async fn apps_destroy(d: &Handles, name: &str, force: bool, out: &Out) -> anyhow
     git::delete_repo(&d.paths.repos(), name)?;
     let _ = std::fs::remove_dir_all(d.paths.cache(name));
     let _ = std::fs::remove_file(d.paths.log(name));
+    // Its images and dependency layers, in the background.
+    d.deployer.collect_later();
     out.line(format!("Destroyed {name}")).await;
     Ok(())
 }

@@ -3,9 +3,10 @@
 //! --keep-releases`, default 5), of its live and deploying releases and of every release a
 //! container (running, starting or draining) belongs to; every tagged image (stacks, imports,
 //! pulled bases); the Dockerfile step cache entries and buildpack dependency layers a kept
-//! image uses (for a multi-stage Dockerfile, also its build's earlier stages). Destroyed apps' buildpack caches go. Runs after each change made live and on
-//! `berth gc`, holding the image store's collection lock, so no build or import is between
-//! making an image and recording it.
+//! image uses (for a multi-stage Dockerfile, also its build's earlier stages). Destroyed apps'
+//! buildpack caches go. Runs after each change made live, after `apps:destroy` and on
+//! `berth gc`, holding the image store's collection lock, so no build, import or export is
+//! between making (or reading) an image and recording (or finishing) it.
 //!
 //! Owns the policy; the image store owns how it deletes ([`crate::image::gc`]).
 
@@ -95,8 +96,9 @@ impl Deployer {
         .await
     }
 
-    /// Collects in the background (after a change went live); failures are logged.
-    pub(super) fn collect_later(self: &Arc<Self>) {
+    /// Collects in the background (after a change went live, an app was destroyed); failures
+    /// are logged.
+    pub fn collect_later(self: &Arc<Self>) {
         let d = Arc::clone(self);
         tokio::spawn(async move {
             if let Err(err) = d.collect().await {
