@@ -40,6 +40,7 @@ pub(super) async fn run(
     let app = &release.app;
     let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
     let limits = container::limits(d, app, PROCESS_TYPE).await?;
+    let users = container::users(d, app).await?;
     let (ip, netns) = d.network.attach(&id).await?;
     let spec = ContainerSpec {
         id: id.clone(),
@@ -55,6 +56,7 @@ pub(super) async fn run(
         limits: limits.runtime(),
         init: true,
         user: container::user(image),
+        users: Some(users),
     };
     let job = OneOff {
         spec,
