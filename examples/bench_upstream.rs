@@ -123,6 +123,7 @@ impl Bench {
             limits: Default::default(),
             init: false,
             user: None,
+            users: None,
         };
         self.runtime.start(&spec)?;
         let addr = SocketAddr::from((self.ip, 8080));

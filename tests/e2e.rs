@@ -1990,6 +1990,38 @@ fn push_app(server: &Server, laptop: &Laptop, app: &str) -> String {
     push_text
 }
 
+/// The host uid of `app`'s running web.1 (whose user namespace maps its root, and only uids
+/// from there on, to it), checked against the container's `uid_map`.
+fn host_uid_of_web(server: &Server, app: &str) -> u32 {
+    let containers = server.data().join("containers");
+    let dir = std::fs::read_dir(&containers)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|dir| {
+            let name = dir.file_name().unwrap().to_str().unwrap();
+            name.starts_with(&format!("{app}-web-1-")) && !dir.join("exit").exists()
+        })
+        .unwrap_or_else(|| panic!("no running web.1 of {app} in {}", containers.display()));
+    let pid = std::fs::read_to_string(dir.join("pid")).unwrap();
+    let proc = PathBuf::from(format!("/proc/{}", pid.trim()));
+    let status = std::fs::read_to_string(proc.join("status")).unwrap();
+    let ids = |field: &str| -> Vec<u32> {
+        let line = status.lines().find_map(|l| l.strip_prefix(field)).unwrap();
+        line.split_whitespace()
+            .map(|id| id.parse().unwrap())
+            .collect()
+    };
+    let uid = ids("Uid:")[0];
+    assert!(uid != 0, "{app}'s container runs as host root");
+    assert_eq!(ids("Uid:"), [uid; 4], "{status}");
+    assert_eq!(ids("Gid:"), [uid; 4], "{status}");
+    let map = std::fs::read_to_string(proc.join("uid_map")).unwrap();
+    let map: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(map, ["0", &uid.to_string(), "65536"], "{app}'s uid_map");
+    uid
+}
+
 /// Real apps whose frameworks no one here wrote, each built by its buildpack on the trixie
 /// stack and answering through the proxy, on one server: Django with gunicorn, WhiteNoise's
 /// manifest static files (collectstatic at build time) and a `release:` migrate step; a failing
@@ -2199,6 +2231,16 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     assert!(
         status == 200 && body.starts_with("hello from a Pipfile with flask 3."),
         "{status} {body}"
+    );
+
+    // Each app's containers run in a user namespace of their own: root inside, a host uid of
+    // the app's own range outside.
+    let django_uid = host_uid_of_web(&server, "django");
+    let express_uid = host_uid_of_web(&server, "express");
+    assert!(django_uid >= 100_000 && express_uid >= 100_000);
+    assert!(
+        django_uid.abs_diff(express_uid) >= 65_536,
+        "ranges overlap: {django_uid} {express_uid}"
     );
 
     // A static site, served by the run stack's small server.

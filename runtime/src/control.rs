@@ -371,6 +371,8 @@ impl Runtime {
             tracing::warn!(dir = %dir.display(), "not deleting a container directory with mounts");
             return;
         }
+        let users = read_spec(dir).is_some_and(|spec| spec.users.is_some());
+        rootfs::remove_mount_point(dir, users);
         if let Err(err) = fs::remove_dir_all(dir) {
             if err.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(dir = %dir.display(), "deleting the container directory: {err}");

@@ -8,7 +8,8 @@
 //! DIR/exit        its exit code (128+signal if killed), once the shim has cleaned up
 //! DIR/oom         present when the kernel's OOM killer killed a process of it (written before exit)
 //! DIR/error       why the container could not start
-//! DIR/config.json the OCI config (DIR is the bundle); DIR/rootfs, upper, work, l/: the overlay
+//! DIR/config.json the OCI config (DIR is the bundle); DIR/rootfs (or /run/berth/rootfs/ID with a
+//!                 user namespace), upper, work, l/: the overlay
 //! DIR/state/      libcontainer's state directory
 //! ```
 

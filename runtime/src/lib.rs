@@ -14,7 +14,7 @@
 //! - [`Runtime`] (daemon side): start, run attached ([`Io`]: output, pipes or a terminal),
 //!   state, stop, remove, list.
 //! - [`shim`]: the process that owns one container.
-//! - [`rootfs`]: the overlay root filesystem of a container.
+//! - [`rootfs`]: the overlay root filesystem of a container (id-mapped layers with `users`).
 //! - [`spec`]: the OCI runtime config written for libcontainer.
 //! - [`seccomp`]: the default seccomp profile of every container.
 //! - [`terminal`]: a container's pseudo-terminal, handed from its shim to the daemon; its size.
@@ -35,6 +35,7 @@ pub mod seccomp;
 pub mod shim;
 pub mod spec;
 pub mod terminal;
+mod userns;
 
 pub use control::{Attached, Io, Runtime, State};
 pub use error::Error;
@@ -67,9 +68,25 @@ pub struct ContainerSpec {
     /// SIGTERM handler still stops on SIGTERM, and zombies do not pile up.
     #[serde(default)]
     pub init: bool,
-    /// The user the command runs as; root (0:0) when None.
+    /// The user the command runs as; root (0:0) when None. Inside the container: with
+    /// `users` it is `users.host_id + uid` on the host.
     #[serde(default)]
     pub user: Option<User>,
+    /// `Some`: the container gets a user namespace of its own in which its uids and gids
+    /// `0..size` are the host's `host_id..host_id + size`, so its root is no host root; its
+    /// image layers are mounted id-mapped ([`rootfs`]), so they need no chown. `None`: the
+    /// host's user namespace (container root is host root).
+    #[serde(default)]
+    pub users: Option<IdMap>,
+}
+
+/// A range of host uids and gids that a container's `0..size` stand for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    /// The host uid (and gid) of the container's uid (and gid) 0.
+    pub host_id: u32,
+    /// How many ids are mapped, from 0 up.
+    pub size: u32,
 }
 
 /// A numeric user and group inside the container.

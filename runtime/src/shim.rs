@@ -1,5 +1,6 @@
 //! The shim: `berth shim DIR`, one single-threaded process per container (like containerd-shim
-//! or conmon). It reads `DIR/shim.json`, mounts the rootfs, creates and starts the container
+//! or conmon). It reads `DIR/shim.json`, joins the container's network namespace, mounts the
+//! rootfs (id-mapped for a container with a user namespace), creates and starts the container
 //! with libcontainer, writes its pid, copies its output to the log, forwards SIGTERM/SIGINT to
 //! it (SIGKILL after the grace period), waits for it, cleans up (libcontainer state, cgroup,
 //! mount) and finally writes `DIR/exit` and exits with the container's code. Asked for a
@@ -139,11 +140,14 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
         }
     };
 
-    rootfs::mount(dir, &spec.layers)?;
-    let mut container = match start(dir, &spec, container_out, seccomp) {
+    if let Some(netns) = &spec.netns {
+        join_netns(netns, spec.users.is_some())?;
+    }
+    let root = rootfs::mount(dir, &spec.layers, spec.users)?;
+    let mut container = match start(dir, &spec, &root, container_out, seccomp) {
         Ok(container) => container,
         Err(err) => {
-            let _ = rootfs::unmount(dir);
+            let _ = rootfs::unmount(dir, spec.users.is_some());
             return Err(err);
         }
     };
@@ -168,9 +172,27 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
     if let Err(err) = container.delete(true) {
         tracing::warn!(id = spec.id, "deleting the container: {}", chain(&err));
     }
-    rootfs::unmount(dir)?;
+    rootfs::unmount(dir, spec.users.is_some())?;
     layout::write(dir, layout::EXIT, &code.to_string())?;
     Ok(code)
+}
+
+/// Joins the network namespace at `path` before libcontainer runs, so the container inherits
+/// it: libcontainer would join it only from inside the container's user namespace, where a
+/// namespace owned by the host's user namespace cannot be joined. The netns stays the host's to
+/// configure (the container has no say over its links). With a user namespace, ports below
+/// 1024 need no capability in it (`ip_unprivileged_port_start` is 0, as Docker sets it).
+fn join_netns(path: &Path, userns: bool) -> Result<(), Error> {
+    let ns = File::open(path).map_err(Error::io(format!("opening {}", path.display())))?;
+    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET).map_err(Error::sys(format!(
+        "joining the network namespace {}",
+        path.display()
+    )))?;
+    if userns {
+        let sysctl = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
+        std::fs::write(sysctl, "0").map_err(Error::io(format!("writing {sysctl}")))?;
+    }
+    Ok(())
 }
 
 /// SIGTERM/SIGINT set a flag until [`supervise`] reads them from a signalfd. Handlers are reset
@@ -193,10 +215,11 @@ fn install_stop_handler() -> Result<(), Error> {
 fn start(
     dir: &Path,
     spec: &ContainerSpec,
+    root: &Path,
     out: Option<OwnedFd>,
     seccomp: bool,
 ) -> Result<Container, Error> {
-    let mut oci = spec::build(spec, Path::new("rootfs"))?;
+    let mut oci = spec::build(spec, root)?;
     if !seccomp {
         if let Some(linux) = oci.linux_mut() {
             linux.set_seccomp(None);

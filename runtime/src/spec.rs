@@ -1,7 +1,8 @@
 //! The OCI runtime config (`config.json`) libcontainer runs a [`ContainerSpec`] with: the
 //! default mounts (/proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys read-only, cgroups
-//! read-only), pid/mount/uts/ipc/cgroup namespaces plus the network namespace (joined by path,
-//! or the host's when there is none), cgroup `/berth/<id>`, Docker's default capability set,
+//! read-only), pid/mount/uts/ipc/cgroup namespaces plus, with `users`, a user namespace with
+//! that id mapping (the network namespace is not in it: the shim joins it before libcontainer
+//! runs), cgroup `/berth/<id>`, Docker's default capability set (held in the user namespace),
 //! `no_new_privileges`, the default seccomp profile ([`crate::seccomp`]), the binds as `rbind`
 //! mounts, and the caller's hard open-files limit. Touches nothing on the host.
 
@@ -10,9 +11,9 @@ use std::path::Path;
 
 use oci_spec::runtime::{
     get_default_mounts, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::{ContainerSpec, Error};
@@ -192,6 +193,10 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         .map_err(invalid)?;
 
     let mut mounts = get_default_mounts();
+    if spec.users.is_some() {
+        // The shim mounts /sys itself (see `rootfs`): from inside the user namespace it cannot be.
+        mounts.retain(|mount| mount.typ().as_deref() != Some("sysfs"));
+    }
     let init = spec.init.then(|| crate::Bind {
         source: INIT_BINARY.into(),
         destination: INIT_IN_CONTAINER.into(),
@@ -224,11 +229,19 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
     .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
     .collect::<Result<_, _>>()
     .map_err(invalid)?;
-    if let Some(netns) = &spec.netns {
+    let mut id_mappings = Vec::new();
+    if let Some(users) = spec.users {
         namespaces.push(
             LinuxNamespaceBuilder::default()
-                .typ(LinuxNamespaceType::Network)
-                .path(netns)
+                .typ(LinuxNamespaceType::User)
+                .build()
+                .map_err(invalid)?,
+        );
+        id_mappings.push(
+            LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(users.host_id)
+                .size(users.size)
                 .build()
                 .map_err(invalid)?,
         );
@@ -260,7 +273,7 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
     }
     let resources = resources.build().map_err(invalid)?;
     let defaults = oci_spec::runtime::Linux::default();
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(cgroup_path(&spec.id))
         .resources(resources)
@@ -269,6 +282,11 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         .seccomp(crate::seccomp::default_profile()?)
         .build()
         .map_err(invalid)?;
+    if !id_mappings.is_empty() {
+        linux
+            .set_uid_mappings(Some(id_mappings.clone()))
+            .set_gid_mappings(Some(id_mappings));
+    }
 
     let root = RootBuilder::default()
         .path(rootfs)
@@ -314,6 +332,7 @@ mod tests {
             stop_grace_secs: 10,
             init: false,
             user: None,
+            users: None,
             limits: crate::Limits {
                 memory: Some(1 << 28),
                 cpu_millis: Some(500),
@@ -353,14 +372,46 @@ mod tests {
     }
 
     #[test]
-    fn joins_the_given_netns() {
+    fn the_netns_is_left_to_the_shim() {
         let oci = super::build(&spec(Some("/run/b/ns1".into())), Path::new("rootfs")).unwrap();
         let namespaces = oci.linux().as_ref().unwrap().namespaces().clone().unwrap();
-        let net = namespaces
+        assert!(namespaces
             .iter()
-            .find(|ns| ns.typ() == LinuxNamespaceType::Network)
-            .unwrap();
-        assert_eq!(net.path().as_deref(), Some(Path::new("/run/b/ns1")));
+            .all(|ns| ns.typ() != LinuxNamespaceType::Network));
         assert!(!oci.root().as_ref().unwrap().readonly().unwrap_or(true));
+    }
+
+    #[test]
+    fn users_map_to_the_host_range() {
+        let oci = super::build(&spec(None), Path::new("rootfs")).unwrap();
+        let linux = oci.linux().as_ref().unwrap();
+        assert!(linux.uid_mappings().is_none());
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|ns| ns.typ() != LinuxNamespaceType::User));
+
+        let mut users = spec(None);
+        users.users = Some(crate::IdMap {
+            host_id: 165536,
+            size: 65536,
+        });
+        let oci = super::build(&users, Path::new("rootfs")).unwrap();
+        let linux = oci.linux().as_ref().unwrap();
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|ns| ns.typ() == LinuxNamespaceType::User && ns.path().is_none()));
+        for mappings in [linux.uid_mappings(), linux.gid_mappings()] {
+            let mapping = &mappings.as_ref().unwrap()[0];
+            assert_eq!(
+                (mapping.container_id(), mapping.host_id(), mapping.size()),
+                (0, 165536, 65536)
+            );
+        }
     }
 }

@@ -89,6 +89,7 @@ fn main() {
             a_terminal_of_its_own_and_resizing,
         ),
         ("runs_as_its_user", runs_as_its_user),
+        ("user_namespace_confines_root", user_namespace_confines_root),
         (
             "limits_hold_and_oom_kills_are_reported",
             limits_hold_and_oom_kills_are_reported,
@@ -228,6 +229,16 @@ impl Fixture {
             limits: Limits::default(),
             init: false,
             user: None,
+            users: None,
+        }
+    }
+
+    /// A host uid range of this test run for a user namespace (`slot` picks one of several),
+    /// far above the host's own users.
+    fn users(&self, slot: u32) -> berth_runtime::IdMap {
+        berth_runtime::IdMap {
+            host_id: 1_000_000_000 + (std::process::id() % 1000 * 4 + slot) * 65536,
+            size: 65536,
         }
     }
 
@@ -254,6 +265,8 @@ impl Fixture {
             !self.runtime.container_dir(id).exists(),
             "container directory left for {id}"
         );
+        let mount_point = Path::new(berth_runtime::rootfs::USERNS_ROOTS).join(id);
+        assert!(!mount_point.exists(), "{} left", mount_point.display());
         assert!(
             !self.root.join("netns").join(id).exists(),
             "netns file left for {id}"
@@ -738,8 +751,158 @@ fn runs_as_its_user() {
     fx.assert_clean(&spec.id);
 }
 
-/// Memory, CPU and pids limits as the container sees its own cgroup (v1 or v2 files), a fork
-/// past the pids limit failing, and a process past the memory limit killed and reported as OOM.
+/// The fields of a `/proc/PID/status` line (`Uid:`, `Gid:`) of a host process.
+fn status_ids(pid: i32, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .split_whitespace()
+        .map(|id| id.parse().unwrap())
+        .collect()
+}
+
+/// With a user namespace the container's root is root inside (owns the image's files, keeps
+/// its capabilities there) but a plain host uid outside: its processes run as the mapped uid,
+/// its writes land in the upper dir as that uid, it cannot write a root-owned host directory
+/// bound into it, mount, or see host processes. A container with a `USER` runs as base + uid.
+fn user_namespace_confines_root() {
+    let mut fx = Fixture::new("userns");
+    // Like berth's data dir: the container's root cannot search it, and still starts.
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(fx.root.join("containers"))
+        .unwrap();
+    let hostdir = fx.root.join("hostdir");
+    std::fs::create_dir_all(&hostdir).unwrap();
+    let users = fx.users(0);
+    let mut spec = fx.spec(
+        "userns",
+        &[
+            "sh",
+            "-c",
+            "id -u; busybox stat -c %u:%g /bin/busybox; cat /www/index.html; \
+             echo more >> /www/index.html && echo appended; touch /made-by-root && echo made; \
+             touch /hostdir/x 2>/dev/null && echo HOSTDIR-WRITTEN; \
+             busybox mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; \
+             echo pids $(ls /proc | busybox grep -c '^[0-9]'); echo ready; sleep 30",
+        ],
+    );
+    spec.users = Some(users);
+    spec.init = true;
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "c".into(),
+    };
+    spec.binds.push(Bind {
+        source: hostdir.clone(),
+        destination: "/hostdir".into(),
+        readonly: false,
+    });
+    fx.runtime.start(&spec).unwrap();
+    let log = wait_for(
+        Duration::from_secs(10),
+        "the container to get ready",
+        || {
+            let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+            log.contains("c: ready").then_some(log)
+        },
+    );
+    let out: Vec<&str> = log.lines().map(|l| l.split_once(": ").unwrap().1).collect();
+    assert_eq!(out[0], "0", "root inside: {log}");
+    assert_eq!(out[1], "0:0", "the image's files are root's inside: {log}");
+    assert_eq!(out[2], "hello from berth", "{log}");
+    assert!(out.contains(&"appended") && out.contains(&"made"), "{log}");
+    assert!(
+        !out.contains(&"HOSTDIR-WRITTEN"),
+        "wrote a host directory: {log}"
+    );
+    assert!(!out.contains(&"MOUNTED"), "mounted: {log}");
+    let pids: u32 = out
+        .iter()
+        .find_map(|l| l.strip_prefix("pids "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pids <= 5, "sees host processes ({pids} pids): {log}");
+
+    let State::Running { pid } = fx.runtime.state(&spec.id) else {
+        panic!("not running: {:?}", fx.runtime.state(&spec.id));
+    };
+    let host = users.host_id;
+    assert_eq!(status_ids(pid, "Uid:"), [host; 4], "its init on the host");
+    assert_eq!(status_ids(pid, "Gid:"), [host; 4], "its init on the host");
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let shell: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(
+        status_ids(shell, "Uid:"),
+        [host; 4],
+        "its command on the host"
+    );
+
+    let upper = fx.runtime.container_dir(&spec.id).join("upper");
+    let owner = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    assert_eq!(owner(&upper.join("made-by-root")), (host, host));
+    assert_eq!(
+        owner(&upper.join("www/index.html")),
+        (host, host),
+        "copied up"
+    );
+    assert_eq!(
+        owner(&fx.image.join("www/index.html")),
+        (0, 0),
+        "layer unchanged"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fx.image.join("www/index.html")).unwrap(),
+        "hello from berth\n"
+    );
+    assert!(std::fs::read_dir(&hostdir).unwrap().next().is_none());
+
+    // A USER of the image keeps its uid inside and is base + uid outside.
+    let mut user = fx.spec("userns-user", &["sh", "-c", "id -u; id -g; sleep 30"]);
+    user.users = Some(fx.users(1));
+    user.init = true;
+    user.user = Some(berth_runtime::User {
+        uid: 1000,
+        gid: 1001,
+    });
+    user.log = LogTarget::File {
+        path: fx.root.join("user.log"),
+        prefix: "u".into(),
+    };
+    fx.runtime.start(&user).unwrap();
+    let log = wait_for(Duration::from_secs(10), "the user container's ids", || {
+        let log = std::fs::read_to_string(fx.root.join("user.log")).unwrap_or_default();
+        (log.lines().count() >= 2).then_some(log)
+    });
+    assert!(
+        log.contains("u: 1000\n") && log.contains("u: 1001\n"),
+        "{log}"
+    );
+    let State::Running { pid } = fx.runtime.state(&user.id) else {
+        panic!("not running");
+    };
+    let base = fx.users(1).host_id;
+    assert_eq!(status_ids(pid, "Uid:"), [base + 1000; 4]);
+    assert_eq!(status_ids(pid, "Gid:"), [base + 1001; 4]);
+
+    for id in [&spec.id, &user.id] {
+        fx.runtime.remove(id).unwrap();
+    }
+    for id in [&spec.id, &user.id] {
+        fx.assert_clean(id);
+    }
+}
+
+/// Memory, CPU and pids limits as the container (in a user namespace) sees its own cgroup (v1
+/// or v2 files), a fork past the pids limit failing, and a process past the memory limit killed and reported as OOM.
 fn limits_hold_and_oom_kills_are_reported() {
     let mut fx = Fixture::new("limits");
     let limits = Limits {
@@ -760,6 +923,8 @@ fn limits_hold_and_oom_kills_are_reported() {
         ],
     );
     spec.limits = limits;
+    // Limits hold for a container in a user namespace: its cgroup is set from the host.
+    spec.users = Some(fx.users(2));
     let (out, code) = run_attached(&fx, &spec);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.first(), Some(&"50331648"), "memory limit: {out}");
@@ -783,6 +948,7 @@ fn limits_hold_and_oom_kills_are_reported() {
         ],
     );
     hog.limits = limits;
+    hog.users = Some(fx.users(2));
     let (out, code) = run_attached(&fx, &hog);
     assert!(!out.contains("survived"), "{out}");
     assert_ne!(code, 0, "{out}");
@@ -795,6 +961,8 @@ fn limits_hold_and_oom_kills_are_reported() {
     fx.assert_clean(&hog.id);
 }
 
+/// A container on the bridge answers HTTP from the host (here in a user namespace, on port 80
+/// all the same) and is out of reach of another container on the bridge.
 fn network_http_over_bridge() {
     let mut fx = Fixture::new("net");
     let pid = std::process::id();
@@ -802,8 +970,10 @@ fn network_http_over_bridge() {
     let subnet = 20 + (pid % 200) as u8;
     let gateway = Ipv4Addr::new(10, 250, subnet, 1);
     let ip = Ipv4Addr::new(10, 250, subnet, 2);
-    let mut spec = fx.spec("net", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+    let mut spec = fx.spec("net", &["httpd", "-f", "-p", "80", "-h", "/www"]);
     spec.stop_grace_secs = 1;
+    // In a user namespace, on a port below 1024 all the same.
+    spec.users = Some(fx.users(0));
     fx.bridge = Some(bridge.clone());
     fx.netns.push(spec.id.clone());
     let netns_dir = fx.root.join("netns");
@@ -820,7 +990,7 @@ fn network_http_over_bridge() {
     spec.netns = Some(netns);
     fx.runtime.start(&spec).unwrap();
 
-    let addr = SocketAddr::from((ip, 8080));
+    let addr = SocketAddr::from((ip, 80));
     let body = wait_for(Duration::from_secs(10), "httpd to answer", || {
         http_get(addr)
     });
@@ -837,7 +1007,7 @@ fn network_http_over_bridge() {
             "sh",
             "-c",
             &format!(
-                "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox timeout 3 busybox nc {ip} 8080 \
+                "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox timeout 3 busybox nc {ip} 80 \
                  | grep -q 'hello from berth'; then echo REACHED; else echo BLOCKED; fi"
             ),
         ],

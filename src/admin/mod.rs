@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod handlers;
-pub mod run;
 mod images;
+pub mod run;
 pub mod server;
 
 /// One command for the daemon.

@@ -240,6 +240,7 @@ async fn run_build(
         limits: limits.limits.runtime(),
         init: true,
         user: None,
+        users: None,
     };
 
     out.line(format!("-----> Building {app} with buildpacks"))

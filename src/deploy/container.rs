@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use berth_runtime::{Bind, ContainerSpec, LogTarget, State};
+use berth_runtime::{Bind, ContainerSpec, IdMap, LogTarget, State};
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -111,6 +111,53 @@ pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limit
     Ok(Limits::for_app(&set, process_type))
 }
 
+/// What confines the containers of one process type of an app: its cgroup limits and the host
+/// uid range of its user namespace.
+pub(super) struct Confinement {
+    pub limits: Limits,
+    pub users: IdMap,
+}
+
+pub(super) async fn confinement(
+    d: &Deployer,
+    app: &str,
+    process_type: &str,
+) -> Result<Confinement, DeployError> {
+    Ok(Confinement {
+        limits: limits(d, app, process_type).await?,
+        users: users(d, app).await?,
+    })
+}
+
+/// The host uid (and gid) of the first app's container root; app `n` (its store slot) gets
+/// `USERS_BASE + USERS_SIZE * (n - 1)` onwards: above the host's own users, as `/etc/subuid`
+/// ranges start.
+const USERS_BASE: u32 = 100_000;
+/// How many uids and gids each app's containers have (0..65536, Docker's and Podman's size).
+const USERS_SIZE: u32 = 65_536;
+
+/// The host uid range `app`'s containers map their user namespace to: one per app, recorded in
+/// the store so it stays the same across restarts and no two apps share one.
+pub async fn users(d: &Deployer, app: &str) -> Result<IdMap, DeployError> {
+    let slot = d.store.user_range(app).await?;
+    range(slot).ok_or_else(|| DeployError::NoUserRange {
+        app: app.to_string(),
+    })
+}
+
+/// The host ids of range `slot` (1, 2, …), if they fit below `u32::MAX`.
+fn range(slot: u32) -> Option<IdMap> {
+    let host_id = slot
+        .checked_sub(1)?
+        .checked_mul(USERS_SIZE)?
+        .checked_add(USERS_BASE)?;
+    host_id.checked_add(USERS_SIZE)?;
+    Some(IdMap {
+        host_id,
+        size: USERS_SIZE,
+    })
+}
+
 /// Starts `dyno` of `release` (recorded as `starting`); returns once its process runs.
 pub async fn start(
     d: &Deployer,
@@ -124,7 +171,7 @@ pub async fn start(
         .get(process_type)
         .ok_or_else(|| DeployError::NoSuchProcessType(process_type.to_string()))?;
     let id = container_id(&release.app, process_type, number);
-    let limits = limits(d, &release.app, process_type).await?;
+    let confinement = confinement(d, &release.app, process_type).await?;
     let port = image.config.port().unwrap_or(PORT);
     let (ip, netns) = d.network.attach(&id).await?;
     let row = ContainerRow {
@@ -150,7 +197,7 @@ pub async fn start(
             path: d.paths.log(&release.app),
             prefix: format!("app[{dyno}]"),
         },
-        ..spec(&id, command, release, image, dyno, netns, &limits)
+        ..spec(&id, command, release, image, dyno, netns, &confinement)
     };
     let runtime = d.runtime.clone();
     let started = tokio::task::spawn_blocking(move || runtime.start(&spec))
@@ -173,7 +220,7 @@ pub(super) fn spec(
     image: &Image,
     dyno: &Dyno,
     netns: PathBuf,
-    limits: &Limits,
+    confinement: &Confinement,
 ) -> ContainerSpec {
     ContainerSpec {
         id: id.to_string(),
@@ -186,9 +233,10 @@ pub(super) fn spec(
         netns: Some(netns),
         log: LogTarget::Inherit,
         stop_grace_secs: STOP_GRACE_SECS,
-        limits: limits.runtime(),
+        limits: confinement.limits.runtime(),
         init: true,
         user: user(image),
+        users: Some(confinement.users),
     }
 }
 
@@ -268,6 +316,17 @@ pub async fn remove(d: &Deployer, id: &str, ip: Option<Ipv4Addr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_ranges_follow_each_other_and_stop_below_u32_max() {
+        let host = |slot| range(slot).map(|map| (map.host_id, map.size));
+        assert_eq!(host(1), Some((100_000, 65_536)));
+        assert_eq!(host(2), Some((165_536, 65_536)));
+        assert_eq!(host(0), None);
+        let last = host(65_534).unwrap();
+        assert!(u64::from(last.0) + 65_536 <= u64::from(u32::MAX));
+        assert_eq!(host(65_535), None);
+    }
 
     #[test]
     fn ids_are_short_and_safe() {

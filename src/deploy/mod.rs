@@ -73,6 +73,8 @@ pub enum DeployError {
     CertCoversNothing { app: String, hosts: String },
     #[error("{app} has no certificate — add one with `berth certs:add {app} CERT KEY`")]
     NoCert { app: String },
+    #[error("no host uid range is left for {app}'s containers (berth hands out 65534, one per app ever created) — this needs a change in berth")]
+    NoUserRange { app: String },
     #[error("the release has no process type {0:?} — check the Procfile")]
     NoSuchProcessType(String),
     #[error("no web process type: add a line like `web: python app.py` (listening on $PORT) to your Procfile")]

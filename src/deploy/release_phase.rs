@@ -38,10 +38,10 @@ pub(super) async fn run(
     let suffix: u32 = rand::thread_rng().gen();
     let app = &release.app;
     let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
-    let limits = container::limits(d, app, PROCESS_TYPE).await?;
+    let confinement = container::confinement(d, app, PROCESS_TYPE).await?;
     let (ip, netns) = d.network.attach(&id).await?;
     let dyno = Dyno::new(PROCESS_TYPE, 1);
-    let spec = container::spec(&id, command, release, image, &dyno, netns, &limits);
+    let spec = container::spec(&id, command, release, image, &dyno, netns, &confinement);
     let job = OneOff {
         spec,
         deadline: DEADLINE,
@@ -64,7 +64,7 @@ pub(super) async fn run(
         Ended::Exited(code) => return Err(DeployError::ReleasePhaseFailed { code }),
         Ended::OutOfMemory => {
             return Err(DeployError::ReleasePhaseOutOfMemory {
-                limit: crate::limits::format_memory(limits.memory),
+                limit: crate::limits::format_memory(confinement.limits.memory),
             })
         }
         Ended::TimedOut => {

@@ -110,7 +110,7 @@ impl Deployer {
         }
         let live = self.live(app).await?;
         let image = self.load_image(&live.image).await?;
-        let limits = container::limits(self, app, PROCESS_TYPE).await?;
+        let confinement = container::confinement(self, app, PROCESS_TYPE).await?;
         let row = self.runs.add(&live, command, by);
         let dyno = Dyno::new(PROCESS_TYPE, row.number);
         let span = info_span!("run", %app, %dyno, release = live.version);
@@ -126,7 +126,7 @@ impl Deployer {
                     let (ip, netns) = d.network.attach(&id).await?;
                     let spec = ContainerSpec {
                         args: container::run_launcher(&row.command),
-                        ..container::spec(&id, &row.command, &live, &image, &dyno, netns, &limits)
+                        ..container::spec(&id, &row.command, &live, &image, &dyno, netns, &confinement)
                     };
                     let job = OneOff {
                         spec,
@@ -146,7 +146,7 @@ impl Deployer {
                 let (code, note) = match ended? {
                     Ended::Exited(code) => (code, None),
                     Ended::OutOfMemory => {
-                        let limit = crate::limits::format_memory(limits.memory);
+                        let limit = crate::limits::format_memory(confinement.limits.memory);
                         let text = format!("out of memory: killed at its {limit} limit — raise it with `berth resources:set {} run --memory 1G`", row.app);
                         (128 + 9, Some(text))
                     }

@@ -552,6 +552,21 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// The slot of `app`'s host uid range (1, 2, …): handed out on first use, the same from
+    /// then on, and never the slot of another app, not even of a destroyed one.
+    pub async fn user_range(&self, app: &str) -> Result<u32> {
+        self.require_app(app).await?;
+        sqlx::query("INSERT OR IGNORE INTO user_ranges (app) VALUES (?)")
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        let slot: i64 = sqlx::query_scalar("SELECT slot FROM user_ranges WHERE app = ?")
+            .bind(app)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(slot).unwrap_or(u32::MAX))
+    }
+
     /// What `resources:set` changed of `app`'s process types' limits.
     pub async fn resources(&self, app: &str) -> Result<Vec<ResourcesRow>> {
         Ok(sqlx::query_as(
@@ -735,6 +750,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("berth.db")).await.unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn user_ranges_are_per_app_stable_and_never_reused() {
+        let (_dir, s) = store().await;
+        for app in ["a", "b", "c"] {
+            s.create_app(app).await.unwrap();
+        }
+        let a = s.user_range("a").await.unwrap();
+        let b = s.user_range("b").await.unwrap();
+        assert_ne!(a, b);
+        assert_eq!(s.user_range("a").await.unwrap(), a, "stable");
+        s.delete_app("b").await.unwrap();
+        s.create_app("b").await.unwrap();
+        let c = s.user_range("c").await.unwrap();
+        let b2 = s.user_range("b").await.unwrap();
+        assert!(
+            ![a, b].contains(&c) && ![a, b, c].contains(&b2),
+            "{a} {b} {c} {b2}"
+        );
+        assert!(matches!(
+            s.user_range("nope").await,
+            Err(StoreError::AppNotFound(_))
+        ));
     }
 
     #[tokio::test]

@@ -852,6 +852,7 @@ async fn run(
         limits: budget.limits.limits.runtime(),
         init: true,
         user: user_of(stage)?,
+        users: None,
     };
     let staging = d.images.scratch("run");
     let job = OneOff {
