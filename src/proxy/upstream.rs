@@ -13,6 +13,7 @@
 //! every request.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -220,9 +221,10 @@ fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, chunked: bool) {
 async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8), ExchangeError> {
     let len = loop {
         if !conn.read.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            if let httparse::Status::Complete(len) =
-                httparse::Response::new(&mut headers).parse(&conn.read)?
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            if let httparse::Status::Complete(len) = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut response, &conn.read, &mut headers)?
             {
                 break len;
             }
@@ -244,10 +246,15 @@ async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8),
         }
     };
     // Parsed again from the frozen head, so header values share its bytes instead of copies.
+    // The header slots are filled without being zeroed first (as hyper does).
     let bytes = conn.read.split_to(len).freeze();
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    response.parse(&bytes)?;
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        &bytes,
+        &mut headers,
+    )?;
     let status = (response.code)
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(ExchangeError::InvalidHead)?;
