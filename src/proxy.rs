@@ -9,9 +9,10 @@
 //! (target `berth::access`), and the ACME HTTP-01 answers `acme` hands it.
 //!
 //! Must not touch the store or the runtime: `deploy` tells it what to route. Upstream
-//! connections are [`pool`]'s.
+//! connections are [`pool`]'s, HTTP/1.1 on them [`upstream`]'s.
 
 mod pool;
+mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -28,13 +29,13 @@ use bytes::Bytes;
 use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::request;
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -42,7 +43,8 @@ use tokio_util::task::TaskTracker;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 use tracing::{debug, info, warn};
 
-use pool::{Pool, Pooled, SendError};
+use pool::{Connection, Pool};
+use upstream::{RequestHead, ResponseBody, SendError};
 
 /// Requests counted for one host since it was first [`Routes::set`], by status class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -428,7 +430,7 @@ impl ProxyError {
             Self::TooLarge(max_body)
         } else if caused_by(|e| e.is::<TimeoutError>()) {
             Self::BodyStalled
-        } else if matches!(source, SendError::Connect { .. }) {
+        } else if let SendError::Connect { .. } = source {
             Self::Refused {
                 host: host.to_owned(),
                 source,
@@ -469,7 +471,7 @@ fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
 /// A request body on its way to an upstream: limited in size and in pauses, or none.
 type UpstreamBody = Either<Pin<Box<TimeoutBody<Limited<Incoming>>>>, Empty<Bytes>>;
 /// A response body on its way to the client: the upstream's, or berth's own one line.
-type ProxyBody = Either<Incoming, Full<Bytes>>;
+type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The client side of one accepted connection, with the header values every request on it
 /// sends upstream made once.
@@ -646,8 +648,8 @@ impl Proxy {
             Some(answer) => (text_response(StatusCode::OK, answer), None),
             None => match self.forward(conn, req, &mut exchange).await {
                 Ok((mut response, client_upgrade)) => {
-                    let upgrade =
-                        client_upgrade.map(|client| (client, hyper::upgrade::on(&mut response)));
+                    let upstream = response.body_mut().take_upgraded();
+                    let upgrade = client_upgrade.zip(upstream);
                     (response.map(Either::Left), upgrade)
                 }
                 Err(err) => (err.into_response(), None),
@@ -688,7 +690,7 @@ impl Proxy {
         conn: &Conn,
         mut req: Request<Incoming>,
         exchange: &mut Exchange,
-    ) -> Result<(Response<Incoming>, Option<OnUpgrade>), ProxyError> {
+    ) -> Result<(Response<ResponseBody>, Option<OnUpgrade>), ProxyError> {
         let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
         exchange.host.clone_from(&host);
         let route = self
@@ -736,10 +738,13 @@ impl Proxy {
             forwarded_host,
             &exchange.request_id,
         );
-        let headers = std::mem::take(&mut parts.headers);
-        let retry_headers =
-            (is_idempotent(&parts.method) && body.is_end_stream() && route.upstreams.len() > 1)
-                .then(|| headers.clone());
+        let retry = is_idempotent(&parts.method) && body.is_end_stream();
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let head = RequestHead {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+        };
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
@@ -751,29 +756,19 @@ impl Proxy {
         let Some(first) = route.pick(self.routes.now_ms(), None) else {
             return Err(ProxyError::NoUpstream(host));
         };
-        let sent = self
-            .send(&host, first, &parts, headers, body, exchange)
-            .await;
-        let mut response = match (sent, retry_headers) {
-            (
-                Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. })),
-                Some(headers),
-            ) => match route.pick(self.routes.now_ms(), Some(first.addr)) {
-                Some(second) => {
-                    debug!(error = %err, upstream = %first.addr, "retrying on another upstream");
-                    self.send(
-                        &host,
-                        second,
-                        &parts,
-                        headers,
-                        Either::Right(Empty::new()),
-                        exchange,
-                    )
-                    .await
+        let sent = self.send(&host, first, &head, body, exchange).await;
+        let mut response = match sent {
+            Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. })) if retry => {
+                match route.pick(self.routes.now_ms(), Some(first.addr)) {
+                    Some(second) => {
+                        debug!(error = %err, upstream = %first.addr, "retrying on another upstream");
+                        let body = Either::Right(Empty::new());
+                        self.send(&host, second, &head, body, exchange).await
+                    }
+                    None => Err(err),
                 }
-                None => Err(err),
-            },
-            (sent, _) => sent,
+            }
+            sent => sent,
         }?;
         let switched =
             client_upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -819,29 +814,16 @@ impl Proxy {
         &self,
         host: &str,
         upstream: &Upstream,
-        parts: &request::Parts,
-        headers: HeaderMap,
+        head: &RequestHead<'_>,
         body: UpstreamBody,
         exchange: &mut Exchange,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        // Origin form: the upstream is the server, not a proxy.
-        *req.uri_mut() = Uri::from(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        *req.headers_mut() = headers;
-        let sent = self.pool.send(upstream.addr, req);
+        let sent = upstream::send(&self.pool, upstream.addr, head, body);
         match tokio::time::timeout(self.config.upstream_timeout, sent).await {
-            Ok(Ok((response, connection))) => {
+            Ok(Ok(response)) => {
                 upstream.down_until.store(0, Ordering::Relaxed);
-                exchange.connection = Some(connection);
                 Ok(response)
             }
             Ok(Err(source)) => {
@@ -863,19 +845,24 @@ impl Proxy {
 /// Copies bytes both ways between an upgraded client and upstream. When either side ends its
 /// stream, or the upstream is disconnected, both connections are closed (an app that stops at
 /// the end of a drain closes its clients' WebSockets); the request stays in flight until then.
-async fn bridge(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
+async fn bridge(client: OnUpgrade, mut upstream: Connection, exchange: Exchange) {
+    match client.await {
+        Ok(client) => {
             let gone = exchange
                 .in_flight
                 .as_ref()
                 .map(|flight| flight.0.gone.clone())
                 .unwrap_or_default();
             let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
-            let (mut up_read, mut up_write) = tokio::io::split(TokioIo::new(upstream));
+            let (mut up_read, mut up_write) = upstream.stream.split();
+            // What the upstream sent right behind its 101 goes first.
+            let sent_early = std::mem::take(&mut upstream.read);
             let ended = tokio::select! {
                 ended = tokio::io::copy(&mut client_read, &mut up_write) => ended,
-                ended = tokio::io::copy(&mut up_read, &mut client_write) => ended,
+                ended = async {
+                    client_write.write_all(&sent_early).await?;
+                    tokio::io::copy(&mut up_read, &mut client_write).await
+                } => ended,
                 () = gone.cancelled() => Ok(0),
             };
             if let Err(err) = ended {
@@ -903,8 +890,6 @@ struct Exchange {
     host_state: Option<Arc<HostState>>,
     upstream: Option<SocketAddr>,
     in_flight: Option<InFlight>,
-    /// The upstream connection the response came on, pooled again when the exchange ends.
-    connection: Option<Pooled>,
     status: StatusCode,
 }
 
@@ -919,7 +904,6 @@ impl Exchange {
             host_state: None,
             upstream: None,
             in_flight: None,
-            connection: None,
             status: CLIENT_CLOSED,
         }
     }
@@ -1080,6 +1064,7 @@ fn set_forwarding(
         HeaderValue::from_str(&format!("{}, {peer}", prior.join(", "))).ok()
     };
     headers.remove(header::FORWARDED);
+    headers.reserve(6); // one growth instead of several for the inserts below
     for (name, value) in [
         (X_FORWARDED_FOR, forwarded_for),
         (X_REAL_IP, Some(conn.peer.clone())),

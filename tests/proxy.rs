@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::get;
 use axum::Router;
 use berth::proxy::{self, ProxyConfig, Routes};
@@ -284,6 +284,112 @@ async fn upstream_connections_are_pooled() {
         let (status, _, body) = get_from(proxy.addr, "app.localhost").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "connection 1"));
     }
+}
+
+/// Every way an upstream can frame a response body arrives whole (chunked with extensions and
+/// trailers, until close, none for HEAD and 204, after a 100 Continue), and the connection is
+/// reused after each one that leaves it open; one the upstream closed silently is not.
+#[tokio::test]
+async fn upstream_responses_of_every_framing_arrive_whole() {
+    let proxy = start_proxy(config()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy
+        .routes
+        .set("app.localhost", vec![listener.local_addr().unwrap()]);
+    tokio::spawn(async move {
+        for number in 1.. {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_until(&mut stream, "\r\n\r\n").await;
+                    let Some(line) = head.lines().next().filter(|_| head.ends_with("\r\n\r\n"))
+                    else {
+                        return;
+                    };
+                    let c = format!("x-connection: {number}\r\n");
+                    let answer = match line {
+                        "GET /chunked HTTP/1.1" => format!(
+                            "HTTP/1.1 200 OK\r\n{c}transfer-encoding: chunked\r\n\r\n\
+                             5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n"
+                        ),
+                        "HEAD /head HTTP/1.1" => {
+                            format!("HTTP/1.1 200 OK\r\n{c}content-length: 5\r\n\r\n")
+                        }
+                        "GET /no-content HTTP/1.1" => format!("HTTP/1.1 204 No Content\r\n{c}\r\n"),
+                        "GET /continue HTTP/1.1" => format!(
+                            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n{c}content-length: 2\r\n\r\nok"
+                        ),
+                        "GET /close HTTP/1.1" => {
+                            let answer = format!("HTTP/1.0 200 OK\r\n{c}\r\nuntil close");
+                            stream.write_all(answer.as_bytes()).await.unwrap();
+                            return;
+                        }
+                        "GET /silent-close HTTP/1.1" => {
+                            let answer = format!("HTTP/1.1 200 OK\r\n{c}content-length: 3\r\n\r\nbye");
+                            stream.write_all(answer.as_bytes()).await.unwrap();
+                            return;
+                        }
+                        other => panic!("unexpected request {other:?}"),
+                    };
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+        }
+    });
+    let cases = [
+        ("GET", "/chunked", StatusCode::OK, "hello world", "1"),
+        ("HEAD", "/head", StatusCode::OK, "", "1"),
+        ("GET", "/no-content", StatusCode::NO_CONTENT, "", "1"),
+        ("GET", "/continue", StatusCode::OK, "ok", "1"),
+        ("GET", "/close", StatusCode::OK, "until close", "1"),
+        ("GET", "/chunked", StatusCode::OK, "hello world", "2"),
+        ("GET", "/silent-close", StatusCode::OK, "bye", "2"),
+        ("GET", "/chunked", StatusCode::OK, "hello world", "3"),
+    ];
+    for (method, path, status, body, connection) in cases {
+        let req = request(method, "app.localhost", path)
+            .body(Full::default())
+            .unwrap();
+        let answer = send(proxy.addr, req).await;
+        assert_eq!(
+            (answer.0, answer.2.as_str()),
+            (status, body),
+            "{method} {path}"
+        );
+        assert_eq!(answer.1["x-connection"], connection, "{method} {path}");
+        assert!(!answer.1.contains_key("x-trailer"), "{method} {path}");
+    }
+}
+
+/// A request body the client sends chunked reaches the upstream whole, chunked again.
+#[tokio::test]
+async fn chunked_request_bodies_are_forwarded() {
+    let proxy = start_proxy(config()).await;
+    let upstream = serve(
+        Router::new().fallback(|headers: HeaderMap, body: Bytes| async move {
+            let coding = headers.get("transfer-encoding").cloned();
+            (
+                [(
+                    "x-coding",
+                    coding.unwrap_or(HeaderValue::from_static("none")),
+                )],
+                body,
+            )
+        }),
+    )
+    .await;
+    proxy.routes.set("app.localhost", vec![upstream]);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: app.localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until(&mut client, "hello world").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-coding: chunked"), "{answer}");
 }
 
 #[tokio::test]

@@ -7,10 +7,14 @@
 # The upstream, the same for every row, is Debian's nginx answering `200 ok` to every request inside a
 # container that berth's embedded runtime runs in its own network namespace on a bridge of its own
 # (examples/bench_upstream.rs), as `berth server` runs an app: wrk, berth, nginx and haproxy all
-# reach it over the bridge. Every proxy runs one worker (berth: one tokio thread,
-# examples/proxy_bench.rs), keeps upstream connections alive and writes no access log. Everything
-# runs on this machine, so wrk, the proxies and the upstream share its cores. On exit, Ctrl-C
-# included, the upstream removes its container, netns, bridge, nftables table and files.
+# reach it over the bridge. What each side gets: every proxy runs ONE worker thread — nginx
+# `worker_processes 1`, haproxy `nbthread 1`, berth a current-thread tokio runtime
+# (examples/proxy_bench.rs, `proxy::run` with berth's default settings; `berth server` itself
+# runs one tokio worker per core) — keeps upstream connections alive and writes no access log
+# (berth's `berth::access` lines go nowhere without a subscriber). wrk runs one thread.
+# Everything runs on this machine, so wrk, the proxies and the upstream share its cores; the
+# load average at the start and end is printed under the table. On exit, Ctrl-C included, the
+# upstream removes its container, netns, bridge, nftables table and files.
 #
 # Usage: scripts/bench/proxy.sh   (as root; env ROUNDS=3 DURATION=5s)
 set -euo pipefail
@@ -128,6 +132,7 @@ measure() { # NAME CONNECTIONS
         END { printf "%s %.3f %.3f %.2f\n", rps, p50, p99, ticks * tick_us / n }' <<<"$wrk_out"
 }
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 names=(direct berth nginx haproxy)
 for round in $(seq "$ROUNDS"); do
     order=("${names[@]}")
@@ -159,3 +164,4 @@ for c in 50 200; do
         'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, br / nr, "", bp / np, bc / nc }'
 done
 echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok in a berth container at $UP)"
+echo "(load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores)"

@@ -1,0 +1,571 @@
+//! One HTTP/1.1 exchange with an upstream, driven in the request's own task.
+//!
+//! Owns: writing a request (head, and its body as sent or chunked), reading the response head
+//! (`httparse`, 1xx interim answers skipped, bounded in size), and [`ResponseBody`], which reads
+//! the response body (by length, chunked, or until close) straight from the connection as the
+//! client takes it and puts the connection back in the [`Pool`] once the body was read whole
+//! and the upstream keeps it alive. A `101 Switching Protocols` hands the connection out
+//! ([`ResponseBody::take_upgraded`]). Must not know about routes or which headers to send: the
+//! proxy hands it the head as the upstream should see it.
+//!
+//! No client connection task, channel or waker sits between the proxy and an upstream (as
+//! hyper's client connection would): on a one-thread proxy those were a measurable part of
+//! every request.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+
+use super::pool::{Connection, Pool};
+use super::UpstreamBody;
+
+/// The longest response head read from an upstream, and the most headers in it.
+const MAX_HEAD: usize = 64 << 10;
+const MAX_HEADERS: usize = 128;
+/// The longest chunk-size or trailer line of a chunked body.
+const MAX_LINE: usize = 4 << 10;
+/// How much room each read from an upstream gets.
+const READ_SIZE: usize = 8 << 10;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request could not be sent to an upstream or got no response.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SendError {
+    /// No connection: refused, unreachable, or the connect timeout passed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// The client's request body failed: its limit, its timeout, or the client went away.
+    #[error("the request body failed")]
+    Body {
+        #[source]
+        source: BoxError,
+    },
+    /// Connected, but the exchange failed: the upstream closed the connection or sent garbage.
+    #[error("the request to {addr} failed")]
+    Exchange {
+        addr: SocketAddr,
+        #[source]
+        source: ExchangeError,
+    },
+}
+
+/// What went wrong talking HTTP/1.1 to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ExchangeError {
+    #[error("reading from or writing to the upstream failed")]
+    Io(#[from] io::Error),
+    #[error("writing the request to the upstream failed")]
+    Write(#[source] io::Error),
+    #[error("the upstream closed the connection without answering")]
+    Closed,
+    #[error("the upstream closed the connection before its response was complete")]
+    Truncated,
+    #[error("the upstream's response head is malformed")]
+    Parse(#[from] httparse::Error),
+    #[error("the upstream's response head is longer than {MAX_HEAD} bytes")]
+    HeadTooLong,
+    #[error("the upstream's response has an invalid header or status")]
+    InvalidHead,
+    #[error("the upstream's chunked response body is malformed")]
+    Chunked,
+}
+
+/// The request head as it goes to the upstream.
+pub(super) struct RequestHead<'a> {
+    pub(super) method: &'a Method,
+    /// The origin-form target: path and query.
+    pub(super) target: &'a str,
+    pub(super) headers: &'a HeaderMap,
+}
+
+/// Sends `head` and `body` to `addr` on an idle pooled connection, or a new one when there is
+/// none or the idle one turns out closed before anything was answered (and the body can be
+/// sent again), and reads the response head.
+pub(super) async fn send(
+    pool: &Arc<Pool>,
+    addr: SocketAddr,
+    head: &RequestHead<'_>,
+    mut body: UpstreamBody,
+) -> Result<Response<ResponseBody>, SendError> {
+    loop {
+        let (mut conn, reused) = match pool.take_idle(addr) {
+            Some(conn) => (conn, true),
+            None => {
+                let conn = (pool.connect(addr).await)
+                    .map_err(|source| SendError::Connect { addr, source })?;
+                (conn, false)
+            }
+        };
+        let resendable = body.is_end_stream();
+        match exchange(&mut conn, head, &mut body).await {
+            Ok((status, headers, framing, keep_alive)) => {
+                let reuse = keep_alive.then(|| (Arc::downgrade(pool), addr));
+                let mut response = Response::new(ResponseBody {
+                    conn: Some(conn),
+                    framing,
+                    reuse,
+                });
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                return Ok(response);
+            }
+            // The kept connection was closed meanwhile; nothing of the request was answered.
+            Err(Failure::Upstream(ExchangeError::Closed | ExchangeError::Write(_)))
+                if reused && resendable => {}
+            Err(Failure::Upstream(source)) => return Err(SendError::Exchange { addr, source }),
+            Err(Failure::Body(source)) => return Err(SendError::Body { source }),
+        }
+    }
+}
+
+enum Failure {
+    Upstream(ExchangeError),
+    Body(BoxError),
+}
+
+impl From<ExchangeError> for Failure {
+    fn from(err: ExchangeError) -> Self {
+        Self::Upstream(err)
+    }
+}
+
+impl Failure {
+    fn write(err: io::Error) -> Self {
+        Self::Upstream(ExchangeError::Write(err))
+    }
+}
+
+/// Writes the request, then reads the response head: status, headers, how its body is framed
+/// and whether the connection can carry another request afterwards.
+async fn exchange(
+    conn: &mut Connection,
+    head: &RequestHead<'_>,
+    body: &mut UpstreamBody,
+) -> Result<(StatusCode, HeaderMap, Framing, bool), Failure> {
+    let chunked = !body.is_end_stream() && !head.headers.contains_key(header::CONTENT_LENGTH);
+    let out = &mut conn.write;
+    out.clear();
+    encode_head(out, head, chunked);
+    conn.stream.write_all(out).await.map_err(Failure::write)?;
+    if !body.is_end_stream() {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(Failure::Body)?.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            if data.is_empty() {
+                continue; // as a chunk, it would end the body
+            }
+            if chunked {
+                out.clear();
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+                conn.stream.write_all(out).await.map_err(Failure::write)?;
+            } else {
+                conn.stream.write_all(&data).await.map_err(Failure::write)?;
+            }
+        }
+        if chunked {
+            (conn.stream.write_all(b"0\r\n\r\n").await).map_err(Failure::write)?;
+        }
+    }
+    loop {
+        let (status, headers, version) = read_head(conn).await?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue; // 100 Continue and the like: the final answer follows
+        }
+        let close = has_token(&headers, "close");
+        let keep_alive = if version == 1 {
+            !close
+        } else {
+            !close && has_token(&headers, "keep-alive")
+        };
+        let (framing, keep_alive) = framing(head.method, status, &headers, keep_alive)?;
+        return Ok((status, headers, framing, keep_alive));
+    }
+}
+
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, chunked: bool) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads one response head: its status, headers (sharing the bytes read) and minor version.
+async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8), ExchangeError> {
+    let len = loop {
+        if !conn.read.is_empty() {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            if let httparse::Status::Complete(len) = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut response, &conn.read, &mut headers)?
+            {
+                break len;
+            }
+        }
+        if conn.read.len() >= MAX_HEAD {
+            return Err(ExchangeError::HeadTooLong);
+        }
+        conn.read.reserve(READ_SIZE);
+        let read = tokio::io::AsyncReadExt::read_buf(&mut conn.stream, &mut conn.read).await;
+        match read {
+            Ok(0) if conn.read.is_empty() => return Err(ExchangeError::Closed),
+            Ok(0) => return Err(ExchangeError::Truncated),
+            Ok(_) => {}
+            // A kept connection the upstream had closed answers a write with a reset.
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset && conn.read.is_empty() => {
+                return Err(ExchangeError::Closed)
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    // Parsed again from the frozen head, so header values share its bytes instead of copies.
+    // The header slots are filled without being zeroed first (as hyper does).
+    let bytes = conn.read.split_to(len).freeze();
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        &bytes,
+        &mut headers,
+    )?;
+    let status = (response.code)
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(ExchangeError::InvalidHead)?;
+    let mut map = HeaderMap::with_capacity(response.headers.len());
+    for header in response.headers.iter() {
+        let name = HeaderName::from_bytes(header.name.as_bytes())
+            .map_err(|_| ExchangeError::InvalidHead)?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(header.value))
+            .map_err(|_| ExchangeError::InvalidHead)?;
+        map.append(name, value);
+    }
+    Ok((status, map, response.version.unwrap_or(1)))
+}
+
+/// Whether the `Connection` header names `token`.
+fn has_token(headers: &HeaderMap, token: &str) -> bool {
+    super::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// How the body of a response to `method` with `status` and `headers` ends (RFC 9112 §6.3),
+/// and whether the connection stays usable after it.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+    keep_alive: bool,
+) -> Result<(Framing, bool), ExchangeError> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((Framing::Upgraded, false));
+    }
+    if method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Length(0), keep_alive));
+    }
+    if let Some(coding) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last = coding
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
+            .unwrap_or(b"");
+        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            (Framing::Chunked(Chunk::Size), keep_alive)
+        } else {
+            (Framing::Close, false)
+        });
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    match lengths.next() {
+        None => Ok((Framing::Close, false)),
+        Some(first) => {
+            if lengths.any(|other| other != first) {
+                return Err(ExchangeError::InvalidHead);
+            }
+            let length = (first.to_str().ok())
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse().ok())
+                .ok_or(ExchangeError::InvalidHead)?;
+            Ok((Framing::Length(length), keep_alive))
+        }
+    }
+}
+
+/// How much of a response body is left to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the upstream closes the connection.
+    Close,
+    /// Switched protocols: no body; the connection is the client's now.
+    Upgraded,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk, with this many bytes left.
+    Data(u64),
+    /// Before the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+/// A response body read from its upstream connection as the client takes it.
+pub(super) struct ResponseBody {
+    /// None once the body ended (the connection went back to the pool or was closed).
+    conn: Option<Connection>,
+    framing: Framing,
+    /// Where the connection goes once the body was read whole; None: it is closed then.
+    reuse: Option<(Weak<Pool>, SocketAddr)>,
+}
+
+impl ResponseBody {
+    /// The connection of a `101 Switching Protocols` answer, with what the upstream already
+    /// sent on the new protocol in its read buffer.
+    pub(super) fn take_upgraded(&mut self) -> Option<Connection> {
+        (self.framing == Framing::Upgraded)
+            .then(|| self.conn.take())
+            .flatten()
+    }
+
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        let conn = self.conn.take();
+        if let (Some(conn), Some((pool, addr))) = (conn, self.reuse.take()) {
+            if let Some(pool) = pool.upgrade() {
+                pool.put_back(addr, conn);
+            }
+        }
+    }
+
+    /// Reads more from the upstream; Ok(false) when it closed the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, ExchangeError>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(false));
+        };
+        conn.read.reserve(READ_SIZE);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut conn.stream),
+            cx,
+            &mut conn.read
+        ))?;
+        Poll::Ready(Ok(read > 0))
+    }
+
+    /// Up to `max` bytes of body data from the read buffer, if it holds any.
+    fn take(&mut self, max: u64) -> Option<Bytes> {
+        let read = &mut self.conn.as_mut()?.read;
+        let n = usize::try_from(max).unwrap_or(usize::MAX).min(read.len());
+        (n > 0).then(|| read.split_to(n).freeze())
+    }
+
+    /// The next step through the body: Some(data), None when it needs more bytes (`poll_fill`),
+    /// or the end, as a frame result.
+    fn step(&mut self) -> Result<Step, ExchangeError> {
+        let buffered = self.conn.as_ref().map_or(0, |conn| conn.read.len());
+        match self.framing {
+            Framing::Done | Framing::Upgraded | Framing::Length(0) => Ok(Step::End),
+            Framing::Length(left) => Ok(match self.take(left) {
+                Some(data) => {
+                    self.framing = Framing::Length(left - data.len() as u64);
+                    Step::Data(data)
+                }
+                None => Step::Fill { eof_ends: false },
+            }),
+            Framing::Close => Ok(match self.take(u64::MAX) {
+                Some(data) => Step::Data(data),
+                None => Step::Fill { eof_ends: true },
+            }),
+            Framing::Chunked(Chunk::Data(left)) => Ok(match self.take(left) {
+                Some(data) => {
+                    let left = left - data.len() as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    Step::Data(data)
+                }
+                None => Step::Fill { eof_ends: false },
+            }),
+            Framing::Chunked(Chunk::DataEnd) => {
+                if buffered < 2 {
+                    return Ok(Step::Fill { eof_ends: false });
+                }
+                let read = &mut self.conn.as_mut().expect("bytes are buffered").read;
+                if &read[..2] != b"\r\n" {
+                    return Err(ExchangeError::Chunked);
+                }
+                read.advance(2);
+                self.framing = Framing::Chunked(Chunk::Size);
+                Ok(Step::Again)
+            }
+            Framing::Chunked(Chunk::Size) => {
+                let Some(conn) = self.conn.as_mut() else {
+                    return Ok(Step::End);
+                };
+                match httparse::parse_chunk_size(&conn.read) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        conn.read.advance(used);
+                        self.framing = Framing::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                        Ok(Step::Again)
+                    }
+                    Ok(httparse::Status::Partial) if buffered < MAX_LINE => {
+                        Ok(Step::Fill { eof_ends: false })
+                    }
+                    _ => Err(ExchangeError::Chunked),
+                }
+            }
+            Framing::Chunked(Chunk::Trailers) => {
+                let Some(conn) = self.conn.as_mut() else {
+                    return Ok(Step::End);
+                };
+                match conn.read.windows(2).position(|w| w == b"\r\n") {
+                    // The empty line: the body is complete.
+                    Some(0) => {
+                        conn.read.advance(2);
+                        Ok(Step::End)
+                    }
+                    // A trailer field: not forwarded.
+                    Some(end) => {
+                        conn.read.advance(end + 2);
+                        Ok(Step::Again)
+                    }
+                    None if buffered < MAX_LINE => Ok(Step::Fill { eof_ends: false }),
+                    None => Err(ExchangeError::Chunked),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    /// A body known to be empty may never be polled: its connection is reusable all the same.
+    fn drop(&mut self) {
+        if self.framing == Framing::Length(0) {
+            self.finish();
+        }
+    }
+}
+
+enum Step {
+    Data(Bytes),
+    /// Needs more bytes; whether the upstream closing then ends the body cleanly.
+    Fill {
+        eof_ends: bool,
+    },
+    Again,
+    End,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = self.get_mut();
+        loop {
+            let step = match this.step() {
+                Ok(step) => step,
+                Err(err) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            };
+            match step {
+                Step::Data(data) => {
+                    if this.framing == Framing::Length(0) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Step::Again => {}
+                Step::End => {
+                    if this.framing != Framing::Upgraded {
+                        this.finish();
+                    }
+                    return Poll::Ready(None);
+                }
+                Step::Fill { eof_ends } => match ready!(this.poll_fill(cx)) {
+                    Ok(true) => {}
+                    Ok(false) if eof_ends => {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(false) => {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(ExchangeError::Truncated)));
+                    }
+                    Err(err) => {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(
+            self.framing,
+            Framing::Done | Framing::Upgraded | Framing::Length(0)
+        )
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(left) => SizeHint::with_exact(left),
+            Framing::Done | Framing::Upgraded => SizeHint::with_exact(0),
+            Framing::Chunked(_) | Framing::Close => SizeHint::default(),
+        }
+    }
+}
