@@ -115,7 +115,8 @@ pub async fn start(
     let id = container_id(&release.app, process_type, number);
     let limits = limits(d, &release.app, process_type).await?;
     let port = image.config.port().unwrap_or(PORT);
-    let (ip, netns) = d.network.attach(&id).await?;
+    let egress = d.store.egress(&release.app).await?;
+    let (ip, netns) = d.network.attach(&id, egress).await?;
     let row = ContainerRow {
         id: id.clone(),
         app: release.app.clone(),

@@ -40,7 +40,8 @@ pub(super) async fn run(
     let app = &release.app;
     let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
     let limits = container::limits(d, app, PROCESS_TYPE).await?;
-    let (ip, netns) = d.network.attach(&id).await?;
+    let egress = d.store.egress(app).await?;
+    let (ip, netns) = d.network.attach(&id, egress).await?;
     let spec = ContainerSpec {
         id: id.clone(),
         layers: image.layer_dirs(),
