@@ -94,6 +94,10 @@ fn main() {
             "egress_off_rejects_connections_out_of_the_bridge",
             egress_off_rejects_connections_out_of_the_bridge,
         ),
+        (
+            "detached_shims_cost_no_thread_and_are_reaped",
+            detached_shims_cost_no_thread_and_are_reaped,
+        ),
         ("missing_layer_is_refused", missing_layer_is_refused),
         ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
         (
@@ -979,6 +983,55 @@ fn egress_off_rejects_connections_out_of_the_bridge() {
     firewall::remove(&bridge).unwrap();
     fx.assert_clean(&client.id);
     fx.assert_clean(&server.id);
+}
+
+/// Detached containers cost the starting process no thread (no waiter per shim), and a shim
+/// that exited is reaped by the runtime, not left a zombie.
+fn detached_shims_cost_no_thread_and_are_reaped() {
+    let mut fx = Fixture::new("reap");
+    let threads = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let before = threads();
+    let specs: Vec<ContainerSpec> = (0..4)
+        .map(|n| {
+            let mut spec = fx.spec(&format!("reap{n}"), &["sleep", "1000"]);
+            spec.stop_grace_secs = 1;
+            spec
+        })
+        .collect();
+    let mut shims = Vec::new();
+    for spec in &specs {
+        fx.runtime.start(spec).unwrap();
+        let dir = fx.runtime.container_dir(&spec.id);
+        let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        shims.push(shim);
+    }
+    assert_eq!(threads(), before, "threads grew with 4 running containers");
+    for spec in &specs {
+        fx.runtime.stop(&spec.id).unwrap();
+    }
+    for shim in shims {
+        assert!(
+            !Path::new(&format!("/proc/{shim}")).exists(),
+            "shim {shim} was not reaped (a zombie of ours)"
+        );
+    }
+    for spec in &specs {
+        fx.runtime.remove(&spec.id).unwrap();
+        fx.assert_clean(&spec.id);
+    }
 }
 
 fn missing_layer_is_refused() {
