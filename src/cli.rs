@@ -227,6 +227,24 @@ pub enum Command {
         /// The app's name.
         name: String,
     },
+    /// Show what an app's containers may reach on the network.
+    Network {
+        /// The app's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change what an app's containers may reach; applied at once to running containers.
+    #[command(name = "network:set")]
+    NetworkSet {
+        /// The app's name.
+        name: String,
+        /// Whether its containers may open connections out of berth's bridge (to the
+        /// internet, a database elsewhere, DNS servers). On by default; with `off` such
+        /// connections fail at once, while the proxy and health checks still reach the app.
+        #[arg(long, value_parser = parse_on_off, action = clap::ArgAction::Set, value_name = "on|off")]
+        egress: bool,
+    },
     /// Show the memory, CPU and process limits of each of an app's process types.
     Resources {
         /// The app's name.
@@ -509,6 +527,8 @@ fn to_request(command: Command) -> anyhow::Result<Request> {
             redirect_https,
         },
         Command::Builds { name, json } => Request::Builds { name, json },
+        Command::Network { name, json } => Request::Network { name, json },
+        Command::NetworkSet { name, egress } => Request::NetworkSet { name, egress },
         Command::Resources { name, json } => Request::Resources { name, json },
         Command::ResourcesSet {
             name,
@@ -613,6 +633,15 @@ fn read_key_file(file: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| {
         format!("cannot read {file} — pass an OpenSSH public key file, e.g. ~/.ssh/id_ed25519.pub")
     })
+}
+
+/// `on` or `off`, as `network:set --egress` takes it.
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is neither on nor off")),
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! The container network berth manages: one bridge with a private subnet, and the addresses in it.
 //! [`Network::attach`] gives a container (an app's or a build's) its own network namespace with
 //! the lowest free address; [`Network::detach`] takes both back. The OS work (netlink, namespace
-//! files) is the runtime crate's; this module owns only the bridge's name, the subnet and which
-//! addresses are taken.
+//! files, the firewall) is the runtime crate's; this module owns only the bridge's name, the
+//! subnet, which addresses are taken and which of them may not open connections out of the
+//! bridge (their egress is off: the firewall's `no-egress` set, written before such a container
+//! starts and whenever it changes).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -28,6 +30,8 @@ pub struct Network {
     /// Where the named network namespaces live (`DATA/netns`).
     netns_dir: PathBuf,
     used: Mutex<Used>,
+    /// Held while the firewall's set is written, so the last write has seen every change.
+    firewall: tokio::sync::Mutex<()>,
 }
 
 /// The taken addresses, and where the next search starts.
@@ -38,6 +42,8 @@ struct Used {
     /// subnet went round, so a connection some client still holds to a stopped container
     /// never reaches a new one that got its address.
     next: u32,
+    /// Taken addresses whose containers may not open connections out of the bridge.
+    no_egress: BTreeSet<Ipv4Addr>,
 }
 
 impl Network {
@@ -48,13 +54,26 @@ impl Network {
             prefix,
             netns_dir,
             used: Mutex::new(Used::default()),
+            firewall: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// A new network namespace for container `id` on the bridge, with the lowest free address.
-    /// Returns the address and the namespace's path. On failure nothing is left taken.
-    pub async fn attach(&self, id: &str) -> Result<(Ipv4Addr, PathBuf), NetworkError> {
+    /// A new network namespace for container `id` on the bridge, with the lowest free address;
+    /// unless `egress`, the firewall keeps it from opening connections out of the bridge from
+    /// its first packet on. Returns the address and the namespace's path. On failure nothing is
+    /// left taken.
+    pub async fn attach(
+        &self,
+        id: &str,
+        egress: bool,
+    ) -> Result<(Ipv4Addr, PathBuf), NetworkError> {
         let ip = self.allocate()?;
+        if !egress {
+            if let Err(err) = self.set_egress(&[ip], false).await {
+                self.release(ip).await;
+                return Err(err);
+            }
+        }
         match berth_runtime::network::create_netns(
             &self.netns_dir,
             id,
@@ -67,7 +86,7 @@ impl Network {
         {
             Ok(netns) => Ok((ip, netns)),
             Err(err) => {
-                self.release(ip);
+                self.release(ip).await;
                 Err(err.into())
             }
         }
@@ -80,8 +99,43 @@ impl Network {
             tracing::warn!(%id, %err, "removing a netns failed");
         }
         if let Some(ip) = ip {
-            self.release(ip);
+            self.release(ip).await;
         }
+    }
+
+    /// Lets the containers at `ips` open connections out of the bridge (`allowed`) or not, at
+    /// once.
+    pub async fn set_egress(&self, ips: &[Ipv4Addr], allowed: bool) -> Result<(), NetworkError> {
+        let changed = {
+            let mut used = self.used.lock().expect("address lock");
+            let before = used.no_egress.len();
+            for ip in ips {
+                if allowed {
+                    used.no_egress.remove(ip);
+                } else {
+                    used.no_egress.insert(*ip);
+                }
+            }
+            used.no_egress.len() != before
+        };
+        if changed {
+            self.write_firewall().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the addresses without egress to the firewall.
+    async fn write_firewall(&self) -> Result<(), NetworkError> {
+        let _writing = self.firewall.lock().await;
+        let ips: Vec<Ipv4Addr> = {
+            let used = self.used.lock().expect("address lock");
+            used.no_egress.iter().copied().collect()
+        };
+        let bridge = self.bridge.clone();
+        tokio::task::spawn_blocking(move || berth_runtime::firewall::set_no_egress(&bridge, &ips))
+            .await
+            .expect("firewall task")?;
+        Ok(())
     }
 
     /// Takes the next free address after the last one handed out, going round the subnet
@@ -106,8 +160,18 @@ impl Network {
         self.used.lock().expect("address lock").taken.insert(ip);
     }
 
-    fn release(&self, ip: Ipv4Addr) {
-        self.used.lock().expect("address lock").taken.remove(&ip);
+    /// Frees `ip`, and takes it out of the firewall's set if it was there.
+    async fn release(&self, ip: Ipv4Addr) {
+        let was_blocked = {
+            let mut used = self.used.lock().expect("address lock");
+            used.taken.remove(&ip);
+            used.no_egress.remove(&ip)
+        };
+        if was_blocked {
+            if let Err(err) = self.write_firewall().await {
+                tracing::warn!(%ip, %err, "taking a freed address out of the no-egress set failed");
+            }
+        }
     }
 }
 
@@ -115,8 +179,8 @@ impl Network {
 mod tests {
     use super::*;
 
-    #[test]
-    fn addresses_go_round_before_reuse_and_run_out() {
+    #[tokio::test]
+    async fn addresses_go_round_before_reuse_and_run_out() {
         let n = Network::new(
             "b".into(),
             Ipv4Addr::new(10, 9, 9, 1),
@@ -126,7 +190,7 @@ mod tests {
         let ip = |last| Ipv4Addr::new(10, 9, 9, last);
         assert_eq!(n.allocate().unwrap(), ip(2));
         assert_eq!(n.allocate().unwrap(), ip(3));
-        n.release(ip(2));
+        n.release(ip(2)).await;
         assert_eq!(
             n.allocate().unwrap(),
             ip(4),
@@ -136,7 +200,7 @@ mod tests {
         assert_eq!(n.allocate().unwrap(), ip(6));
         assert_eq!(n.allocate().unwrap(), ip(2), "round again from the start");
         assert!(matches!(n.allocate(), Err(NetworkError::NoAddresses)));
-        n.release(ip(4));
+        n.release(ip(4)).await;
         assert_eq!(n.allocate().unwrap(), ip(4));
     }
 }

@@ -1566,6 +1566,66 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         "without its certificate the host is not redirected"
     );
 
+    // Egress: on by default; off puts the running containers' addresses into the firewall's
+    // no-egress set at once (what that set does to traffic: runtime/tests), a restart's new
+    // containers are in it from their start, the app still serves, and on takes them out.
+    let no_egress = |server: &Server| {
+        let table = format!("berth-{}", server.bridge);
+        let out = run(Command::new("nft").args(["-j", "list", "set", "inet", &table, "no-egress"]));
+        assert!(out.status.success(), "{}", text(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ips: Vec<String> = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["set"]["elem"].as_array())
+            .flatten()
+            .map(|e| e.as_str().unwrap().to_string())
+            .collect();
+        ips.sort();
+        ips
+    };
+    let app_ips = |server: &Server| {
+        let out = server.berth_ok(&["ps", "zd", "--json"]);
+        let ps: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut ips: Vec<String> = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["ip"].as_str().unwrap().to_string())
+            .collect();
+        ips.sort();
+        ips
+    };
+    assert!(server.berth_ok(&["network", "zd"]).contains("egress: on"));
+    assert_eq!(no_egress(&server), Vec::<String>::new());
+    let out = server.berth(&["network:set", "zd", "--egress", "maybe"]);
+    assert!(
+        !out.status.success() && text(&out).contains("neither on nor off"),
+        "{}",
+        text(&out)
+    );
+    let running = app_ips(&server);
+    let set = server.berth_ok(&["network:set", "zd", "--egress", "off"]);
+    assert!(
+        set.contains(&format!(
+            "applied to its {} running container(s) now",
+            running.len()
+        )),
+        "{set}"
+    );
+    assert!(server.berth_ok(&["network", "zd"]).contains("egress: off"));
+    assert_eq!(no_egress(&server), running);
+    server.berth_ok(&["ps:restart", "zd", "web"]);
+    let (running, blocked) = (app_ips(&server), no_egress(&server));
+    assert!(
+        running.iter().all(|ip| blocked.contains(ip)),
+        "after a restart: running {running:?}, without egress {blocked:?}"
+    );
+    server.assert_serves(host, &format!("{winner}/{greeting}\n"));
+    server.berth_ok(&["network:set", "zd", "--egress", "on"]);
+    assert_eq!(no_egress(&server), Vec::<String>::new());
+
     // Limits: web containers run under their process type's memory limit (as their own cgroup
     // shows it); resources:set applies at the next restart; a container that allocates past
     // its limit is killed by the kernel, reported as out of memory in `ps` and `logs`, and

@@ -7,6 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags};
@@ -85,6 +86,7 @@ impl Runtime {
     /// Starts a detached shim for `spec` and returns once the container's process runs, or with
     /// the reason it could not start (then its directory is gone again).
     pub fn start(&self, spec: &ContainerSpec) -> Result<(), Error> {
+        reap_exited();
         let dir = self.prepare(spec)?;
         let mut command = self.shim_command(&dir);
         command
@@ -123,7 +125,7 @@ impl Runtime {
             }
             if dir.join(layout::PID).exists() {
                 if exited.is_none() {
-                    reap_in_background(child);
+                    reap_later(child);
                 }
                 tracing::debug!(id = spec.id, "container started");
                 return Ok(());
@@ -136,7 +138,7 @@ impl Runtime {
                 });
             }
             if Instant::now() >= deadline {
-                reap_in_background(child);
+                reap_later(child);
                 return Err(Error::StartTimeout {
                     id: spec.id.clone(),
                     secs: START_TIMEOUT.as_secs(),
@@ -242,6 +244,7 @@ impl Runtime {
             if let Some(pidfd) = pidfd {
                 wait_readable(&pidfd, limit);
             }
+            reap_exited();
             if shim_pid(&dir).is_some() {
                 return Err(Error::StopTimeout {
                     id: id.to_string(),
@@ -278,6 +281,7 @@ impl Runtime {
         }
         .map_err(|err| Error::io(format!("watching the shim of {id}"))(err.into_parts().1))?;
         let _ = fd.readable().await;
+        reap_exited();
         Ok(())
     }
 
@@ -458,11 +462,22 @@ fn wait_readable(fd: &OwnedFd, limit: Duration) {
     }
 }
 
-/// Waits for a detached shim in a thread so it never lingers as a zombie of the daemon.
-fn reap_in_background(mut child: Child) {
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
+/// The detached shims this process started and has not reaped yet. Each is reaped by the first
+/// [`reap_exited`] after it exited: [`Runtime::wait_exit`] and [`Runtime::stop`] call it once a
+/// shim is gone, [`Runtime::start`] for any it missed. No thread waits per shim, and a shim stays
+/// a zombie of the daemon only until then.
+static UNREAPED: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+fn reap_later(child: Child) {
+    UNREAPED.lock().expect("unreaped shims").push(child);
+}
+
+/// Reaps the detached shims that have exited (one `waitpid(WNOHANG)` each).
+fn reap_exited() {
+    UNREAPED
+        .lock()
+        .expect("unreaped shims")
+        .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
 }
 
 #[cfg(test)]

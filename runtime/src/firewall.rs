@@ -4,7 +4,10 @@
 //! open connections to the host itself (berth's SSH and admin ports, anything listening on
 //! 0.0.0.0 answers on the gateway address) nor send to 127.0.0.0/8, while replies to
 //! connections the host opened into them (the proxy, health checks) pass. Traffic between
-//! containers on the bridge is left as it is.
+//! containers on the bridge is left as it is. Containers whose address is in the table's set
+//! `no-egress` ([`set_no_egress`]) open no connection out of the bridge at all: it is rejected
+//! (TCP by a reset, the rest by an ICMP error), so a connect or a DNS query fails at once instead
+//! of hanging.
 //!
 //! Driven through the `nft` binary (Debian's `nftables` package) with typed JSON from the
 //! `nftables` crate. [`ensure`] replaces the table atomically in one transaction, so it is
@@ -15,13 +18,18 @@ use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::schema::{Chain, NfListObject, Rule, Table};
-use nftables::stmt::{Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::schema::{
+    Chain, Element, FlushObject, NfCmd, NfListObject, Rule, Set, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, Operator, Reject, RejectType, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use crate::Error;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// The set of container addresses that may not leave the bridge.
+const NO_EGRESS: &str = "no-egress";
 
 /// The name of the table holding `bridge`'s rules.
 pub fn table_name(bridge: &str) -> String {
@@ -40,6 +48,7 @@ pub fn ensure(bridge: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Err
     batch.add(NfListObject::Table(table.clone()));
     batch.delete(NfListObject::Table(table.clone()));
     batch.add(NfListObject::Table(table));
+    batch.add(NfListObject::Set(Box::new(no_egress_set(bridge))));
     for (name, kind, hook, prio) in [
         ("prerouting", NfChainType::Filter, NfHook::Prerouting, 0),
         ("input", NfChainType::Filter, NfHook::Input, 0),
@@ -72,6 +81,30 @@ pub fn ensure(bridge: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Err
     )))
 }
 
+/// Makes `addresses` the whole of `bridge`'s set of containers that may not open connections
+/// out of the bridge (in one transaction; the table must exist, see [`ensure`]).
+pub fn set_no_egress(bridge: &str, addresses: &[Ipv4Addr]) -> Result<(), Error> {
+    let mut batch = Batch::new();
+    batch.add_cmd(NfCmd::Flush(FlushObject::Set(Box::new(no_egress_set(
+        bridge,
+    )))));
+    if !addresses.is_empty() {
+        batch.add(NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: table_name(bridge).into(),
+            name: NO_EGRESS.into(),
+            elem: addresses
+                .iter()
+                .map(|ip| Expression::String(ip.to_string().into()))
+                .collect(),
+        }));
+    }
+    nftables::helper::apply_ruleset(&batch.to_nftables()).map_err(firewall_error(format!(
+        "setting the addresses without egress in inet {}",
+        table_name(bridge)
+    )))
+}
+
 /// Deletes the rules of `bridge`; succeeds if there are none.
 pub fn remove(bridge: &str) -> Result<(), Error> {
     let mut batch = Batch::new();
@@ -81,6 +114,16 @@ pub fn remove(bridge: &str) -> Result<(), Error> {
         "deleting the firewall table inet {}",
         table_name(bridge)
     )))
+}
+
+fn no_egress_set(bridge: &str) -> Set<'static> {
+    Set {
+        family: NfFamily::INet,
+        table: table_name(bridge).into(),
+        name: NO_EGRESS.into(),
+        set_type: SetTypeValue::Single(SetType::Ipv4Addr),
+        ..Set::default()
+    }
 }
 
 fn table(bridge: &str) -> Table<'static> {
@@ -102,6 +145,13 @@ fn rules(
     let to_bridge = || meta(MetaKey::Oifname, Operator::EQ, bridge);
     let not_to_bridge = || meta(MetaKey::Oifname, Operator::NEQ, bridge);
     let subnet = u32::from(gateway) & (u32::MAX << (32 - prefix_len));
+    let without_egress = || {
+        matching(
+            ip_field("saddr"),
+            Expression::String(format!("@{NO_EGRESS}").into()),
+            Operator::EQ,
+        )
+    };
     let accept = || Statement::Accept(None);
     let drop = || Statement::Drop(None);
     vec![
@@ -118,7 +168,37 @@ fn rules(
         // To the host itself: only replies to what the host opened (proxy, health checks).
         ("input", vec![from_bridge(), established(), accept()]),
         ("input", vec![from_bridge(), drop()]),
-        // Out of the bridge: anything; into it from elsewhere: only replies.
+        // Out of the bridge: nothing from containers without egress (rejected, so a connect or
+        // a DNS query fails at once: TCP by a reset, the rest by an ICMP error), anything from
+        // the others; into it from elsewhere: only replies.
+        (
+            "forward",
+            vec![
+                from_bridge(),
+                not_to_bridge(),
+                without_egress(),
+                matching(
+                    Expression::Named(NamedExpression::Meta(Meta {
+                        key: MetaKey::L4proto,
+                    })),
+                    Expression::String("tcp".into()),
+                    Operator::EQ,
+                ),
+                Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+            ],
+        ),
+        (
+            "forward",
+            vec![
+                from_bridge(),
+                not_to_bridge(),
+                without_egress(),
+                Statement::Reject(Some(Reject::new(
+                    Some(RejectType::ICMPX),
+                    Some(RejectCode::AdminProhibited),
+                ))),
+            ],
+        ),
         ("forward", vec![from_bridge(), not_to_bridge(), accept()]),
         (
             "forward",
@@ -145,15 +225,20 @@ fn meta(key: MetaKey, op: Operator, value: &str) -> Statement<'static> {
     )
 }
 
+/// `ip FIELD`.
+fn ip_field(field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: "ip".into(),
+            field: field.into(),
+        },
+    )))
+}
+
 /// `ip FIELD addr/len`.
 fn ip_in(field: &'static str, addr: Ipv4Addr, len: u8) -> Statement<'static> {
     matching(
-        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: "ip".into(),
-                field: field.into(),
-            },
-        ))),
+        ip_field(field),
         Expression::Named(NamedExpression::Prefix(Prefix {
             addr: Box::new(Expression::String(addr.to_string().into())),
             len: len.into(),

@@ -96,6 +96,14 @@ fn main() {
         ),
         ("network_http_over_bridge", network_http_over_bridge),
         ("firewall_shields_the_host", firewall_shields_the_host),
+        (
+            "egress_off_rejects_connections_out_of_the_bridge",
+            egress_off_rejects_connections_out_of_the_bridge,
+        ),
+        (
+            "detached_shims_cost_no_thread_and_are_reaped",
+            detached_shims_cost_no_thread_and_are_reaped,
+        ),
         ("missing_layer_is_refused", missing_layer_is_refused),
         ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
         (
@@ -181,7 +189,7 @@ struct Fixture {
     runtime: Runtime,
     ids: Vec<String>,
     netns: Vec<String>,
-    bridge: Option<String>,
+    bridges: Vec<String>,
 }
 
 impl Fixture {
@@ -207,7 +215,7 @@ impl Fixture {
             image,
             ids: Vec::new(),
             netns: Vec::new(),
-            bridge: None,
+            bridges: Vec::new(),
         }
     }
 
@@ -288,7 +296,7 @@ impl Drop for Fixture {
                 eprintln!("cleanup: removing {id}: {err}");
             }
         }
-        if !self.netns.is_empty() || self.bridge.is_some() {
+        if !self.netns.is_empty() || !self.bridges.is_empty() {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
                 for id in &self.netns {
@@ -296,7 +304,7 @@ impl Drop for Fixture {
                         eprintln!("cleanup: netns {id}: {err}");
                     }
                 }
-                if let Some(bridge) = &self.bridge {
+                for bridge in &self.bridges {
                     if let Err(err) = network::remove_bridge(bridge).await {
                         eprintln!("cleanup: bridge {bridge}: {err}");
                     }
@@ -974,7 +982,7 @@ fn network_http_over_bridge() {
     spec.stop_grace_secs = 1;
     // In a user namespace, on a port below 1024 all the same.
     spec.users = Some(fx.users(0));
-    fx.bridge = Some(bridge.clone());
+    fx.bridges.push(bridge.clone());
     fx.netns.push(spec.id.clone());
     let netns_dir = fx.root.join("netns");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1067,7 +1075,7 @@ fn firewall_shields_the_host() {
         path: fx.log_path(),
         prefix: "fw".into(),
     };
-    fx.bridge = Some(bridge.clone());
+    fx.bridges.push(bridge.clone());
     fx.netns.push(spec.id.clone());
     let netns_dir = fx.root.join("netns");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1133,6 +1141,178 @@ fn firewall_shields_the_host() {
         .unwrap();
     assert!(!table.status.success(), "the nftables table is left");
     fx.assert_clean(&spec.id);
+}
+
+/// A container whose address is in the firewall's no-egress set opens no connection out of the
+/// bridge: to a server on another network of this host (a second bridge standing for the
+/// outside, with a container of its own) it is rejected at once, TCP and DNS alike, while
+/// the host still reaches the container (the proxy, health checks). Taken out of the set, the
+/// same connection works again, and it worked before: the path out is real.
+fn egress_off_rejects_connections_out_of_the_bridge() {
+    let mut fx = Fixture::new("egress");
+    let pid = std::process::id();
+    let octet = 20 + (pid % 200) as u8;
+    let (bridge, outside) = (format!("be{pid}"), format!("bo{pid}"));
+    let gateway = Ipv4Addr::new(10, 252, octet, 1);
+    let ip = Ipv4Addr::new(10, 252, octet, 2);
+    let outside_gateway = Ipv4Addr::new(10, 253, octet, 1);
+    let server_ip = Ipv4Addr::new(10, 253, octet, 2);
+    fx.bridges.extend([bridge.clone(), outside.clone()]);
+    let mut server = fx.spec(
+        "egress-server",
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    );
+    server.stop_grace_secs = 1;
+    let mut client = fx.spec(
+        "egress-client",
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    );
+    client.stop_grace_secs = 1;
+    fx.netns.extend([server.id.clone(), client.id.clone()]);
+    let netns_dir = fx.root.join("netns");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (server_ns, client_ns) = rt.block_on(async {
+        network::ensure_bridge(&bridge, gateway, 24).await.unwrap();
+        network::ensure_bridge(&outside, outside_gateway, 24)
+            .await
+            .unwrap();
+        let server_ns = network::create_netns(
+            &netns_dir,
+            &server.id,
+            &outside,
+            server_ip,
+            24,
+            outside_gateway,
+        )
+        .await
+        .unwrap();
+        let client_ns = network::create_netns(&netns_dir, &client.id, &bridge, ip, 24, gateway)
+            .await
+            .unwrap();
+        (server_ns, client_ns)
+    });
+    firewall::ensure(&bridge, gateway, 24).unwrap();
+    server.netns = Some(server_ns);
+    client.netns = Some(client_ns.clone());
+    fx.runtime.start(&server).unwrap();
+    fx.runtime.start(&client).unwrap();
+    // What the container's processes see, run in its network namespace: busybox's nc and
+    // nslookup against the outside server; output and how long it took.
+    let probe = |args: &str| {
+        let t = Instant::now();
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", client_ns.display()))
+            .args(["sh", "-c"])
+            .arg(format!("/bin/busybox {args} 2>&1"))
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            t.elapsed(),
+        )
+    };
+    let get = format!(
+        "sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 5 /bin/busybox nc {server_ip} 8080\""
+    );
+    let reached = wait_for(Duration::from_secs(10), "the outside server", || {
+        let (out, _) = probe(&get);
+        out.contains("hello from berth").then_some(out)
+    });
+    println!("    egress on: {}", reached.lines().next().unwrap_or(""));
+
+    firewall::set_no_egress(&bridge, &[ip]).unwrap();
+    let (out, took) = probe(&get);
+    assert!(!out.contains("hello from berth"), "egress off, yet: {out}");
+    assert!(
+        took < Duration::from_millis(500),
+        "a blocked connection should fail at once, not time out ({took:?}): {out}"
+    );
+    println!("    egress off: {} ({took:?})", out.trim());
+    let (out, took) = probe(&format!(
+        "timeout 10 /bin/busybox nslookup example.test {server_ip}"
+    ));
+    assert!(
+        took < Duration::from_secs(2),
+        "DNS with egress off should fail at once ({took:?}): {out}"
+    );
+    println!(
+        "    DNS with egress off: {} ({took:?})",
+        out.replace('\n', " | ")
+    );
+    let body = wait_for(
+        Duration::from_secs(10),
+        "the host to reach the container",
+        || http_get(SocketAddr::from((ip, 8080))),
+    );
+    assert!(body.ends_with("hello from berth\n"), "{body}");
+
+    firewall::set_no_egress(&bridge, &[]).unwrap();
+    let (out, _) = probe(&get);
+    assert!(out.contains("hello from berth"), "egress back on: {out}");
+
+    for spec in [&client, &server] {
+        fx.runtime.stop(&spec.id).unwrap();
+        fx.runtime.remove(&spec.id).unwrap();
+    }
+    rt.block_on(async {
+        for spec in [&client, &server] {
+            network::delete_netns(&netns_dir, &spec.id).await.unwrap();
+        }
+        network::remove_bridge(&bridge).await.unwrap();
+        network::remove_bridge(&outside).await.unwrap();
+    });
+    firewall::remove(&bridge).unwrap();
+    fx.assert_clean(&client.id);
+    fx.assert_clean(&server.id);
+}
+
+/// Detached containers cost the starting process no thread (no waiter per shim), and a shim
+/// that exited is reaped by the runtime, not left a zombie.
+fn detached_shims_cost_no_thread_and_are_reaped() {
+    let mut fx = Fixture::new("reap");
+    let threads = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let before = threads();
+    let specs: Vec<ContainerSpec> = (0..4)
+        .map(|n| {
+            let mut spec = fx.spec(&format!("reap{n}"), &["sleep", "1000"]);
+            spec.stop_grace_secs = 1;
+            spec
+        })
+        .collect();
+    let mut shims = Vec::new();
+    for spec in &specs {
+        fx.runtime.start(spec).unwrap();
+        let dir = fx.runtime.container_dir(&spec.id);
+        let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        shims.push(shim);
+    }
+    assert_eq!(threads(), before, "threads grew with 4 running containers");
+    for spec in &specs {
+        fx.runtime.stop(&spec.id).unwrap();
+    }
+    for shim in shims {
+        assert!(
+            !Path::new(&format!("/proc/{shim}")).exists(),
+            "shim {shim} was not reaped (a zombie of ours)"
+        );
+    }
+    for spec in &specs {
+        fx.runtime.remove(&spec.id).unwrap();
+        fx.assert_clean(&spec.id);
+    }
 }
 
 fn missing_layer_is_refused() {

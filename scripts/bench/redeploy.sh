@@ -7,7 +7,7 @@
 # ports) runs tests/apps/flask-hello (Flask and gunicorn from PyPI), pushed with the real git
 # over ssh. Each round times `git push` → `curl` through the proxy answering with the new
 # version. The stack images are linked from the slow tests' shared store when it exists
-# (/var/tmp/berth-test-stacks), else the first push builds them (minutes, not measured).
+# (/var/tmp/berth-test-stacks-2), else the first push builds them (minutes, not measured).
 # The server's build timings (tracing, `berth::build`) are in the log it prints the path of.
 #
 # Usage: scripts/bench/redeploy.sh   (as root; env ROUNDS=5, BERTH_BIN to use another binary)
@@ -36,7 +36,7 @@ cleanup() {
 trap cleanup EXIT
 berth() { "$BERTH_BIN" --data "$data" "$@"; }
 
-shared=$(ls -td /var/tmp/berth-test-stacks/trixie-*/images 2>/dev/null | head -n 1 || true)
+shared=$(ls -td /var/tmp/berth-test-stacks-2/trixie-*/images 2>/dev/null | head -n 1 || true)
 if [ -n "$shared" ]; then
     mkdir -p "$data/images"
     cp -al "$shared/." "$data/images/"

@@ -381,6 +381,8 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
             out.line(format!("Removed the certificate of {name}")).await;
             Ok(())
         }
+        Request::Network { name, json } => network(d, &name, json, out).await,
+        Request::NetworkSet { name, egress } => network_set(d, &name, egress, out).await,
         Request::Resources { name, json } => {
             d.store.require_app(&name).await?;
             let types = process_types(d, &name).await?;
@@ -548,6 +550,37 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
         Request::Run { .. } => {
             bail!("`run` is an exchange of its own on the admin socket (see admin::run), not a command — use `berth run APP -- COMMAND`")
         }
+    }
+}
+
+/// `network APP`: what the app's containers may reach.
+async fn network(d: &Handles, name: &str, json: bool, out: &Out) -> anyhow::Result<()> {
+    let egress = d.store.egress(name).await?;
+    if json {
+        return print_json(out, &serde_json::json!({ "egress": egress })).await;
+    }
+    out.line(format!("=== {name} network")).await;
+    out.line(format!("egress: {}", on_off(egress))).await;
+    Ok(())
+}
+
+/// `network:set APP --egress on|off`: stored, then applied to the running containers at once.
+async fn network_set(d: &Handles, name: &str, egress: bool, out: &Out) -> anyhow::Result<()> {
+    d.store.require_app(name).await?;
+    let applied = d.deployer.set_egress(name, egress).await?;
+    out.line(format!(
+        "{name} egress: {} — applied to its {applied} running container(s) now and to every container it starts",
+        on_off(egress)
+    ))
+    .await;
+    Ok(())
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 

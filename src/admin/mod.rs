@@ -105,6 +105,14 @@ pub enum Request {
         name: String,
         json: bool,
     },
+    Network {
+        name: String,
+        json: bool,
+    },
+    NetworkSet {
+        name: String,
+        egress: bool,
+    },
     Resources {
         name: String,
         json: bool,

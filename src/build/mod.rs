@@ -216,7 +216,7 @@ async fn run_build(
     }
     let suffix: u32 = rand::thread_rng().gen();
     let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
-    let (ip, netns) = d.network.attach(&id).await?;
+    let (ip, netns) = d.network.attach(&id, true).await?;
     let spec = ContainerSpec {
         id: id.clone(),
         layers: stack_build.layer_dirs(),

@@ -111,11 +111,12 @@ pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limit
     Ok(Limits::for_app(&set, process_type))
 }
 
-/// What confines the containers of one process type of an app: its cgroup limits and the host
-/// uid range of its user namespace.
+/// What confines the containers of one process type of an app: its cgroup limits, the host
+/// uid range of its user namespace, and whether it may open connections out of the bridge.
 pub(super) struct Confinement {
     pub limits: Limits,
     pub users: IdMap,
+    pub egress: bool,
 }
 
 pub(super) async fn confinement(
@@ -126,6 +127,7 @@ pub(super) async fn confinement(
     Ok(Confinement {
         limits: limits(d, app, process_type).await?,
         users: users(d, app).await?,
+        egress: d.store.egress(app).await?,
     })
 }
 
@@ -173,7 +175,7 @@ pub async fn start(
     let id = container_id(&release.app, process_type, number);
     let confinement = confinement(d, &release.app, process_type).await?;
     let port = image.config.port().unwrap_or(PORT);
-    let (ip, netns) = d.network.attach(&id).await?;
+    let (ip, netns) = d.network.attach(&id, confinement.egress).await?;
     let row = ContainerRow {
         id: id.clone(),
         app: release.app.clone(),

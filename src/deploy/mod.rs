@@ -447,6 +447,23 @@ impl Deployer {
         Ok(released)
     }
 
+    /// Lets `app`'s containers open connections out of the bridge (`egress`) or not: stored
+    /// first, then applied at once, without a restart, to every container of the app that has
+    /// an address (the firewall's set). Returns how many containers that was.
+    pub async fn set_egress(&self, app: &str, egress: bool) -> Result<usize, DeployError> {
+        let _guard = self.locks.lock(app).await;
+        self.store.set_egress(app, egress).await?;
+        let ips: Vec<std::net::Ipv4Addr> = self
+            .store
+            .containers(Some(app))
+            .await?
+            .iter()
+            .filter_map(|c| c.ip.parse().ok())
+            .collect();
+        self.network.set_egress(&ips, egress).await?;
+        Ok(ips.len())
+    }
+
     /// Sets the number of containers of the given process types (a new release).
     pub async fn scale(
         self: &Arc<Self>,

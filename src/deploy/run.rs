@@ -123,7 +123,7 @@ impl Deployer {
                 let log = d.paths.log(&row.app);
                 let source = format!("berth[{dyno}]");
                 let attached = async {
-                    let (ip, netns) = d.network.attach(&id).await?;
+                    let (ip, netns) = d.network.attach(&id, confinement.egress).await?;
                     let spec = ContainerSpec {
                         args: container::run_launcher(&row.command),
                         ..container::spec(&id, &row.command, &live, &image, &dyno, netns, &confinement)

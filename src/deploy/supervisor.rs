@@ -73,6 +73,7 @@ impl Deployer {
             .map(|a| a.name)
             .collect();
         let mut draining = Vec::new();
+        let mut no_egress = Vec::new();
         for c in &known {
             if !apps.contains(&c.app) {
                 warn!(id = %c.id, app = %c.app, "stopping a container of an app that was destroyed");
@@ -82,6 +83,9 @@ impl Deployer {
             // Taken until the record goes, running or not: stopping it frees it.
             if let Ok(ip) = c.ip.parse() {
                 self.network.mark_used(ip);
+                if !self.store.egress(&c.app).await? {
+                    no_egress.push(ip);
+                }
             }
             if container::exit_code(self, &c.id).is_none() {
                 self.watch(c);
@@ -91,6 +95,8 @@ impl Deployer {
                 draining.push(c.clone());
             }
         }
+        // The firewall's set was emptied with its table at server start.
+        self.network.set_egress(&no_egress, false).await?;
         self.drain_all(draining).await?;
         for app in &apps {
             self.route(app).await?;

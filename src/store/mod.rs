@@ -262,6 +262,28 @@ impl Store {
         )
     }
 
+    /// Whether `app`'s containers may open connections out of the bridge (`network:set`).
+    pub async fn egress(&self, app: &str) -> Result<bool> {
+        sqlx::query_scalar("SELECT egress FROM apps WHERE name = ?")
+            .bind(app)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::AppNotFound(app.to_string()))
+    }
+
+    /// Stores whether `app`'s containers may open connections out of the bridge.
+    pub async fn set_egress(&self, app: &str, egress: bool) -> Result<()> {
+        let done = sqlx::query("UPDATE apps SET egress = ? WHERE name = ?")
+            .bind(egress)
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::AppNotFound(app.to_string()));
+        }
+        Ok(())
+    }
+
     /// Deletes the app with its config and releases.
     pub async fn delete_app(&self, name: &str) -> Result<()> {
         let done = sqlx::query("DELETE FROM apps WHERE name = ?")
