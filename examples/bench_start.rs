@@ -84,6 +84,7 @@ fn run_berth(runtime: &Runtime, bundle: &Path, id: &str) -> anyhow::Result<()> {
         init: false,
         user: None,
         users: None,
+        stop_signal: None,
     };
     // `true` prints nothing, so the output pipe never needs reading.
     let mut attached = runtime.run_attached(&spec, Io::Output)?;

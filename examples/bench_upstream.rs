@@ -124,6 +124,7 @@ impl Bench {
             init: false,
             user: None,
             users: None,
+            stop_signal: None,
         };
         self.runtime.start(&spec)?;
         let addr = SocketAddr::from((self.ip, 8080));

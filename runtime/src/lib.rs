@@ -58,8 +58,12 @@ pub struct ContainerSpec {
     /// gives every container, app or build, a namespace of its own).
     pub netns: Option<PathBuf>,
     pub log: LogTarget,
-    /// On stop: SIGTERM, then SIGKILL after this many seconds.
+    /// On stop: SIGTERM (or [`ContainerSpec::stop_signal`]), then SIGKILL after this many
+    /// seconds.
     pub stop_grace_secs: u64,
+    /// The signal a stop sends first (an image's `STOPSIGNAL`); None for SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<i32>,
     /// cgroup limits (cgroup v1 or v2, whichever the host runs).
     #[serde(default)]
     pub limits: Limits,

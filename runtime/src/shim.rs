@@ -163,7 +163,14 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
     signal_ready();
     tracing::info!(id = spec.id, pid = init.as_raw(), "container started");
 
-    let code = supervise(init, log, Duration::from_secs(spec.stop_grace_secs))?;
+    let stop = Stop {
+        signal: spec
+            .stop_signal
+            .and_then(|s| Signal::try_from(s).ok())
+            .unwrap_or(Signal::SIGTERM),
+        grace: Duration::from_secs(spec.stop_grace_secs),
+    };
+    let code = supervise(init, log, stop)?;
     let oom_kills = spec::oom_kills(&spec.id);
     if oom_kills > 0 {
         layout::write(dir, layout::OOM, &oom_kills.to_string())?;
@@ -288,8 +295,8 @@ fn discard(state: &Path, id: &str) {
 }
 
 /// Waits for the container's init to exit while copying its output to the log and turning
-/// stop signals into SIGTERM, then SIGKILL after `grace`. Returns the exit code.
-fn supervise(init: Pid, mut log: Option<LogPump>, grace: Duration) -> Result<i32, Error> {
+/// stop signals into `stop.signal`, then SIGKILL after its grace period. Returns the exit code.
+fn supervise(init: Pid, mut log: Option<LogPump>, stop: Stop) -> Result<i32, Error> {
     let mut mask = SigSet::empty();
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
         mask.add(signal);
@@ -301,7 +308,7 @@ fn supervise(init: Pid, mut log: Option<LogPump>, grace: Duration) -> Result<i32
 
     let mut kill_at = None;
     if STOP_REQUESTED.load(Ordering::SeqCst) {
-        kill_at = Some(request_stop(init, grace));
+        kill_at = Some(request_stop(init, stop));
     }
     let mut code = reap(init);
     while code.is_none() {
@@ -327,7 +334,7 @@ fn supervise(init: Pid, mut log: Option<LogPump>, grace: Duration) -> Result<i32
                 if (signo == Signal::SIGTERM as i32 || signo == Signal::SIGINT as i32)
                     && kill_at.is_none()
                 {
-                    kill_at = Some(request_stop(init, grace));
+                    kill_at = Some(request_stop(init, stop));
                 }
             }
             code = reap(init);
@@ -349,10 +356,17 @@ fn supervise(init: Pid, mut log: Option<LogPump>, grace: Duration) -> Result<i32
     Ok(code.unwrap_or(START_FAILED))
 }
 
-fn request_stop(init: Pid, grace: Duration) -> Instant {
-    tracing::info!(pid = init.as_raw(), "stop requested, sending SIGTERM");
-    let _ = kill(init, Signal::SIGTERM);
-    Instant::now() + grace
+/// How a stop ends the container: `signal` first, SIGKILL `grace` later.
+#[derive(Clone, Copy)]
+struct Stop {
+    signal: Signal,
+    grace: Duration,
+}
+
+fn request_stop(init: Pid, stop: Stop) -> Instant {
+    tracing::info!(pid = init.as_raw(), signal = %stop.signal, "stop requested");
+    let _ = kill(init, stop.signal);
+    Instant::now() + stop.grace
 }
 
 /// A poll timeout that ends just after `at` (at most a minute; callers loop).

@@ -338,6 +338,7 @@ mod tests {
                 cpu_millis: Some(500),
                 pids: Some(100),
             },
+            stop_signal: None,
         }
     }
 

@@ -69,6 +69,7 @@ fn main() {
             detached_logs_and_stop_with_sigterm,
         ),
         ("stop_kills_after_grace", stop_kills_after_grace),
+        ("stop_sends_the_stop_signal", stop_sends_the_stop_signal),
         (
             "init_passes_sigterm_on_and_reaps_orphans",
             init_passes_sigterm_on_and_reaps_orphans,
@@ -238,6 +239,7 @@ impl Fixture {
             init: false,
             user: None,
             users: None,
+            stop_signal: None,
         }
     }
 
@@ -457,6 +459,44 @@ fn stop_kills_after_grace() {
         took >= Duration::from_secs(1) && took < Duration::from_secs(5),
         "SIGKILL after {took:?}, grace was 1s"
     );
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
+}
+
+/// A stop sends the spec's stop signal (an image's `STOPSIGNAL`), through the init, instead of
+/// SIGTERM: a command that ignores SIGTERM and exits on SIGUSR1 stops at once with its code.
+fn stop_sends_the_stop_signal() {
+    let mut fx = Fixture::new("stopsig");
+    let mut spec = fx.spec(
+        "stopsig",
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; trap 'echo got USR1; exit 3' USR1; echo ready; \
+             while true; do sleep 0.05; done",
+        ],
+    );
+    spec.init = true;
+    spec.stop_grace_secs = 10;
+    spec.stop_signal = Some(nix::sys::signal::Signal::SIGUSR1 as i32);
+    spec.log = LogTarget::File {
+        path: fx.log_path(),
+        prefix: "app[web.1]".into(),
+    };
+    fx.runtime.start(&spec).unwrap();
+    wait_for(Duration::from_secs(10), "the traps", || {
+        let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
+        log.contains("ready").then_some(())
+    });
+    let t = Instant::now();
+    assert_eq!(fx.runtime.stop(&spec.id).unwrap(), Some(3));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the stop signal did not reach the command: took {:?}",
+        t.elapsed()
+    );
+    let log = std::fs::read_to_string(fx.log_path()).unwrap();
+    assert!(log.contains("app[web.1]: got USR1"), "{log}");
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);
 }

@@ -241,6 +241,7 @@ async fn run_build(
         init: true,
         user: None,
         users: None,
+        stop_signal: None,
     };
 
     out.line(format!("-----> Building {app} with buildpacks"))

@@ -239,6 +239,7 @@ pub(super) fn spec(
         init: true,
         user: user(image),
         users: Some(confinement.users),
+        stop_signal: image.config.stop_signal(),
     }
 }
 

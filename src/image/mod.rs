@@ -126,6 +126,12 @@ pub struct ImageConfig {
 }
 
 impl ImageConfig {
+    /// The signal that stops the image's processes (`STOPSIGNAL`: `SIGQUIT`, `QUIT` or `3`);
+    /// None for the default (SIGTERM), or for a name that is not a signal.
+    pub fn stop_signal(&self) -> Option<i32> {
+        parse_signal(&self.stop_signal)
+    }
+
     /// The one TCP port the image exposes, if it exposes exactly one.
     pub fn port(&self) -> Option<u16> {
         match self.exposed_ports.as_slice() {
@@ -133,6 +139,25 @@ impl ImageConfig {
             _ => None,
         }
     }
+}
+
+/// A signal as Dockerfiles write it: `SIGQUIT`, `QUIT` (any case) or its number.
+pub fn parse_signal(text: &str) -> Option<i32> {
+    use std::str::FromStr;
+    if let Ok(number) = text.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(number)
+            .ok()
+            .map(|s| s as i32);
+    }
+    let upper = text.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    nix::sys::signal::Signal::from_str(&name)
+        .ok()
+        .map(|s| s as i32)
 }
 
 /// Docker's `Healthcheck` image config (durations in nanoseconds, as Docker writes them).
@@ -1012,5 +1037,23 @@ impl<W: Write> Write for HashingWriter<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn signals_as_dockerfiles_write_them() {
+        for (text, want) in [
+            ("SIGQUIT", Some(3)),
+            ("quit", Some(3)),
+            ("SIGUSR1", Some(10)),
+            ("9", Some(9)),
+            ("", None),
+            ("SIGNOPE", None),
+            ("99", None),
+        ] {
+            assert_eq!(super::parse_signal(text), want, "{text:?}");
+        }
     }
 }

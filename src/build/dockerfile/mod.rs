@@ -513,7 +513,13 @@ async fn step(
             Ok(None)
         }
         Kind::StopSignal(raw) => {
-            stage.config.stop_signal = one(raw)?;
+            let signal = one(raw)?;
+            if crate::image::parse_signal(&signal).is_none() {
+                return Err(fail(format!(
+                    "{signal:?} is not a signal — write e.g. SIGQUIT, QUIT or 3"
+                )));
+            }
+            stage.config.stop_signal = signal;
             stage.chain(&["STOPSIGNAL", &stage.config.stop_signal.clone()]);
             Ok(None)
         }
@@ -853,6 +859,7 @@ async fn run(
         init: true,
         user: user_of(stage)?,
         users: None,
+        stop_signal: None,
     };
     let staging = d.images.scratch("run");
     let job = OneOff {
