@@ -3012,8 +3012,8 @@ fn slow_run_one_off_commands() {
     assert_eq!(out.status.code(), Some(255), "{}", why(&out));
     assert!(text(&out).contains("Permission denied"), "{}", why(&out));
 
-    // While a run sleeps, ps lists it with its command; when its client goes away, it is
-    // stopped and removed.
+    // While a run sleeps, ps lists it with its command (`up` once its process runs, not
+    // before); when its client goes away, it is stopped and removed.
     let mut sleeper = Command::new(BERTH)
         .arg("--data")
         .arg(&data)
@@ -3031,10 +3031,15 @@ fn slow_run_one_off_commands() {
     );
     let json = server.berth_ok(&["ps", "once", "--json"]);
     assert!(json.contains(r#""command": "'sleep' '300'""#), "{json}");
-    assert_eq!(
-        std::fs::read_dir(data.join("containers")).unwrap().count(),
-        2,
-        "web.1 and run.1"
+    let mut containers: Vec<String> = std::fs::read_dir(data.join("containers"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    containers.sort();
+    let is = |name: &String, prefix: &str| name.starts_with(prefix);
+    assert!(
+        matches!(containers.as_slice(), [run, web] if is(run, "once-run-1-") && is(web, "once-web-1-")),
+        "web.1 and run.1 only: {containers:?}\n{ps}"
     );
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();

@@ -358,14 +358,29 @@ impl Runtime {
         command
     }
 
+    /// Spawns the shim and records its pid before returning, so a [`Runtime::stop`] that
+    /// comes at once (before the shim has run a line of its own) finds it and stops it.
     fn spawn(&self, command: &mut Command, dir: &Path, id: &str) -> Result<Child, Error> {
-        command.spawn().map_err(|err| {
+        let mut child = command.spawn().map_err(|err| {
             self.discard(dir);
             Error::StartFailed {
                 id: id.to_string(),
                 reason: format!("cannot run the shim {}: {err}", self.exe.display()),
             }
-        })
+        })?;
+        if let Err(err) = layout::write(dir, layout::SHIM_PID, &child.id().to_string()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.discard(dir);
+            return Err(err);
+        }
+        Ok(child)
+    }
+
+    /// Whether container `id`'s process has started (its shim recorded its pid); true from
+    /// then until the container is removed.
+    pub fn started(&self, id: &str) -> bool {
+        valid_id(id) && self.container_dir(id).join(layout::PID).exists()
     }
 
     /// Deletes a container directory, unless something is still mounted in it (deleting would

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! DIR/shim.json   the ContainerSpec (written by the daemon)
-//! DIR/shim.pid    the shim's pid (first thing the shim writes)
+//! DIR/shim.pid    the shim's pid (written by the daemon as it spawns the shim)
 //! DIR/pid         the container init's pid, once it runs
 //! DIR/exit        its exit code (128+signal if killed), once the shim has cleaned up
 //! DIR/oom         present when the kernel's OOM killer killed a process of it (written before exit)

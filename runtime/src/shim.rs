@@ -111,14 +111,14 @@ fn main_with(dir: &Path, seccomp: bool) -> i32 {
 }
 
 fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
-    layout::write(dir, layout::SHIM_PID, &std::process::id().to_string())?;
+    // First, so a stop that comes while the shim is still starting is not lost.
+    install_stop_handler()?;
     let path = dir.join(layout::SPEC);
     let json = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
     let spec: ContainerSpec = serde_json::from_slice(&json).map_err(|err| Error::Io {
         context: format!("parsing {}", path.display()),
         source: err.into(),
     })?;
-    install_stop_handler()?;
     nix::sys::prctl::set_child_subreaper(true).map_err(Error::sys("becoming child subreaper"))?;
     nix::sched::unshare(CloneFlags::CLONE_NEWNS)
         .map_err(Error::sys("creating the shim's mount namespace"))?;

@@ -78,6 +78,10 @@ fn main() {
             "remove_stops_a_running_container",
             remove_stops_a_running_container,
         ),
+        (
+            "a_stop_as_soon_as_the_shim_is_spawned_ends_it",
+            a_stop_as_soon_as_the_shim_is_spawned_ends_it,
+        ),
         ("shim_outlives_its_starter", shim_outlives_its_starter),
         (
             "a_container_whose_shim_was_killed_is_stopped",
@@ -550,6 +554,26 @@ fn remove_stops_a_running_container() {
     fx.runtime.remove(&spec.id).unwrap();
     assert_eq!(fx.runtime.state(&spec.id), State::Gone);
     assert!(fx.runtime.list().is_empty());
+    fx.assert_clean(&spec.id);
+}
+
+/// A stop that comes the moment the shim is spawned (a `berth run` whose user went away while
+/// it started) finds the shim and ends it, rather than leave its command to run to its end.
+fn a_stop_as_soon_as_the_shim_is_spawned_ends_it() {
+    let mut fx = Fixture::new("early-stop");
+    let mut spec = fx.spec("early-stop", &["sleep", "1000"]);
+    spec.stop_grace_secs = 1;
+    let mut shim = fx
+        .runtime
+        .run_attached(&spec, Io::Output)
+        .expect("run_attached")
+        .shim;
+    fx.runtime.stop(&spec.id).unwrap();
+    wait_for(Duration::from_secs(30), "the stopped shim to exit", || {
+        shim.try_wait().unwrap()
+    });
+    fx.runtime.remove(&spec.id).unwrap();
+    assert_eq!(fx.runtime.state(&spec.id), State::Gone);
     fx.assert_clean(&spec.id);
 }
 

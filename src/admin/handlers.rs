@@ -161,9 +161,10 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
                 .collect();
             let runs = d.deployer.runs(&name);
             if json {
-                let runs = runs
-                    .into_iter()
-                    .map(|run| PsEntry::Run { run, status: "up" });
+                let runs = runs.into_iter().map(|run| PsEntry::Run {
+                    status: d.deployer.run_status(&run),
+                    run,
+                });
                 let all: Vec<PsEntry> = containers
                     .into_iter()
                     .map(PsEntry::Container)
@@ -220,8 +221,13 @@ pub async fn handle(d: &Handles, request: Request, out: &Out) -> anyhow::Result<
                     .map(|t| format_age(chrono::Utc::now() - t.to_utc()))
                     .unwrap_or_default();
                 out.line(format!(
-                    "run.{}: up {since}  v{}  `{}` (by {})  {}",
-                    run.number, run.release, run.command, run.by, run.id
+                    "run.{}: {} {since}  v{}  `{}` (by {})  {}",
+                    run.number,
+                    d.deployer.run_status(&run),
+                    run.release,
+                    run.command,
+                    run.by,
+                    run.id
                 ))
                 .await;
             }

@@ -16,7 +16,8 @@ use berth_runtime::{ContainerSpec, Runtime};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::output;
@@ -57,11 +58,12 @@ pub enum Io<'a> {
         out: &'a Progress,
         indent: &'static str,
     },
-    /// Wired to a user (`berth run`).
-    Attached(Attach),
+    /// Wired to a user (`berth run`); stopped when `stop` is cancelled, as when the user goes.
+    Attached(Attach, CancellationToken),
 }
 
-/// Runs `job` until it ends, its deadline passes or (attached) its user goes away.
+/// Runs `job` until it ends, its deadline passes or (attached) its user goes away or its stop
+/// is asked for.
 pub async fn run(
     runtime: &Arc<Runtime>,
     job: OneOff,
@@ -78,32 +80,39 @@ pub async fn run(
             let work = lines(runtime.clone(), spec, out.clone(), indent);
             (Box::pin(work), None)
         }
-        Io::Attached(attach) => {
-            let user = attach.output.clone();
+        Io::Attached(attach, stop) => {
+            let (spawned, shim_spawned) = oneshot::channel();
+            let user = (attach.output.clone(), stop, shim_spawned);
             (
-                Box::pin(attached(runtime.clone(), spec, attach)),
+                Box::pin(attached(runtime.clone(), spec, attach, spawned)),
                 Some(user),
             )
         }
     };
     // A task of its own: after a stop it still reads the output to its end.
     let mut work = tokio::spawn(work);
-    let user_gone = async {
-        match &user {
-            Some(output) => output.closed().await,
-            None => std::future::pending().await,
+    // Only once its shim runs can the container be stopped: a user gone (or a stop asked
+    // for) before then has it stopped as soon as it does; one that never runs ends the work.
+    let stop_wanted = async {
+        let Some((output, stop, shim_spawned)) = user else {
+            return std::future::pending().await;
+        };
+        if shim_spawned.await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = output.closed() => info!(%id, "the user went away; stopping the container"),
+            () = stop.cancelled() => info!(%id, "stopping the container"),
         }
     };
     let finished = tokio::select! {
         done = &mut work => Some(done.expect("one-off container task")),
         () = tokio::time::sleep(deadline) => None,
-        () = user_gone => {
-            info!(%id, "the user went away; stopping the container");
+        () = stop_wanted => {
             stop(runtime, &id).await;
             Some((&mut work).await.expect("one-off container task"))
         }
     };
-    drop(user);
     let upper = runtime.container_dir(&id).join("upper");
     let ended = match finished {
         Some(code) => match code? {
@@ -167,10 +176,12 @@ async fn lines(
 
 /// Runs `spec` attached to a user: their input to its stdin (or terminal), its stdout and
 /// stderr (or terminal) to them, all of it before this returns its exit code.
+/// `spawned` is told once the container's shim runs (and so can be stopped).
 async fn attached(
     runtime: Arc<Runtime>,
     spec: ContainerSpec,
     attach: Attach,
+    spawned: oneshot::Sender<()>,
 ) -> Result<i32, berth_runtime::Error> {
     let Attach {
         terminal,
@@ -185,6 +196,7 @@ async fn attached(
     let started = tokio::task::spawn_blocking(move || runtime.run_attached(&spec, io))
         .await
         .expect("one-off container task")?;
+    let _ = spawned.send(());
     let io_err = |what: &str| {
         let context = format!("{what} of container {id}");
         move |source| berth_runtime::Error::Io { context, source }

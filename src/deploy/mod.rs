@@ -679,7 +679,7 @@ impl Deployer {
         self.store.delete_app(app).await?;
         let containers = self.store.containers(Some(app)).await?;
         futures::future::join_all(containers.iter().map(|c| container::stop(self, c))).await;
-        self.stop_runs(Some(app)).await;
+        self.stop_runs(Some(app));
         Ok(())
     }
 

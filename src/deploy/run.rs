@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use berth_runtime::ContainerSpec;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -48,22 +49,23 @@ pub struct RunRow {
     pub by: String,
 }
 
-/// The runs in progress and their tasks.
+/// The runs in progress (each with what stops it) and their tasks.
 #[derive(Default)]
 pub(super) struct Runs {
-    running: Mutex<Vec<RunRow>>,
+    running: Mutex<Vec<(RunRow, CancellationToken)>>,
     tasks: TaskTracker,
 }
 
 impl Runs {
-    /// Adds a run of `release` numbered with the lowest number its app's runs do not use.
-    fn add(&self, release: &Release, command: &str, by: &str) -> RunRow {
+    /// Adds a run of `release` numbered with the lowest number its app's runs do not use;
+    /// returns it and what stops it.
+    fn add(&self, release: &Release, command: &str, by: &str) -> (RunRow, CancellationToken) {
         let mut running = self.running.lock().expect("runs");
         let number = (1..)
             .find(|n| {
                 !running
                     .iter()
-                    .any(|r| r.app == release.app && r.number == *n)
+                    .any(|(r, _)| r.app == release.app && r.number == *n)
             })
             .expect("a free number");
         let row = RunRow {
@@ -76,22 +78,31 @@ impl Runs {
             created_at: Store::timestamp(),
             by: by.to_string(),
         };
-        running.push(row.clone());
-        row
+        let stop = CancellationToken::new();
+        // Added after the server began to stop (and so after it stopped every run): stop it too.
+        if self.tasks.is_closed() {
+            stop.cancel();
+        }
+        running.push((row.clone(), stop.clone()));
+        (row, stop)
     }
 
     fn remove(&self, id: &str) {
-        self.running.lock().expect("runs").retain(|r| r.id != id);
+        self.running
+            .lock()
+            .expect("runs")
+            .retain(|(r, _)| r.id != id);
     }
 
-    /// The ids of the runs of `app` (of every app with None).
-    fn ids(&self, app: Option<&str>) -> Vec<String> {
+    /// Asks the runs of `app` (of every app with None) to stop.
+    fn stop(&self, app: Option<&str>) {
         let running = self.running.lock().expect("runs");
-        running
+        for (_, stop) in running
             .iter()
-            .filter(|r| app.is_none_or(|app| r.app == app))
-            .map(|r| r.id.clone())
-            .collect()
+            .filter(|(r, _)| app.is_none_or(|app| r.app == app))
+        {
+            stop.cancel();
+        }
     }
 }
 
@@ -111,7 +122,7 @@ impl Deployer {
         let live = self.live(app).await?;
         let image = self.load_image(&live.image).await?;
         let confinement = container::confinement(self, app, PROCESS_TYPE).await?;
-        let row = self.runs.add(&live, command, by);
+        let (row, stop) = self.runs.add(&live, command, by);
         let dyno = Dyno::new(PROCESS_TYPE, row.number);
         let span = info_span!("run", %app, %dyno, release = live.version);
         let d = self.clone();
@@ -136,7 +147,7 @@ impl Deployer {
                     let started = format!("started `{}` by {}", row.command, row.by);
                     crate::logs::append(&log, &source, &started);
                     info!(id, command = row.command, by = row.by, "run started");
-                    let ended = crate::build::container::run(&d.runtime, job, Io::Attached(attach))
+                    let ended = crate::build::container::run(&d.runtime, job, Io::Attached(attach, stop))
                         .await;
                     d.network.detach(&id, Some(ip)).await;
                     Ok::<_, DeployError>(ended?)
@@ -173,27 +184,31 @@ impl Deployer {
     /// The runs of `app` in progress.
     pub fn runs(&self, app: &str) -> Vec<RunRow> {
         let running = self.runs.running.lock().expect("runs");
-        running.iter().filter(|r| r.app == app).cloned().collect()
+        running
+            .iter()
+            .filter(|(r, _)| r.app == app)
+            .map(|(r, _)| r.clone())
+            .collect()
     }
 
-    /// Stops the runs of `app` (of every app with None); each is then removed by its task.
-    pub(super) async fn stop_runs(&self, app: Option<&str>) {
-        let ids = self.runs.ids(app);
-        let stops = ids.into_iter().map(|id| {
-            let runtime = self.runtime.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(err) = runtime.stop(&id) {
-                    warn!(%id, %err, "stopping a run failed");
-                }
-            })
-        });
-        futures::future::join_all(stops).await;
+    /// How `ps` shows `run`: `starting` until its container's process runs, then `up`.
+    pub fn run_status(&self, run: &RunRow) -> &'static str {
+        match self.runtime.started(&run.id) {
+            true => "up",
+            false => "starting",
+        }
+    }
+
+    /// Stops the runs of `app` (of every app with None): each run's task stops its container
+    /// (at once, or as soon as it has one) and removes it.
+    pub(super) fn stop_runs(&self, app: Option<&str>) {
+        self.runs.stop(app);
     }
 
     /// On server stop: stops every run and waits (a while) until each is removed.
     pub async fn end_runs(&self) {
         self.runs.tasks.close();
-        self.stop_runs(None).await;
+        self.stop_runs(None);
         if tokio::time::timeout(END_WAIT, self.runs.tasks.wait())
             .await
             .is_err()
