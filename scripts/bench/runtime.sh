@@ -31,9 +31,17 @@ ROUNDS=${ROUNDS:-50}
 PER_APP=50
 CONMONS=10
 [ $((N % PER_APP)) -eq 0 ] || { echo "error: N must be a multiple of $PER_APP" >&2; exit 2; }
-for tool in crun runc conmon busybox jq git ssh-keygen unshare; do
-    command -v "$tool" >/dev/null || { echo "error: $tool is missing (apt-get install ${tool/ssh-keygen/openssh-client})" >&2; exit 1; }
+# The peers and tools, from Debian's apt when missing (command:package).
+missing=()
+for pair in crun:crun runc:runc conmon:conmon busybox:busybox jq:jq git:git \
+    ssh-keygen:openssh-client unshare:util-linux; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
 done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+fi
 if [ -z "${BERTH_BIN:-}" ] || [ -z "${BENCH_START:-}" ]; then
     source scripts/deps
     cargo build --release --locked --bin berth --example bench_start >&2
