@@ -64,13 +64,7 @@ impl Deployer {
         async {
             let _collecting = self.images.collecting().await;
             let kept: HashSet<String> = self.kept_images().await?.into_keys().collect();
-            let apps: HashSet<String> = self
-                .store
-                .apps()
-                .await?
-                .into_iter()
-                .map(|a| a.name)
-                .collect();
+            let apps: HashSet<String> = self.store.app_names().await?.into_iter().collect();
             let images = Arc::clone(&self.images);
             let paths = self.paths.clone();
             let report = tokio::task::spawn_blocking(move || {

@@ -65,13 +65,7 @@ impl Deployer {
                 }
             }
         }
-        let apps: Vec<String> = self
-            .store
-            .apps()
-            .await?
-            .into_iter()
-            .map(|a| a.name)
-            .collect();
+        let apps = self.store.app_names().await?;
         let mut draining = Vec::new();
         let mut no_egress = Vec::new();
         for c in &known {

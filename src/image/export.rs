@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::{
-    io_err, write_dir_tar, Descriptor, HashingWriter, ImageError, ImageStore, Manifest,
+    io_err, write_dir_tar, Descriptor, HashingWriter, ImageError, ImageStore, Index, Manifest,
     INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
 };
 
@@ -26,15 +26,6 @@ struct DockerManifest {
     repo_tags: Vec<String>,
     #[serde(rename = "Layers")]
     layers: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Index {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType")]
-    media_type: String,
-    manifests: Vec<Descriptor>,
 }
 
 fn blob_name(digest: &str) -> String {

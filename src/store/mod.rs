@@ -262,6 +262,11 @@ impl Store {
         )
     }
 
+    /// The names of all apps, sorted.
+    pub async fn app_names(&self) -> Result<Vec<String>> {
+        Ok(self.apps().await?.into_iter().map(|a| a.name).collect())
+    }
+
     /// Whether `app`'s containers may open connections out of the bridge (`network:set`).
     pub async fn egress(&self, app: &str) -> Result<bool> {
         sqlx::query_scalar("SELECT egress FROM apps WHERE name = ?")
