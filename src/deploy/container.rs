@@ -140,7 +140,7 @@ const USERS_SIZE: u32 = 65_536;
 
 /// The host uid range `app`'s containers map their user namespace to: one per app, recorded in
 /// the store so it stays the same across restarts and no two apps share one.
-pub async fn users(d: &Deployer, app: &str) -> Result<IdMap, DeployError> {
+async fn users(d: &Deployer, app: &str) -> Result<IdMap, DeployError> {
     let slot = d.store.user_range(app).await?;
     range(slot).ok_or_else(|| DeployError::NoUserRange {
         app: app.to_string(),
