@@ -32,6 +32,18 @@ pub enum ConfigError {
     ReservedKey(String),
     #[error("{0:?} is not KEY=VALUE: write e.g. GREETING=hello (quote values with spaces)")]
     NotAPair(String),
+    #[error(
+        "the value of {0} contains a NUL byte, which no environment variable can hold — remove it"
+    )]
+    NulInValue(String),
+}
+
+/// Checks a config value: anything but NUL, which an environment cannot carry.
+pub fn validate_value(key: &str, value: &str) -> Result<(), ConfigError> {
+    match value.contains('\0') {
+        true => Err(ConfigError::NulInValue(key.to_string())),
+        false => Ok(()),
+    }
 }
 
 /// Checks a config key: `^[A-Za-z_][A-Za-z0-9_]*$` and not reserved.
@@ -58,6 +70,7 @@ pub fn parse_pairs(pairs: &[String]) -> Result<Config, ConfigError> {
                 .split_once('=')
                 .ok_or_else(|| ConfigError::NotAPair(pair.clone()))?;
             validate_key(key)?;
+            validate_value(key, value)?;
             Ok((key.to_string(), value.to_string()))
         })
         .collect()

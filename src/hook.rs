@@ -16,8 +16,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use rand::Rng;
 
-use crate::admin::{client, Request};
+use crate::client::Client;
 use crate::git;
+use crate::service::Deploy;
 
 const DEPLOYED_BRANCHES: &[&str] = &["refs/heads/main", "refs/heads/master"];
 
@@ -77,17 +78,15 @@ pub fn pre_receive(data: &Path) -> anyhow::Result<i32> {
         }
     };
     println!("-----> Deploying {app} from {description}");
-    let prepared = client::call(
-        data,
-        Request::Deploy {
-            app,
-            source,
-            description: format!("Deploy {description}"),
-            key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
-            push,
-            commit: new,
-        },
-    );
+    let deploy = Deploy {
+        app,
+        source,
+        description: format!("Deploy {description}"),
+        key: std::env::var("BERTH_KEY_NAME").unwrap_or_default(),
+        push,
+        commit: new,
+    };
+    let prepared = call(data, "/pushes", &deploy);
     if !matches!(prepared, Ok(0)) {
         let _ = std::fs::remove_dir_all(&scratch);
     }
@@ -101,5 +100,33 @@ pub fn post_receive(data: &Path) -> anyhow::Result<i32> {
     if deployed_update(false)?.is_none() {
         return Ok(0);
     }
-    client::call(data, Request::Promote { app, push })
+    call(
+        data,
+        &format!("/pushes/{push}/promote"),
+        &crate::api::Promote { app },
+    )
+}
+
+/// Posts `body` to the admin socket's `path`, printing the progress as it comes (git shows it
+/// to the pusher); 0 when it succeeded.
+fn call(data: &Path, path: &str, body: &impl serde::Serialize) -> anyhow::Result<i32> {
+    let client = Client::Socket(crate::paths::Paths::new(data).socket());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let done: serde_json::Value = client
+            .call_streamed(
+                hyper::Method::POST,
+                path,
+                Some(body),
+                |text, warning| match warning {
+                    true => eprintln!("{text}"),
+                    false => println!("{text}"),
+                },
+            )
+            .await?;
+        let _ = done;
+        Ok(0)
+    })
 }

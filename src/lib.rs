@@ -2,8 +2,13 @@
 //!
 //! Data flows one way: push → build → release → runtime → route.
 //!
-//! - [`cli`]: the `berth …` command line (client side; talks to the admin socket).
-//! - [`admin`]: the local admin socket protocol (JSON lines), the command handlers and their handles.
+//! - [`cli`]: the `berth …` command line: the server, the shim, the hooks, and the commands of
+//!   [`client`].
+//! - [`client`]: the API's client (admin socket, `BERTH_URL`, in process for SSH) and each
+//!   command's calls and printed answers.
+//! - [`api`]: the REST API (`/api/v1`, OpenAPI), the one front door of [`service`].
+//! - [`service`]: every operation once, with the caller's permissions: apps, config, releases,
+//!   processes, logs, domains, limits, images, users, keys and tokens.
 //! - [`server`]: `berth server`: hands each part its handles, runs the listeners; shutdown.
 //! - [`store`]: SQLite state (apps, config, releases, keys, containers) via sqlx.
 //! - [`app`]: app names and their validation.
@@ -11,7 +16,7 @@
 //! - [`domain`]: custom domain host names and their validation.
 //! - [`keys`]: SSH public keys (parse, fingerprint).
 //! - [`limits`]: resource limits as users write them; the build defaults.
-//! - [`ssh`]: the SSH server (russh): key auth, `git-receive-pack` only.
+//! - [`ssh`]: the SSH server (russh): key auth, `git-receive-pack`, `run` and berth commands.
 //! - [`git`]: bare repos per app, the pre-receive hook, checking out a pushed commit.
 //! - [`hook`]: `berth hook pre-receive`, run by git inside a push.
 //! - [`image`]: the OCI content-addressed image store and the stack images.
@@ -34,12 +39,13 @@
 //! The OS-facing container runtime lives in its own crate, `berth-runtime` (`runtime/`).
 
 pub mod acme;
-pub mod admin;
+pub mod api;
 pub mod app;
 pub mod attach;
 pub mod build;
 pub mod checks;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod disk;
@@ -56,6 +62,7 @@ pub mod paths;
 pub mod progress;
 pub mod proxy;
 pub mod server;
+pub mod service;
 pub mod ssh;
 pub mod store;
 pub mod tls;

@@ -70,7 +70,7 @@ pub fn format_cpus(millis: u64) -> String {
 }
 
 /// Memory, CPU and process limits of one container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Limits {
     pub memory: u64,
     pub cpu_millis: u64,

@@ -38,6 +38,11 @@ impl Paths {
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// The admin socket (root only): the API as the built-in admin.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("berth.sock")
+    }
+
     pub fn database(&self) -> PathBuf {
         self.root.join("berth.db")
     }

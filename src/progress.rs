@@ -12,8 +12,6 @@ pub enum Line {
     Out(String),
     /// A warning (stderr).
     Warn(String),
-    /// Raw bytes for stdout (an exported image), in chunks.
-    Data(Vec<u8>),
 }
 
 /// Where progress goes. Cloning shares the listener; a listener that went away is not an
@@ -44,13 +42,6 @@ impl Progress {
         if let Some(tx) = &self.0 {
             let _ = tx.blocking_send(Line::Out(text.as_ref().to_string()));
         }
-    }
-
-    /// Sends raw bytes from blocking code; false when nobody listens any more.
-    pub fn blocking_data(&self, bytes: &[u8]) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|tx| tx.blocking_send(Line::Data(bytes.to_vec())).is_ok())
     }
 
     /// Writes one warning line.

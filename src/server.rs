@@ -17,34 +17,49 @@ use tracing::{info, warn};
 
 use crate::build::Builder;
 use crate::cli::ServerArgs;
+use crate::client::Client;
 use crate::deploy::{Deployer, DeployerParts};
 use crate::image::ImageStore;
 use crate::network::Network;
 use crate::paths::Paths;
 use crate::proxy::Routes;
+use crate::service::{Kind, Service, ServiceParts};
 use crate::store::Store;
 use crate::tls::Certs;
-use crate::{admin, build, ssh};
+use crate::{api, build, ssh};
 
-/// Lets the SSH server ask the store about keys and apps, tell the deployer a push ended and
-/// have it run one-off commands.
+/// Lets the SSH server ask the service who a key belongs to and what they may do, tell the
+/// deployer a push ended, and run one-off commands and berth commands for the key's owner.
 struct Gate {
-    store: Store,
+    service: Arc<Service>,
     deployer: Arc<Deployer>,
+    /// The API's routes, for berth commands (`client::Client::local`).
+    api: axum::Router,
 }
 
 impl ssh::Gate for Gate {
-    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>> {
-        let store = self.store.clone();
+    fn key_owner(&self, openssh_key: String) -> BoxFuture<'static, Option<(String, String)>> {
+        let service = self.service.clone();
         Box::pin(async move {
-            let key = crate::keys::parse(&openssh_key).ok()?;
-            store.key_name(&key.openssh).await.ok().flatten()
+            let (name, caller) = service.key_owner(&openssh_key).await?;
+            Some((name, caller.user))
         })
     }
 
-    fn app_exists(&self, app: String) -> BoxFuture<'static, bool> {
-        let store = self.store.clone();
-        Box::pin(async move { store.app_exists(&app).await.unwrap_or(false) })
+    fn may_push(&self, user: String, app: String) -> BoxFuture<'static, Result<(), String>> {
+        let service = self.service.clone();
+        Box::pin(async move {
+            let caller = service.caller(&user).await.map_err(|e| e.to_string())?;
+            service
+                .app(&caller, &app)
+                .await
+                .map_err(|err| match err.kind {
+                    Kind::NotFound => format!(
+                    "app {app:?} does not exist — create it first with: berth apps:create {app}"
+                ),
+                    _ => err.to_string(),
+                })
+        })
     }
 
     fn push_ended(&self, push: String) -> BoxFuture<'static, ()> {
@@ -56,13 +71,35 @@ impl ssh::Gate for Gate {
         &self,
         app: String,
         command: String,
-        key: String,
+        user: String,
         attach: crate::attach::Attach,
     ) -> BoxFuture<'static, Result<i32, String>> {
-        let deployer = self.deployer.clone();
+        let service = self.service.clone();
         Box::pin(async move {
-            let ran = deployer.run_one_off(&app, &command, &key, attach).await;
+            let caller = service.caller(&user).await.map_err(|e| e.to_string())?;
+            let ran = service.run(&caller, &app, &command, attach).await;
             ran.map_err(|err| err.to_string())
+        })
+    }
+
+    fn command(
+        &self,
+        user: String,
+        words: Vec<String>,
+        out: tokio::sync::mpsc::Sender<(bool, Vec<u8>)>,
+    ) -> BoxFuture<'static, i32> {
+        let (service, api) = (self.service.clone(), self.api.clone());
+        Box::pin(async move {
+            let caller = match service.caller(&user).await {
+                Ok(caller) => caller,
+                Err(err) => {
+                    let _ = out
+                        .send((true, format!("error: {err}\n").into_bytes()))
+                        .await;
+                    return 1;
+                }
+            };
+            crate::client::commands::over_ssh(Client::local(api, caller), words, out).await
         })
     }
 }
@@ -103,7 +140,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     paths
         .create()
         .with_context(|| format!("cannot create the data directory {}", data.display()))?;
-    let socket = admin::socket_path(&data);
+    let socket = paths.socket();
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!(
             "another berth server is already running on {} — stop it first",
@@ -131,7 +168,14 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     let ssh_listener = TcpListener::bind(&args.ssh)
         .await
         .with_context(|| format!("cannot listen for SSH on {} — is the port free?", args.ssh))?;
+    let api_listener = TcpListener::bind(&args.api).await.with_context(|| {
+        format!(
+            "cannot listen for the API on {} — is the port free?",
+            args.api
+        )
+    })?;
     let (http_addr, ssh_addr) = (http.local_addr()?, ssh_listener.local_addr()?);
+    let api_addr = api_listener.local_addr()?;
     let https =
         match &args.https {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
@@ -207,7 +251,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         deployer.clone(),
         routes.clone(),
     );
-    let context = Arc::new(admin::Handles {
+    let service = Service::new(ServiceParts {
         store: store.clone(),
         deployer: deployer.clone(),
         acme: acme.clone(),
@@ -215,6 +259,12 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         ssh_port: ssh_addr.port(),
         paths,
     });
+    let apis = api::Apps::new(service.clone());
+    // The API at berth.<domain> through the proxy, too (app names cannot be `berth`).
+    routes.set(
+        &format!("{}.{}", crate::app::RESERVED, args.domain),
+        vec![api_addr],
+    );
     let mut tasks = vec![
         supervisor,
         tokio::spawn(acme.run(shutdown.clone())),
@@ -226,8 +276,9 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         )),
         tokio::spawn({
             let gate = Arc::new(Gate {
-                store: store.clone(),
+                service: service.clone(),
                 deployer: deployer.clone(),
+                api: apis.local.clone(),
             });
             let shutdown = shutdown.clone();
             async move {
@@ -236,11 +287,8 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
         }),
-        tokio::spawn(admin::server::run(
-            admin_listener,
-            context,
-            shutdown.clone(),
-        )),
+        tokio::spawn(api::serve(admin_listener, apis.socket, shutdown.clone())),
+        tokio::spawn(api::serve(api_listener, apis.tcp, shutdown.clone())),
     ];
     if let Some(listener) = https {
         tasks.push(tokio::spawn(crate::proxy::run_tls(
@@ -252,7 +300,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         )));
     }
     println!(
-        "berth server ready: http={http_addr}{} ssh={ssh_addr} admin={} domain={}",
+        "berth server ready: http={http_addr}{} ssh={ssh_addr} api={api_addr} admin={} domain={}",
         https_addr.map_or(String::new(), |addr| format!(" https={addr}")),
         socket.display(),
         args.domain

@@ -8,7 +8,9 @@
 //! attached to the channel (its stderr as extended data; a terminal of the requested size when
 //! the client asked for a pty, resized on window changes), and the channel's exit status is the
 //! command's. A client that goes away has its container stopped. Both need the same permission:
-//! a key that may push the app. Every other request (shell, other commands, subsystems) gets one
+//! a key whose owner may use the app. Any other command line is a berth command
+//! (`config:set APP KEY=VALUE`, `ps APP` …) that the [`Gate`] runs as the key's owner, its output
+//! on the channel and its exit code as the exit status. A shell or a subsystem gets one
 //! `error: …` line and exit status 1.
 //!
 //! This module never reads the store itself (the [`Gate`] answers for it), never writes to repos
@@ -29,6 +31,7 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelMsg, Disconnect, MethodKind, MethodSet};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info, info_span, warn, Instrument, Span};
 
@@ -36,23 +39,34 @@ use crate::attach::{self, Attach, Frontend, Input, Output, WindowSize};
 use crate::git;
 use crate::locks::Locks;
 
-/// What the SSH endpoint asks the rest of berth: who a key belongs to, and which apps exist.
+/// What the SSH endpoint asks the rest of berth: who a key belongs to, what they may do, and
+/// to do it.
 pub trait Gate: Send + Sync + 'static {
-    /// The stored key's name if this OpenSSH public key (as "ssh-ed25519 AAAA…" / "ssh-rsa …", no comment) may push; None refuses auth.
-    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>>;
-    /// Whether the app exists.
-    fn app_exists(&self, app: String) -> BoxFuture<'static, bool>;
+    /// The stored key's name and the user it belongs to, if this OpenSSH public key (as
+    /// "ssh-ed25519 AAAA…" / "ssh-rsa …", no comment) may log in; None refuses auth.
+    fn key_owner(&self, openssh_key: String) -> BoxFuture<'static, Option<(String, String)>>;
+    /// Whether `user` may push to (and run commands in) `app`; the message to refuse with
+    /// otherwise.
+    fn may_push(&self, user: String, app: String) -> BoxFuture<'static, Result<(), String>>;
     /// The push with this id (`BERTH_PUSH_ID` of its hooks) is over: its git-receive-pack exited.
     fn push_ended(&self, push: String) -> BoxFuture<'static, ()>;
-    /// Runs `command` (a shell command line) in a one-off container of `app` for the key named
-    /// `key`, attached to `attach`; its exit code, or why it could not run.
+    /// Runs `command` (a shell command line) in a one-off container of `app` as `user`,
+    /// attached to `attach`; its exit code, or why it could not run.
     fn run(
         &self,
         app: String,
         command: String,
-        key: String,
+        user: String,
         attach: Attach,
     ) -> BoxFuture<'static, Result<i32, String>>;
+    /// Runs a berth command (`config:set APP KEY=VALUE` as words) as `user`, sending what it
+    /// prints to `out` (`true` for stderr); its exit code.
+    fn command(
+        &self,
+        user: String,
+        words: Vec<String>,
+        out: mpsc::Sender<(bool, Vec<u8>)>,
+    ) -> BoxFuture<'static, i32>;
 }
 
 /// Where the SSH endpoint keeps its host key and finds the apps' bare repos.
@@ -116,7 +130,7 @@ pub async fn run(
                         pushes: pushes.clone(),
                         repos_dir: repos_dir.clone(),
                         span: span.clone(),
-                        key_name: None,
+                        key: None,
                         channels: HashMap::new(),
                         terminals: HashMap::new(),
                     };
@@ -202,7 +216,8 @@ struct Connection {
     pushes: Arc<Locks>,
     repos_dir: Arc<PathBuf>,
     span: Span,
-    key_name: Option<String>,
+    /// The accepted key's name and its owner.
+    key: Option<(String, String)>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     /// The pty size each channel asked for, if it asked for one.
     terminals: HashMap<ChannelId, WindowSize>,
@@ -220,11 +235,11 @@ impl russh::server::Handler for Connection {
         let Ok(openssh) = PublicKey::new(key.public_key.key_data().clone(), "").to_openssh() else {
             return Ok(Auth::reject());
         };
-        match self.gate.key_name(openssh).await {
-            Some(name) => {
+        match self.gate.key_owner(openssh).await {
+            Some((name, user)) => {
                 self.span.record("key", name.as_str());
-                info!(parent: &self.span, "key accepted");
-                self.key_name = Some(name);
+                info!(parent: &self.span, %user, "key accepted");
+                self.key = Some((name, user));
                 Ok(Auth::Accept)
             }
             None => {
@@ -333,15 +348,21 @@ impl russh::server::Handler for Connection {
                 return refuse(session, channel_id, &message);
             }
             let (frontend, attach) = attach::pair(terminal);
-            let key = self.key_name.clone().unwrap_or_default();
-            let run = self.gate.run(app, command, key, attach);
+            let run = self.gate.run(app, command, self.user(), attach);
             tokio::spawn(run_attached(channel, frontend, run).instrument(self.span.clone()));
             return Ok(());
         }
         let app = match git::parse_receive_pack(&command) {
             Ok(app) => app,
             Err(git::GitError::NotAPush { command }) => {
-                return refuse(session, channel_id, &not_served(&format!("{command:?}")))
+                let words = match shlex::split(&command) {
+                    Some(words) if !words.is_empty() => words,
+                    _ => return refuse(session, channel_id, &not_served(&format!("{command:?}"))),
+                };
+                let (tx, rx) = mpsc::channel(64);
+                let ran = self.gate.command(self.user(), words, tx);
+                tokio::spawn(command_attached(channel, rx, ran).instrument(self.span.clone()));
+                return Ok(());
             }
             Err(e) => return refuse(session, channel_id, &e.to_string()),
         };
@@ -356,7 +377,7 @@ impl russh::server::Handler for Connection {
             .env("BERTH_APP", &app)
             .env(
                 "BERTH_KEY_NAME",
-                self.key_name.as_deref().unwrap_or_default(),
+                self.key.as_ref().map_or("", |(name, _)| name.as_str()),
             )
             .env("BERTH_PUSH_ID", &push);
         let (pushes, gate) = (self.pushes.clone(), self.gate.clone());
@@ -381,22 +402,55 @@ impl russh::server::Handler for Connection {
 }
 
 impl Connection {
+    /// The user the accepted key belongs to.
+    fn user(&self) -> String {
+        self.key
+            .as_ref()
+            .map(|(_, user)| user.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether this connection's key may push `app` (and so run commands in it); the message
     /// to refuse with otherwise.
     async fn may_push(&self, app: &str) -> Result<(), String> {
         self.span.record("app", app);
-        if !self.gate.app_exists(app.to_string()).await {
-            return Err(format!(
-                "app {app:?} does not exist — create it first with: berth apps:create {app}"
-            ));
-        }
-        Ok(())
+        self.gate.may_push(self.user(), app.to_string()).await
     }
+}
+
+/// Joins the channel to a berth command: what it prints goes out (stderr as extended data),
+/// then its exit status, EOF and close. Input is not read.
+async fn command_attached(
+    channel: Channel<Msg>,
+    mut printed: mpsc::Receiver<(bool, Vec<u8>)>,
+    ran: BoxFuture<'static, i32>,
+) {
+    let (_from_client, to_client) = channel.split();
+    let forwarding = async {
+        let mut out = to_client.make_writer();
+        let mut err = to_client.make_writer_ext(Some(1));
+        while let Some((is_err, bytes)) = printed.recv().await {
+            let sent = match is_err {
+                true => err.write_all(&bytes).await,
+                false => out.write_all(&bytes).await,
+            };
+            if sent.is_err() {
+                return; // the client went away: dropping the receiver ends the command
+            }
+        }
+    };
+    let (code, ()) = tokio::join!(ran, forwarding);
+    info!(code, "command finished");
+    let _ = to_client
+        .exit_status(u32::try_from(code).unwrap_or(1))
+        .await;
+    let _ = to_client.eof().await;
+    let _ = to_client.close().await;
 }
 
 /// What a refused request is told: what is served here, and how to use it.
 fn not_served(what: &str) -> String {
-    format!("only git push and run are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash")
+    format!("only git push, run and berth commands are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash; see the commands with: ssh -p PORT git@HOST help")
 }
 
 /// Whether `command` asks for a one-off run (`run APP …`).

@@ -56,6 +56,8 @@ struct Server {
     http: SocketAddr,
     https: SocketAddr,
     ssh: SocketAddr,
+    /// The REST API (`--api`).
+    api: SocketAddr,
     bridge: String,
     subnet: String,
     /// Whether `launch` starts an `--ephemeral` server (whose stop stops its containers).
@@ -85,6 +87,7 @@ impl Server {
             http: ([0, 0, 0, 0], 0).into(),
             https: ([0, 0, 0, 0], 0).into(),
             ssh: ([0, 0, 0, 0], 0).into(),
+            api: ([0, 0, 0, 0], 0).into(),
             bridge: format!("bt{}x{n}", pid % 100_000),
             subnet: format!("10.{}.0.0/16", 200 + (pid + 17 * n) % 50),
             ephemeral: true,
@@ -110,7 +113,7 @@ impl Server {
             .arg("--data")
             .arg(self.data())
             .args(["server", "--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
-            .args(["--ssh", "127.0.0.1:0"])
+            .args(["--ssh", "127.0.0.1:0", "--api", "127.0.0.1:0"])
             .args(["--domain", "localhost"])
             .args(self.ephemeral.then_some("--ephemeral"))
             .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
@@ -134,6 +137,7 @@ impl Server {
         self.http = field("http");
         self.https = field("https");
         self.ssh = field("ssh");
+        self.api = field("api");
     }
 
     /// Kills the server with SIGKILL, as a crash would: its containers keep running.
@@ -678,7 +682,7 @@ fn slow_push_deploy_config_and_bad_input() {
     );
     let out = laptop.ssh(server.ssh.port(), "ls");
     assert!(
-        !out.status.success() && text(&out).contains("only git push"),
+        out.status.code() == Some(2) && text(&out).contains("unrecognized subcommand 'ls'"),
         "{}",
         text(&out)
     );
@@ -3055,7 +3059,7 @@ fn slow_run_one_off_commands() {
     }
     let logs = server.berth_ok(&["logs", "once"]);
     assert!(
-        logs.contains("berth[run.1]: started `sh` by laptop"),
+        logs.contains("berth[run.1]: started `sh` by admin"),
         "{logs}"
     );
     assert!(logs.contains("berth[run.1]: exited with code 4"), "{logs}");
@@ -3274,5 +3278,488 @@ fn slow_images_export_gc_and_info() {
         left.is_empty(),
         "left behind after stop: {left:#?}\n--- server log:\n{}",
         server.log()
+    );
+}
+
+/// One API request with curl: (status, body). `token` None sends no Authorization header.
+fn api_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-S", "--max-time", "60", "-X", method])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("http://{addr}/api/v1{path}"));
+    if let Some(token) = token {
+        curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    if let Some(body) = body {
+        curl.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = run(&mut curl);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Who an endpoint is for: admins only, users granted the app, or every user for their own
+/// things.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scope {
+    Admin,
+    App,
+    Own,
+}
+
+/// Every API endpoint with a valid token, a revoked one, none and another user's: the
+/// OpenAPI document lists exactly the endpoints below (and validates), none answers without a
+/// valid token, a user who was not granted an app is refused it, only admins reach the
+/// admin's endpoints, and nobody reaches another user's keys, tokens or password.
+#[test]
+fn api_every_endpoint_with_valid_revoked_missing_and_foreign_tokens() {
+    if !prerequisites_met(&[]) {
+        return;
+    }
+    let validator = std::env::var("BERTH_OPENAPI_VALIDATOR")
+        .unwrap_or_else(|_| "/var/tmp/berth-openapi-venv/bin/openapi-spec-validator".into());
+    if !Path::new(&validator).exists() {
+        let message = format!(
+            "{validator} is missing (scripts/test installs openapi-spec-validator from PyPI)"
+        );
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED: {message}");
+        return;
+    }
+    let server = Server::start();
+    let token_of = |user: &str, name: &str| {
+        server
+            .berth_ok(&["tokens:create", name, "--user", user])
+            .trim()
+            .to_string()
+    };
+    server.berth_ok(&["users:add", "alice"]);
+    server.berth_ok(&["users:add", "bob"]);
+    server.berth_ok(&["apps:create", "shop"]);
+    server.berth_ok(&["apps:grant", "shop", "alice"]);
+    let admin = token_of("admin", "ci");
+    let alice = token_of("alice", "laptop");
+    let bob = token_of("bob", "laptop");
+    let revoked = token_of("alice", "old");
+    server.berth_ok(&["tokens:revoke", "old", "--user", "alice"]);
+    let key = |n: &str| {
+        let dir = server.dir.path().join(format!("key-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("id");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&path));
+        std::fs::read_to_string(path.with_extension("pub")).unwrap()
+    };
+    let body_key = |name: &str| serde_json::json!({ "name": name, "key": key(name) }).to_string();
+
+    // The OpenAPI document is public, valid, and lists exactly these endpoints.
+    let (status, doc) = api_call(server.api, "GET", "/openapi.json", None, None);
+    assert_eq!(status, 200, "{doc}");
+    let doc_file = server.dir.path().join("openapi.json");
+    std::fs::write(&doc_file, &doc).unwrap();
+    let validated = run(Command::new(&validator).arg(&doc_file));
+    assert!(validated.status.success(), "{}", text(&validated));
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let mut listed: Vec<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    listed.sort();
+
+    // (method, documented path, scope, the request alice (or an admin) makes, body).
+    use Scope::*;
+    let endpoints: Vec<(&str, &str, Scope, String, Option<String>)> = vec![
+        ("GET", "/api/v1/me", Own, "/me".into(), None),
+        ("GET", "/api/v1/apps", Own, "/apps".into(), None),
+        (
+            "POST",
+            "/api/v1/apps",
+            Own,
+            "/apps".into(),
+            Some(r#"{"name":"scratch"}"#.into()),
+        ),
+        ("GET", "/api/v1/apps/{app}", App, "/apps/shop".into(), None),
+        (
+            "PUT",
+            "/api/v1/apps/{app}/users/{user}",
+            Admin,
+            "/apps/shop/users/bob".into(),
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/v1/apps/{app}/users/{user}",
+            Admin,
+            "/apps/shop/users/bob".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/config",
+            App,
+            "/apps/shop/config".into(),
+            None,
+        ),
+        (
+            "PATCH",
+            "/api/v1/apps/{app}/config",
+            App,
+            "/apps/shop/config".into(),
+            Some(r#"{"vars":{"X":"<script>1</script>"}}"#.into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/config/{key}",
+            App,
+            "/apps/shop/config/X".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/releases",
+            App,
+            "/apps/shop/releases".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/apps/{app}/rollback",
+            App,
+            "/apps/shop/rollback".into(),
+            Some("{}".into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/ps",
+            App,
+            "/apps/shop/ps".into(),
+            None,
+        ),
+        (
+            "PATCH",
+            "/api/v1/apps/{app}/formation",
+            App,
+            "/apps/shop/formation".into(),
+            Some(r#"{"web":2}"#.into()),
+        ),
+        (
+            "POST",
+            "/api/v1/apps/{app}/restart",
+            App,
+            "/apps/shop/restart".into(),
+            Some("{}".into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/logs",
+            App,
+            "/apps/shop/logs?num=5".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/domains",
+            App,
+            "/apps/shop/domains".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/apps/{app}/domains",
+            App,
+            "/apps/shop/domains".into(),
+            Some(r#"{"host":"shop.example.com"}"#.into()),
+        ),
+        (
+            "DELETE",
+            "/api/v1/apps/{app}/domains/{host}",
+            App,
+            "/apps/shop/domains/shop.example.com".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/certs",
+            App,
+            "/apps/shop/certs".into(),
+            None,
+        ),
+        (
+            "PUT",
+            "/api/v1/apps/{app}/certs",
+            App,
+            "/apps/shop/certs".into(),
+            Some(r#"{"chain":"x","key":"y"}"#.into()),
+        ),
+        (
+            "DELETE",
+            "/api/v1/apps/{app}/certs",
+            App,
+            "/apps/shop/certs".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/apps/{app}/certs/auto",
+            App,
+            "/apps/shop/certs/auto".into(),
+            Some("{}".into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/resources",
+            App,
+            "/apps/shop/resources".into(),
+            None,
+        ),
+        (
+            "PATCH",
+            "/api/v1/apps/{app}/resources/{process_type}",
+            App,
+            "/apps/shop/resources/web".into(),
+            Some(r#"{"memory":"256M"}"#.into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/builds",
+            App,
+            "/apps/shop/builds".into(),
+            None,
+        ),
+        (
+            "PATCH",
+            "/api/v1/apps/{app}/builds",
+            App,
+            "/apps/shop/builds".into(),
+            Some(r#"{"memory":"1G"}"#.into()),
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/network",
+            App,
+            "/apps/shop/network".into(),
+            None,
+        ),
+        (
+            "PUT",
+            "/api/v1/apps/{app}/network",
+            App,
+            "/apps/shop/network".into(),
+            Some(r#"{"egress":true}"#.into()),
+        ),
+        (
+            "POST",
+            "/api/v1/apps/{app}/run",
+            App,
+            "/apps/shop/run?command=true".into(),
+            None,
+        ),
+        ("GET", "/api/v1/images", Admin, "/images".into(), None),
+        (
+            "POST",
+            "/api/v1/images",
+            Admin,
+            "/images".into(),
+            Some("not a tar".into()),
+        ),
+        (
+            "GET",
+            "/api/v1/images/archive",
+            Admin,
+            "/images/archive?image=nope".into(),
+            None,
+        ),
+        ("POST", "/api/v1/gc", Admin, "/gc".into(), None),
+        ("GET", "/api/v1/info", Admin, "/info".into(), None),
+        (
+            "POST",
+            "/api/v1/stacks/{stack}/build",
+            Admin,
+            "/stacks/nope/build".into(),
+            None,
+        ),
+        ("GET", "/api/v1/users", Admin, "/users".into(), None),
+        (
+            "POST",
+            "/api/v1/users",
+            Admin,
+            "/users".into(),
+            Some(r#"{"name":"carol"}"#.into()),
+        ),
+        (
+            "DELETE",
+            "/api/v1/users/{user}",
+            Admin,
+            "/users/carol".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/api/v1/users/{user}/password",
+            Own,
+            "/users/alice/password".into(),
+            None,
+        ),
+        ("GET", "/api/v1/keys", Own, "/keys".into(), None),
+        (
+            "POST",
+            "/api/v1/keys",
+            Own,
+            "/keys".into(),
+            Some(body_key("alices")),
+        ),
+        (
+            "DELETE",
+            "/api/v1/keys/{name}",
+            Own,
+            "/keys/alices".into(),
+            None,
+        ),
+        ("GET", "/api/v1/tokens", Own, "/tokens".into(), None),
+        (
+            "POST",
+            "/api/v1/tokens",
+            Own,
+            "/tokens".into(),
+            Some(r#"{"name":"extra"}"#.into()),
+        ),
+        (
+            "DELETE",
+            "/api/v1/tokens/{name}",
+            Own,
+            "/tokens/extra".into(),
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/v1/apps/{app}",
+            App,
+            "/apps/scratch".into(),
+            None,
+        ),
+    ];
+    let mut expected: Vec<String> = endpoints
+        .iter()
+        .map(|(method, path, ..)| format!("{method} {path}"))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        listed, expected,
+        "the OpenAPI document and this test disagree"
+    );
+
+    let refused = |status: u16| status == 401 || status == 403;
+    for (method, _, scope, path, body) in &endpoints {
+        let body = body.as_deref();
+        let what = format!("{method} {path}");
+        // No token, a revoked one: 401 with a JSON error.
+        for token in [None, Some(revoked.as_str())] {
+            let (status, answer) = api_call(server.api, method, path, token, body);
+            assert_eq!(status, 401, "{what} with {token:?}: {answer}");
+            let error: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            assert_eq!(error["code"], "unauthorized", "{what}: {answer}");
+        }
+        // Another user's token: refused for what is not theirs. (What bob may create for
+        // himself is not created here: it would take the names alice's calls use.)
+        let names_alice = path.contains("alice") || path.ends_with("/extra");
+        let (status, answer) = match (scope, *method, names_alice) {
+            (Own, "POST", false) => (200, String::new()),
+            _ => api_call(server.api, method, path, Some(&bob), body),
+        };
+        match scope {
+            Admin | App => assert_eq!(status, 403, "{what} as bob: {answer}"),
+            Own if names_alice => {
+                assert!(
+                    status == 403 || status == 404,
+                    "{what} as bob: {status} {answer}"
+                )
+            }
+            Own => assert!(!refused(status), "{what} as bob: {status} {answer}"),
+        }
+        // A valid token: past authentication and permission (the admin's for admin routes;
+        // the operation itself may still refuse what it is asked, e.g. no release yet).
+        let token = if *scope == Admin { &admin } else { &alice };
+        let (status, answer) = api_call(server.api, method, path, Some(token), body);
+        assert!(!refused(status) && status != 0, "{what}: {status} {answer}");
+        assert!(!answer.contains("no such API route"), "{what}: {answer}");
+        if *scope == Admin {
+            let (status, answer) = api_call(server.api, method, path, Some(&alice), body);
+            assert_eq!(status, 403, "{what} as alice (not an admin): {answer}");
+        }
+    }
+    // What the valid calls did, seen through the CLI as root.
+    assert_eq!(
+        server.berth_ok(&["config:get", "shop", "X"]).trim(),
+        "<script>1</script>"
+    );
+    assert!(!server.berth_ok(&["apps"]).contains("scratch"));
+    let (status, me) = api_call(server.api, "GET", "/me", Some(&bob), None);
+    assert_eq!(
+        (status, me.as_str()),
+        (200, r#"{"user":"bob","admin":false}"#)
+    );
+    let (_, apps) = api_call(server.api, "GET", "/apps", Some(&bob), None);
+    assert_eq!(apps, "[]", "bob sees no app he was not granted");
+    // Errors name what to do, with the status their kind means.
+    let (status, answer) = api_call(server.api, "GET", "/apps/nope", Some(&admin), None);
+    assert_eq!(status, 404, "{answer}");
+    assert!(answer.contains("not found — see `berth apps`"), "{answer}");
+    let (status, answer) = api_call(
+        server.api,
+        "POST",
+        "/apps",
+        Some(&admin),
+        Some(r#"{"name":"Bad Name"}"#),
+    );
+    assert_eq!(status, 422, "{answer}");
+    let (status, answer) = api_call(
+        server.api,
+        "POST",
+        "/apps",
+        Some(&admin),
+        Some(r#"{"name":"shop"}"#),
+    );
+    assert_eq!(status, 409, "{answer}");
+    let (status, answer) = api_call(server.api, "POST", "/apps", Some(&admin), Some("{"));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&answer).is_ok(),
+        "{answer}"
+    );
+    // The API answers behind the proxy at berth.<domain> too.
+    let mut stream = TcpStream::connect(server.http).unwrap();
+    write!(
+        stream,
+        "GET /api/v1/me HTTP/1.1\r\nHost: berth.localhost\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(r#"{"user":"alice","admin":false}"#),
+        "{answer}"
     );
 }

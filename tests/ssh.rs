@@ -30,14 +30,40 @@ struct TestGate {
 }
 
 impl Gate for TestGate {
-    fn key_name(&self, openssh_key: String) -> BoxFuture<'static, Option<String>> {
+    /// Each key belongs to a user of the same name.
+    fn key_owner(&self, openssh_key: String) -> BoxFuture<'static, Option<(String, String)>> {
         let name = self.keys.get(&openssh_key).cloned();
-        async move { name }.boxed()
+        async move { name.map(|n| (n.clone(), n)) }.boxed()
     }
 
-    fn app_exists(&self, app: String) -> BoxFuture<'static, bool> {
+    fn may_push(&self, _user: String, app: String) -> BoxFuture<'static, Result<(), String>> {
         let exists = self.apps.contains(&app);
-        async move { exists }.boxed()
+        async move {
+            match exists {
+                true => Ok(()),
+                false => Err(format!(
+                    "app {app:?} does not exist — create it first with: berth apps:create {app}"
+                )),
+            }
+        }
+        .boxed()
+    }
+
+    /// A stand-in for berth's commands: says on stdout what it got and as whom, one line on
+    /// stderr, and exits 3.
+    fn command(
+        &self,
+        user: String,
+        words: Vec<String>,
+        out: tokio::sync::mpsc::Sender<(bool, Vec<u8>)>,
+    ) -> BoxFuture<'static, i32> {
+        async move {
+            let said = format!("{words:?} as {user}\n");
+            let _ = out.send((false, said.into_bytes())).await;
+            let _ = out.send((true, b"a warning\n".to_vec())).await;
+            3
+        }
+        .boxed()
     }
 
     fn push_ended(&self, push: String) -> BoxFuture<'static, ()> {
@@ -558,23 +584,17 @@ async fn anything_but_a_push_is_refused_with_one_line() {
     let scripts = tempfile::tempdir().unwrap();
     let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
     let refused = |what: &str| {
-        format!("error: only git push and run are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash\n")
+        format!("error: only git push, run and berth commands are served here (got {what}) — push with: git push deploy main; run a command in an app with: ssh -t -p PORT git@HOST run APP -- bash; see the commands with: ssh -p PORT git@HOST help\n")
     };
     let usage =
         "error: say which app and what to run: ssh -t -p PORT git@HOST run APP -- COMMAND\n";
     let cases: &[(&[&str], String)] = &[
-        (&["ls"], refused("\"ls\"")),
-        (
-            &["git-upload-pack '/hello'"],
-            refused("\"git-upload-pack '/hello'\""),
-        ),
         (
             &["git-receive-pack '../hello'"],
             "error: \"../hello\" is not a valid app name — use 1 to 63 lowercase letters, digits and dashes, starting with a letter\n".to_string(),
         ),
         (&[], refused("a shell")),
         (&["-tt"], refused("a shell")),
-        (&["-tt", "ls"], refused("\"ls\"")),
         (&["-s", "sftp"], refused("\"subsystem sftp\"")),
         (&["run"], usage.to_string()),
         (&["run hello"], usage.to_string()),
@@ -587,7 +607,6 @@ async fn anything_but_a_push_is_refused_with_one_line() {
             &["run nope -- ls"],
             "error: app \"nope\" does not exist — create it first with: berth apps:create nope\n".to_string(),
         ),
-        (&["runner"], refused("\"runner\"")),
     ];
     for (args, expected) in cases {
         let output = server.ssh(&server.key, args).await;
@@ -599,6 +618,28 @@ async fn anything_but_a_push_is_refused_with_one_line() {
             text(&output)
         );
         assert!(output.stdout.is_empty(), "{args:?}: {}", text(&output));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_command_lines_are_berth_commands_of_the_keys_user() {
+    let scripts = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&["hello"], &hook_script(scripts.path(), ACCEPTING_HOOK)).await;
+    for (args, words) in [
+        (
+            &["config:set hello 'A=b c'"][..],
+            r#"["config:set", "hello", "A=b c"]"#,
+        ),
+        (&["-tt", "ps", "hello"], r#"["ps", "hello"]"#),
+        (&["runner"], r#"["runner"]"#),
+    ] {
+        let output = server.ssh(&server.key, args).await;
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {}", text(&output));
+        let stdout = String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n");
+        assert_eq!(stdout, format!("{words} as laptop\n"), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr).replace("\r\n", "\n");
+        assert_eq!(stderr, "a warning\n", "{args:?}");
     }
     server.stop().await;
 }

@@ -52,7 +52,7 @@ cleanup() {
 trap cleanup EXIT
 berth() { "$berth_bin" --data "$data" "$@"; }
 
-"$berth_bin" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --domain localhost \
+"$berth_bin" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 --domain localhost \
     --ephemeral --bridge "bbb$$" --subnet 10.197.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
 server=$!
 for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done

@@ -133,7 +133,7 @@ if [ -n "$shared" ]; then
     cp -al "$shared/." "$data/images/"
 fi
 avail_before=$(kib)
-RUST_LOG=${RUST_LOG:-warn} "$BERTH_BIN" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 \
+RUST_LOG=${RUST_LOG:-warn} "$BERTH_BIN" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 \
     --domain localhost --ephemeral --bridge "$bridge" --subnet 10.197.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
 server=$!
 for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done

@@ -22,9 +22,10 @@ use crate::image::gc::Collected;
 use crate::store::ReleaseStatus;
 
 /// What a collection did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct GcReport {
     #[serde(flatten)]
+    #[schema(inline)]
     pub collected: Collected,
     /// Buildpack dependency layer entries and destroyed apps' caches removed.
     pub buildpack_cache_entries: usize,

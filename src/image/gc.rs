@@ -33,7 +33,9 @@ pub struct StoredImage {
 }
 
 /// What a collection removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct Collected {
     pub images: usize,
     pub layers: usize,

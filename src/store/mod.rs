@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
 use thiserror::Error;
@@ -36,13 +36,21 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0} — was the data directory made by a newer berth?")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("no user named {0:?} — see `berth users`")]
+    UserNotFound(String),
+    #[error("a user named {0:?} already exists — see `berth users`")]
+    UserExists(String),
+    #[error("no token named {0:?} — see `berth tokens`")]
+    TokenNotFound(String),
+    #[error("a token named {0:?} already exists — revoke it first with `berth tokens:revoke {0}`, or pick another name")]
+    TokenNameTaken(String),
     #[error("corrupt record in the database: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AppRow {
     pub name: String,
     pub created_at: String,
@@ -54,7 +62,9 @@ pub type ProcessTypes = BTreeMap<String, String>;
 pub type Formation = BTreeMap<String, u32>;
 
 /// Where a release is in its life. An app has at most one `live` release: the one that should run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(rename_all = "lowercase")]
 pub enum ReleaseStatus {
@@ -80,7 +90,7 @@ impl ReleaseStatus {
 }
 
 /// An immutable release `vN` of an app.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Release {
     pub app: String,
     pub version: i64,
@@ -96,6 +106,7 @@ pub struct Release {
     /// The SSH key that pushed it, or `admin` for the local CLI.
     pub created_by: String,
     /// What its containers must pass before they get traffic.
+    #[schema(value_type = Object)]
     pub checks: Checks,
 }
 
@@ -111,11 +122,31 @@ pub struct NewRelease {
     pub checks: Checks,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct KeyRow {
     pub name: String,
     pub fingerprint: String,
     pub created_at: String,
+    /// The user it belongs to.
+    pub user: String,
+}
+
+/// A user: keys and tokens belong to one.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct UserRow {
+    pub name: String,
+    /// May do anything; otherwise only what concerns the apps granted.
+    pub admin: bool,
+    pub created_at: String,
+}
+
+/// An API token as listed (its secret is never stored, only its SHA-256).
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TokenRow {
+    pub user: String,
+    pub name: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
 }
 
 /// An app's TLS certificate as stored.
@@ -131,7 +162,7 @@ pub struct CertRow {
 }
 
 /// What `builds:set` changed of an app's build limits; None keeps the default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct BuildLimitsRow {
     pub memory: Option<i64>,
     pub cpu_millis: Option<i64>,
@@ -140,7 +171,7 @@ pub struct BuildLimitsRow {
 }
 
 /// An app with automatic certificates (`certs:auto`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct AcmeRow {
     pub app: String,
     /// Plain-HTTP requests to the certificate's hosts are redirected to HTTPS.
@@ -151,7 +182,9 @@ pub struct AcmeRow {
 
 /// Where a container is in its life, as the daemon decided it (whether its process still runs is
 /// the runtime's to say).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(rename_all = "lowercase")]
 pub enum ContainerState {
@@ -164,7 +197,7 @@ pub enum ContainerState {
 }
 
 /// A container the daemon started.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ContainerRow {
     pub id: String,
     pub app: String,
@@ -184,7 +217,7 @@ pub struct ContainerRow {
 }
 
 /// What `resources:set` changed of a process type's limits; None keeps the default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ResourcesRow {
     pub process_type: String,
     pub memory: Option<i64>,
@@ -447,25 +480,30 @@ impl Store {
         Ok(())
     }
 
-    pub async fn keys(&self) -> Result<Vec<KeyRow>> {
-        Ok(
-            sqlx::query_as("SELECT name, fingerprint, created_at FROM keys ORDER BY name")
-                .fetch_all(&self.pool)
-                .await?,
+    /// The keys of `user`, or everyone's.
+    pub async fn keys(&self, user: Option<&str>) -> Result<Vec<KeyRow>> {
+        Ok(sqlx::query_as(
+            "SELECT name, fingerprint, created_at, user FROM keys
+             WHERE ?1 IS NULL OR user = ?1 ORDER BY name",
         )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
-    pub async fn add_key(&self, name: &str, key: &ParsedKey) -> Result<()> {
-        if let Some(existing) = self.key_name(&key.openssh).await? {
+    pub async fn add_key(&self, user: &str, name: &str, key: &ParsedKey) -> Result<()> {
+        if let Some((existing, _)) = self.key_owner(&key.openssh).await? {
             return Err(StoreError::KeyExists(existing));
         }
+        self.user(user).await?;
         let result = sqlx::query(
-            "INSERT INTO keys (name, openssh, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO keys (name, openssh, fingerprint, created_at, user) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(name)
         .bind(&key.openssh)
         .bind(&key.fingerprint)
         .bind(now())
+        .bind(user)
         .execute(&self.pool)
         .await;
         match result {
@@ -476,9 +514,11 @@ impl Store {
         }
     }
 
-    pub async fn remove_key(&self, name: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM keys WHERE name = ?")
+    /// Removes the key `name` of `user` (of anyone's for None).
+    pub async fn remove_key(&self, user: Option<&str>, name: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM keys WHERE name = ?1 AND (?2 IS NULL OR user = ?2)")
             .bind(name)
+            .bind(user)
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {
@@ -487,13 +527,192 @@ impl Store {
         Ok(())
     }
 
-    /// The name of the stored key equal to `openssh` ("ALGORITHM BASE64"), if any.
-    pub async fn key_name(&self, openssh: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT name FROM keys WHERE openssh = ?")
+    /// The name and user of the stored key equal to `openssh` ("ALGORITHM BASE64"), if any.
+    pub async fn key_owner(&self, openssh: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT name, user FROM keys WHERE openssh = ?")
             .bind(openssh)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.get("name")))
+        Ok(row.map(|r| (r.get("name"), r.get("user"))))
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserRow>> {
+        Ok(
+            sqlx::query_as("SELECT name, admin, created_at FROM users ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn user(&self, name: &str) -> Result<UserRow> {
+        sqlx::query_as("SELECT name, admin, created_at FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::UserNotFound(name.to_string()))
+    }
+
+    /// Adds a user with this password hash (argon2 PHC string).
+    pub async fn add_user(&self, name: &str, admin: bool, password_hash: &str) -> Result<()> {
+        let result = sqlx::query(
+            "INSERT INTO users (name, admin, password_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(admin)
+        .bind(password_hash)
+        .bind(now())
+        .execute(&self.pool)
+        .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::UserExists(name.to_string()))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Removes a user with their keys, tokens and grants.
+    pub async fn remove_user(&self, name: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM keys WHERE user = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let done = sqlx::query("DELETE FROM users WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound(name.to_string()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn password_hash(&self, user: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT password_hash FROM users WHERE name = ?")
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::UserNotFound(user.to_string()))?;
+        Ok(row.get("password_hash"))
+    }
+
+    pub async fn set_password_hash(&self, user: &str, hash: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
+            .bind(hash)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UserNotFound(user.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Lets `user` use `app` (idempotent).
+    pub async fn grant(&self, app: &str, user: &str) -> Result<()> {
+        self.require_app(app).await?;
+        self.user(user).await?;
+        sqlx::query("INSERT OR IGNORE INTO grants (app, user, created_at) VALUES (?, ?, ?)")
+            .bind(app)
+            .bind(user)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes `app` from `user`; false when they did not have it.
+    pub async fn revoke_grant(&self, app: &str, user: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM grants WHERE app = ? AND user = ?")
+            .bind(app)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn has_grant(&self, app: &str, user: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM grants WHERE app = ? AND user = ?")
+            .bind(app)
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// The apps granted to `user`.
+    pub async fn granted_apps(&self, user: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT app FROM grants WHERE user = ? ORDER BY app")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get("app")).collect())
+    }
+
+    /// The users granted `app`.
+    pub async fn app_users(&self, app: &str) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT user FROM grants WHERE app = ? ORDER BY user")
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get("user")).collect())
+    }
+
+    /// Stores a token of `user` by its hash.
+    pub async fn add_token(&self, user: &str, name: &str, hash: &str) -> Result<()> {
+        self.user(user).await?;
+        let result =
+            sqlx::query("INSERT INTO tokens (user, name, hash, created_at) VALUES (?, ?, ?, ?)")
+                .bind(user)
+                .bind(name)
+                .bind(hash)
+                .bind(now())
+                .execute(&self.pool)
+                .await;
+        match result {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::TokenNameTaken(name.to_string()))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// The tokens of `user`, or everyone's.
+    pub async fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenRow>> {
+        Ok(sqlx::query_as(
+            "SELECT user, name, created_at, last_used_at FROM tokens
+             WHERE ?1 IS NULL OR user = ?1 ORDER BY user, name",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn revoke_token(&self, user: &str, name: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM tokens WHERE user = ? AND name = ?")
+            .bind(user)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::TokenNotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The user (name, admin) whose token has this hash, noting its use.
+    pub async fn token_user(&self, hash: &str) -> Result<Option<(String, bool)>> {
+        let row = sqlx::query(
+            "UPDATE tokens SET last_used_at = ? WHERE hash = ?
+             RETURNING user, (SELECT admin FROM users WHERE users.name = tokens.user) AS admin",
+        )
+        .bind(now())
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| (r.get("user"), r.get("admin"))))
     }
 
     /// The custom domains of `app`, sorted.
@@ -1067,38 +1286,86 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keys() {
+    async fn keys_belong_to_users() {
         let (_dir, s) = store().await;
         let key = ParsedKey {
             openssh: "ssh-ed25519 AAAA".into(),
             fingerprint: "SHA256:x".into(),
         };
-        s.add_key("laptop", &key).await.unwrap();
+        // `admin` exists from the start; other users must be added first.
+        s.add_key("admin", "laptop", &key).await.unwrap();
         assert!(
-            matches!(s.add_key("other", &key).await, Err(StoreError::KeyExists(n)) if n == "laptop")
+            matches!(s.add_key("admin", "other", &key).await, Err(StoreError::KeyExists(n)) if n == "laptop")
         );
         let key2 = ParsedKey {
             openssh: "ssh-ed25519 BBBB".into(),
             fingerprint: "SHA256:y".into(),
         };
         assert!(matches!(
-            s.add_key("laptop", &key2).await,
+            s.add_key("admin", "laptop", &key2).await,
             Err(StoreError::KeyNameTaken(_))
         ));
-        assert_eq!(
-            s.key_name("ssh-ed25519 AAAA").await.unwrap().as_deref(),
-            Some("laptop")
-        );
-        let keys = s.keys().await.unwrap();
-        assert_eq!(
-            (keys[0].name.as_str(), keys[0].fingerprint.as_str()),
-            ("laptop", "SHA256:x")
-        );
-        s.remove_key("laptop").await.unwrap();
-        assert_eq!(s.key_name("ssh-ed25519 AAAA").await.unwrap(), None);
         assert!(matches!(
-            s.remove_key("laptop").await,
+            s.add_key("alice", "alices", &key2).await,
+            Err(StoreError::UserNotFound(_))
+        ));
+        s.add_user("alice", false, "hash").await.unwrap();
+        s.add_key("alice", "alices", &key2).await.unwrap();
+        assert_eq!(
+            s.key_owner("ssh-ed25519 AAAA").await.unwrap(),
+            Some(("laptop".into(), "admin".into()))
+        );
+        let keys = s.keys(Some("alice")).await.unwrap();
+        assert_eq!(
+            (
+                keys.len(),
+                keys[0].name.as_str(),
+                keys[0].fingerprint.as_str()
+            ),
+            (1, "alices", "SHA256:y")
+        );
+        assert_eq!(s.keys(None).await.unwrap().len(), 2);
+        // Only the owner's name matches when a user is given.
+        assert!(matches!(
+            s.remove_key(Some("alice"), "laptop").await,
             Err(StoreError::KeyNotFound(_))
         ));
+        s.remove_key(None, "laptop").await.unwrap();
+        assert_eq!(s.key_owner("ssh-ed25519 AAAA").await.unwrap(), None);
+        // Removing a user removes their keys and tokens.
+        s.add_token("alice", "ci", "h1").await.unwrap();
+        assert_eq!(
+            s.token_user("h1").await.unwrap(),
+            Some(("alice".into(), false))
+        );
+        s.remove_user("alice").await.unwrap();
+        assert_eq!(s.key_owner("ssh-ed25519 BBBB").await.unwrap(), None);
+        assert_eq!(s.token_user("h1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn grants_and_tokens() {
+        let (_dir, s) = store().await;
+        s.create_app("shop").await.unwrap();
+        s.add_user("bob", false, "hash").await.unwrap();
+        assert!(!s.has_grant("shop", "bob").await.unwrap());
+        s.grant("shop", "bob").await.unwrap();
+        s.grant("shop", "bob").await.unwrap();
+        assert!(s.has_grant("shop", "bob").await.unwrap());
+        assert_eq!(s.granted_apps("bob").await.unwrap(), ["shop"]);
+        assert!(s.revoke_grant("shop", "bob").await.unwrap());
+        assert!(!s.revoke_grant("shop", "bob").await.unwrap());
+        s.add_token("bob", "laptop", "hash-1").await.unwrap();
+        assert!(matches!(
+            s.add_token("bob", "laptop", "hash-2").await,
+            Err(StoreError::TokenNameTaken(_))
+        ));
+        assert_eq!(s.tokens(Some("bob")).await.unwrap()[0].last_used_at, None);
+        assert!(s.token_user("hash-1").await.unwrap().is_some());
+        assert!(s.tokens(Some("bob")).await.unwrap()[0]
+            .last_used_at
+            .is_some());
+        s.revoke_token("bob", "laptop").await.unwrap();
+        assert_eq!(s.token_user("hash-1").await.unwrap(), None);
     }
 }

@@ -1,0 +1,112 @@
+//! What runs: `ps`, scaling, restarts, releases and rollbacks (all through `deploy`).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Caller, Error, Kind, Result, Service};
+use crate::deploy::run::{self, RunRow};
+use crate::limits::Limits;
+use crate::progress::Progress;
+use crate::store::{ContainerRow, Formation, Release};
+
+/// One line of `ps`: a container of the formation, or a one-off run.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum PsEntry {
+    Container {
+        #[serde(flatten)]
+        container: ContainerRow,
+        /// Its state now: starting, up, crashed …
+        status: String,
+        /// The limits of its process type now, as people read them.
+        limits: String,
+    },
+    Run {
+        #[serde(flatten)]
+        #[schema(value_type = Object)]
+        run: RunRow,
+        status: String,
+        limits: String,
+    },
+}
+
+/// What scaling made.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Scaled {
+    pub version: i64,
+    pub formation: Formation,
+}
+
+impl Service {
+    pub async fn ps(&self, who: &Caller, app: &str) -> Result<Vec<PsEntry>> {
+        self.app(who, app).await?;
+        let set = self.store.resources(app).await?;
+        let limits = |t: &str| Limits::for_app(&set, t).describe();
+        let containers = self.store.containers(Some(app)).await?;
+        let runs = self.deployer.runs(app);
+        Ok(containers
+            .into_iter()
+            .map(|c| PsEntry::Container {
+                status: self.deployer.container_state(&c),
+                limits: limits(&c.process_type),
+                container: c,
+            })
+            .chain(runs.into_iter().map(|r| PsEntry::Run {
+                status: self.deployer.run_status(&r).to_string(),
+                limits: limits(run::PROCESS_TYPE),
+                run: r,
+            }))
+            .collect())
+    }
+
+    pub async fn scale(
+        &self,
+        who: &Caller,
+        app: &str,
+        formation: &Formation,
+        out: &Progress,
+    ) -> Result<Scaled> {
+        self.app(who, app).await?;
+        if formation.is_empty() {
+            return Err(Error::msg(
+                Kind::Invalid,
+                "nothing to scale — pass TYPE=COUNT pairs, e.g. web=2",
+            ));
+        }
+        let release = self.deployer.scale(app, formation, &who.user, out).await?;
+        Ok(Scaled {
+            version: release.version,
+            formation: release.formation,
+        })
+    }
+
+    /// Restarts the app's containers (of one process type, or all), zero downtime.
+    pub async fn restart(
+        &self,
+        who: &Caller,
+        app: &str,
+        process_type: Option<&str>,
+        out: &Progress,
+    ) -> Result<()> {
+        self.app(who, app).await?;
+        self.deployer.restart(app, process_type, out).await?;
+        Ok(())
+    }
+
+    /// The app's releases, newest first.
+    pub async fn releases(&self, who: &Caller, app: &str) -> Result<Vec<Release>> {
+        self.app(who, app).await?;
+        Ok(self.store.releases(app).await?)
+    }
+
+    /// A new release from release `version` (default: the one live before the current).
+    pub async fn rollback(
+        &self,
+        who: &Caller,
+        app: &str,
+        version: Option<i64>,
+        out: &Progress,
+    ) -> Result<Release> {
+        self.app(who, app).await?;
+        Ok(self.deployer.rollback(app, version, &who.user, out).await?)
+    }
+}
