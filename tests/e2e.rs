@@ -3763,3 +3763,137 @@ fn api_every_endpoint_with_valid_revoked_missing_and_foreign_tokens() {
         "{answer}"
     );
 }
+
+/// The README's deploy story from a laptop, as a user who is not an admin: root adds the user,
+/// a token and nothing else; the laptop's `berth` (with `BERTH_URL` and `BERTH_TOKEN`) adds its
+/// key, creates the app, pushes, sets config, reads logs and runs a command; SSH commands work
+/// for the key's owner. Another user's key, token and SSH commands are refused that app.
+#[test]
+fn slow_remote_cli_deploy_story() {
+    if !prerequisites_met(&[]) {
+        return;
+    }
+    let server = Server::start();
+    server.berth_ok(&["users:add", "dev"]);
+    server.berth_ok(&["users:add", "eve"]);
+    let token = server.berth_ok(&["tokens:create", "laptop", "--user", "dev"]);
+    let eve_token = server.berth_ok(&["tokens:create", "laptop", "--user", "eve"]);
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    let eve = Laptop::new(server.dir.path(), "eve");
+    let remote = |token: &str, args: &[&str]| {
+        run(Command::new(BERTH)
+            .args(args)
+            // No data dir of the server's: everything goes over the API.
+            .arg("--data")
+            .arg("/nonexistent")
+            .env("BERTH_URL", format!("http://{}", server.api))
+            .env("BERTH_TOKEN", token.trim()))
+    };
+    let ok = |token: &str, args: &[&str]| {
+        let out = remote(token, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{}",
+            text(&out),
+            server.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ok(&token, &["whoami"]).trim(), "dev");
+    let pubkey = |l: &Laptop| l.key.with_extension("pub").to_str().unwrap().to_string();
+    ok(&token, &["keys:add", "laptop", &pubkey(&laptop)]);
+    ok(&eve_token, &["keys:add", "eve", &pubkey(&eve)]);
+    let created = ok(&token, &["apps:create", "hello"]);
+    let port = server.ssh.port();
+    assert!(
+        created.contains(&format!("ssh://git@SERVER:{port}/hello")),
+        "{created}"
+    );
+
+    laptop.write("app.py", STDLIB_APP_PY);
+    laptop.write("version.txt", "v1");
+    laptop.write("Procfile", "web: python3 app.py\n");
+    laptop.commit("hello");
+    laptop.git(&[
+        "remote",
+        "add",
+        "deploy",
+        &format!("ssh://git@127.0.0.1:{port}/hello"),
+    ]);
+    let pushed = laptop.push_ok(&server, "the first push");
+    assert!(pushed.contains("hello v1 is live"), "{pushed}");
+    let out = ok(&token, &["config:set", "hello", "GREETING=hi there"]);
+    assert!(out.contains("is now v2"), "{out}");
+    server.assert_serves("hello.localhost", "v1/hi there\n");
+    assert!(ok(&token, &["releases", "hello"]).contains("Set GREETING config vars"));
+    assert!(ok(&token, &["ps", "hello"]).contains("web.1: up"));
+    let logs = ok(&token, &["logs", "hello", "-n", "50"]);
+    assert!(logs.contains("app[web.1]"), "{logs}");
+    let ran = remote(
+        &token,
+        &[
+            "run",
+            "--no-tty",
+            "hello",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; exit 6",
+        ],
+    );
+    assert_eq!(ran.status.code(), Some(6), "{}", text(&ran));
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "hi there\n");
+    // SSH commands, as the key's owner; no file is read on the server.
+    let out = laptop.ssh(port, "config:get hello GREETING");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there\n");
+    let out = laptop.ssh(port, "keys:add other /etc/passwd");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("reads a file, which SSH commands cannot"),
+        "{}",
+        text(&out)
+    );
+    let out = laptop.ssh(port, "whoami");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "dev\n",
+        "{}",
+        text(&out)
+    );
+
+    // eve may not touch dev's app: not by push, SSH command, run or API.
+    eve.write("x", "x");
+    eve.commit("x");
+    eve.git(&[
+        "remote",
+        "add",
+        "deploy",
+        &format!("ssh://git@127.0.0.1:{port}/hello"),
+    ]);
+    eve.push_rejected(&["eve may not use app \"hello\""]);
+    let out = eve.ssh(port, "config:set hello GREETING=pwned");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = eve.ssh(port, "run hello -- true");
+    assert!(
+        !out.status.success() && text(&out).contains("may not use"),
+        "{}",
+        text(&out)
+    );
+    let out = remote(&eve_token, &["config", "hello"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        text(&out).contains("apps:grant hello eve"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        ok(&eve_token, &["apps"]).trim(),
+        "No apps yet: create one with `berth apps:create NAME`"
+    );
+    // A revoked token stops working at once.
+    server.berth_ok(&["tokens:revoke", "laptop", "--user", "eve"]);
+    let out = remote(&eve_token, &["whoami"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    server.assert_serves("hello.localhost", "v1/hi there\n");
+}
