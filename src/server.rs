@@ -23,7 +23,7 @@ use crate::image::ImageStore;
 use crate::network::Network;
 use crate::paths::Paths;
 use crate::proxy::Routes;
-use crate::service::{Kind, Service, ServiceParts};
+use crate::service::{Kind, Service};
 use crate::store::Store;
 use crate::tls::Certs;
 use crate::{api, build, ssh};
@@ -251,7 +251,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         deployer.clone(),
         routes.clone(),
     );
-    let service = Service::new(ServiceParts {
+    let service = Arc::new(Service {
         store: store.clone(),
         deployer: deployer.clone(),
         acme: acme.clone(),

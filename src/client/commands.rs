@@ -506,6 +506,14 @@ async fn get<T: DeserializeOwned>(client: &Client, path: &str) -> Result<T, Call
     client.call(Method::GET, path, None::<&()>).await
 }
 
+/// A call without a body whose answer is not needed (a deletion, a grant).
+async fn act(client: &Client, method: Method, path: &str) -> Result<(), CallError> {
+    client
+        .call::<serde_json::Value>(method, path, None::<&()>)
+        .await
+        .map(drop)
+}
+
 /// A call whose progress lines are printed as they come.
 async fn streamed<T: DeserializeOwned>(
     client: &Client,
@@ -606,33 +614,25 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             if !force {
                 return Err(usage(format!("destroying {name} deletes its code, config and releases and cannot be undone — run `berth apps:destroy {name} --force`")));
             }
-            let _: svc::Destroyed = client
-                .call(
-                    Method::DELETE,
-                    &format!("/apps/{}", encode(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            act(client, Method::DELETE, &format!("/apps/{}", encode(&name))).await?;
             term.line(format!("Destroyed {name}")).await;
         }
         Command::AppsGrant { name, user } => {
-            let _: () = client
-                .call(
-                    Method::PUT,
-                    &format!("/apps/{}/users/{}", encode(&name), encode(&user)),
-                    None::<&()>,
-                )
-                .await?;
+            act(
+                client,
+                Method::PUT,
+                &format!("/apps/{}/users/{}", encode(&name), encode(&user)),
+            )
+            .await?;
             term.line(format!("{user} may now use {name}")).await;
         }
         Command::AppsRevoke { name, user } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/apps/{}/users/{}", encode(&name), encode(&user)),
-                    None::<&()>,
-                )
-                .await?;
+            act(
+                client,
+                Method::DELETE,
+                &format!("/apps/{}/users/{}", encode(&name), encode(&user)),
+            )
+            .await?;
             term.line(format!("{user} may no longer use {name}")).await;
         }
         Command::Config { name, json } => {
@@ -708,13 +708,7 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             .await;
         }
         Command::KeysRemove { name } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/keys/{}", encode(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            act(client, Method::DELETE, &format!("/keys/{}", encode(&name))).await?;
             term.line(format!("Removed key {name}")).await;
         }
         Command::Users { json } => {
@@ -746,13 +740,7 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
                 .await;
         }
         Command::UsersRemove { name } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/users/{}", encode(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            act(client, Method::DELETE, &format!("/users/{}", encode(&name))).await?;
             term.line(format!("Removed user {name} with their keys and tokens"))
                 .await;
         }
@@ -815,13 +803,12 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             let query = user
                 .map(|u| format!("?user={}", encode(&u)))
                 .unwrap_or_default();
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/tokens/{}{query}", encode(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            act(
+                client,
+                Method::DELETE,
+                &format!("/tokens/{}{query}", encode(&name)),
+            )
+            .await?;
             term.line(format!("Revoked token {name}")).await;
         }
         Command::Releases { name, json } => {
@@ -949,13 +936,12 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             .await;
         }
         Command::DomainsRemove { name, host } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/apps/{}/domains/{}", encode(&name), encode(&host)),
-                    None::<&()>,
-                )
-                .await?;
+            act(
+                client,
+                Method::DELETE,
+                &format!("/apps/{}/domains/{}", encode(&name), encode(&host)),
+            )
+            .await?;
             term.line(format!("Removed {host} from {name}")).await;
         }
         Command::Certs { name, json } => {
@@ -1011,13 +997,12 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             .await;
         }
         Command::CertsRemove { name } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/apps/{}/certs", encode(&name)),
-                    None::<&()>,
-                )
-                .await?;
+            act(
+                client,
+                Method::DELETE,
+                &format!("/apps/{}/certs", encode(&name)),
+            )
+            .await?;
             term.line(format!("Removed the certificate of {name}"))
                 .await;
         }

@@ -36,46 +36,17 @@ pub use users::{CreatedToken, NewPassword, NewUser, TOKEN_PREFIX};
 
 /// Everything the operations use. Built once by `server`.
 pub struct Service {
-    pub(crate) store: Store,
-    pub(crate) deployer: Arc<Deployer>,
-    pub(crate) acme: Arc<crate::acme::Acme>,
-    pub(crate) paths: crate::paths::Paths,
-    /// The git hook command installed into each app's repo (the hook's name follows).
-    pub(crate) hook_command: String,
-    /// The port of the SSH git endpoint, for the remotes berth prints.
-    pub(crate) ssh_port: u16,
-}
-
-/// The parts a [`Service`] is made of.
-pub struct ServiceParts {
     pub store: Store,
     pub deployer: Arc<Deployer>,
     pub acme: Arc<crate::acme::Acme>,
     pub paths: crate::paths::Paths,
+    /// The git hook command installed into each app's repo (the hook's name follows).
     pub hook_command: String,
+    /// The port of the SSH git endpoint, for the remotes berth prints.
     pub ssh_port: u16,
 }
 
 impl Service {
-    pub fn new(parts: ServiceParts) -> Arc<Self> {
-        let ServiceParts {
-            store,
-            deployer,
-            acme,
-            paths,
-            hook_command,
-            ssh_port,
-        } = parts;
-        Arc::new(Self {
-            store,
-            deployer,
-            acme,
-            paths,
-            hook_command,
-            ssh_port,
-        })
-    }
-
     /// Refuses unless `who` may act on `app` and it exists. A user who is not an admin gets the
     /// same refusal whether or not an app they were not granted exists.
     pub async fn app(&self, who: &Caller, app: &str) -> Result<()> {

@@ -114,17 +114,8 @@ impl Service {
 
     /// The keys of `user` (default: the caller); an admin may list anyone's, or all with "*".
     pub async fn keys(&self, who: &Caller, user: Option<&str>) -> Result<Vec<KeyRow>> {
-        match user {
-            Some("*") => {
-                self.admin(who, "list everyone's keys")?;
-                Ok(self.store.keys(None).await?)
-            }
-            user => {
-                let user = user.unwrap_or(&who.user);
-                self.same_or_admin(who, user, "list another user's keys")?;
-                Ok(self.store.keys(Some(user)).await?)
-            }
-        }
+        let whose = self.whose(who, user, "list other users' keys")?;
+        Ok(self.store.keys(whose).await?)
     }
 
     /// Lets an SSH public key (OpenSSH format) push and run commands as `user` (default: the
@@ -161,18 +152,10 @@ impl Service {
         Some((name, Caller { user, admin }))
     }
 
+    /// The tokens of `user` (default: the caller); an admin may list anyone's, or all with "*".
     pub async fn tokens(&self, who: &Caller, user: Option<&str>) -> Result<Vec<TokenRow>> {
-        match user {
-            Some("*") => {
-                self.admin(who, "list everyone's tokens")?;
-                Ok(self.store.tokens(None).await?)
-            }
-            user => {
-                let user = user.unwrap_or(&who.user);
-                self.same_or_admin(who, user, "list another user's tokens")?;
-                Ok(self.store.tokens(Some(user)).await?)
-            }
-        }
+        let whose = self.whose(who, user, "list other users' tokens")?;
+        Ok(self.store.tokens(whose).await?)
     }
 
     /// A new API token for `user` (default: the caller); its secret is returned once.
@@ -225,6 +208,24 @@ impl Service {
         match self.store.token_user(&token_hash(token)).await? {
             Some((user, admin)) => Ok(Caller { user, admin }),
             None => Err(refused()),
+        }
+    }
+
+    /// Whose things a listing shows: `user` (default: the caller's own), or everyone's (None)
+    /// for "*"; another user's or everyone's only for an admin.
+    fn whose<'a>(
+        &self,
+        who: &'a Caller,
+        user: Option<&'a str>,
+        what: &str,
+    ) -> Result<Option<&'a str>> {
+        match user {
+            Some("*") => self.admin(who, what).map(|()| None),
+            user => {
+                let user = user.unwrap_or(&who.user);
+                self.same_or_admin(who, user, what)?;
+                Ok(Some(user))
+            }
         }
     }
 
