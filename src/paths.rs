@@ -96,6 +96,10 @@ impl Paths {
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
+    /// What each deploy printed, per app and release (`deploy::journal`).
+    pub fn outputs(&self) -> PathBuf {
+        self.root.join("outputs")
+    }
     /// The log of an app: its containers' output.
     pub fn log(&self, app: &str) -> PathBuf {
         self.logs().join(format!("{app}.log"))

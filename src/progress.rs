@@ -3,6 +3,8 @@
 //! front end (the admin socket today) adapts the [`Line`]s it receives to its own wire format.
 //! Owns nothing else: it must not know who listens.
 
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 /// One line for the person waiting.
@@ -17,42 +19,69 @@ pub enum Line {
 /// Where progress goes. Cloning shares the listener; a listener that went away is not an
 /// error: the work goes on.
 #[derive(Clone)]
-pub struct Progress(Option<mpsc::Sender<Line>>);
+pub struct Progress {
+    tx: Option<mpsc::Sender<Line>>,
+    /// Also sees every line (a deploy's record, `deploy::journal`); never blocks.
+    copy: Option<Arc<dyn Fn(&Line) + Send + Sync>>,
+}
 
 impl Progress {
     /// Progress sent to `tx`.
     pub fn new(tx: mpsc::Sender<Line>) -> Self {
-        Self(Some(tx))
+        Self {
+            tx: Some(tx),
+            copy: None,
+        }
     }
 
     /// Progress nobody reads (work the server starts by itself, such as crash restarts).
     pub fn discard() -> Self {
-        Self(None)
+        Self {
+            tx: None,
+            copy: None,
+        }
+    }
+
+    /// This progress, with each line also given to `copy` (which must not block).
+    pub fn teed(&self, copy: impl Fn(&Line) + Send + Sync + 'static) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            copy: Some(Arc::new(copy)),
+        }
     }
 
     /// Writes one line of output.
     pub async fn line(&self, text: impl AsRef<str>) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send(Line::Out(text.as_ref().to_string())).await;
-        }
+        self.send(Line::Out(text.as_ref().to_string())).await
     }
 
     /// Writes one line of output from blocking code (build output readers).
     pub fn blocking_line(&self, text: impl AsRef<str>) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.blocking_send(Line::Out(text.as_ref().to_string()));
+        let line = Line::Out(text.as_ref().to_string());
+        if let Some(copy) = &self.copy {
+            copy(&line);
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.blocking_send(line);
         }
     }
 
     /// Writes one warning line.
     pub async fn warn(&self, text: impl AsRef<str>) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send(Line::Warn(text.as_ref().to_string())).await;
+        self.send(Line::Warn(text.as_ref().to_string())).await
+    }
+
+    async fn send(&self, line: Line) {
+        if let Some(copy) = &self.copy {
+            copy(&line);
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(line).await;
         }
     }
 
     /// Whether the listener has gone (ends endless streams such as `logs -f`).
     pub fn is_closed(&self) -> bool {
-        self.0.as_ref().is_none_or(|tx| tx.is_closed())
+        self.tx.as_ref().is_none_or(|tx| tx.is_closed())
     }
 }

@@ -3452,6 +3452,20 @@ fn api_every_endpoint_with_valid_revoked_missing_and_foreign_tokens() {
         ),
         (
             "GET",
+            "/api/v1/apps/{app}/releases/{version}/output",
+            App,
+            "/apps/shop/releases/1/output".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api/v1/apps/{app}/deploy",
+            App,
+            "/apps/shop/deploy".into(),
+            None,
+        ),
+        (
+            "GET",
             "/api/v1/apps/{app}/ps",
             App,
             "/apps/shop/ps".into(),
@@ -3825,10 +3839,58 @@ fn slow_remote_cli_deploy_story() {
     let out = ok(&token, &["config:set", "hello", "GREETING=hi there"]);
     assert!(out.contains("is now v2"), "{out}");
     server.assert_serves("hello.localhost", "v1/hi there\n");
+    assert!(ok(&token, &["releases:output", "hello", "v2"]).contains("Starting v2"));
     assert!(ok(&token, &["releases", "hello"]).contains("Set GREETING config vars"));
     assert!(ok(&token, &["ps", "hello"]).contains("web.1: up"));
     let logs = ok(&token, &["logs", "hello", "-n", "50"]);
     assert!(logs.contains("app[web.1]"), "{logs}");
+    // What each deploy printed is kept with its release, and a deploy in progress can be
+    // followed (this one takes 3 s to answer its check).
+    let v1 = ok(&token, &["releases:output", "hello", "v1"]);
+    assert!(
+        v1.contains("Building hello with buildpacks") && v1.contains("Starting v1"),
+        "{v1}"
+    );
+    laptop.write("Procfile", "web: sh -c 'sleep 3; exec python3 app.py'\n");
+    laptop.commit("slow start");
+    let push = std::thread::spawn({
+        let mut git = laptop.git_command(&["push", "deploy", "main"]);
+        move || run(&mut git)
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let watched = loop {
+        let out = remote(&token, &["deploys:watch", "hello"]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            text(&out).contains("no deploy of hello is in progress"),
+            "{}",
+            text(&out)
+        );
+        assert!(
+            Instant::now() < deadline && !push.is_finished(),
+            "never saw the deploy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pushed = push.join().unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}\n{}",
+        text(&pushed),
+        server.log()
+    );
+    assert!(
+        watched.contains("Building hello with buildpacks") && watched.contains("Starting v3"),
+        "{watched}"
+    );
+    let out = remote(&token, &["deploys:watch", "hello"]);
+    assert!(
+        text(&out).contains("no deploy of hello is in progress"),
+        "{}",
+        text(&out)
+    );
     let ran = remote(
         &token,
         &[

@@ -72,6 +72,8 @@ pub fn routes() -> (axum::Router<Arc<Service>>, utoipa::openapi::OpenApi) {
         .routes(routes!(config_get))
         .routes(routes!(releases))
         .routes(routes!(rollback))
+        .routes(routes!(release_output))
+        .routes(routes!(watch_deploy))
         .routes(routes!(ps))
         .routes(routes!(scale))
         .routes(routes!(restart))
@@ -260,6 +262,35 @@ async fn releases(
     Path(app): Path<String>,
 ) -> ApiResult<Vec<Release>> {
     Ok(Json(s.releases(&who, &app).await?))
+}
+
+/// What the deploy that made a release printed.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleaseOutput {
+    pub version: i64,
+    pub output: String,
+}
+
+#[utoipa::path(get, path = "/apps/{app}/releases/{version}/output", tag = "releases", params(("app" = String, Path), ("version" = i64, Path)),
+    description = "What the deploy that made the release printed: build, release command, start and check (at most 1 MiB).",
+    responses((status = 200, description = "Done", body = ReleaseOutput), (status = "4XX", description = "Refused or failed: see the code and message", body = ErrorBody)))]
+async fn release_output(
+    State(s): S,
+    Extension(who): Who,
+    Path((app, version)): Path<(String, i64)>,
+) -> ApiResult<ReleaseOutput> {
+    let output = s.release_output(&who, &app, version).await?;
+    Ok(Json(ReleaseOutput { version, output }))
+}
+
+#[utoipa::path(get, path = "/apps/{app}/deploy", tag = "releases", params(("app" = String, Path)),
+    description = "The deploy of the app in progress (a push, config change, scale or rollback), as it runs: its output so far, then each line it prints, as `application/x-ndjson` `{\"out\": LINE}` lines, ending when it does. 404 when none runs.",
+    responses((status = 200, description = "Done", content_type = "application/x-ndjson", body = Event), (status = "4XX", description = "Refused or failed: see the code and message", body = ErrorBody)))]
+async fn watch_deploy(State(s): S, Extension(who): Who, Path(app): Path<String>) -> Response {
+    match s.watch_deploy(&who, &app).await {
+        Ok((so_far, next)) => stream::deploy(so_far, next),
+        Err(err) => ApiError(err).into_response(),
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]

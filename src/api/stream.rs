@@ -167,3 +167,35 @@ pub(super) async fn logs(
     });
     ndjson(body_of(chunks))
 }
+
+/// A deploy in progress: its output so far, then each line until it ends.
+pub(super) fn deploy(
+    so_far: String,
+    mut next: tokio::sync::broadcast::Receiver<Option<String>>,
+) -> Response {
+    let (body, chunks) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        for line in so_far.lines() {
+            if body
+                .send(Event::Out(line.to_string()).bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            let line = match next.recv().await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    format!("… ({n} lines skipped: this client read too slowly)")
+                }
+            };
+            if body.send(Event::Out(line).bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    ndjson(body_of(chunks))
+}

@@ -357,6 +357,20 @@ pub enum Command {
     },
     /// Show who you are to the server.
     Whoami,
+    /// Show what the deploy that made a release printed (build, release command, checks).
+    #[command(name = "releases:output")]
+    ReleasesOutput {
+        /// The app's name.
+        name: String,
+        /// The release, e.g. v3.
+        version: String,
+    },
+    /// Follow the deploy of an app in progress (a push, config change, scale or rollback).
+    #[command(name = "deploys:watch")]
+    DeploysWatch {
+        /// The app's name.
+        name: String,
+    },
     /// List users (admins only).
     Users {
         #[arg(long)]
@@ -560,6 +574,38 @@ fn refuse_files(files: Files, what: &str) -> Done {
 
 async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -> Done {
     match command {
+        Command::ReleasesOutput { name, version } => {
+            let number = parse_version(&name, &version)?;
+            let kept: crate::api::ReleaseOutput = get(
+                client,
+                &format!("/apps/{}/releases/{number}/output", encode(&name)),
+            )
+            .await?;
+            term.data(kept.output.into_bytes()).await;
+        }
+        Command::DeploysWatch { name } => {
+            let response = client
+                .send(
+                    Method::GET,
+                    &format!("/apps/{}/deploy", encode(&name)),
+                    &[(hyper::header::ACCEPT, crate::api::NDJSON)],
+                    axum::body::Body::empty(),
+                )
+                .await?;
+            let status = response.status();
+            if !status.is_success() {
+                let bytes = super::read_all(response).await?;
+                return Err(super::error_of(status, &bytes).into());
+            }
+            let mut lines = super::Lines::new(response.into_body());
+            while let Some(line) = lines.next().await? {
+                if let crate::api::Event::Out(text) =
+                    serde_json::from_slice(&line).map_err(anyhow::Error::from)?
+                {
+                    term.line(text).await;
+                }
+            }
+        }
         Command::Whoami => {
             let me: crate::api::Me = get(client, "/me").await?;
             let role = if me.admin { " (admin)" } else { "" };
@@ -874,18 +920,7 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             term.line(format!("Restarted {name}")).await;
         }
         Command::ReleasesRollback { name, version } => {
-            let version = version
-                .map(|v| {
-                    v.strip_prefix('v')
-                        .unwrap_or(&v)
-                        .parse::<i64>()
-                        .map_err(|_| {
-                            usage(format!(
-                                "{v:?} is not a release like v3 — see `berth releases {name}`"
-                            ))
-                        })
-                })
-                .transpose()?;
+            let version = version.map(|v| parse_version(&name, &v)).transpose()?;
             let release: Release = streamed(
                 client,
                 Method::POST,
@@ -1500,6 +1535,16 @@ fn on_off(on: bool) -> &'static str {
     } else {
         "off"
     }
+}
+
+/// `v3` (or `3`) → 3.
+fn parse_version(app: &str, version: &str) -> Result<i64, Failure> {
+    let number = version.strip_prefix('v').unwrap_or(version);
+    number.parse::<i64>().map_err(|_| {
+        usage(format!(
+            "{version:?} is not a release like v3 — see `berth releases {app}`"
+        ))
+    })
 }
 
 /// `web=2 worker=1` → a formation; refuses malformed pairs.

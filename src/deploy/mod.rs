@@ -40,6 +40,7 @@ use crate::tls::{Cert, Certs};
 mod container;
 pub mod gc;
 mod health;
+pub mod journal;
 mod release_phase;
 pub mod run;
 mod supervisor;
@@ -235,11 +236,14 @@ pub struct Deployer {
     pending: Mutex<HashMap<String, Pending>>,
     /// Pushes that ended (by id, with when), for a check that finishes after its push ended.
     ended: Mutex<HashMap<String, Instant>>,
+    /// What each deploy printed: live while it runs, kept with its release.
+    journals: journal::Journals,
 }
 
 impl Deployer {
     pub fn new(parts: DeployerParts) -> Arc<Self> {
         let (wake, wakes) = mpsc::unbounded_channel();
+        let journals = journal::Journals::new(parts.paths.outputs());
         Arc::new(Self {
             store: parts.store,
             images: parts.images,
@@ -262,7 +266,36 @@ impl Deployer {
             runs: run::Runs::default(),
             pending: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
+            journals,
         })
+    }
+
+    /// What each deploy printed.
+    pub fn journals(&self) -> &journal::Journals {
+        &self.journals
+    }
+
+    /// Runs a deploy of `app` with its output recorded ([`journal`]): watchable while it
+    /// runs, kept with the release it made, even a failed one.
+    async fn recorded<T, Fut>(
+        &self,
+        app: &str,
+        out: &Progress,
+        deploy: impl FnOnce(Progress) -> Fut,
+    ) -> Result<T, DeployError>
+    where
+        Fut: std::future::Future<Output = Result<T, DeployError>>,
+    {
+        let latest = |releases: Vec<Release>| releases.first().map(|r| r.version);
+        let before = latest(self.store.releases(app).await?);
+        let recording = self.journals.begin(app);
+        let result = deploy(out.teed(recording.sink())).await;
+        if let Ok(after @ Some(version)) = self.store.releases(app).await.map(latest) {
+            if after > before {
+                recording.save(version);
+            }
+        }
+        result
     }
 
     /// How many of each app's latest releases keep their images.
@@ -298,7 +331,8 @@ impl Deployer {
     ) -> Result<Release, DeployError> {
         let (by, push_id) = (push.by, push.id);
         let guard = self.locks.lock(app).await;
-        let (release, started) = async {
+        let recorded = self.recorded(app, out, |out| async move {
+            let out = &out;
             // Until the release naming the new image is recorded.
             let _writing = self.images.writing().await;
             let config = self.store.config(app).await?;
@@ -329,9 +363,8 @@ impl Deployer {
                 checks: built.checks,
             };
             self.start_release(app, new, true, out).await
-        }
-        .instrument(info_span!("deploy", %app))
-        .await?;
+        });
+        let (release, started) = recorded.instrument(info_span!("deploy", %app)).await?;
         let version = release.version;
         let pending = Pending {
             release,
@@ -729,8 +762,11 @@ impl Deployer {
         release_phase: bool,
         out: &Progress,
     ) -> Result<Release, DeployError> {
-        let (release, started) = self.start_release(app, new, release_phase, out).await?;
-        self.commit(release, started, out).await
+        self.recorded(app, out, |out| async move {
+            let (release, started) = self.start_release(app, new, release_phase, &out).await?;
+            self.commit(release, started, &out).await
+        })
+        .await
     }
 
     /// Records `new` as a `deploying` release, runs its release command (with

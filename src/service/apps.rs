@@ -85,6 +85,7 @@ impl Service {
         git::delete_repo(&self.paths.repos(), name).map_err(super::failed)?;
         let _ = std::fs::remove_dir_all(self.paths.cache(name));
         let _ = std::fs::remove_file(self.paths.log(name));
+        self.deployer.journals().remove(name);
         // Its images and dependency layers, in the background.
         self.deployer.collect_later();
         Ok(Destroyed {

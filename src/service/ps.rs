@@ -98,6 +98,39 @@ impl Service {
         Ok(self.store.releases(app).await?)
     }
 
+    /// What the deploy that made release `version` printed (its build, release command,
+    /// start and check).
+    pub async fn release_output(&self, who: &Caller, app: &str, version: i64) -> Result<String> {
+        self.app(who, app).await?;
+        let kept = self
+            .deployer
+            .journals()
+            .output(app, version)
+            .map_err(super::failed)?;
+        kept.ok_or_else(|| {
+            Error::msg(
+                Kind::NotFound,
+                format!("no output is kept for {app} v{version} — see `berth releases {app}`"),
+            )
+        })
+    }
+
+    /// The deploy of `app` in progress: its output so far, then each next line (None at its
+    /// end).
+    pub async fn watch_deploy(
+        &self,
+        who: &Caller,
+        app: &str,
+    ) -> Result<(String, tokio::sync::broadcast::Receiver<Option<String>>)> {
+        self.app(who, app).await?;
+        self.deployer.journals().watch(app).ok_or_else(|| {
+            Error::msg(
+                Kind::NotFound,
+                format!("no deploy of {app} is in progress — see `berth releases {app}`"),
+            )
+        })
+    }
+
     /// A new release from release `version` (default: the one live before the current).
     pub async fn rollback(
         &self,
