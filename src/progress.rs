@@ -16,13 +16,16 @@ pub enum Line {
     Warn(String),
 }
 
+/// Something that sees every line too, and must not block.
+type Copy = Arc<dyn Fn(&Line) + Send + Sync>;
+
 /// Where progress goes. Cloning shares the listener; a listener that went away is not an
 /// error: the work goes on.
 #[derive(Clone)]
 pub struct Progress {
     tx: Option<mpsc::Sender<Line>>,
     /// Also sees every line (a deploy's record, `deploy::journal`); never blocks.
-    copy: Option<Arc<dyn Fn(&Line) + Send + Sync>>,
+    copy: Option<Copy>,
 }
 
 impl Progress {
