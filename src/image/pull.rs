@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use super::import::ConfigFile;
 use super::registry::{read_limited, Registry, RegistryError};
-use super::{oci_arch, ImageError, ImageStore};
+use super::{digest_hex, oci_arch, ImageError, ImageStore};
 use crate::progress::Progress;
 
 /// The largest manifest or image config accepted from a registry.
@@ -56,6 +56,12 @@ pub enum PullError {
     SentToLoopback { registry: String, host: String },
     #[error("cannot reach the registry {registry} (check that it runs and that this server can reach it)")]
     Unreachable {
+        registry: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("the registry {registry} shows a TLS certificate this server does not trust — if it comes from a private CA, start `berth server` with SSL_CERT_FILE naming a bundle of the usual roots and that CA")]
+    Untrusted {
         registry: String,
         #[source]
         source: RegistryError,
@@ -277,6 +283,7 @@ impl Puller {
                             },
                         });
                     };
+                    self.fetchable("manifest", &entry.digest)?;
                     wanted = Some(entry.digest.clone());
                 }
             }
@@ -293,6 +300,7 @@ impl Puller {
         if desc.size < 0 || desc.size as u64 > MAX_JSON as u64 {
             return Err(self.too_large("config", desc.size.max(0) as u64));
         }
+        self.fetchable("config", &desc.digest)?;
         let response = client.blob(&desc.digest).await.map_err(|e| self.error(e))?;
         let bytes = read_limited(response, MAX_JSON)
             .await
@@ -350,6 +358,7 @@ impl Puller {
         path: &std::path::Path,
     ) -> Result<(), PullError> {
         let limit = desc.size.max(0) as u64;
+        self.fetchable("layer", &desc.digest)?;
         let mut response = client.blob(&desc.digest).await.map_err(|e| self.error(e))?;
         let io = |source| ImageError::Io {
             action: "writing",
@@ -435,6 +444,10 @@ impl Puller {
                 reference,
                 code,
             },
+            RegistryError::Untrusted(_) => PullError::Untrusted {
+                registry,
+                source: e,
+            },
             RegistryError::Connect(_) | RegistryError::Resolve { .. } => PullError::Unreachable {
                 registry,
                 source: e,
@@ -453,6 +466,14 @@ impl Puller {
             RegistryError::TooLarge { size, .. } => self.too_large(what, size),
             e => self.error(e),
         }
+    }
+
+    /// Whether `digest`, as the registry's manifest gives it, is one berth asks for: a
+    /// sha256 digest (nothing else ends up in a URL).
+    fn fetchable(&self, what: &'static str, digest: &str) -> Result<(), PullError> {
+        digest_hex(digest)
+            .map(drop)
+            .map_err(|_| self.bad(what, format!("`{digest}` is not a sha256 digest")))
     }
 
     fn bad(&self, what: &'static str, detail: String) -> PullError {

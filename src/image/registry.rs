@@ -51,6 +51,8 @@ pub enum RegistryError {
     },
     #[error("cannot connect")]
     Connect(#[source] reqwest::Error),
+    #[error("its TLS certificate is not one this machine trusts")]
+    Untrusted(#[source] reqwest::Error),
     #[error("the connection failed")]
     Transfer(#[source] reqwest::Error),
     #[error("HTTP {code}{}", if errors.is_empty() { String::new() } else { format!(" ({})", errors.join(", ")) })]
@@ -70,7 +72,9 @@ impl RegistryError {
     /// inside it (which reqwest wraps).
     fn from_reqwest(e: reqwest::Error, connecting: bool) -> RegistryError {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut certificate = false;
         while let Some(c) = cause {
+            certificate |= matches!(tls_error(c), Some(rustls::Error::InvalidCertificate(_)));
             match c.downcast_ref::<RegistryError>() {
                 Some(RegistryError::OwnHost { host }) => {
                     return RegistryError::OwnHost { host: host.clone() }
@@ -81,11 +85,24 @@ impl RegistryError {
                 _ => cause = c.source(),
             }
         }
-        if connecting && (e.is_connect() || e.is_timeout()) {
+        if certificate {
+            RegistryError::Untrusted(e)
+        } else if connecting && (e.is_connect() || e.is_timeout()) {
             RegistryError::Connect(e)
         } else {
             RegistryError::Transfer(e)
         }
+    }
+}
+
+/// The rustls error inside `e`: rustls' errors come wrapped in io::Errors (one in another),
+/// which are not their sources.
+fn tls_error<'e>(mut e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    loop {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        e = e.downcast_ref::<io::Error>()?.get_ref()?;
     }
 }
 
