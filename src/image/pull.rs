@@ -155,7 +155,7 @@ impl ImageStore {
             login.map(|l| (l.user, l.password)),
             allow_loopback,
         )
-        .map_err(|e| puller.error(e))?;
+        .map_err(|e| puller.first_error(e))?;
         puller
             .pull(&client, self, out)
             .instrument(info_span!("pull", %reference, %registry))
@@ -166,15 +166,11 @@ impl ImageStore {
 /// Whether the registry `host[:port]` is this machine's loopback (the only ones spoken to in
 /// plain HTTP).
 fn is_loopback(registry: &str) -> bool {
-    matches!(host_of(registry), "localhost" | "127.0.0.1" | "[::1]")
-}
-
-/// The host of the registry `host[:port]`.
-fn host_of(registry: &str) -> &str {
-    registry
+    let host = registry
         .rsplit_once(':')
         .filter(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(registry, |(host, _)| host)
+        .map_or(registry, |(host, _)| host);
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 struct Puller {
@@ -194,7 +190,7 @@ impl Puller {
     ) -> Result<String, PullError> {
         let started = Instant::now();
         // Resolved once, here: a registry on this machine is refused before anything is sent.
-        client.resolve().await.map_err(|e| self.error(e))?;
+        client.resolve().await.map_err(|e| self.first_error(e))?;
         out.line(format!("       Pulling {}", self.written)).await;
         let manifest = self.manifest(client).await?;
         let config = self.config(client, &manifest.config).await?;
@@ -401,9 +397,6 @@ impl Puller {
     fn error(&self, e: RegistryError) -> PullError {
         let (registry, reference) = (self.registry.clone(), self.written.clone());
         match e {
-            RegistryError::OwnHost { host } if host == host_of(&self.registry) => {
-                PullError::Loopback { registry }
-            }
             RegistryError::OwnHost { host } => PullError::SentToLoopback { registry, host },
             RegistryError::Status { code: 404, .. } => PullError::Unknown {
                 registry,
@@ -457,6 +450,16 @@ impl Puller {
                 reference,
                 source: e,
             },
+        }
+    }
+
+    /// [`Self::error`] before anything was sent: a host of this machine's is the registry's.
+    fn first_error(&self, e: RegistryError) -> PullError {
+        match e {
+            RegistryError::OwnHost { .. } => PullError::Loopback {
+                registry: self.registry.clone(),
+            },
+            e => self.error(e),
         }
     }
 
@@ -589,6 +592,32 @@ mod tests {
             message.contains("sent a manifest of") && message.contains("bytes or more for"),
             "{message}"
         );
+    }
+
+    /// Without --allow-loopback-registries, a registry on this machine (by name, by address
+    /// in any spelling) is refused before anything is sent to it.
+    #[tokio::test]
+    async fn loopback_registries_are_refused_before_anything_is_sent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images = Arc::new(ImageStore::open(&tmp.path().join("images")).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = serve(listener, |_| {
+            Answer::Full("HTTP/1.1 200 OK\r\n".into(), Vec::new())
+        });
+        for host in ["localhost", "127.0.0.1", "127.1", "0.0.0.0"] {
+            let reference = format!("{host}:{port}/app:1");
+            let pulled = images
+                .pull(&reference, None, false, &Progress::discard())
+                .await;
+            match pulled {
+                Err(PullError::Loopback { registry }) => {
+                    assert_eq!(registry, format!("{host}:{port}"))
+                }
+                other => panic!("{reference}: {other:?}"),
+            }
+        }
+        assert!(hits.lock().unwrap().is_empty());
     }
 
     #[test]
