@@ -29,7 +29,7 @@ use thiserror::Error;
 /// The largest token or error answer read from a registry or its token server.
 pub const MAX_SMALL: usize = 64 << 10;
 
-/// How long fetching one manifest, config or token may take in all.
+/// How long fetching one manifest or token may take in all.
 const SMALL_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resolves a host name to its addresses (the system's resolver outside tests).
