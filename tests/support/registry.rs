@@ -36,19 +36,9 @@ pub struct Registry {
     pub host: String,
 }
 
-fn run(command: &mut Command) -> Output {
-    command
-        .stdin(Stdio::null())
-        .output()
-        .expect("running a command")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// What a command printed, for a failure's message.
+fn said(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 impl Registry {
@@ -62,8 +52,11 @@ impl Registry {
             .port();
         let auth = match login {
             Login::Basic { user, password } => {
-                let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]));
-                assert!(htpasswd.status.success(), "htpasswd: {}", text(&htpasswd));
+                let htpasswd = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .expect("running htpasswd");
+                assert!(htpasswd.status.success(), "htpasswd: {}", said(&htpasswd));
                 std::fs::write(dir.join("registry.htpasswd"), &htpasswd.stdout).unwrap();
                 format!(
                     "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
@@ -112,7 +105,7 @@ impl Registry {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = run(Command::new("curl")
+            let out = Command::new("curl")
                 .args([
                     "-sk",
                     "-o",
@@ -122,7 +115,9 @@ impl Registry {
                     "--max-time",
                     "5",
                 ])
-                .arg(format!("{scheme}://127.0.0.1:{port}/v2/")));
+                .arg(format!("{scheme}://127.0.0.1:{port}/v2/"))
+                .output()
+                .expect("running curl");
             if matches!(&out.stdout[..], b"200" | b"401") {
                 return registry;
             }
@@ -138,7 +133,7 @@ impl Registry {
     /// Copies the OCI layout `layout` (its tag `tag`) into the registry as `name:tag`, logged
     /// in as `login` (`user:password`).
     pub fn push(&self, layout: &Path, tag: &str, name: &str, login: &str) {
-        let out = run(Command::new("skopeo")
+        let out = Command::new("skopeo")
             .args([
                 "copy",
                 "--all",
@@ -147,8 +142,11 @@ impl Registry {
                 login,
             ])
             .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{name}:{tag}", self.host)));
-        assert!(out.status.success(), "skopeo copy: {}", text(&out));
+            .arg(format!("docker://{}/{name}:{tag}", self.host))
+            .stdin(Stdio::null())
+            .output()
+            .expect("running skopeo");
+        assert!(out.status.success(), "skopeo copy: {}", said(&out));
     }
 }
 
