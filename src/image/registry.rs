@@ -589,11 +589,12 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    /// The one stand-in of these tests is the name lookup: a name that answers differently on
-    /// each query needs a DNS server behind `/etc/resolv.conf`, which is the whole machine's.
+    /// A fake DNS, the one stand-in of these tests: a real name that answers differently on
+    /// each query needs a DNS server of the test's own that the resolver asks, and `/etc/hosts`
+    /// (which the HTTPS test binds over in its mount namespace) gives one fixed answer.
     /// `registry.test` answers 192.0.2.1 first and 127.0.0.1 after that; `blobs.test`
     /// answers 127.0.0.1. The counts are of queries per name.
-    fn rebinding_lookup(counts: Arc<Mutex<HashMap<String, usize>>>) -> Lookup {
+    fn fake_rebinding_dns(counts: Arc<Mutex<HashMap<String, usize>>>) -> Lookup {
         Arc::new(move |host: String| {
             let n = {
                 let mut counts = counts.lock().unwrap();
@@ -673,7 +674,7 @@ mod tests {
             "team/app",
             None,
             false,
-            rebinding_lookup(counts.clone()),
+            fake_rebinding_dns(counts.clone()),
         )
         .unwrap();
         registry.resolve().await.unwrap();
@@ -702,7 +703,7 @@ mod tests {
             "team/app",
             None,
             false,
-            rebinding_lookup(counts),
+            fake_rebinding_dns(counts),
         )
         .unwrap();
         assert!(matches!(
