@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 
 const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 
+#[path = "support/registry.rs"]
+mod registry;
 #[path = "support/stacks.rs"]
 mod stacks;
+
+use registry::{busybox_layout, Login, Registry};
 
 /// Returns false (test skipped) when a prerequisite is missing outside CI; panics under CI=true.
 fn prerequisites_met(also: &[&str]) -> bool {
@@ -2549,196 +2553,6 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     );
 }
 
-/// Debian's `docker-registry` (the CNCF distribution registry) on a free loopback port with
-/// its storage in `dir`, asking for the login `user:password` (HTTP basic, an htpasswd file
-/// made with apache2-utils' `htpasswd`); killed on drop.
-struct Registry {
-    child: Child,
-    /// `127.0.0.1:PORT`
-    host: String,
-}
-
-impl Registry {
-    fn start(dir: &Path, user: &str, password: &str) -> Registry {
-        let port = free_port();
-        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", user, password]));
-        assert!(htpasswd.status.success(), "htpasswd: {}", text(&htpasswd));
-        std::fs::write(dir.join("registry.htpasswd"), &htpasswd.stdout).unwrap();
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
-                dir.join("registry-storage").display(),
-                dir.join("registry.htpasswd").display()
-            ),
-        )
-        .unwrap();
-        let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log("registry.log"))
-            .stderr(log("registry.err"))
-            .spawn()
-            .expect("starting docker-registry");
-        let registry = Registry {
-            child,
-            host: format!("127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = run(Command::new("curl")
-                .args([
-                    "-sSf",
-                    "--max-time",
-                    "5",
-                    "-u",
-                    &format!("{user}:{password}"),
-                ])
-                .arg(format!("http://{}/v2/", registry.host)));
-            if out.status.success() {
-                return registry;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer: {}",
-                std::fs::read_to_string(dir.join("registry.err")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Copies the OCI layout `layout` (its tag `tag`) into the registry as `name:tag`.
-    fn push(&self, layout: &Path, tag: &str, name: &str, login: &str) {
-        let out = run(Command::new("skopeo")
-            .args([
-                "copy",
-                "--all",
-                "--dest-tls-verify=false",
-                "--dest-creds",
-                login,
-            ])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{name}:{tag}", self.host)));
-        assert!(out.status.success(), "skopeo copy: {}", text(&out));
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An OCI image layout at `dir` tagged `tag`: one gzip layer holding the host's static
-/// busybox as `/bin/busybox` and `/bin/sh`, and `/www`; its command serves `/www` on `$PORT`.
-/// Also tagged in two multi-platform indexes: `TAG-multi` (linux/arm64 and linux/amd64) and
-/// `TAG-arm` (linux/arm64 only).
-fn busybox_layout(dir: &Path, tag: &str) {
-    use sha2::Digest;
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut dir_entry = |path: &str| {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Directory);
-        header.set_mode(0o755);
-        header.set_size(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        tar.append_data(&mut header, path, std::io::empty())
-            .unwrap();
-    };
-    dir_entry("bin");
-    dir_entry("www");
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut header = tar::Header::new_gnu();
-    header.set_mode(0o755);
-    header.set_size(busybox.len() as u64);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    tar.append_data(&mut header, "bin/busybox", &busybox[..])
-        .unwrap();
-    let mut link = tar::Header::new_gnu();
-    link.set_entry_type(tar::EntryType::Symlink);
-    link.set_size(0);
-    link.set_mode(0o777);
-    link.set_uid(0);
-    link.set_gid(0);
-    link.set_mtime(0);
-    tar.append_link(&mut link, "bin/sh", "busybox").unwrap();
-    let plain = tar.into_inner().unwrap();
-    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&plain)));
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&plain).unwrap();
-    let (layer, layer_size) = put(&gz.finish().unwrap());
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/bin"],
-            "Cmd": ["/bin/sh", "-c", "exec busybox httpd -f -p $PORT -h /www"]
-        },
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]}
-    });
-    let (config, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}]
-    });
-    let (manifest, manifest_size) = put(manifest.to_string().as_bytes());
-    // Two multi-platform indexes of it: `TAG-multi` (arm64 listed first) and `TAG-arm`.
-    let platform_index = |arches: &[&str]| {
-        let entries: Vec<_> = arches
-            .iter()
-            .map(|arch| {
-                serde_json::json!({
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": manifest,
-                    "size": manifest_size,
-                    "platform": {"architecture": arch, "os": "linux"}
-                })
-            })
-            .collect();
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": entries
-        });
-        put(index.to_string().as_bytes())
-    };
-    let entry = |media_type: &str, (digest, size): (String, usize), name: String| {
-        serde_json::json!({
-            "mediaType": media_type,
-            "digest": digest,
-            "size": size,
-            "annotations": {"org.opencontainers.image.ref.name": name}
-        })
-    };
-    let index_type = "application/vnd.oci.image.index.v1+json";
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [
-            entry("application/vnd.oci.image.manifest.v1+json", (manifest.clone(), manifest_size), tag.to_string()),
-            entry(index_type, platform_index(&["arm64", "amd64"]), format!("{tag}-multi")),
-            entry(index_type, platform_index(&["arm64"]), format!("{tag}-arm")),
-        ]
-    });
-    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-}
-
 /// A Dockerfile `FROM` an image in a registry on loopback (Debian's docker-registry, with a
 /// login the app's config gives): the first push pulls it into the store and the app serves through the proxy; the next push
 /// finds it in the store and pulls nothing; an unknown tag and an unreachable registry fail
@@ -2749,7 +2563,11 @@ fn slow_dockerfile_from_registry() {
         return;
     }
     let mut server = Server::start();
-    let registry = Registry::start(server.dir.path(), "puller", "s3cret");
+    let login = Login::Basic {
+        user: "puller",
+        password: "s3cret",
+    };
+    let registry = Registry::start(server.dir.path(), "127.0.0.1", login, None);
     let layout = server.dir.path().join("busybox-oci");
     busybox_layout(&layout, "1");
     for tag in ["1", "1-multi", "1-arm"] {

@@ -8,8 +8,11 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::Instant;
 
+#[path = "support/registry.rs"]
+mod registry;
 #[path = "support/stacks.rs"]
 mod stacks;
 
@@ -348,11 +351,20 @@ fn put_image_round_trips_with_layers_top_most_first() {
 
 /// True if the slow test can run; under CI=true a missing prerequisite fails instead.
 fn slow_prerequisites() -> bool {
+    prerequisites_met(
+        "slow stack test",
+        &["mmdebstrap", "unshare", "mount", "chroot"],
+    )
+}
+
+/// Returns false (test skipped) when root or one of `tools` is missing outside CI; panics
+/// under CI=true.
+fn prerequisites_met(test: &str, tools: &[&str]) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root".to_string());
     }
-    for tool in ["mmdebstrap", "unshare", "mount", "chroot"] {
+    for tool in tools {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -365,7 +377,7 @@ fn slow_prerequisites() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!("slow stack test needs: {}", missing.join(", "));
+    let msg = format!("{test} needs: {}", missing.join(", "));
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg} (CI=true: missing prerequisites fail)");
     }
@@ -946,4 +958,285 @@ fn collect_removes_what_nothing_keeps() {
     let blobs = fs::read_dir(root.join("blobs/sha256")).unwrap().count();
     assert_eq!(blobs, 2, "the tagged image's manifest and config");
     assert_eq!(fs::read_dir(root.join("stages")).unwrap().count(), 0);
+}
+
+/// A registry as they are run in the open: Debian's `docker-registry` over HTTPS with a
+/// certificate of a CA that the host trusts, handing out bearer tokens from a token server
+/// (HTTPS too) that takes the login. berth pulls the image with the login; without it, or
+/// once the host no longer trusts the CA, the pull is refused saying why.
+///
+/// The name `registry.test` and the CA are real to every process of a thread that has its
+/// own mount namespace, with `/etc/hosts` and the host's CA bundle bound over (they go away
+/// with the thread): berth resolves and trusts as on any host.
+#[test]
+fn pulls_over_https_with_bearer_tokens_from_a_token_server() {
+    if !prerequisites_met("registry test", &["docker-registry", "skopeo", "curl"]) {
+        return;
+    }
+    std::thread::spawn(https_token_pull).join().unwrap();
+}
+
+fn https_token_pull() {
+    use berth::image::pull::{Login, PullError};
+    use nix::mount::{mount, umount, MsFlags};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use registry::{busybox_layout, Registry, Tls};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let write = |name: &str, text: &str| {
+        fs::write(dir.join(name), text).unwrap();
+        dir.join(name)
+    };
+    // The CA, the certificate of registry.test it signs, and the token signer's own.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["registry.test".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    let tls = Tls {
+        cert: &write("server.pem", &server_cert.pem()),
+        key: &write("server.key", &server_key.serialize_pem()),
+    };
+    let signer_key = KeyPair::generate().unwrap();
+    let signer_cert = CertificateParams::new(Vec::new())
+        .unwrap()
+        .self_signed(&signer_key)
+        .unwrap();
+    let signer_pem = write("signer.pem", &signer_cert.pem());
+
+    // This thread's own view of /etc/hosts and of the host's CA bundle.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_FS)
+        .unwrap();
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let bundle = fs::read_to_string(HOST_CA).unwrap() + &ca_pem;
+    let hosts = "127.0.0.1 localhost registry.test\n";
+    for (file, target) in [
+        (write("bundle.pem", &bundle), HOST_CA),
+        (write("hosts", hosts), "/etc/hosts"),
+    ] {
+        mount(
+            Some(&file),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let token_listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let token_port = token_listener.local_addr().unwrap().port();
+    let scopes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    runtime.spawn(token_server::serve(
+        token_listener,
+        (server_cert.der().clone(), server_key.serialize_der()),
+        (signer_cert.der().clone(), signer_key.serialize_der()),
+        scopes.clone(),
+    ));
+    let realm = format!("https://registry.test:{token_port}/token");
+    let login = registry::Login::Token {
+        realm: &realm,
+        service: token_server::SERVICE,
+        issuer: token_server::ISSUER,
+        cert: &signer_pem,
+    };
+    let registry = Registry::start(dir, "registry.test", login, Some(tls));
+    let layout = dir.join("layout");
+    busybox_layout(&layout, "1");
+    registry.push(&layout, "1", "team/web", token_server::LOGIN);
+
+    let images = Arc::new(ImageStore::open(&dir.join("images")).unwrap());
+    let reference = format!("{}/team/web:1", registry.host);
+    let pull = |login: Option<Login>| {
+        runtime.block_on(images.pull(
+            &reference,
+            login,
+            true,
+            &berth::progress::Progress::discard(),
+        ))
+    };
+    let login = || {
+        let (user, password) = token_server::LOGIN.split_once(':').unwrap();
+        Some(Login {
+            user: user.into(),
+            password: password.into(),
+        })
+    };
+    let digest = pull(login()).unwrap();
+    let image = images.image(&digest).unwrap();
+    assert_eq!(image.layers.len(), 1);
+    assert!(
+        scopes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s == "repository:team/web:pull"),
+        "{scopes:?}"
+    );
+    // No login: the token server refuses, and so does berth, saying how to log in.
+    let refused = pull(None).unwrap_err();
+    assert!(matches!(refused, PullError::Denied { .. }), "{refused}");
+    assert!(
+        refused.to_string().contains("BERTH_REGISTRY_USER"),
+        "{refused}"
+    );
+    // The host no longer trusts the CA: no pull.
+    umount(HOST_CA).unwrap();
+    let untrusted = pull(login()).unwrap_err();
+    assert!(
+        matches!(untrusted, PullError::Untrusted { .. }),
+        "{untrusted}"
+    );
+    assert!(
+        untrusted.to_string().contains("SSL_CERT_FILE"),
+        "{untrusted}"
+    );
+    drop(registry);
+}
+
+/// A token server as Docker's token authentication describes it: `GET /token?service=…&scope=…`
+/// with the login as HTTP basic answers `{"token": JWT}` granting the scope (ES256, its
+/// certificate in the `x5c` header, as `docker-registry` checks it); no or a wrong login
+/// answers 401.
+mod token_server {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Request, Response};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::sync::{Arc, Mutex};
+
+    pub const SERVICE: &str = "berth-test-registry";
+    pub const ISSUER: &str = "berth-test-token-server";
+    pub const LOGIN: &str = "puller:s3cret";
+
+    /// Serves `listener` over TLS with `tls` (certificate, PKCS#8 key), signing with `signer`;
+    /// the scopes asked for are pushed onto `scopes`.
+    pub async fn serve(
+        listener: tokio::net::TcpListener,
+        tls: (CertificateDer<'static>, Vec<u8>),
+        signer: (CertificateDer<'static>, Vec<u8>),
+        scopes: Arc<Mutex<Vec<String>>>,
+    ) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![tls.0],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(tls.1)),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let signer = Arc::new(signer);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, signer, scopes) = (acceptor.clone(), signer.clone(), scopes.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request| {
+                    let answer = answer(&request, &signer, &scopes);
+                    async move { Ok::<_, std::convert::Infallible>(answer) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    fn answer<B>(
+        request: &Request<B>,
+        signer: &(CertificateDer<'static>, Vec<u8>),
+        scopes: &Mutex<Vec<String>>,
+    ) -> Response<Full<Bytes>> {
+        let basic = format!("Basic {}", STANDARD.encode(LOGIN));
+        let authorized = request
+            .headers()
+            .get("authorization")
+            .is_some_and(|h| h.as_bytes() == basic.as_bytes());
+        if !authorized {
+            return Response::builder()
+                .status(401)
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+        }
+        let url = reqwest::Url::parse(&format!("https://token{}", request.uri())).unwrap();
+        let mut access = Vec::new();
+        for (key, value) in url.query_pairs() {
+            if key == "scope" {
+                scopes.lock().unwrap().push(value.to_string());
+                let mut parts = value.splitn(3, ':');
+                let (kind, name, actions) = (parts.next(), parts.next(), parts.next());
+                access.push(serde_json::json!({
+                    "type": kind,
+                    "name": name,
+                    "actions": actions.unwrap_or_default().split(',').collect::<Vec<_>>(),
+                }));
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let header = serde_json::json!({
+            "typ": "JWT",
+            "alg": "ES256",
+            "x5c": [STANDARD.encode(&signer.0)],
+        });
+        let claims = serde_json::json!({
+            "iss": ISSUER,
+            "sub": "puller",
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": format!("{now}-{}", access.len()),
+            "access": access,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &signer.1,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let signature = key
+            .sign(&ring::rand::SystemRandom::new(), signing_input.as_bytes())
+            .unwrap();
+        let token = format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.as_ref())
+        );
+        let body = serde_json::json!({ "token": token }).to_string();
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    }
 }

@@ -32,6 +32,7 @@ pub mod export;
 pub mod gc;
 mod import;
 pub mod pull;
+mod registry;
 pub mod stack;
 
 use serde::{Deserialize, Serialize};

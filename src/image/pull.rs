@@ -1,28 +1,24 @@
-//! Pulling an image from an OCI registry (Docker Registry HTTP API v2) into the store with the
-//! `oci-client` crate, for a Dockerfile `FROM registry.example:5000/name:tag`. The manifest (a
-//! linux image picked from an index for this machine's architecture), the config and the
-//! layers are fetched, then stored through the same path as `images:import`
-//! ([`ImageStore::store_foreign`]) and tagged with the reference as written, so the next build
-//! finds it without pulling.
+//! Pulling an image from an OCI registry (Docker Registry HTTP API v2) into the store, for a
+//! Dockerfile `FROM registry.example:5000/name:tag`. The manifest (a linux image picked from an
+//! index for this machine's architecture), the config and the layers are fetched, then stored
+//! through the same path as `images:import` ([`ImageStore::store_foreign`]) and tagged with the
+//! reference as written, so the next build finds it without pulling.
 //!
-//! The registry is untrusted: manifests and configs over [`MAX_JSON`] are refused (a config
-//! is read no further; a manifest only once `oci-client` has read it whole), layers are
-//! streamed to a scratch file in the store, never past the size their manifest gives, and
-//! their digests are checked. Plain HTTP only for loopback registries; HTTPS with the system's
-//! roots otherwise.
+//! References and manifests are read with the `oci-client` crate's types; the HTTP is
+//! [`super::registry`]'s (oci-client's own client buffers whole answers and resolves names
+//! itself). The registry is untrusted: manifests and configs over [`MAX_JSON`] are refused
+//! before more is read, layers are streamed to a scratch file in the store, never past the
+//! size their manifest gives, and every digest is checked. Plain HTTP only for loopback
+//! registries; HTTPS with the system's roots otherwise.
 //!
-//! Owns talking to registries; must not run anything.
+//! Owns what a pull fetches and stores; must not run anything.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::manifest::{OciDescriptor, OciManifest};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::Reference;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -30,7 +26,8 @@ use tracing::info_span;
 use tracing::Instrument;
 
 use super::import::ConfigFile;
-use super::{oci_arch, ImageError, ImageStore};
+use super::registry::{read_limited, Registry, RegistryError};
+use super::{digest_hex, oci_arch, ImageError, ImageStore};
 use crate::progress::Progress;
 
 /// The largest manifest or image config accepted from a registry.
@@ -55,11 +52,19 @@ pub enum PullError {
     },
     #[error("the registry {registry} is on this machine's loopback, which a push may not make berth reach — use a registry elsewhere, or start `berth server` with --allow-loopback-registries (a registry on this host, tests)")]
     Loopback { registry: String },
+    #[error("the registry {registry} sent berth on to {host}, which is on this machine's loopback and which a push may not make berth reach — use a registry that keeps to hosts elsewhere")]
+    SentToLoopback { registry: String, host: String },
     #[error("cannot reach the registry {registry} (check that it runs and that this server can reach it)")]
     Unreachable {
         registry: String,
         #[source]
-        source: OciDistributionError,
+        source: RegistryError,
+    },
+    #[error("the registry {registry} shows a TLS certificate this server does not trust — if it comes from a private CA, start `berth server` with SSL_CERT_FILE naming a bundle of the usual roots and that CA")]
+    Untrusted {
+        registry: String,
+        #[source]
+        source: RegistryError,
     },
     #[error("the registry {registry} has no image `{reference}` — check the name and tag (`skopeo list-tags docker://{registry}/NAME` lists the tags)")]
     Unknown { registry: String, reference: String },
@@ -71,7 +76,7 @@ pub enum PullError {
         arch: &'static str,
         found: String,
     },
-    #[error("the registry {registry} sent a {what} of {size} bytes for `{reference}`, more than berth accepts ({MAX_JSON}) — is it an image?")]
+    #[error("the registry {registry} sent a {what} of {size} bytes or more for `{reference}`, more than berth accepts ({MAX_JSON}) — is it an image?")]
     TooLarge {
         registry: String,
         reference: String,
@@ -98,7 +103,7 @@ pub enum PullError {
         registry: String,
         reference: String,
         #[source]
-        source: OciDistributionError,
+        source: RegistryError,
     },
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -121,9 +126,9 @@ pub struct Login {
 impl ImageStore {
     /// Pulls `reference` (as written in the Dockerfile) from its registry into the store,
     /// tagged `reference`; returns the manifest digest. Progress lines go to `out`.
-    /// A registry on this machine's loopback (by name or by what its name resolves to) is
-    /// refused unless `allow_loopback`: the daemon pulls from the host's network, where the
-    /// host's loopback-only services are.
+    /// A registry on this machine's loopback (by name or by what its name resolves to, and
+    /// so any host it redirects to) is refused unless `allow_loopback`: the daemon pulls from
+    /// the host's network, where the host's loopback-only services are.
     pub async fn pull(
         self: &Arc<Self>,
         reference: &str,
@@ -137,64 +142,25 @@ impl ImageStore {
                 reference: reference.to_string(),
                 source,
             })?;
-        if !allow_loopback && resolves_to_loopback(parsed.registry()).await {
-            return Err(PullError::Loopback {
-                registry: parsed.registry().to_string(),
-            });
-        }
+        let registry = parsed.registry().to_string();
         let puller = Puller {
-            client: client_for(parsed.registry()),
-            registry: parsed.registry().to_string(),
+            registry: registry.clone(),
             written: reference.to_string(),
-            auth: match login {
-                Some(l) => RegistryAuth::Basic(l.user, l.password),
-                None => RegistryAuth::Anonymous,
-            },
             reference: parsed,
         };
-        let registry = puller.registry.clone();
+        let client = Registry::new(
+            &registry,
+            is_loopback(&registry),
+            puller.reference.repository(),
+            login.map(|l| (l.user, l.password)),
+            allow_loopback,
+        )
+        .map_err(|e| puller.first_error(e))?;
         puller
-            .pull(self, out)
+            .pull(&client, self, out)
             .instrument(info_span!("pull", %reference, %registry))
             .await
     }
-}
-
-/// One client per pull: plain HTTP to loopback registries only.
-fn client_for(registry: &str) -> Client {
-    // reqwest is built without its own crypto provider: berth uses ring throughout.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Client::new(ClientConfig {
-        protocol: if is_loopback(registry) {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        platform_resolver: None,
-        connect_timeout: Some(Duration::from_secs(10)),
-        read_timeout: Some(Duration::from_secs(60)),
-        ..ClientConfig::default()
-    })
-}
-
-/// Whether the registry `host[:port]` is, or resolves to, an address of this machine's own
-/// (loopback or unspecified). A name that cannot be resolved is not (the pull then fails as
-/// unreachable).
-async fn resolves_to_loopback(registry: &str) -> bool {
-    if is_loopback(registry) {
-        return true;
-    }
-    let target = if registry
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        registry.to_string()
-    } else {
-        format!("{registry}:443")
-    };
-    tokio::net::lookup_host(target)
-        .await
-        .is_ok_and(|mut addrs| addrs.any(|a| a.ip().is_loopback() || a.ip().is_unspecified()))
 }
 
 /// Whether the registry `host[:port]` is this machine's loopback (the only ones spoken to in
@@ -208,20 +174,26 @@ fn is_loopback(registry: &str) -> bool {
 }
 
 struct Puller {
-    client: Client,
+    /// `host[:port]`
     registry: String,
     /// The reference as the Dockerfile wrote it: the tag in the store.
     written: String,
     reference: Reference,
-    auth: RegistryAuth,
 }
 
 impl Puller {
-    async fn pull(&self, images: &Arc<ImageStore>, out: &Progress) -> Result<String, PullError> {
+    async fn pull(
+        &self,
+        client: &Registry,
+        images: &Arc<ImageStore>,
+        out: &Progress,
+    ) -> Result<String, PullError> {
         let started = Instant::now();
+        // Resolved once, here: a registry on this machine is refused before anything is sent.
+        client.resolve().await.map_err(|e| self.first_error(e))?;
         out.line(format!("       Pulling {}", self.written)).await;
-        let manifest = self.manifest().await?;
-        let config = self.config(&manifest.config).await?;
+        let manifest = self.manifest(client).await?;
+        let config = self.config(client, &manifest.config).await?;
         if config.os.as_deref().is_some_and(|os| os != "linux")
             || config
                 .architecture
@@ -239,7 +211,9 @@ impl Puller {
             });
         }
         let mut blobs = Vec::new();
-        let result = self.layers(images, &manifest.layers, &mut blobs, out).await;
+        let result = self
+            .layers(client, images, &manifest.layers, &mut blobs, out)
+            .await;
         let stored = match result {
             Ok(()) => {
                 let images = images.clone();
@@ -265,16 +239,19 @@ impl Puller {
     }
 
     /// The image manifest; from an index, the entry for linux on this machine's architecture.
-    async fn manifest(&self) -> Result<oci_client::manifest::OciImageManifest, PullError> {
-        let mut reference = self.reference.clone();
+    async fn manifest(&self, client: &Registry) -> Result<OciImageManifest, PullError> {
+        let mut wanted = self.reference.digest().map(str::to_string);
         for _ in 0..2 {
-            let (body, _digest) = self
-                .client
-                .pull_manifest_raw(&reference, &self.auth, &MANIFEST_TYPES)
+            let name = wanted
+                .as_deref()
+                .or(self.reference.tag())
+                .unwrap_or("latest");
+            let body = client
+                .manifest(name, &MANIFEST_TYPES, MAX_JSON)
                 .await
-                .map_err(|e| self.error(e))?;
-            if body.len() > MAX_JSON {
-                return Err(self.too_large("manifest", body.len() as u64));
+                .map_err(|e| self.sized_error("manifest", e))?;
+            if let Some(digest) = &wanted {
+                check_digest(&body, digest).map_err(|detail| self.bad("manifest", detail))?;
             }
             let manifest: OciManifest =
                 serde_json::from_slice(&body).map_err(|e| self.bad("manifest", e.to_string()))?;
@@ -302,7 +279,8 @@ impl Puller {
                             },
                         });
                     };
-                    reference = self.reference.clone_with_digest(entry.digest.clone());
+                    self.fetchable("manifest", &entry.digest)?;
+                    wanted = Some(entry.digest.clone());
                 }
             }
         }
@@ -310,23 +288,19 @@ impl Puller {
     }
 
     /// The image config, at most [`MAX_JSON`] bytes, its digest checked.
-    async fn config(&self, desc: &OciDescriptor) -> Result<ConfigFile, PullError> {
+    async fn config(
+        &self,
+        client: &Registry,
+        desc: &OciDescriptor,
+    ) -> Result<ConfigFile, PullError> {
         if desc.size < 0 || desc.size as u64 > MAX_JSON as u64 {
             return Err(self.too_large("config", desc.size.max(0) as u64));
         }
-        let mut stream = self
-            .client
-            .pull_blob_stream(&self.reference, desc)
+        self.fetchable("config", &desc.digest)?;
+        let response = client.blob(&desc.digest).await.map_err(|e| self.error(e))?;
+        let bytes = read_limited(response, MAX_JSON)
             .await
-            .map_err(|e| self.error(e))?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.bad("config", e.to_string()))?;
-            if bytes.len() + chunk.len() > MAX_JSON {
-                return Err(self.too_large("config", (bytes.len() + chunk.len()) as u64));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+            .map_err(|e| self.sized_error("config", e))?;
         check_digest(&bytes, &desc.digest).map_err(|detail| self.bad("config", detail))?;
         serde_json::from_slice(&bytes).map_err(|e| self.bad("config", e.to_string()))
     }
@@ -335,6 +309,7 @@ impl Puller {
     /// so the caller removes it whatever happens).
     async fn layers(
         &self,
+        client: &Registry,
         images: &ImageStore,
         layers: &[OciDescriptor],
         blobs: &mut Vec<PathBuf>,
@@ -365,20 +340,22 @@ impl Puller {
             .await;
             let path = images.scratch("pull-layer");
             blobs.push(path.clone());
-            self.layer(desc, &path).await?;
+            self.layer(client, desc, &path).await?;
             let ms = started.elapsed().as_millis() as u64;
             tracing::info!(layer = %desc.digest, ms, "pulled layer");
         }
         Ok(())
     }
 
-    async fn layer(&self, desc: &OciDescriptor, path: &std::path::Path) -> Result<(), PullError> {
+    async fn layer(
+        &self,
+        client: &Registry,
+        desc: &OciDescriptor,
+        path: &std::path::Path,
+    ) -> Result<(), PullError> {
         let limit = desc.size.max(0) as u64;
-        let mut stream = self
-            .client
-            .pull_blob_stream(&self.reference, desc)
-            .await
-            .map_err(|e| self.error(e))?;
+        self.fetchable("layer", &desc.digest)?;
+        let mut response = client.blob(&desc.digest).await.map_err(|e| self.error(e))?;
         let io = |source| ImageError::Io {
             action: "writing",
             path: path.to_path_buf(),
@@ -387,8 +364,11 @@ impl Puller {
         let mut file = tokio::fs::File::create(path).await.map_err(io)?;
         let mut hasher = Sha256::new();
         let mut written = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.bad("layer", e.to_string()))?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.bad("layer", e.to_string()))?
+        {
             written += chunk.len() as u64;
             if written > limit {
                 return Err(self.bad(
@@ -413,63 +393,90 @@ impl Puller {
         Ok(())
     }
 
-    fn error(&self, e: OciDistributionError) -> PullError {
-        let has_code = |wanted: &dyn Fn(&OciErrorCode) -> bool| match &e {
-            OciDistributionError::RegistryError { envelope, .. } => {
-                envelope.errors.iter().any(|err| wanted(&err.code))
-            }
-            _ => false,
-        };
+    /// What a failure of the registry client means for this pull.
+    fn error(&self, e: RegistryError) -> PullError {
         let (registry, reference) = (self.registry.clone(), self.written.clone());
-        if has_code(&|c| {
-            matches!(
-                c,
-                OciErrorCode::ManifestUnknown
-                    | OciErrorCode::NameUnknown
-                    | OciErrorCode::BlobUnknown
-            )
-        }) || matches!(e, OciDistributionError::ServerError { code: 404, .. })
-        {
-            return PullError::Unknown {
+        match e {
+            RegistryError::OwnHost { host } => PullError::SentToLoopback { registry, host },
+            RegistryError::Status { code: 404, .. } => PullError::Unknown {
                 registry,
                 reference,
-            };
-        }
-        if has_code(&|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            || matches!(
-                e,
-                OciDistributionError::UnauthorizedError { .. }
-                    | OciDistributionError::AuthenticationFailure(_)
-                    | OciDistributionError::ServerError {
-                        code: 401 | 403,
-                        ..
-                    }
-            )
-        {
-            return PullError::Denied {
-                registry,
-                reference,
-            };
-        }
-        match &e {
-            // Not the body: whatever answers (a loopback service, say) is not echoed to the push.
-            OciDistributionError::ServerError { code, .. } => PullError::Status {
-                registry,
-                reference,
-                code: *code,
             },
-            OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
-                PullError::Unreachable {
+            RegistryError::Status { ref errors, .. }
+                if errors.iter().any(|c| {
+                    matches!(
+                        c.as_str(),
+                        "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN"
+                    )
+                }) =>
+            {
+                PullError::Unknown {
                     registry,
-                    source: e,
+                    reference,
                 }
             }
+            RegistryError::Status {
+                code: 401 | 403, ..
+            } => PullError::Denied {
+                registry,
+                reference,
+            },
+            RegistryError::Status { ref errors, .. }
+                if errors
+                    .iter()
+                    .any(|c| matches!(c.as_str(), "UNAUTHORIZED" | "DENIED")) =>
+            {
+                PullError::Denied {
+                    registry,
+                    reference,
+                }
+            }
+            // Not the body: whatever answers (a loopback service, say) is not echoed to the push.
+            RegistryError::Status { code, .. } => PullError::Status {
+                registry,
+                reference,
+                code,
+            },
+            RegistryError::Untrusted(_) => PullError::Untrusted {
+                registry,
+                source: e,
+            },
+            RegistryError::Connect(_) | RegistryError::Resolve { .. } => PullError::Unreachable {
+                registry,
+                source: e,
+            },
             _ => PullError::Registry {
                 registry,
                 reference,
                 source: e,
             },
         }
+    }
+
+    /// [`Self::error`] before anything was sent: a host of this machine's is the registry's.
+    fn first_error(&self, e: RegistryError) -> PullError {
+        match e {
+            RegistryError::OwnHost { .. } => PullError::Loopback {
+                registry: self.registry.clone(),
+            },
+            e => self.error(e),
+        }
+    }
+
+    /// [`Self::error`], with an answer over the size limit said to be the `what`.
+    fn sized_error(&self, what: &'static str, e: RegistryError) -> PullError {
+        match e {
+            RegistryError::TooLarge { size, .. } => self.too_large(what, size),
+            e => self.error(e),
+        }
+    }
+
+    /// Whether `digest`, as the registry's manifest gives it, is one berth asks for: a
+    /// sha256 digest (nothing else ends up in a URL).
+    fn fetchable(&self, what: &'static str, digest: &str) -> Result<(), PullError> {
+        digest_hex(digest)
+            .map(drop)
+            .map_err(|_| self.bad(what, format!("`{digest}` is not a sha256 digest")))
     }
 
     fn bad(&self, what: &'static str, detail: String) -> PullError {
@@ -502,7 +509,116 @@ fn check_digest(bytes: &[u8], digest: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_loopback, names_registry};
+    use super::super::registry::test_server::{serve, Answer, ENDLESS};
+    use super::super::registry::MAX_SMALL;
+    use super::*;
+    use std::time::Duration;
+
+    /// A registry that never stops sending (a manifest, an error or a token answer), or
+    /// announces a manifest of 10 GB: each pull fails within seconds with what happened, and
+    /// berth hangs up after reading at most about the limit (the server's writes fail long
+    /// before its 256 MiB are out; what it did write sits in the kernel's socket buffers).
+    #[tokio::test]
+    async fn oversized_answers_are_refused_after_a_bounded_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images = Arc::new(ImageStore::open(&tmp.path().join("images")).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = serve(listener, move |path| {
+            let json = "Content-Type: application/json\r\n";
+            match path.split('/').nth(2).unwrap_or_default() {
+                "endless" => Answer::Endless(format!("HTTP/1.1 200 OK\r\n{json}")),
+                "huge" => Answer::Endless(format!(
+                    "HTTP/1.1 200 OK\r\n{json}Content-Length: 10000000000\r\n"
+                )),
+                "error" => Answer::Endless(format!("HTTP/1.1 404 Not Found\r\n{json}")),
+                "token" => Answer::Full(
+                    format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/auth\",service=\"test\"\r\nContent-Length: 0\r\n"),
+                    Vec::new(),
+                ),
+                _ => Answer::Endless(format!("HTTP/1.1 200 OK\r\n{json}")),
+            }
+        });
+        for name in ["endless", "huge", "error", "token"] {
+            let reference = format!("127.0.0.1:{port}/{name}/app:1");
+            let started = Instant::now();
+            let pulled = images
+                .pull(&reference, None, true, &Progress::discard())
+                .await;
+            let error = pulled.expect_err(name);
+            let expected = match name {
+                "endless" => matches!(&error,
+                    PullError::TooLarge { what: "manifest", size, .. } if *size > MAX_JSON as u64),
+                "huge" => matches!(
+                    &error,
+                    PullError::TooLarge {
+                        what: "manifest",
+                        size: 10_000_000_000,
+                        ..
+                    }
+                ),
+                "error" => matches!(&error, PullError::Unknown { .. }),
+                _ => matches!(&error,
+                    PullError::Registry { source: RegistryError::Token { detail, .. }, .. }
+                        if detail.contains(&format!("over the {MAX_SMALL}"))),
+            };
+            assert!(expected, "{name}: {error}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{name}");
+        }
+        // Each endless answer (all but the 401 asking for a token) was cut off by berth.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hits.lock().unwrap().len() < 5 {
+            assert!(Instant::now() < deadline, "{:?}", hits.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for hit in hits.lock().unwrap().iter() {
+            let endless = !hit.path.starts_with("/v2/token/");
+            assert!(
+                !endless || (hit.cut_off && hit.written < ENDLESS / 4),
+                "{hit:?}"
+            );
+        }
+        let message = images
+            .pull(
+                &format!("127.0.0.1:{port}/endless/app:1"),
+                None,
+                true,
+                &Progress::discard(),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("sent a manifest of") && message.contains("bytes or more for"),
+            "{message}"
+        );
+    }
+
+    /// Without --allow-loopback-registries, a registry on this machine (by name, by address
+    /// in any spelling) is refused before anything is sent to it.
+    #[tokio::test]
+    async fn loopback_registries_are_refused_before_anything_is_sent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images = Arc::new(ImageStore::open(&tmp.path().join("images")).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = serve(listener, |_| {
+            Answer::Full("HTTP/1.1 200 OK\r\n".into(), Vec::new())
+        });
+        for host in ["localhost", "127.0.0.1", "127.1", "0.0.0.0"] {
+            let reference = format!("{host}:{port}/app:1");
+            let pulled = images
+                .pull(&reference, None, false, &Progress::discard())
+                .await;
+            match pulled {
+                Err(PullError::Loopback { registry }) => {
+                    assert_eq!(registry, format!("{host}:{port}"))
+                }
+                other => panic!("{reference}: {other:?}"),
+            }
+        }
+        assert!(hits.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn only_loopback_registries_get_plain_http() {
