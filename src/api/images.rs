@@ -40,15 +40,10 @@ pub(super) async fn import(
     Query(params): Query<ImportParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<svc::Imported>), ApiError> {
-    s.admin(&who, "import images")?;
-    let path = s.upload_path();
-    let saved = save(body, &path).await;
-    let imported = match saved {
-        Ok(()) => s.import_image(&who, &path, params.name).await,
-        Err(err) => Err(err),
-    };
-    let _ = tokio::fs::remove_file(&path).await;
-    Ok((StatusCode::CREATED, Json(imported?)))
+    let upload = s.upload(&who).await?;
+    save(body, &upload.path).await?;
+    let imported = s.import_image(&who, upload, params.name).await?;
+    Ok((StatusCode::CREATED, Json(imported)))
 }
 
 /// Writes the request body to `path`, refusing more than [`MAX_IMPORT`] bytes.

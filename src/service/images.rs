@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,18 @@ pub struct ImageRow {
 pub struct ExportTarget {
     digest: String,
     name: Option<String>,
+}
+
+/// An archive being uploaded for import: where to write it. Dropping it removes it.
+pub struct Upload {
+    pub path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// What an import stored.
@@ -165,28 +177,42 @@ impl Service {
         .map_err(|e| Error::new(Kind::Failed, e))
     }
 
-    /// Where an upload for [`Service::import_image`] is written: in the image store's scratch.
-    pub fn upload_path(&self) -> PathBuf {
-        self.deployer.builder().images.scratch("upload")
+    /// Where an archive for [`Service::import_image`] is uploaded to: a file in a folder of
+    /// its own under `DATA/builds/` (build scratch: cleared at start), removed with the
+    /// [`Upload`].
+    pub async fn upload(&self, who: &Caller) -> Result<Upload> {
+        use rand::Rng;
+        self.admin(who, "import images")?;
+        let dir = self
+            .paths
+            .builds()
+            .join(format!("upload-{:016x}", rand::thread_rng().gen::<u64>()));
+        std::fs::create_dir_all(&dir).map_err(failed)?;
+        Ok(Upload {
+            path: dir.join("archive.tar"),
+            dir,
+        })
     }
 
-    /// Imports the archive at `file` (a `docker save` tar or an OCI archive) for Dockerfiles'
-    /// `FROM`, tagged `name` or the name it carries.
+    /// Imports the uploaded archive (a `docker save` tar or an OCI archive) for Dockerfiles'
+    /// `FROM`, tagged `name` or the name it carries; the upload is removed.
     pub async fn import_image(
         &self,
         who: &Caller,
-        file: &Path,
+        upload: Upload,
         name: Option<String>,
     ) -> Result<Imported> {
         self.admin(who, "import images")?;
         let images = self.deployer.builder().images.clone();
         let _writing = images.writing().await;
-        let file = file.to_path_buf();
-        let (name, digest) =
+        let file = upload.path.clone();
+        let imported =
             tokio::task::spawn_blocking(move || images.import_archive(&file, name.as_deref()))
                 .await
                 .map_err(failed)?
-                .map_err(|e| Error::new(Kind::Invalid, e))?;
+                .map_err(|e| Error::new(Kind::Invalid, e));
+        drop(upload);
+        let (name, digest) = imported?;
         Ok(Imported { name, digest })
     }
 

@@ -27,7 +27,7 @@ mod users;
 pub use apps::{AppInfo, AppSummary, Destroyed};
 pub use config::{ConfigChange, ConfigPatch};
 pub use domains::{AutoCert, CertInfo, Domains, NewCert};
-pub use images::{ExportTarget, ImageRow, ImageUser, Imported, Info, StackImages};
+pub use images::{ExportTarget, ImageRow, ImageUser, Imported, Info, StackImages, Upload};
 pub use limits::{BuildLimits, LimitsPatch, NetworkInfo, NetworkSet, TypeLimits};
 pub use logs::{LogLine, LogQuery};
 pub use ps::{PsEntry, Scaled};
@@ -157,11 +157,21 @@ pub struct Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// An error of `kind` whose message is `source`'s.
+    /// An error of `kind` whose message is `source`'s, with the causes it names.
     pub fn new(kind: Kind, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        let mut message = source.to_string();
+        let mut cause = source.source();
+        while let Some(err) = cause {
+            let text = err.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = err.source();
+        }
         Self {
             kind,
-            message: source.to_string(),
+            message,
             source: Some(Box::new(source)),
         }
     }
