@@ -728,6 +728,9 @@ impl Proxy {
             .cloned()
             .or_else(|| HeaderValue::from_str(&host).ok());
         strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        // berth's server side answers `Expect: 100-continue` itself (as it reads the body); an
+        // upstream's early 100 would read as an answer before the whole body.
+        parts.headers.remove(header::EXPECT);
         if let (None, Some(value)) = (parts.headers.get(header::HOST), &forwarded_host) {
             // An absolute-form request may come without Host; the upstream needs one.
             parts.headers.insert(header::HOST, value.clone());

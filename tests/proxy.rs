@@ -954,3 +954,54 @@ async fn a_stalled_request_body_gets_408() {
         "{took:?}"
     );
 }
+
+/// An upstream that answers before it has read the request body (a 413 of its own, say) and
+/// closes gets its answer to the client, not a 502; the client's `Expect: 100-continue` is
+/// answered by berth and not sent on.
+#[tokio::test]
+async fn an_answer_before_the_whole_body_is_forwarded() {
+    let mut config = config();
+    config.max_body = 64 << 20;
+    let proxy = start_proxy(config).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy
+        .routes
+        .set("app.localhost", vec![listener.local_addr().unwrap()]);
+    let upstream = tokio::spawn(async move {
+        let mut heads = Vec::new();
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let head = read_until(&mut conn, "\r\n\r\n").await;
+            conn.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\nconnection: close\r\n\r\ntoo big\n",
+            )
+            .await
+            .unwrap();
+            heads.push(head);
+            // Closed without reading the body.
+        }
+        heads
+    });
+    for expect in [false, true] {
+        let mut req = request("POST", "app.localhost", "/upload");
+        if expect {
+            req = req.header("expect", "100-continue");
+        }
+        let big = req
+            .body(Full::new(Bytes::from(vec![b'x'; 8 << 20])))
+            .unwrap();
+        let (status, _, body) = send(proxy.addr, big).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, "too big\n"),
+            "expect: {expect}"
+        );
+    }
+    let heads = upstream.await.unwrap();
+    assert!(
+        heads
+            .iter()
+            .all(|h| !h.to_ascii_lowercase().contains("expect:")),
+        "{heads:?}"
+    );
+}

@@ -162,27 +162,23 @@ async fn exchange(
     out.clear();
     encode_head(out, head, chunked);
     conn.stream.write_all(out).await.map_err(Failure::write)?;
+    // Whether the upstream took the whole body. One that answers before it has (a 413, a 401)
+    // and stops reading gets its answer forwarded, and its connection is not reused.
+    let mut whole = true;
     if !body.is_end_stream() {
-        while let Some(frame) = body.frame().await {
-            let Ok(data) = frame.map_err(Failure::Body)?.into_data() else {
-                continue; // trailers are not forwarded
-            };
-            if data.is_empty() {
-                continue; // as a chunk, it would end the body
-            }
-            if chunked {
-                out.clear();
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                out.extend_from_slice(&data);
-                out.extend_from_slice(b"\r\n");
-                conn.stream.write_all(out).await.map_err(Failure::write)?;
-            } else {
-                conn.stream.write_all(&data).await.map_err(Failure::write)?;
-            }
-        }
-        if chunked {
-            (conn.stream.write_all(b"0\r\n\r\n").await).map_err(Failure::write)?;
-        }
+        let (mut read, mut write) = conn.stream.split();
+        let mut probe = [0u8; 1];
+        whole = tokio::select! {
+            biased;
+            sent = write_body(&mut write, &mut conn.write, body, chunked) => match sent {
+                Ok(()) => true,
+                // It stopped reading: it may have answered already.
+                Err(Failure::Upstream(ExchangeError::Write(_))) => false,
+                Err(err) => return Err(err),
+            },
+            // Bytes (or its close) before the whole body: read the answer, if any.
+            _ = read.peek(&mut probe) => false,
+        };
     }
     loop {
         let (status, headers, version) = read_head(conn).await?;
@@ -195,9 +191,39 @@ async fn exchange(
         } else {
             !close && has_token(&headers, "keep-alive")
         };
-        let (framing, keep_alive) = framing(head.method, status, &headers, keep_alive)?;
+        let (framing, keep_alive) = framing(head.method, status, &headers, keep_alive && whole)?;
         return Ok((status, headers, framing, keep_alive));
     }
+}
+
+/// Writes a request body as it arrives from the client, chunked when it has no length.
+async fn write_body(
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    out: &mut Vec<u8>,
+    body: &mut UpstreamBody,
+    chunked: bool,
+) -> Result<(), Failure> {
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Failure::Body)?.into_data() else {
+            continue; // trailers are not forwarded
+        };
+        if data.is_empty() {
+            continue; // as a chunk, it would end the body
+        }
+        if chunked {
+            out.clear();
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+            to.write_all(out).await.map_err(Failure::write)?;
+        } else {
+            to.write_all(&data).await.map_err(Failure::write)?;
+        }
+    }
+    if chunked {
+        to.write_all(b"0\r\n\r\n").await.map_err(Failure::write)?;
+    }
+    Ok(())
 }
 
 fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, chunked: bool) {
