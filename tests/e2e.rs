@@ -280,6 +280,8 @@ impl Server {
         }
         for id in &ids {
             left.push(format!("container dir {id}"));
+        }
+        for id in &self.container_ids() {
             let v2 = v2_parent.join(id);
             if v2.exists() {
                 left.push(format!("cgroup {}", v2.display()));
@@ -325,14 +327,32 @@ impl Server {
             .output();
         let _ = berth_runtime::firewall::remove(&self.bridge);
         berth_runtime::spec::remove_cgroup_parent();
-        if let Ok(entries) = std::fs::read_dir(self.data().join("containers")) {
-            for id in entries.flatten() {
-                for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-                    let _ =
-                        std::fs::remove_dir(controller.path().join("berth").join(id.file_name()));
-                }
+        for id in self.container_ids() {
+            for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+                let _ = std::fs::remove_dir(controller.path().join("berth").join(&id));
             }
         }
+    }
+
+    /// The ids of the containers this server has (a directory each) or started (its log says
+    /// so, also for containers whose directory is gone: a shim that died, say).
+    fn container_ids(&self) -> Vec<String> {
+        let dirs = std::fs::read_dir(self.data().join("containers"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let log = self.log();
+        let logged = log
+            .split_whitespace()
+            .filter_map(|word| word.strip_prefix("id="))
+            .map(|id| id.trim_matches('"').to_string());
+        let mut ids: Vec<String> = dirs.into_iter().chain(logged).collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 }
 
