@@ -2822,6 +2822,35 @@ fn slow_run_one_off_commands() {
     );
     assert_eq!(run_leftovers(&server, "once"), Vec::<String>::new());
 
+    // From inside a container: the host (a listener of this test on all addresses, through the
+    // bridge's gateway) and another container (web.1) cannot be reached.
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    host_listener.set_nonblocking(true).unwrap();
+    let ps: serde_json::Value =
+        serde_json::from_str(&server.berth_ok(&["ps", "once", "--json"])).unwrap();
+    let web = format!("{}:{}", ps[0]["ip"].as_str().unwrap(), ps[0]["port"]);
+    let gateway = server.subnet.replace(".0.0/16", ".0.1");
+    let port = host_listener.local_addr().unwrap().port();
+    let probe = format!(
+        "import socket\nfor target in [('{gateway}', {port}), ('{}', {})]:\n    try:\n        socket.create_connection(target, timeout=2).close()\n        print('reached', target[0])\n    except OSError:\n        print('blocked', target[0])\n",
+        ps[0]["ip"].as_str().unwrap(),
+        ps[0]["port"]
+    );
+    let out = berth_run("", &["python3", "-c", &probe]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "blocked {gateway}\nblocked {}\n",
+            web.split(':').next().unwrap()
+        ),
+        "{}",
+        why(&out)
+    );
+    assert!(
+        host_listener.accept().is_err(),
+        "a container reached the host"
+    );
+
     // With a terminal on stdin (script gives the CLI one), the run gets a terminal of its own
     // (/dev/pts inside the container) and an interactive shell reads commands from it.
     let script = format!(
