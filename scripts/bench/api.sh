@@ -27,23 +27,15 @@ berth_bin=$PWD/target/release/berth
 
 dir=$(mktemp -d /tmp/berth-api-bench-XXXXXX)
 data=$dir/data
-server=""
+source scripts/bench/server.sh
 cleanup() {
-    if [ -n "$server" ]; then
-        kill -TERM "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-    fi
+    stop_server
     rm -rf "$dir"
 }
 trap cleanup EXIT
 berth() { "$berth_bin" --data "$data" "$@"; }
 
-"$berth_bin" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 --domain localhost \
-    --ephemeral --bridge "bapi$$" --subnet 10.197.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
-server=$!
-for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done
-api=$(grep -o 'api=[^ ]*' "$dir/ready" | cut -d= -f2)
-[ -n "$api" ] || { echo "error: berth server did not start — see $dir/server.log" >&2; exit 1; }
+start_server "$berth_bin" "$dir" "bapi$$" 10.197.0.0/16
 
 for i in $(seq "$APPS"); do berth apps:create "app-$i" >/dev/null; done
 token=$(berth tokens:create bench 2>/dev/null)

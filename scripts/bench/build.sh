@@ -37,13 +37,10 @@ berth_bin=$PWD/target/release/berth
 dir=/tmp/berth-build-bench-$$
 mkdir "$dir"
 data=$dir/data
-server=""
+source scripts/bench/server.sh
 bah() { buildah --root "$dir/buildah" --runroot "$dir/buildah-run" --storage-driver overlay "$@"; }
 cleanup() {
-    if [ -n "$server" ]; then
-        kill -TERM "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-    fi
+    stop_server
     bah rm -a >/dev/null 2>&1 || true
     bah rmi -af >/dev/null 2>&1 || true
     umount -R "$dir/buildah" 2>/dev/null || true
@@ -52,12 +49,7 @@ cleanup() {
 trap cleanup EXIT
 berth() { "$berth_bin" --data "$data" "$@"; }
 
-"$berth_bin" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 --domain localhost \
-    --ephemeral --bridge "bbb$$" --subnet 10.197.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
-server=$!
-for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done
-ssh_port=$(grep -o 'ssh=[^ ]*' "$dir/ready" | cut -d= -f2 | cut -d: -f2)
-[ -n "$ssh_port" ] || { echo "error: berth server did not start — see $dir/server.log" >&2; exit 1; }
+start_server "$berth_bin" "$dir" "bbb$$" 10.197.0.0/16
 echo "building the stack images (about a minute, once)…" >&2
 berth stack:build >/dev/null
 

@@ -24,31 +24,18 @@ fi
 
 dir=$(mktemp -d /tmp/berth-redeploy-bench-XXXXXX)
 data=$dir/data
-server=""
+source scripts/bench/server.sh
 cleanup() {
-    if [ -n "$server" ]; then
-        kill -TERM "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-    fi
+    stop_server
     cp "$dir/server.log" /tmp/berth-redeploy-bench.log 2>/dev/null || true
     rm -rf "$dir"
 }
 trap cleanup EXIT
 berth() { "$BERTH_BIN" --data "$data" "$@"; }
 
-shared=$(ls -td /var/tmp/berth-test-stacks-2/trixie-*/images 2>/dev/null | head -n 1 || true)
-if [ -n "$shared" ]; then
-    mkdir -p "$data/images"
-    cp -al "$shared/." "$data/images/"
-fi
+link_shared_stacks "$data"
 
-RUST_LOG=${RUST_LOG:-info} "$BERTH_BIN" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 \
-    --domain localhost --ephemeral --bridge "brd$$" --subnet 10.196.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
-server=$!
-for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done
-http=$(grep -o 'http=[^ ]*' "$dir/ready" | cut -d= -f2)
-ssh_port=$(grep -o 'ssh=[^ ]*' "$dir/ready" | cut -d= -f2 | cut -d: -f2)
-[ -n "$http" ] || { echo "error: berth server did not start — see /tmp/berth-redeploy-bench.log" >&2; exit 1; }
+start_server "$BERTH_BIN" "$dir" "brd$$" 10.196.0.0/16
 
 ssh-keygen -q -t ed25519 -N '' -f "$dir/key"
 berth keys:add bench "$dir/key.pub" >/dev/null

@@ -52,6 +52,7 @@ fi
 dir=$(mktemp -d /tmp/berth-runtime-bench-XXXXXX)
 data=$dir/data
 bridge="brt$$"
+source scripts/bench/server.sh
 server=""
 # crun sees a plain cgroup v1 host in here (see above).
 v1() { unshare -m --propagation private sh -c 'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"' sh "$@"; }
@@ -127,19 +128,9 @@ for i in $(seq "$CONMONS"); do v1 crun delete -f "bench-conmon-$$-$i" >/dev/null
 # --- 2. density -----------------------------------------------------------------------------
 # The stack images (which the server would otherwise build on the first push, minutes of apt)
 # come from the slow tests' shared store when it exists.
-shared=$(ls -td /var/tmp/berth-test-stacks-2/trixie-*/images 2>/dev/null | head -n 1 || true)
-if [ -n "$shared" ]; then
-    mkdir -p "$data/images"
-    cp -al "$shared/." "$data/images/"
-fi
+link_shared_stacks "$data"
 avail_before=$(kib)
-RUST_LOG=${RUST_LOG:-warn} "$BERTH_BIN" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 \
-    --domain localhost --ephemeral --bridge "$bridge" --subnet 10.197.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
-server=$!
-for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done
-http=$(grep -o 'http=[^ ]*' "$dir/ready" | cut -d= -f2)
-ssh_port=$(grep -o 'ssh=[^ ]*' "$dir/ready" | cut -d= -f2 | cut -d: -f2)
-[ -n "$http" ] || { echo "error: berth server did not start — see /tmp/berth-runtime-bench.log" >&2; exit 1; }
+start_server "$BERTH_BIN" "$dir" "$bridge" 10.197.0.0/16
 
 ssh-keygen -q -t ed25519 -N '' -f "$dir/key"
 berth keys:add bench "$dir/key.pub" >/dev/null

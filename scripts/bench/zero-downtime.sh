@@ -25,24 +25,15 @@ berth_bin=$PWD/target/release/berth
 
 dir=$(mktemp -d /tmp/berth-zd-bench-XXXXXX)
 data=$dir/data
-server=""
+source scripts/bench/server.sh
 cleanup() {
-    if [ -n "$server" ]; then
-        kill -TERM "$server" 2>/dev/null || true
-        wait "$server" 2>/dev/null || true
-    fi
+    stop_server
     rm -rf "$dir"
 }
 trap cleanup EXIT
 berth() { "$berth_bin" --data "$data" "$@"; }
 
-"$berth_bin" --data "$data" server --http 127.0.0.1:0 --ssh 127.0.0.1:0 --api 127.0.0.1:0 --domain localhost \
-    --ephemeral --bridge "bzd$$" --subnet 10.198.0.0/16 >"$dir/ready" 2>"$dir/server.log" &
-server=$!
-for _ in $(seq 600); do grep -q ready "$dir/ready" && break; sleep 0.1; done
-http=$(grep -o 'http=[^ ]*' "$dir/ready" | cut -d= -f2)
-ssh_port=$(grep -o 'ssh=[^ ]*' "$dir/ready" | cut -d= -f2 | cut -d: -f2)
-[ -n "$http" ] || { echo "error: berth server did not start — see $dir/server.log" >&2; exit 1; }
+start_server "$berth_bin" "$dir" "bzd$$" 10.198.0.0/16
 
 ssh-keygen -q -t ed25519 -N '' -f "$dir/key"
 berth keys:add bench "$dir/key.pub" >/dev/null
