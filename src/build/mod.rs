@@ -342,6 +342,7 @@ fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
         source: source.to_path_buf(),
         destination: destination.to_string(),
         readonly,
+        idmapped: false,
     }
 }
 

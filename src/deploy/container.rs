@@ -102,6 +102,7 @@ fn binds() -> Vec<Bind> {
         source: "/etc/resolv.conf".into(),
         destination: "/etc/resolv.conf".into(),
         readonly: true,
+        idmapped: false,
     }]
 }
 
