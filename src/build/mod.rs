@@ -366,13 +366,19 @@ fn idmapped(bind: Bind) -> Bind {
 
 /// Makes the app's buildpack cache `dir` the range `users`'s, as the build container's root
 /// writes it: a cache left by a build from before builds had a user namespace (owned by host
-/// root) is handed over whole, once, so it stays usable.
+/// root) is handed over whole, once, so it stays usable; one of another range (the app was
+/// destroyed and made again before its cache was pruned) is emptied.
 fn own_cache(dir: &Path, users: IdMap) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if std::fs::symlink_metadata(dir)?.uid() != users.host_id {
-        berth_runtime::ids::to_host(dir, users)?;
+    match std::fs::symlink_metadata(dir)?.uid() {
+        owner if owner == users.host_id => return Ok(()),
+        0 => {}
+        _ => {
+            std::fs::remove_dir_all(dir)?;
+            std::fs::create_dir_all(dir)?;
+        }
     }
-    Ok(())
+    berth_runtime::ids::to_host(dir, users)
 }
 
 /// The Procfile's process types over the buildpack's defaults.
@@ -393,5 +399,47 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
 impl From<dockerfile::parse::ParseError> for BuildError {
     fn from(err: dockerfile::parse::ParseError) -> Self {
         BuildError::Dockerfile(err.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// Needs root (chown).
+    #[test]
+    fn caches_become_the_ranges() {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(std::env::var("CI").is_err(), "needs root under CI");
+            return;
+        }
+        let users = IdMap {
+            host_id: 400_000,
+            size: 65_536,
+        };
+        let owner = |path: &Path| std::fs::symlink_metadata(path).unwrap().uid();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir_all(cache.join("python/venv")).unwrap();
+        std::fs::write(cache.join("python/venv.key"), "k").unwrap();
+        // Left by a build as host root: handed over, contents kept.
+        own_cache(&cache, users).unwrap();
+        for path in ["", "python/venv", "python/venv.key"] {
+            assert_eq!(owner(&cache.join(path)), 400_000, "{path}");
+        }
+        // Already the range's: left as it is.
+        std::os::unix::fs::lchown(cache.join("python/venv.key"), Some(401_000), None).unwrap();
+        own_cache(&cache, users).unwrap();
+        assert_eq!(owner(&cache.join("python/venv.key")), 401_000);
+        // Another range's: emptied and handed over.
+        let other = IdMap {
+            host_id: 500_000,
+            size: 65_536,
+        };
+        own_cache(&cache, other).unwrap();
+        assert_eq!(owner(&cache), 500_000);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
     }
 }
