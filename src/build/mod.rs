@@ -189,7 +189,10 @@ async fn run_build(
     for dir in [&env_dir, &out_dir, &cache_dir] {
         std::fs::create_dir_all(dir)?;
     }
-    own_cache(&cache_dir, users)?;
+    let cache = cache_dir.clone();
+    tokio::task::spawn_blocking(move || own_cache(&cache, users))
+        .await
+        .expect("cache task")?;
     for (key, value) in config
         .iter()
         .filter(|(k, _)| !crate::config::is_registry_login(k))

@@ -2,11 +2,10 @@
 //! the file the app's `BERTH_DOCKERFILE_PATH` names). Each stage starts from an image in
 //! berth's store (by name, e.g. `berth/stack-build`; a name with a registry host that the
 //! store lacks is pulled into it first, [`crate::image::pull`]), an earlier stage, or
-//! `scratch`; each
-//! `RUN` runs in a build container (its own netns, a user namespace mapped to the app's host
-//! uid range, the host CA bundle passed in) over the layers so far, and the container's
-//! overlay upper dir, handed back to the container's own ids, becomes the step's layer; `COPY`/`ADD`
-//! stage their files in a folder that becomes a layer. The other instructions change the image
+//! `scratch`; each `RUN` runs in a build container (its own netns, a user namespace mapped to
+//! the app's host uid range, the host CA bundle passed in) over the layers so far, and the
+//! container's overlay upper dir, handed back to the container's own ids, becomes the step's
+//! layer; `COPY`/`ADD` stage their files in a folder that becomes a layer. The other instructions change the image
 //! config. The result is an image in the store.
 //!
 //! **Layer cache**: every step has a key chained from its parent's key, the instruction as
