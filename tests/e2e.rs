@@ -159,6 +159,19 @@ impl Server {
             .args(args))
     }
 
+    /// `berth images:export IMAGE` into the file `to`; requires success.
+    fn export(&self, image: &str, to: &Path) {
+        let out = Command::new(BERTH)
+            .arg("--data")
+            .arg(self.data())
+            .args(["images:export", image])
+            .stdout(std::fs::File::create(to).unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
     /// Runs the berth CLI and requires success.
     fn berth_ok(&self, args: &[&str]) -> String {
         let out = self.berth(args);
@@ -2575,16 +2588,7 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     assert_eq!(by_user.len(), 1, "{by_user:?}");
     assert_eq!(owner(&by_user[0]), (1000, 1000), "USER 1000's file");
     // Each layer's tar, made again from its files, still has its digest.
-    let exported = server.dir.path().join("dock.tar");
-    let out = Command::new(BERTH)
-        .arg("--data")
-        .arg(server.data())
-        .args(["images:export", "dock:v1"])
-        .stdout(std::fs::File::create(&exported).unwrap())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    server.export("dock:v1", &server.dir.path().join("dock.tar"));
 
     // An unchanged rebuild (only an ignored file changed) reuses every layer.
     let layer_steps = 7;
@@ -3244,15 +3248,7 @@ fn slow_images_export_gc_and_info() {
 
     // Exported: skopeo reads it as a docker-archive and as an OCI archive, and copies it.
     let exported = server.dir.path().join("img-v1.tar");
-    let out = Command::new(BERTH)
-        .arg("--data")
-        .arg(server.data())
-        .args(["images:export", "img:v1"])
-        .stdout(std::fs::File::create(&exported).unwrap())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    server.export("img:v1", &exported);
     let skopeo = |args: &[&str]| -> String {
         let out = run(Command::new("skopeo").args(args));
         assert!(out.status.success(), "skopeo {args:?}: {}", text(&out));
