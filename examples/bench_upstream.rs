@@ -113,6 +113,7 @@ impl Bench {
                 source: "/usr".into(),
                 destination: "/usr".into(),
                 readonly: true,
+                idmapped: false,
             }],
             netns: Some(netns),
             log: LogTarget::File {

@@ -167,6 +167,19 @@ impl Server {
             .args(args))
     }
 
+    /// `berth images:export IMAGE` into the file `to`; requires success.
+    fn export(&self, image: &str, to: &Path) {
+        let out = Command::new(BERTH)
+            .arg("--data")
+            .arg(self.data())
+            .args(["images:export", image])
+            .stdout(std::fs::File::create(to).unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
     /// Runs the berth CLI and requires success.
     fn berth_ok(&self, args: &[&str]) -> String {
         let out = self.berth(args);
@@ -2330,6 +2343,42 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
         django_uid.abs_diff(express_uid) >= 65_536,
         "ranges overlap: {django_uid} {express_uid}"
     );
+    // Their builds ran as the same range: what the build wrote to the app's buildpack cache is
+    // the range's. The layers they made keep the container's ids: the app's files and its venv
+    // are root's (0), not the range's.
+    let owner = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    let cache = server.data().join("cache/django");
+    for path in ["", "python", "python/venv.key", "python/venv/bin/python"] {
+        assert_eq!(
+            owner(&cache.join(path)),
+            (django_uid, django_uid),
+            "cache/django/{path}"
+        );
+    }
+    let layers: Vec<PathBuf> = std::fs::read_dir(server.data().join("images/l"))
+        .unwrap()
+        .flatten()
+        .map(|layer| layer.path())
+        .collect();
+    for file in [
+        "app/manage.py",
+        "app/.venv/pyvenv.cfg",
+        "app/.venv/bin/python",
+    ] {
+        let found: Vec<PathBuf> = layers
+            .iter()
+            .map(|layer| layer.join(file))
+            .filter(|path| path.symlink_metadata().is_ok())
+            .collect();
+        assert!(!found.is_empty(), "no layer has {file}");
+        for path in found {
+            assert_eq!(owner(&path), (0, 0), "{}", path.display());
+        }
+    }
 
     // A static site, served by the run stack's small server.
     let site = laptop("static-site");
@@ -2441,10 +2490,13 @@ WORKDIR /src
 COPY app/ ./
 RUN <<EOF
 set -e
-mkdir -p /out
+mkdir -p /out /build-info
 python3 -m zipapp /src -o /out/app.pyz
 python3 --version > /out/built-with
+cat /proc/self/uid_map > /build-info/uid_map
 EOF
+USER 1000:1000
+RUN touch /tmp/by-1000
 
 FROM berth/stack-run
 ENV GREETING="hello from a Dockerfile" \
@@ -2477,8 +2529,10 @@ http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_fore
 
 /// Dockerfile builds end to end: a two-stage Dockerfile (the first stage compiles a zipapp)
 /// pushed over git+ssh serves through the proxy on its EXPOSEd port from its WORKDIR, with
-/// `.dockerignore` applied; an unchanged rebuild takes every layer from the cache; a changed
-/// copied file rebuilds from its step on; a malformed Dockerfile is refused with its line.
+/// `.dockerignore` applied; its `RUN` steps ran in a user namespace (not host root), and the
+/// layers they made keep the container's ids (root's files 0, a `USER 1000` file 1000); an
+/// unchanged rebuild takes every layer from the cache; a changed copied file rebuilds from its
+/// step on; a malformed Dockerfile is refused with its line.
 #[test]
 fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     if !prerequisites_met(&[]) {
@@ -2507,8 +2561,8 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let first = push("the first push");
     for expected in [
         "Building dock from Dockerfile",
-        "Step 1/14 : ARG BASE=berth/stack-build",
-        "Step 5/14 : RUN <<EOF",
+        "Step 1/16 : ARG BASE=berth/stack-build",
+        "Step 5/16 : RUN <<EOF",
         "HEALTHCHECK: GET /health",
         "Process types: web",
         "dock v1 is live",
@@ -2532,8 +2586,40 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
         "{body}"
     );
 
+    // The RUN steps were not host root (host root's map is `0 0 4294967295`): root inside was
+    // a host uid of the app's range. Their layers, as stored, hold the container's own ids.
+    let in_layers = |path: &str| -> Vec<PathBuf> {
+        let layers = server.data().join("images/l");
+        std::fs::read_dir(&layers)
+            .unwrap()
+            .flatten()
+            .map(|layer| layer.path().join(path))
+            .filter(|file| file.exists())
+            .collect()
+    };
+    let owner = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    let uid_map = in_layers("build-info/uid_map");
+    assert_eq!(uid_map.len(), 1, "{uid_map:?}");
+    let map = std::fs::read_to_string(&uid_map[0]).unwrap();
+    let map: Vec<u64> = map.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert!(
+        map.len() == 3 && map[0] == 0 && map[1] >= 100_000 && map[2] == 65_536,
+        "a RUN step's uid_map: {map:?}"
+    );
+    assert_eq!(owner(&uid_map[0]), (0, 0), "root's file in the layer");
+    assert_eq!(owner(uid_map[0].parent().unwrap()), (0, 0));
+    let by_user = in_layers("tmp/by-1000");
+    assert_eq!(by_user.len(), 1, "{by_user:?}");
+    assert_eq!(owner(&by_user[0]), (1000, 1000), "USER 1000's file");
+    // Each layer's tar, made again from its files, still has its digest.
+    server.export("dock:v1", &server.dir.path().join("dock.tar"));
+
     // An unchanged rebuild (only an ignored file changed) reuses every layer.
-    let layer_steps = 6;
+    let layer_steps = 7;
     laptop.write("README.md", "readme, edited");
     laptop.commit("Edit the README");
     let again = push("the unchanged rebuild");
@@ -3033,15 +3119,7 @@ fn slow_images_export_gc_and_info() {
 
     // Exported: skopeo reads it as a docker-archive and as an OCI archive, and copies it.
     let exported = server.dir.path().join("img-v1.tar");
-    let out = Command::new(BERTH)
-        .arg("--data")
-        .arg(server.data())
-        .args(["images:export", "img:v1"])
-        .stdout(std::fs::File::create(&exported).unwrap())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    server.export("img:v1", &exported);
     let skopeo = |args: &[&str]| -> String {
         let out = run(Command::new("skopeo").args(args));
         assert!(out.status.success(), "skopeo {args:?}: {}", text(&out));

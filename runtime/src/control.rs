@@ -227,6 +227,18 @@ impl Runtime {
         valid_id(id) && self.container_dir(id).join(layout::OOM).exists()
     }
 
+    /// Moves the writable layer (overlay upper dir) of exited container `id` to `to`, with the
+    /// container's own ids (`0` for its root, not its range's host id): a build step's new
+    /// layer. Call it before [`Runtime::remove`].
+    pub fn take_upper(&self, id: &str, to: &Path) -> Result<(), Error> {
+        if !valid_id(id) {
+            return Err(Error::InvalidId(id.to_string()));
+        }
+        let dir = self.container_dir(id);
+        let users = read_spec(&dir).and_then(|spec| spec.users);
+        rootfs::take_upper(&dir, to, users)
+    }
+
     /// Stops container `id`: SIGTERM to its shim, which forwards it and sends SIGKILL after the
     /// grace period. Blocks until the shim has cleaned up and exited. Returns the exit code, or
     /// `None` if there is no such container or its code was lost.

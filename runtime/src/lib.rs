@@ -14,7 +14,9 @@
 //! - [`Runtime`] (daemon side): start, run attached ([`Io`]: output, pipes or a terminal),
 //!   state, stop, remove, list.
 //! - [`shim`]: the process that owns one container.
-//! - [`rootfs`]: the overlay root filesystem of a container (id-mapped layers with `users`).
+//! - [`rootfs`]: the overlay root filesystem of a container (id-mapped layers with `users`),
+//!   and the bind sources of a container with `users`, made reachable (and id-mapped).
+//! - [`ids`]: re-owning a tree between a container's ids and its range's host ids.
 //! - [`spec`]: the OCI runtime config written for libcontainer.
 //! - [`seccomp`]: the default seccomp profile of every container.
 //! - [`terminal`]: a container's pseudo-terminal, handed from its shim to the daemon; its size.
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 mod control;
 mod error;
 pub mod firewall;
+pub mod ids;
 mod layout;
 pub mod network;
 pub mod rootfs;
@@ -117,6 +120,12 @@ pub struct Bind {
     pub source: PathBuf,
     pub destination: String,
     pub readonly: bool,
+    /// With `users`: mounted id-mapped (not recursively), so the ids on disk are the
+    /// container's own: its root owns what host root owns there, and what it writes there is
+    /// stored as its own ids (uid 0 as 0, not as its range's host ids) — for a tree berth
+    /// packs as an image layer afterwards. Without `users`: no effect.
+    #[serde(default)]
+    pub idmapped: bool,
 }
 
 /// Where the container's stdout and stderr go.

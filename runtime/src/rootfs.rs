@@ -12,6 +12,12 @@
 //! shared by every app. `DIR/upper` then belongs to the mapped root, and what the container
 //! writes lands there as its mapped host uids. Without `users`, `DIR/l/<n>` are symlinks.
 //! Either way the mounts live in the shim's private mount namespace and go with it.
+//!
+//! Such a container's root cannot reach a bind source inside the data dir (`0700`), and
+//! libcontainer looks sources up as it: [`bind_sources`] clones each one (id-mapped when the
+//! bind asks for it) to `USERNS_BINDS/<id>/<n>`, which it can reach, and the container binds
+//! those. [`take_upper`] hands a finished container's upper dir over with the container's own
+//! ids (a build step's layer).
 
 use std::fs;
 use std::os::unix::fs::{symlink, DirBuilderExt};
@@ -24,7 +30,13 @@ use libcontainer::syscall::Syscall;
 use nix::libc;
 use nix::mount::{umount2, MntFlags, MsFlags};
 
-use crate::{Error, IdMap};
+use crate::{Bind, Error, IdMap};
+
+/// Where the bind sources of a container with a user namespace are cloned to, reachable from
+/// inside it: `USERNS_BINDS/<id>/<n>` (directories `0711`, like [`USERNS_ROOTS`]). The mounts
+/// live in the shim's mount namespace only; the empty mount points are removed with the
+/// container.
+pub const USERNS_BINDS: &str = "/run/berth/binds";
 
 /// Where the rootfs of a container with a user namespace is mounted: `USERNS_ROOTS/<id>`.
 /// Its root must reach its rootfs through directories it may search as a plain host uid, and
@@ -89,7 +101,7 @@ pub fn mount(dir: &Path, layers: &[PathBuf], users: Option<IdMap>) -> Result<Pat
             Some(userns) => {
                 fs::create_dir_all(&link)
                     .map_err(Error::io(format!("creating {}", link.display())))?;
-                mount_idmapped(&target, &link, userns)?;
+                clone_mount(&target, &link, Some(userns))?;
             }
         }
         lower.push(format!("l/{n}"));
@@ -135,42 +147,100 @@ fn mount_sysfs(rootfs: &Path) -> Result<(), Error> {
     .map_err(Error::sys(format!("mounting sysfs at {}", sys.display())))
 }
 
-/// Bind-mounts `source` at `target` with the id mapping of the user namespace `userns`.
-fn mount_idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result<(), Error> {
+/// The binds of container `id` (with a user namespace `users`), their sources cloned to
+/// `USERNS_BINDS/<id>/<n>` where its root can reach them: recursively, or id-mapped (by
+/// `users`) when the bind asks for it. Only for the single-threaded shim (it forks).
+pub fn bind_sources(id: &str, binds: &[Bind], users: IdMap) -> Result<Vec<Bind>, Error> {
+    let points = Path::new(USERNS_BINDS).join(id);
+    let mut searchable = fs::DirBuilder::new();
+    searchable.recursive(true).mode(0o711);
+    searchable
+        .create(&points)
+        .map_err(Error::io(format!("creating {}", points.display())))?;
+    let userns = match binds.iter().any(|bind| bind.idmapped) {
+        true => Some(crate::userns::with_map(users)?),
+        false => None,
+    };
+    let mut cloned = Vec::with_capacity(binds.len());
+    for (n, bind) in binds.iter().enumerate() {
+        let point = points.join(n.to_string());
+        let made = match fs::metadata(&bind.source) {
+            Ok(meta) if meta.is_dir() => fs::create_dir(&point),
+            Ok(_) => fs::File::create(&point).map(drop),
+            Err(err) => Err(err),
+        };
+        made.map_err(Error::io(format!(
+            "making a mount point for {}",
+            bind.source.display()
+        )))?;
+        let idmap = userns.as_ref().filter(|_| bind.idmapped);
+        clone_mount(&bind.source, &point, idmap)?;
+        cloned.push(Bind {
+            source: point,
+            ..bind.clone()
+        });
+    }
+    Ok(cloned)
+}
+
+/// Moves the upper dir of the finished container in `dir` to `to`; with `users`, re-owned
+/// from the range's host ids to the container's own ([`crate::ids::to_container`]).
+pub fn take_upper(dir: &Path, to: &Path, users: Option<IdMap>) -> Result<(), Error> {
+    let upper = dir.join("upper");
+    fs::rename(&upper, to).map_err(Error::io(format!("moving {}", upper.display())))?;
+    match users {
+        Some(map) => crate::ids::to_container(to, map).map_err(Error::io(format!(
+            "handing {} back to the container's ids",
+            to.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Bind-mounts `source` at `target`: recursively, or (not recursively) with the id mapping of
+/// the user namespace `idmap`.
+fn clone_mount(source: &Path, target: &Path, idmap: Option<&OwnedFd>) -> Result<(), Error> {
     let failed = |context: &'static str| {
         move |err: libcontainer::syscall::SyscallError| {
+            let hint = match idmap {
+                Some(_) => "; id-mapped mounts need Linux 5.12+ and a filesystem that supports them, such as ext4, xfs or btrfs",
+                None => "",
+            };
             Error::Libcontainer {
-            context,
-            reason: format!(
-                "{err} ({}; id-mapped mounts need Linux 5.12+ and a filesystem that supports them, such as ext4, xfs or btrfs)",
-                source.display()
-            ),
-        }
+                context,
+                reason: format!("{err} ({}{hint})", source.display()),
+            }
         }
     };
     let syscall = LinuxSyscall;
+    let recursive = match idmap {
+        Some(_) => 0,
+        None => libc::AT_RECURSIVE as u32,
+    };
     let tree = syscall
         .open_tree(
             libc::AT_FDCWD,
             source.to_str(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | recursive,
         )
-        .map_err(failed("cloning an image layer's mount"))?;
-    let attr = MountAttr {
-        attr_set: libc::MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    syscall
-        .mount_setattr(
-            tree.as_fd(),
-            Path::new(""),
-            libc::AT_EMPTY_PATH as u32,
-            &attr,
-            std::mem::size_of::<MountAttr>(),
-        )
-        .map_err(failed("id-mapping an image layer"))?;
+        .map_err(failed("cloning a mount"))?;
+    if let Some(userns) = idmap {
+        let attr = MountAttr {
+            attr_set: libc::MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        };
+        syscall
+            .mount_setattr(
+                tree.as_fd(),
+                Path::new(""),
+                libc::AT_EMPTY_PATH as u32,
+                &attr,
+                std::mem::size_of::<MountAttr>(),
+            )
+            .map_err(failed("id-mapping a mount"))?;
+    }
     let parent = fs::File::open(target.parent().unwrap_or(Path::new("/")))
         .map_err(Error::io(format!("opening {}", target.display())))?;
     let name = target.file_name().and_then(|name| name.to_str());
@@ -182,7 +252,7 @@ fn mount_idmapped(source: &Path, target: &Path, userns: &OwnedFd) -> Result<(), 
             name,
             libc::MOVE_MOUNT_F_EMPTY_PATH,
         )
-        .map_err(failed("mounting an id-mapped image layer"))
+        .map_err(failed("mounting a cloned mount"))
 }
 
 /// Unmounts the rootfs of the container in `dir` (and removes its mount point outside `dir`);
@@ -197,10 +267,28 @@ pub fn unmount(dir: &Path, users: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes the (empty) mount point of a container with a user namespace, left by a shim
-/// that died; nothing for one without.
+/// Removes the (empty) mount points of a container with a user namespace (its rootfs and bind
+/// sources; unmounted first, in the shim), left by a shim that died; nothing for one without.
 pub fn remove_mount_point(dir: &Path, users: bool) {
-    if users {
-        let _ = fs::remove_dir(path(dir, true));
+    if !users {
+        return;
     }
+    let _ = fs::remove_dir(path(dir, true));
+    let Some(id) = dir.file_name() else {
+        return;
+    };
+    let points = Path::new(USERNS_BINDS).join(id);
+    if let Ok(entries) = fs::read_dir(&points) {
+        for point in entries.flatten().map(|entry| entry.path()) {
+            let _ = umount2(&point, MntFlags::MNT_DETACH);
+            // Only an empty directory or an empty file: never what a mount showed.
+            if fs::remove_dir(&point).is_err() {
+                let empty = fs::symlink_metadata(&point).is_ok_and(|m| m.is_file() && m.len() == 0);
+                if empty {
+                    let _ = fs::remove_file(&point);
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir(&points);
 }

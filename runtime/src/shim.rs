@@ -144,6 +144,16 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
         join_netns(netns, spec.users.is_some())?;
     }
     let root = rootfs::mount(dir, &spec.layers, spec.users)?;
+    let spec = match spec.users {
+        Some(users) => match rootfs::bind_sources(&spec.id, &spec.binds, users) {
+            Ok(binds) => ContainerSpec { binds, ..spec },
+            Err(err) => {
+                let _ = rootfs::unmount(dir, true);
+                return Err(err);
+            }
+        },
+        None => spec,
+    };
     let mut container = match start(dir, &spec, &root, container_out, seccomp) {
         Ok(container) => container,
         Err(err) => {

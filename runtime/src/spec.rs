@@ -201,6 +201,7 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
         source: INIT_BINARY.into(),
         destination: INIT_IN_CONTAINER.into(),
         readonly: true,
+        idmapped: false,
     });
     for bind in spec.binds.iter().chain(&init) {
         let mut options = vec!["rbind".to_string()];
@@ -326,6 +327,7 @@ mod tests {
                 source: "/etc/ssl/certs/ca-certificates.crt".into(),
                 destination: "/etc/ssl/ca.crt".into(),
                 readonly: true,
+                idmapped: false,
             }],
             netns,
             log: LogTarget::Inherit,

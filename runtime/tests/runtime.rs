@@ -96,6 +96,10 @@ fn main() {
         ("runs_as_its_user", runs_as_its_user),
         ("user_namespace_confines_root", user_namespace_confines_root),
         (
+            "build_trees_keep_the_containers_ids",
+            build_trees_keep_the_containers_ids,
+        ),
+        (
             "limits_hold_and_oom_kills_are_reported",
             limits_hold_and_oom_kills_are_reported,
         ),
@@ -279,8 +283,13 @@ impl Fixture {
             !self.runtime.container_dir(id).exists(),
             "container directory left for {id}"
         );
-        let mount_point = Path::new(berth_runtime::rootfs::USERNS_ROOTS).join(id);
-        assert!(!mount_point.exists(), "{} left", mount_point.display());
+        for dir in [
+            berth_runtime::rootfs::USERNS_ROOTS,
+            berth_runtime::rootfs::USERNS_BINDS,
+        ] {
+            let mount_point = Path::new(dir).join(id);
+            assert!(!mount_point.exists(), "{} left", mount_point.display());
+        }
         assert!(
             !self.root.join("netns").join(id).exists(),
             "netns file left for {id}"
@@ -690,6 +699,7 @@ fn binds_and_env() {
         source: data.clone(),
         destination: "/mnt/data".into(),
         readonly: true,
+        idmapped: false,
     });
     let (out, code) = run_attached(&fx, &spec);
     assert_eq!(code, 0, "{out}");
@@ -872,6 +882,7 @@ fn user_namespace_confines_root() {
         source: hostdir.clone(),
         destination: "/hostdir".into(),
         readonly: false,
+        idmapped: false,
     });
     fx.runtime.start(&spec).unwrap();
     let log = wait_for(
@@ -971,6 +982,75 @@ fn user_namespace_confines_root() {
     for id in [&spec.id, &user.id] {
         fx.assert_clean(id);
     }
+}
+
+/// What a build container (with a user namespace) writes keeps the container's ids where berth
+/// packs it as a layer: in an id-mapped bind (root's files are its root's; what it writes as
+/// root is 0 on disk, as 1000 is 1000) and in its upper dir once taken with `take_upper`; in a
+/// plain bind (a cache) its writes are its range's. Bind sources inside a `0700` directory (as
+/// the data dir is) are reached.
+fn build_trees_keep_the_containers_ids() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let mut fx = Fixture::new("buildids");
+    let private = fx.root.join("private");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .unwrap();
+    let (src, cache) = (private.join("src"), private.join("cache"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("given"), "pushed\n").unwrap();
+    let users = fx.users(3);
+    std::fs::create_dir_all(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(users.host_id), Some(users.host_id)).unwrap();
+    let mut spec = fx.spec(
+        "buildids",
+        &[
+            "sh",
+            "-c",
+            "set -e; cat /proc/self/uid_map; busybox stat -c %u:%g /src/given; cat /src/given; \
+             touch /src/by-root /src/by-1000 /cache/cached /made-by-root /made-by-1000; \
+             busybox chown 1000:1000 /src/by-1000 /made-by-1000",
+        ],
+    );
+    spec.users = Some(users);
+    spec.binds = vec![
+        Bind {
+            source: src.clone(),
+            destination: "/src".into(),
+            readonly: false,
+            idmapped: true,
+        },
+        Bind {
+            source: cache.clone(),
+            destination: "/cache".into(),
+            readonly: false,
+            idmapped: false,
+        },
+    ];
+    let (out, code) = run_attached(&fx, &spec);
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    let map: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        map,
+        ["0", &users.host_id.to_string(), "65536"],
+        "not host root: {out}"
+    );
+    assert_eq!(lines[1..3], ["0:0", "pushed"], "{out}");
+    let owner = |path: &Path| {
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        (meta.uid(), meta.gid())
+    };
+    assert_eq!(owner(&src.join("by-root")), (0, 0));
+    assert_eq!(owner(&src.join("by-1000")), (1000, 1000));
+    assert_eq!(owner(&cache.join("cached")), (users.host_id, users.host_id));
+    let layer = fx.root.join("layer");
+    fx.runtime.take_upper(&spec.id, &layer).unwrap();
+    assert_eq!(owner(&layer.join("made-by-root")), (0, 0));
+    assert_eq!(owner(&layer.join("made-by-1000")), (1000, 1000));
+    fx.runtime.remove(&spec.id).unwrap();
+    fx.assert_clean(&spec.id);
 }
 
 /// Memory, CPU and pids limits as the container (in a user namespace) sees its own cgroup (v1

@@ -40,8 +40,9 @@ pub struct OneOff {
     pub spec: ContainerSpec,
     /// How long it may run.
     pub deadline: Duration,
-    /// On a clean exit, its writable layer (the overlay's upper dir) is moved here before the
-    /// container is removed (a Dockerfile `RUN` step's new layer).
+    /// On a clean exit, its writable layer (the overlay's upper dir) is moved here, with the
+    /// container's own ids, before the container is removed (a Dockerfile `RUN` step's new
+    /// layer).
     pub keep_upper: Option<PathBuf>,
 }
 
@@ -113,16 +114,16 @@ pub async fn run(
             Some((&mut work).await.expect("one-off container task"))
         }
     };
-    let upper = runtime.container_dir(&id).join("upper");
     let ended = match finished {
         Some(code) => match code? {
             0 => match keep_upper {
-                Some(to) => std::fs::rename(&upper, &to)
-                    .map(|()| Ended::Exited(0))
-                    .map_err(|source| berth_runtime::Error::Io {
-                        context: format!("keeping the new layer of {id}"),
-                        source,
-                    }),
+                Some(to) => {
+                    let (taking, id) = (runtime.clone(), id.clone());
+                    tokio::task::spawn_blocking(move || taking.take_upper(&id, &to))
+                        .await
+                        .expect("layer task")
+                        .map(|()| Ended::Exited(0))
+                }
                 None => Ok(Ended::Exited(0)),
             },
             _ if runtime.oom_killed(&id) => Ok(Ended::OutOfMemory),

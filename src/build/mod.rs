@@ -2,13 +2,17 @@
 //! The buildpacks run inside a build container on the `berth/stack-build` image with the source
 //! at /app, the app's cache at /cache, its config at /env (one file per var) and the host CA
 //! bundle passed in, in a network namespace of its own on berth's bridge (out by NAT; the host's
-//! own services are firewalled off); the result is one layer on top of `berth/stack-run`.
+//! own services are firewalled off) and a user namespace mapped to the app's own host uid range
+//! (`Job::users`, which `deploy` picks), so build code is no host root; the result is one
+//! layer on top of `berth/stack-run`. The source and output are bound id-mapped, so what the
+//! build writes there is stored with its own ids (the app layer's files are root's, not the
+//! range's); the cache is the range's own.
 //! Owns the build steps; must not start app containers or touch routes (that is `deploy`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use berth_runtime::{Bind, ContainerSpec, LogTarget, Runtime};
+use berth_runtime::{Bind, ContainerSpec, IdMap, LogTarget, Runtime};
 use rand::Rng;
 use thiserror::Error;
 use tracing::{info, info_span, Instrument};
@@ -98,13 +102,17 @@ pub struct Builder {
     pub allow_loopback_registries: bool,
 }
 
-/// One build: which app, the pushed commit, the app's config and the limits to build under.
+/// One build: which app, the pushed commit, the app's config, the limits to build under and
+/// the host uid range its containers run as.
 #[derive(Clone, Copy)]
 pub struct Job<'a> {
     pub app: &'a str,
     pub source_version: &'a str,
     pub config: &'a Config,
     pub limits: BuildLimits,
+    /// The app's own range (the one its containers run as): a build runs the app's code, so it
+    /// gets no more than the app, and cannot touch another app's files or processes.
+    pub users: IdMap,
 }
 
 impl Builder {
@@ -165,6 +173,7 @@ async fn run_build(
         source_version,
         config,
         limits,
+        users,
     } = job;
     let (stack, why) = buildpacks::choose_stack(source, config)?;
     if let Some(why) = why {
@@ -172,7 +181,7 @@ async fn run_build(
     }
     let (build_image, run_image) = d.ensure_stacks(&stack, false, out).await?;
     if let Some(path) = dockerfile::find(source, config)? {
-        return dockerfile::build(d, app, source, &path, config, limits, out).await;
+        return dockerfile::build(d, job, source, &path, out).await;
     }
     let env_dir = scratch.join("env");
     let out_dir = scratch.join("out");
@@ -180,6 +189,10 @@ async fn run_build(
     for dir in [&env_dir, &out_dir, &cache_dir] {
         std::fs::create_dir_all(dir)?;
     }
+    let cache = cache_dir.clone();
+    tokio::task::spawn_blocking(move || own_cache(&cache, users))
+        .await
+        .expect("cache task")?;
     for (key, value) in config
         .iter()
         .filter(|(k, _)| !crate::config::is_registry_login(k))
@@ -201,10 +214,10 @@ async fn run_build(
         env.push(format!("BUILDPACK_URL={url}"));
     }
     let mut binds = vec![
-        bind(source, "/app", false),
+        idmapped(bind(source, "/app", false)),
         bind(&cache_dir, "/cache", false),
         bind(&env_dir, "/env", true),
-        bind(&out_dir, "/out", false),
+        idmapped(bind(&out_dir, "/out", false)),
         bind(&d.paths.buildpacks(), "/buildpacks", true),
         bind(Path::new("/etc/resolv.conf"), "/etc/resolv.conf", true),
     ];
@@ -240,7 +253,7 @@ async fn run_build(
         limits: limits.limits.runtime(),
         init: true,
         user: None,
-        users: None,
+        users: Some(users),
         stop_signal: None,
     };
 
@@ -342,7 +355,33 @@ fn bind(source: &Path, destination: &str, readonly: bool) -> Bind {
         source: source.to_path_buf(),
         destination: destination.to_string(),
         readonly,
+        idmapped: false,
     }
+}
+
+/// `bind` id-mapped: what the build writes there keeps its own ids on disk (see [`Bind`]).
+fn idmapped(bind: Bind) -> Bind {
+    Bind {
+        idmapped: true,
+        ..bind
+    }
+}
+
+/// Makes the app's buildpack cache `dir` the range `users`'s, as the build container's root
+/// writes it: a cache left by a build from before builds had a user namespace (owned by host
+/// root) is handed over whole, once, so it stays usable; one of another range (the app was
+/// destroyed and made again before its cache was pruned) is emptied.
+fn own_cache(dir: &Path, users: IdMap) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(dir)?.uid() {
+        owner if owner == users.host_id => return Ok(()),
+        0 => {}
+        _ => {
+            std::fs::remove_dir_all(dir)?;
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    berth_runtime::ids::to_host(dir, users)
 }
 
 /// The Procfile's process types over the buildpack's defaults.
@@ -363,5 +402,47 @@ fn process_types(source: &Path, out_dir: &Path) -> Result<ProcessTypes, BuildErr
 impl From<dockerfile::parse::ParseError> for BuildError {
     fn from(err: dockerfile::parse::ParseError) -> Self {
         BuildError::Dockerfile(err.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// Needs root (chown).
+    #[test]
+    fn caches_become_the_ranges() {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(std::env::var("CI").is_err(), "needs root under CI");
+            return;
+        }
+        let users = IdMap {
+            host_id: 400_000,
+            size: 65_536,
+        };
+        let owner = |path: &Path| std::fs::symlink_metadata(path).unwrap().uid();
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir_all(cache.join("python/venv")).unwrap();
+        std::fs::write(cache.join("python/venv.key"), "k").unwrap();
+        // Left by a build as host root: handed over, contents kept.
+        own_cache(&cache, users).unwrap();
+        for path in ["", "python/venv", "python/venv.key"] {
+            assert_eq!(owner(&cache.join(path)), 400_000, "{path}");
+        }
+        // Already the range's: left as it is.
+        std::os::unix::fs::lchown(cache.join("python/venv.key"), Some(401_000), None).unwrap();
+        own_cache(&cache, users).unwrap();
+        assert_eq!(owner(&cache.join("python/venv.key")), 401_000);
+        // Another range's: emptied and handed over.
+        let other = IdMap {
+            host_id: 500_000,
+            size: 65_536,
+        };
+        own_cache(&cache, other).unwrap();
+        assert_eq!(owner(&cache), 500_000);
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
     }
 }

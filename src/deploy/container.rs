@@ -102,6 +102,7 @@ fn binds() -> Vec<Bind> {
         source: "/etc/resolv.conf".into(),
         destination: "/etc/resolv.conf".into(),
         readonly: true,
+        idmapped: false,
     }]
 }
 
@@ -138,9 +139,9 @@ const USERS_BASE: u32 = 100_000;
 /// How many uids and gids each app's containers have (0..65536, Docker's and Podman's size).
 const USERS_SIZE: u32 = 65_536;
 
-/// The host uid range `app`'s containers map their user namespace to: one per app, recorded in
-/// the store so it stays the same across restarts and no two apps share one.
-async fn users(d: &Deployer, app: &str) -> Result<IdMap, DeployError> {
+/// The host uid range `app`'s containers (and its builds) map their user namespace to: one per
+/// app, recorded in the store so it stays the same across restarts and no two apps share one.
+pub(super) async fn users(d: &Deployer, app: &str) -> Result<IdMap, DeployError> {
     let slot = d.store.user_range(app).await?;
     range(slot).ok_or_else(|| DeployError::NoUserRange {
         app: app.to_string(),

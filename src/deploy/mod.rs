@@ -337,6 +337,7 @@ impl Deployer {
             let _writing = self.images.writing().await;
             let config = self.store.config(app).await?;
             let limits = BuildLimits::with(&self.store.build_limits(app).await?);
+            let users = container::users(self, app).await?;
             let built = self
                 .builder
                 .build(
@@ -345,6 +346,7 @@ impl Deployer {
                         source_version: push.commit,
                         config: &config,
                         limits,
+                        users,
                     },
                     source,
                     out,

@@ -2,10 +2,10 @@
 //! the file the app's `BERTH_DOCKERFILE_PATH` names). Each stage starts from an image in
 //! berth's store (by name, e.g. `berth/stack-build`; a name with a registry host that the
 //! store lacks is pulled into it first, [`crate::image::pull`]), an earlier stage, or
-//! `scratch`; each
-//! `RUN` runs in a build container (its own netns, the host CA bundle passed in) over the
-//! layers so far, and the container's overlay upper dir becomes the step's layer; `COPY`/`ADD`
-//! stage their files in a folder that becomes a layer. The other instructions change the image
+//! `scratch`; each `RUN` runs in a build container (its own netns, a user namespace mapped to
+//! the app's host uid range, the host CA bundle passed in) over the layers so far, and the
+//! container's overlay upper dir, handed back to the container's own ids, becomes the step's
+//! layer; `COPY`/`ADD` stage their files in a folder that becomes a layer. The other instructions change the image
 //! config. The result is an image in the store.
 //!
 //! **Layer cache**: every step has a key chained from its parent's key, the instruction as
@@ -29,7 +29,7 @@ use thiserror::Error;
 use tracing::{info_span, Instrument};
 
 use super::container::{self, Ended, OneOff};
-use super::{bind, procfile, BuildError, Builder, Built, CA_BUNDLE_IN_BUILD, CA_VARS};
+use super::{bind, procfile, BuildError, Builder, Built, Job, CA_BUNDLE_IN_BUILD, CA_VARS};
 use crate::checks::{self, Checks};
 use crate::config::Config;
 use crate::image::pull::{self, PullError};
@@ -152,20 +152,26 @@ impl Stage {
     }
 }
 
-/// Builds the Dockerfile at `path` in `source` for `app`.
+/// Builds the Dockerfile at `path` in `source` for `job.app`.
 pub async fn build(
     d: &Builder,
-    app: &str,
+    job: Job<'_>,
     source: &Path,
     path: &str,
-    config: &Config,
-    limits: BuildLimits,
     out: &Progress,
 ) -> Result<Built, BuildError> {
+    let Job {
+        app,
+        config,
+        limits,
+        users,
+        ..
+    } = job;
     let budget = Budget {
         app,
         limits,
         until: Instant::now() + limits.timeout,
+        users,
     };
     let text = tree::read_file(source, path)?.unwrap_or_default();
     let instructions = parse::parse(&text)?;
@@ -858,7 +864,7 @@ async fn run(
         limits: budget.limits.limits.runtime(),
         init: true,
         user: user_of(stage)?,
-        users: None,
+        users: Some(budget.users),
         stop_signal: None,
     };
     let staging = d.images.scratch("run");
@@ -902,11 +908,13 @@ async fn run(
     .expect("layer task")
 }
 
-/// What a whole Dockerfile build may use: its app's limits, and when its time is up.
+/// What a whole Dockerfile build may use: its app's limits, when its time is up, and the host
+/// uid range its `RUN` steps run as.
 struct Budget<'a> {
     app: &'a str,
     limits: BuildLimits,
     until: Instant,
+    users: berth_runtime::IdMap,
 }
 
 /// Removes an empty file or folder the runtime created as a bind mount point, and the empty
