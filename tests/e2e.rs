@@ -2452,6 +2452,18 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
             "-qm",
             "bp",
         ],
+        &["tag", "v1"],
+        &["push", "-q", "origin", "main", "v1"],
+    ] {
+        let out = run(Command::new("git").current_dir(&work).args(args));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Its main moves on to a buildpack that fails: `.buildpacks` asks for `#v1`.
+    let compile = work.join("bin/compile");
+    let broken = std::fs::read_to_string(&compile).unwrap() + "echo not v1; exit 3\n";
+    std::fs::write(&compile, broken).unwrap();
+    for args in [
+        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "broken"][..],
         &["push", "-q", "origin", "main"],
     ] {
         let out = run(Command::new("git").current_dir(&work).args(args));
