@@ -3888,6 +3888,16 @@ async fn text_of(browser: &fantoccini::Client, css: &str) -> String {
         .unwrap()
 }
 
+/// The message a form's action left on the page it led to; it must be a success.
+async fn flash_ok(browser: &fantoccini::Client) -> String {
+    use fantoccini::Locator;
+    let flash = browser.find(Locator::Css(".flash")).await.unwrap();
+    let text = flash.text().await.unwrap();
+    let class = flash.attr("class").await.unwrap().unwrap_or_default();
+    assert!(class.contains("ok"), "the action failed: {text}");
+    text
+}
+
 /// Fills the form field `css` finds (replacing what it held).
 async fn fill(browser: &fantoccini::Client, css: &str, value: &str) {
     use fantoccini::Locator;
@@ -3905,6 +3915,33 @@ async fn click(browser: &fantoccini::Client, css: &str) {
         .click()
         .await
         .unwrap();
+}
+
+/// Clicks the submit button `css` finds (accepting the confirmation it asks for, if
+/// `confirm`) and waits until the answer page has loaded (a deploy takes a while).
+async fn submit(browser: &fantoccini::Client, css: &str, confirm: bool) {
+    browser
+        .execute("window.berthOldPage = true", vec![])
+        .await
+        .unwrap();
+    click(browser, css).await;
+    if confirm {
+        browser.accept_alert().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let loaded = browser
+            .execute(
+                "return window.berthOldPage === undefined && document.readyState === 'complete'",
+                vec![],
+            )
+            .await;
+        if loaded.is_ok_and(|v| v == serde_json::json!(true)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{css} led to no new page");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Saves a screenshot of the page as `target/dashboard-screenshots/NAME.png`.
@@ -3997,21 +4034,21 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         screenshot(&browser, "login").await;
         fill(&browser, "#user", "dev").await;
         fill(&browser, "#password", "wrong").await;
-        click(&browser, "button[type=submit]").await;
+        submit(&browser, "button[type=submit]", false).await;
         assert!(text_of(&browser, ".flash.error").await.contains("wrong user name or password"));
         console_errors(&browser).await; // the 401 answer itself is logged; not an error here
 
         fill(&browser, "#user", "dev").await;
         fill(&browser, "#password", &dev).await;
-        click(&browser, "button[type=submit]").await;
+        submit(&browser, "button[type=submit]", false).await;
         wait_page(&browser, 10, "the apps page", |h| h.contains("No apps yet")).await;
         screenshot(&browser, "apps-empty").await;
 
         // Create an app; the page tells how to deploy it.
         fill(&browser, "#new-app", "web").await;
-        click(&browser, ".heading button[type=submit]").await;
+        submit(&browser, ".heading button[type=submit]", false).await;
         assert!(browser.current_url().await.unwrap().path() == "/apps/web");
-        assert!(text_of(&browser, ".flash.ok").await.contains("Created web"));
+        assert!(flash_ok(&browser).await.contains("Created web"));
         assert_eq!(text_of(&browser, "#state").await, "new");
 
         // Deploy by a real push.
@@ -4023,13 +4060,25 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         browser.goto(&format!("{base}/apps/web")).await.unwrap();
         assert_eq!(text_of(&browser, "#state").await, "running");
         assert_eq!(text_of(&browser, "#live-release").await, "v1");
+        // Memory from the container's cgroup.
+        let memory = text_of(&browser, "td.memory").await;
+        assert!(memory.ends_with(" MiB") && memory != "0.0 MiB", "{memory:?}");
+
+        // A custom domain, served, then removed.
+        fill(&browser, "#domain-host", "www.web.test").await;
+        submit(&browser, "#domains form.row button[type=submit]", false).await;
+        assert!(flash_ok(&browser).await.contains("www.web.test"));
+        server.assert_serves("www.web.test", "hello\n");
+        submit(&browser, "form[action$='/domains/remove'] button", false).await;
+        assert!(flash_ok(&browser).await.contains("no longer served"));
+        assert_eq!(server.get("www.web.test").0, 404);
 
         // A config value with <script> in it: a new live release, and shown as text.
         let evil = "<script>document.title='owned'</script>";
         fill(&browser, "#config-key", "GREETING").await;
         fill(&browser, "#config-value", evil).await;
-        click(&browser, "#config-form button[type=submit]").await;
-        let flash = text_of(&browser, ".flash").await;
+        submit(&browser, "#config-form button[type=submit]", false).await;
+        let flash = flash_ok(&browser).await;
         assert!(flash.contains("release v2 is live"), "{flash}");
         server.assert_serves("web.localhost", &format!("{evil}\n"));
         assert_eq!(text_of(&browser, "#live-release").await, "v2");
@@ -4043,22 +4092,20 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         browser.set_window_size(1280, 1000).await.unwrap();
 
         // Delete it: another release, the default greeting again.
-        click(&browser, "#config form[action$='/config/unset'] button").await;
-        // (the confirmation dialog)
-        browser.accept_alert().await.unwrap();
+        submit(&browser, "#config form[action$='/config/unset'] button", true).await;
         wait_page(&browser, 60, "release v3", |h| h.contains("release v3 is live")).await;
         server.assert_serves("web.localhost", "hello\n");
 
         // Scale to two web containers.
         fill(&browser, "#count-web", "2").await;
-        click(&browser, "#scale button[type=submit]").await;
+        submit(&browser, "#scale button[type=submit]", false).await;
         wait_page(&browser, 60, "the scaled release", |h| h.contains("Scaled to web=2")).await;
         // Two containers up (the replaced one may still be draining).
         let html = browser.source().await.unwrap();
         assert_eq!(html.matches(r#"class="badge up">up<"#).count(), 2, "{html}");
 
         // Roll back to v2 (its config: the <script> greeting).
-        click(&browser, "form[action$='/rollback'] input[value='2'] ~ button").await;
+        submit(&browser, "form[action$='/rollback'] input[value='2'] ~ button", false).await;
         wait_page(&browser, 60, "the rollback", |h| h.contains("release v5 is live")).await;
         server.assert_serves("web.localhost", &format!("{evil}\n"));
 
@@ -4112,11 +4159,11 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         assert!(!server.berth_ok(&["config", "web"]).contains("X="));
 
         // Log out; a user without access to the app sees neither it nor its page.
-        click(&browser, "form[action='/logout'] button").await;
+        submit(&browser, "form[action='/logout'] button", false).await;
         assert!(browser.current_url().await.unwrap().path() == "/login");
         fill(&browser, "#user", "eve").await;
         fill(&browser, "#password", &eve).await;
-        click(&browser, "button[type=submit]").await;
+        submit(&browser, "button[type=submit]", false).await;
         let html = wait_page(&browser, 10, "eve's apps", |h| h.contains("No apps yet")).await;
         assert!(!html.contains("web.localhost"), "{html}");
         browser.goto(&format!("{base}/apps/web")).await.unwrap();
@@ -4127,6 +4174,18 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         let (status, _) = curl_dashboard(&jar, &[&format!("{base}/apps/web")]);
         assert_eq!(status, 303, "a logged-out session must be gone");
         browser.close().await.unwrap();
+
+        // The dashboard answers through the proxy at berth.<domain> too.
+        let mut stream = TcpStream::connect(server.http).unwrap();
+        write!(
+            stream,
+            "GET /login HTTP/1.1\r\nHost: berth.localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("Log in to berth"), "{answer}");
 
         // Failed logins are limited: after five, a sixth try gets 429, even with the right password.
         let jar = server.dir.path().join("jar2");

@@ -613,6 +613,21 @@ struct ProcessRow {
     restarts: i64,
     uptime: String,
     limits: String,
+    /// Memory now and CPU time so far, as people read them; empty when it does not run.
+    memory: String,
+    cpu: String,
+}
+
+/// `34.5 MiB`.
+fn memory_text(bytes: Option<u64>) -> String {
+    bytes.map_or(String::new(), |b| {
+        format!("{:.1} MiB", b as f64 / 1048576.0)
+    })
+}
+
+/// `1.25 s`.
+fn cpu_text(secs: Option<f64>) -> String {
+    secs.map_or(String::new(), |s| format!("{s:.2} s"))
 }
 
 #[derive(Serialize)]
@@ -653,7 +668,11 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
                 container,
                 status,
                 limits,
+                memory,
+                cpu_secs,
             } => ProcessRow {
+                memory: memory_text(*memory),
+                cpu: cpu_text(*cpu_secs),
                 name: format!("{}.{}", container.process_type, container.number),
                 release: container.release,
                 state: status.split(' ').next().unwrap_or_default().to_string(),
@@ -674,6 +693,8 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
                 restarts: 0,
                 uptime: crate::client::commands::age(&run.created_at),
                 limits: limits.clone(),
+                memory: String::new(),
+                cpu: String::new(),
             },
         })
         .collect();
@@ -1022,6 +1043,14 @@ mod tests {
                 "{releases:?} {states:?}"
             );
         }
+    }
+
+    #[test]
+    fn usage_as_people_read_it() {
+        assert_eq!(memory_text(Some(35 << 20)), "35.0 MiB");
+        assert_eq!(memory_text(None), "");
+        assert_eq!(cpu_text(Some(1.254)), "1.25 s");
+        assert_eq!(cpu_text(None), "");
     }
 
     #[test]

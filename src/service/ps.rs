@@ -19,6 +19,11 @@ pub enum PsEntry {
         status: String,
         /// The limits of its process type now, as people read them.
         limits: String,
+        /// The memory it uses now, in bytes (from its cgroup; page cache included); null
+        /// when it does not run.
+        memory: Option<u64>,
+        /// The CPU time it used so far, in seconds; null when it does not run.
+        cpu_secs: Option<f64>,
     },
     Run {
         #[serde(flatten)]
@@ -45,10 +50,15 @@ impl Service {
         let runs = self.deployer.runs(app);
         Ok(containers
             .into_iter()
-            .map(|c| PsEntry::Container {
-                status: self.deployer.container_state(&c),
-                limits: limits(&c.process_type),
-                container: c,
+            .map(|c| {
+                let usage = self.deployer.container_usage(&c);
+                PsEntry::Container {
+                    status: self.deployer.container_state(&c),
+                    limits: limits(&c.process_type),
+                    memory: usage.memory,
+                    cpu_secs: usage.cpu_usec.map(|us| us as f64 / 1e6),
+                    container: c,
+                }
             })
             .chain(runs.into_iter().map(|r| PsEntry::Run {
                 status: self.deployer.run_status(&r).to_string(),
