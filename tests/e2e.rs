@@ -4128,6 +4128,22 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         let errors = console_errors(&browser).await;
         assert!(errors.is_empty(), "console errors: {errors:?}");
 
+        // Destroying an app asks for its name.
+        browser.goto(&format!("{base}/")).await.unwrap();
+        fill(&browser, "#new-app", "scratch").await;
+        submit(&browser, ".heading button[type=submit]", false).await;
+        let button = "#destroy button[type=submit]";
+        use fantoccini::Locator;
+        let enabled = || async { browser.find(Locator::Css(button)).await.unwrap().is_enabled().await.unwrap() };
+        fill(&browser, "#destroy-name", "scratc").await;
+        assert!(!enabled().await, "the button waits for the name");
+        fill(&browser, "#destroy-name", "scratch").await;
+        assert!(enabled().await);
+        submit(&browser, button, false).await;
+        assert!(flash_ok(&browser).await.contains("Destroyed scratch"));
+        assert!(browser.current_url().await.unwrap().path() == "/");
+        assert!(!server.berth_ok(&["apps"]).contains("scratch"));
+
         // The apps overview at a glance.
         browser.goto(&format!("{base}/")).await.unwrap();
         let row = text_of(&browser, "table.apps tbody tr").await;
@@ -4157,6 +4173,13 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         let (status, _) = curl_dashboard(&jar, &["-d", "key=X&value=1&csrf=nonsense", &format!("{base}/apps/web/config")]);
         assert_eq!(status, 403);
         assert!(!server.berth_ok(&["config", "web"]).contains("X="));
+        // With the token the form is taken; destroying still needs the app's name.
+        let (status, page) = curl_dashboard(&jar, &[&format!("{base}/apps/web")]);
+        assert_eq!(status, 200);
+        let form = format!("csrf={}&name=nope", csrf_in(&page));
+        let (status, _) = curl_dashboard(&jar, &["-d", &form, &format!("{base}/apps/web/destroy")]);
+        assert_eq!(status, 303);
+        assert!(server.berth_ok(&["apps"]).contains("web"));
 
         // Log out; a user without access to the app sees neither it nor its page.
         submit(&browser, "form[action='/logout'] button", false).await;
