@@ -291,7 +291,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         // The dashboard at `/` beside the API's `/api/v1`.
         tokio::spawn(api::serve_tcp(
             api_listener,
-            dashboard::router(service.clone()).merge(apis.tcp),
+            dashboard::router(service.clone(), shutdown.clone()).merge(apis.tcp),
             shutdown.clone(),
         )),
     ];

@@ -4061,7 +4061,7 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         assert_eq!(text_of(&browser, "#state").await, "running");
         assert_eq!(text_of(&browser, "#live-release").await, "v1");
         // Memory from the container's cgroup.
-        let memory = text_of(&browser, "td.memory").await;
+        let memory = text_of(&browser, ".memory").await;
         assert!(memory.ends_with(" MiB") && memory != "0.0 MiB", "{memory:?}");
 
         // A custom domain, served, then removed.
@@ -4086,7 +4086,7 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         assert_eq!(text_of(&browser, ".secret .value").await, evil);
         assert_ne!(browser.title().await.unwrap(), "owned");
         // The whole page, in a tall window.
-        browser.set_window_size(1280, 2600).await.unwrap();
+        browser.set_window_size(1280, 2100).await.unwrap();
         browser.execute("window.scrollTo(0, 0)", vec![]).await.unwrap();
         screenshot(&browser, "app").await;
         browser.set_window_size(1280, 1000).await.unwrap();
@@ -4155,6 +4155,14 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         browser.set_window_size(390, 844).await.unwrap();
         browser.goto(&format!("{base}/apps/web")).await.unwrap();
         screenshot(&browser, "app-phone").await;
+        // The proxy's counts of the app's requests, charted.
+        let traffic = text_of(&browser, "#traffic").await;
+        assert!(traffic.contains("2xx"), "{traffic}");
+        let bars = browser
+            .find_all(fantoccini::Locator::Css("#traffic svg rect"))
+            .await
+            .unwrap();
+        assert!(!bars.is_empty(), "no requests-per-minute bar");
         browser.set_window_size(1280, 1000).await.unwrap();
         let errors = console_errors(&browser).await;
         assert!(errors.is_empty(), "console errors: {errors:?}");

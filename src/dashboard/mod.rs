@@ -31,6 +31,7 @@ use crate::service::{self as svc, Caller, Kind, PsEntry, Service};
 use crate::store::{Release, ReleaseStatus};
 
 mod session;
+mod traffic;
 
 use session::{Flash, LoginLimit, Session, Sessions};
 
@@ -44,18 +45,23 @@ struct Dashboard {
     tera: tera::Tera,
     sessions: Sessions,
     limit: LoginLimit,
+    history: Arc<traffic::History>,
 }
 
 type D = State<Arc<Dashboard>>;
 
 /// The dashboard's routes (to be merged with the API's on the TCP listener, which must be
-/// served with `ConnectInfo<SocketAddr>` for the login rate limit).
-pub fn router(service: Arc<Service>) -> Router {
+/// served with `ConnectInfo<SocketAddr>` for the login rate limit). Starts sampling the apps'
+/// requests for the charts, until `shutdown`.
+pub fn router(service: Arc<Service>, shutdown: tokio_util::sync::CancellationToken) -> Router {
+    let history = Arc::new(traffic::History::default());
+    tokio::spawn(traffic::sample(service.clone(), history.clone(), shutdown));
     let dashboard = Arc::new(Dashboard {
         service,
         tera: templates(),
         sessions: Sessions::default(),
         limit: LoginLimit::default(),
+        history,
     });
     Router::new()
         .route("/", get(overview))
@@ -616,6 +622,9 @@ struct ProcessRow {
     /// Memory now and CPU time so far, as people read them; empty when it does not run.
     memory: String,
     cpu: String,
+    /// Memory now and the limit, in bytes, for its gauge.
+    memory_bytes: Option<u64>,
+    memory_limit: u64,
 }
 
 /// `34.5 MiB`.
@@ -651,8 +660,9 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
         s.ps(&who, &app),
         s.config(&who, &app),
         s.domains(&who, &app),
+        s.traffic(&who, &app),
     );
-    let (info, releases, ps, config, domains) = match loaded {
+    let (info, releases, ps, config, domains, requests) = match loaded {
         Ok(loaded) => loaded,
         Err(err) => return error_page(&d, &err),
     };
@@ -670,7 +680,10 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
                 limits,
                 memory,
                 cpu_secs,
+                memory_limit,
             } => ProcessRow {
+                memory_bytes: *memory,
+                memory_limit: *memory_limit,
                 memory: memory_text(*memory),
                 cpu: cpu_text(*cpu_secs),
                 name: format!("{}.{}", container.process_type, container.number),
@@ -695,6 +708,8 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
                 limits: limits.clone(),
                 memory: String::new(),
                 cpu: String::new(),
+                memory_bytes: None,
+                memory_limit: 0,
             },
         })
         .collect();
@@ -731,6 +746,17 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
     ctx.insert("domains", &domains);
     ctx.insert("formation", &formation);
     ctx.insert("logs", &logs);
+    ctx.insert(
+        "traffic",
+        &serde_json::json!({
+            "requests": requests.requests,
+            "shares": traffic::shares(&requests),
+            "bars": traffic::bars(&d.history.per_minute(&app, &requests)),
+            "width": traffic::CHART_WIDTH,
+            "height": traffic::CHART_HEIGHT,
+            "minutes": traffic::MINUTES,
+        }),
+    );
     render(&d, "app.html", &ctx)
 }
 
