@@ -3770,6 +3770,8 @@ const DASHBOARD_APP_PY: &str = r#"import os, urllib.parse
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self):
         print("request " + urllib.parse.unquote(self.path), flush=True)
         body = (os.environ.get("GREETING", "hello") + "\n").encode()
@@ -4217,6 +4219,15 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         stream.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("Log in to berth"), "{answer}");
+        let head = answer.to_ascii_lowercase();
+        for header in [
+            "content-security-policy: default-src 'self'",
+            "x-frame-options: deny",
+            "cache-control: no-store",
+            "set-cookie: berth_session=",
+        ] {
+            assert!(head.contains(header), "{answer}");
+        }
 
         // Failed logins are limited: after five, a sixth try gets 429, even with the right password.
         let jar = server.dir.path().join("jar2");

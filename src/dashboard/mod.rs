@@ -78,7 +78,34 @@ pub fn router(service: Arc<Service>, shutdown: tokio_util::sync::CancellationTok
         .route("/apps/{app}/domains/remove", post(remove_domain))
         .route("/apps/{app}/logs", get(logs))
         .route("/assets/{file}", get(asset))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
+        .layer(axum::middleware::map_response(safety_headers))
         .with_state(dashboard)
+}
+
+/// The largest form accepted (a config value is the largest field).
+const MAX_FORM: usize = 1 << 20;
+
+/// What every answer carries: scripts, styles and everything else only from berth itself
+/// (a backstop behind escaping), never framed (clickjacking), and pages never cached (they
+/// show config values).
+async fn safety_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "same-origin"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 /// The templates, embedded.

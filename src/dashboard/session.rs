@@ -21,6 +21,8 @@ pub const MAX_FAILURES: usize = 5;
 pub const WINDOW: Duration = Duration::from_secs(15 * 60);
 /// At most this many sessions are kept; past it, anonymous ones go first.
 const MAX_SESSIONS: usize = 10_000;
+/// The longest user name the rate limit keeps (longer ones are cut).
+const MAX_NAME: usize = 64;
 /// At most this many names and addresses are tracked for the rate limit.
 const MAX_TRACKED: usize = 10_000;
 
@@ -112,6 +114,8 @@ pub struct LoginLimit {
 
 impl LoginLimit {
     fn keys(user: &str, addr: IpAddr) -> [String; 2] {
+        // Bounded: a name is what a client sends.
+        let user: String = user.chars().take(MAX_NAME).collect();
         [format!("user {user}"), format!("addr {addr}")]
     }
 
