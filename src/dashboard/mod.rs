@@ -546,9 +546,16 @@ async fn overview(State(d): D, headers: HeaderMap) -> Response {
         Ok(apps) => apps,
         Err(err) => return error_page(&d, &err),
     };
-    let mut rows = Vec::with_capacity(apps.len());
-    for app in apps {
-        match app_row(&d.service, &who, app.name).await {
+    // A few apps at a time (each is a handful of queries), in their order.
+    use futures::StreamExt;
+    let loaded: Vec<_> = futures::stream::iter(apps)
+        .map(|app| app_row(&d.service, &who, app.name))
+        .buffered(8)
+        .collect()
+        .await;
+    let mut rows = Vec::with_capacity(loaded.len());
+    for row in loaded {
+        match row {
             Ok(row) => rows.push(row),
             // Destroyed between the list and now.
             Err(err) if err.kind == Kind::NotFound => {}
