@@ -7,6 +7,8 @@
 //! - [`client`]: the API's client (admin socket, `BERTH_URL`, in process for SSH) and each
 //!   command's calls and printed answers.
 //! - [`api`]: the REST API (`/api/v1`, OpenAPI), the one front door of [`service`].
+//! - [`dashboard`]: the web dashboard (server-rendered pages at `/` beside the API), a front
+//!   end over [`service`] like [`api`].
 //! - [`service`]: every operation once, with the caller's permissions: apps, config, releases,
 //!   processes, logs, domains, limits, images, users, keys and tokens.
 //! - [`server`]: `berth server`: hands each part its handles, runs the listeners; shutdown.
@@ -47,6 +49,7 @@ pub mod checks;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod deploy;
 pub mod disk;
 pub mod domain;

@@ -63,6 +63,17 @@ pub struct HostStats {
     pub server_error: u64,
 }
 
+impl std::ops::AddAssign for HostStats {
+    fn add_assign(&mut self, other: Self) {
+        self.requests += other.requests;
+        self.informational += other.informational;
+        self.success += other.success;
+        self.redirection += other.redirection;
+        self.client_error += other.client_error;
+        self.server_error += other.server_error;
+    }
+}
+
 /// What outlives a [`Routes::set`] of a host: its counters, and the signal that its upstreams changed.
 #[derive(Default)]
 struct HostState {

@@ -26,7 +26,7 @@ use crate::proxy::Routes;
 use crate::service::{Kind, Service};
 use crate::store::Store;
 use crate::tls::Certs;
-use crate::{api, build, ssh};
+use crate::{api, build, dashboard, ssh};
 
 /// Lets the SSH server ask the service who a key belongs to and what they may do, tell the
 /// deployer a push ended, and run one-off commands and berth commands for the key's owner.
@@ -288,7 +288,12 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
             }
         }),
         tokio::spawn(api::serve(admin_listener, apis.socket, shutdown.clone())),
-        tokio::spawn(api::serve(api_listener, apis.tcp, shutdown.clone())),
+        // The dashboard at `/` beside the API's `/api/v1`.
+        tokio::spawn(api::serve_tcp(
+            api_listener,
+            dashboard::router(service.clone(), shutdown.clone()).merge(apis.tcp),
+            shutdown.clone(),
+        )),
     ];
     if let Some(listener) = https {
         tasks.push(tokio::spawn(crate::proxy::run_tls(

@@ -3916,3 +3916,485 @@ fn slow_remote_cli_deploy_story() {
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     server.assert_serves("hello.localhost", "v1/hi there\n");
 }
+
+/// An app for the dashboard test: answers `GREETING` (default "hello") and prints each
+/// request's path (percent-decoded) to its log.
+const DASHBOARD_APP_PY: &str = r#"import os, urllib.parse
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        print("request " + urllib.parse.unquote(self.path), flush=True)
+        body = (os.environ.get("GREETING", "hello") + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// A chromedriver on a free loopback port, in a process group of its own (with the browsers
+/// it starts), killed on drop.
+struct ChromeDriver {
+    child: Child,
+    port: u16,
+}
+
+impl ChromeDriver {
+    fn start() -> ChromeDriver {
+        use std::os::unix::process::CommandExt;
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting chromedriver");
+        let driver = ChromeDriver { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        driver
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// chromedriver's browser log (`goog:loggingPrefs`): the entries since the last read.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (axum::http::Method, Option<String>) {
+        (
+            axum::http::Method::POST,
+            Some(r#"{"type":"browser"}"#.into()),
+        )
+    }
+}
+
+/// The browser log's errors since the last read.
+async fn console_errors(browser: &fantoccini::Client) -> Vec<String> {
+    let log = browser
+        .issue_cmd(BrowserLog)
+        .await
+        .expect("reading the browser log");
+    log.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["level"] == "SEVERE")
+        .map(|entry| entry["message"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Waits (at most `secs`) until `check` holds, re-reading the page each time.
+async fn wait_page(
+    browser: &fantoccini::Client,
+    secs: u64,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let html = browser.source().await.unwrap();
+        if check(&html) {
+            return html;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed {what}:\n{html}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The text of the first element `css` finds.
+async fn text_of(browser: &fantoccini::Client, css: &str) -> String {
+    use fantoccini::Locator;
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The message a form's action left on the page it led to; it must be a success.
+async fn flash_ok(browser: &fantoccini::Client) -> String {
+    use fantoccini::Locator;
+    let flash = browser.find(Locator::Css(".flash")).await.unwrap();
+    let text = flash.text().await.unwrap();
+    let class = flash.attr("class").await.unwrap().unwrap_or_default();
+    assert!(class.contains("ok"), "the action failed: {text}");
+    text
+}
+
+/// Fills the form field `css` finds (replacing what it held).
+async fn fill(browser: &fantoccini::Client, css: &str, value: &str) {
+    use fantoccini::Locator;
+    let field = browser.find(Locator::Css(css)).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(value).await.unwrap();
+}
+
+async fn click(browser: &fantoccini::Client, css: &str) {
+    use fantoccini::Locator;
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Clicks the submit button `css` finds (accepting the confirmation it asks for, if
+/// `confirm`) and waits until the answer page has loaded (a deploy takes a while).
+async fn submit(browser: &fantoccini::Client, css: &str, confirm: bool) {
+    browser
+        .execute("window.berthOldPage = true", vec![])
+        .await
+        .unwrap();
+    click(browser, css).await;
+    if confirm {
+        browser.accept_alert().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let loaded = browser
+            .execute(
+                "return window.berthOldPage === undefined && document.readyState === 'complete'",
+                vec![],
+            )
+            .await;
+        if loaded.is_ok_and(|v| v == serde_json::json!(true)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{css} led to no new page");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Saves a screenshot of the page as `target/dashboard-screenshots/NAME.png`.
+async fn screenshot(browser: &fantoccini::Client, name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+/// The password `users:add` printed.
+fn password_of(added: &str) -> String {
+    added
+        .lines()
+        .find_map(|l| l.strip_prefix("Password (shown once): "))
+        .unwrap_or_else(|| panic!("no password in {added:?}"))
+        .trim()
+        .to_string()
+}
+
+/// `curl` against the dashboard with a cookie jar; returns (status, body).
+fn curl_dashboard(jar: &Path, args: &[&str]) -> (u16, String) {
+    let out = run(Command::new("curl")
+        .args(["-s", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
+        .arg("-b")
+        .arg(jar)
+        .arg("-c")
+        .arg(jar)
+        .args(args));
+    let all = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = all.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The CSRF token of the first form in `html`.
+fn csrf_in(html: &str) -> String {
+    let start = html
+        .find(r#"name="csrf" value=""#)
+        .expect("a form with a CSRF token")
+        + 19;
+    html[start..start + html[start..].find('"').unwrap()].to_string()
+}
+
+/// The dashboard in real headless Chromium: log in, create an app, deploy it by push, set and
+/// delete a config var (each a new live release), scale, roll back, follow live logs; values
+/// with `<script>` shown as text; no console errors; a screenshot of each page. Then: a form
+/// without its CSRF token is refused, a user without access to the app cannot see it, and
+/// failed logins are limited.
+#[test]
+fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
+    if !prerequisites_met(&["chromium", "chromedriver"]) {
+        return;
+    }
+    let server = Server::start();
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    let dev = password_of(&server.berth_ok(&["users:add", "dev", "--admin"]));
+    let eve = password_of(&server.berth_ok(&["users:add", "eve"]));
+    let driver = ChromeDriver::start();
+    let base = format!("http://{}", server.api);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({ "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-proxy-server", "--window-size=1280,1000", "--disable-extensions"
+            ] }),
+        );
+        caps.insert(
+            "goog:loggingPrefs".into(),
+            serde_json::json!({ "browser": "ALL" }),
+        );
+        let browser = fantoccini::ClientBuilder::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+        )
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a chromium session");
+
+        // Without a session there is only the login page; a wrong password is refused.
+        browser.goto(&format!("{base}/")).await.unwrap();
+        assert!(browser.current_url().await.unwrap().path() == "/login");
+        screenshot(&browser, "login").await;
+        fill(&browser, "#user", "dev").await;
+        fill(&browser, "#password", "wrong").await;
+        submit(&browser, "button[type=submit]", false).await;
+        assert!(text_of(&browser, ".flash.error").await.contains("wrong user name or password"));
+        console_errors(&browser).await; // the 401 answer itself is logged; not an error here
+
+        fill(&browser, "#user", "dev").await;
+        fill(&browser, "#password", &dev).await;
+        submit(&browser, "button[type=submit]", false).await;
+        wait_page(&browser, 10, "the apps page", |h| h.contains("No apps yet")).await;
+        screenshot(&browser, "apps-empty").await;
+
+        // Create an app; the page tells how to deploy it.
+        fill(&browser, "#new-app", "web").await;
+        submit(&browser, ".heading button[type=submit]", false).await;
+        assert!(browser.current_url().await.unwrap().path() == "/apps/web");
+        assert!(flash_ok(&browser).await.contains("Created web"));
+        assert_eq!(text_of(&browser, "#state").await, "new");
+
+        // Deploy by a real push.
+        laptop.write("app.py", DASHBOARD_APP_PY);
+        laptop.write("Procfile", "web: python3 -u app.py\n");
+        laptop.commit("first");
+        push_app(&server, &laptop, "web");
+        server.assert_serves("web.localhost", "hello\n");
+        browser.goto(&format!("{base}/apps/web")).await.unwrap();
+        assert_eq!(text_of(&browser, "#state").await, "running");
+        assert_eq!(text_of(&browser, "#live-release").await, "v1");
+        // Memory from the container's cgroup.
+        let memory = text_of(&browser, ".memory").await;
+        assert!(memory.ends_with(" MiB") && memory != "0.0 MiB", "{memory:?}");
+
+        // A custom domain, served, then removed.
+        fill(&browser, "#domain-host", "www.web.test").await;
+        submit(&browser, "#domains form.row button[type=submit]", false).await;
+        assert!(flash_ok(&browser).await.contains("www.web.test"));
+        server.assert_serves("www.web.test", "hello\n");
+        submit(&browser, "form[action$='/domains/remove'] button", false).await;
+        assert!(flash_ok(&browser).await.contains("no longer served"));
+        assert_eq!(server.get("www.web.test").0, 404);
+
+        // A config value with <script> in it: a new live release, and shown as text.
+        let evil = "<script>document.title='owned'</script>";
+        fill(&browser, "#config-key", "GREETING").await;
+        fill(&browser, "#config-value", evil).await;
+        submit(&browser, "#config-form button[type=submit]", false).await;
+        let flash = flash_ok(&browser).await;
+        assert!(flash.contains("release v2 is live"), "{flash}");
+        server.assert_serves("web.localhost", &format!("{evil}\n"));
+        assert_eq!(text_of(&browser, "#live-release").await, "v2");
+        click(&browser, ".secret summary").await;
+        assert_eq!(text_of(&browser, ".secret .value").await, evil);
+        assert_ne!(browser.title().await.unwrap(), "owned");
+        // The whole page, in a tall window.
+        browser.set_window_size(1280, 2100).await.unwrap();
+        browser.execute("window.scrollTo(0, 0)", vec![]).await.unwrap();
+        screenshot(&browser, "app").await;
+        browser.set_window_size(1280, 1000).await.unwrap();
+
+        // Delete it: another release, the default greeting again.
+        submit(&browser, "#config form[action$='/config/unset'] button", true).await;
+        wait_page(&browser, 60, "release v3", |h| h.contains("release v3 is live")).await;
+        server.assert_serves("web.localhost", "hello\n");
+
+        // Scale to two web containers.
+        fill(&browser, "#count-web", "2").await;
+        submit(&browser, "#scale button[type=submit]", false).await;
+        wait_page(&browser, 60, "the scaled release", |h| h.contains("Scaled to web=2")).await;
+        // Two containers up (the replaced one may still be draining).
+        let html = browser.source().await.unwrap();
+        assert_eq!(html.matches(r#"class="badge up">up<"#).count(), 2, "{html}");
+
+        // Roll back to v2 (its config: the <script> greeting).
+        submit(&browser, "form[action$='/rollback'] input[value='2'] ~ button", false).await;
+        wait_page(&browser, 60, "the rollback", |h| h.contains("release v5 is live")).await;
+        server.assert_serves("web.localhost", &format!("{evil}\n"));
+
+        // Live logs: a request's line arrives on the open page, as text.
+        browser.goto(&format!("{base}/apps/web#logs")).await.unwrap();
+        wait_page(&browser, 10, "the log stream", |h| h.contains(r#"id="log-status">live"#)).await;
+        let marker = "/%3Cscript%3Ewindow.logged=1%3C/script%3E";
+        let (status, _) = http_get_path(server.http, "web.localhost", marker);
+        assert_eq!(status, 200);
+        wait_page(&browser, 20, "the request's log line", |h| {
+            h.contains("request /&lt;script&gt;window.logged=1&lt;/script&gt;")
+        })
+        .await;
+        let injected = browser
+            .execute("return [window.logged === undefined, document.querySelectorAll('#log script').length]", vec![])
+            .await
+            .unwrap();
+        assert_eq!(injected, serde_json::json!([true, 0]));
+        screenshot(&browser, "app-logs").await;
+        let errors = console_errors(&browser).await;
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+
+        // Destroying an app asks for its name.
+        browser.goto(&format!("{base}/")).await.unwrap();
+        fill(&browser, "#new-app", "scratch").await;
+        submit(&browser, ".heading button[type=submit]", false).await;
+        let button = "#destroy button[type=submit]";
+        use fantoccini::Locator;
+        let enabled = || async { browser.find(Locator::Css(button)).await.unwrap().is_enabled().await.unwrap() };
+        fill(&browser, "#destroy-name", "scratc").await;
+        assert!(!enabled().await, "the button waits for the name");
+        fill(&browser, "#destroy-name", "scratch").await;
+        assert!(enabled().await);
+        submit(&browser, button, false).await;
+        assert!(flash_ok(&browser).await.contains("Destroyed scratch"));
+        assert!(browser.current_url().await.unwrap().path() == "/");
+        assert!(!server.berth_ok(&["apps"]).contains("scratch"));
+
+        // The apps overview at a glance.
+        browser.goto(&format!("{base}/")).await.unwrap();
+        let row = text_of(&browser, "table.apps tbody tr").await;
+        for part in ["web", "running", "v5", "http://web.localhost", "2"] {
+            assert!(row.contains(part), "{row}");
+        }
+        screenshot(&browser, "apps").await;
+        // And on a phone.
+        browser.set_window_size(390, 844).await.unwrap();
+        browser.goto(&format!("{base}/apps/web")).await.unwrap();
+        screenshot(&browser, "app-phone").await;
+        // The proxy's counts of the app's requests, charted.
+        let traffic = text_of(&browser, "#traffic").await;
+        assert!(traffic.contains("2xx"), "{traffic}");
+        let bars = browser
+            .find_all(fantoccini::Locator::Css("#traffic svg rect"))
+            .await
+            .unwrap();
+        assert!(!bars.is_empty(), "no requests-per-minute bar");
+        browser.set_window_size(1280, 1000).await.unwrap();
+        let errors = console_errors(&browser).await;
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+
+        // A form posted without its CSRF token is refused, with this session's cookie.
+        let cookie = browser
+            .get_named_cookie("berth_session")
+            .await
+            .unwrap()
+            .value()
+            .to_string();
+        let jar = server.dir.path().join("jar");
+        std::fs::write(&jar, format!("127.0.0.1\tFALSE\t/\tFALSE\t0\tberth_session\t{cookie}\n")).unwrap();
+        let (status, body) = curl_dashboard(&jar, &["-d", "key=X&value=1", &format!("{base}/apps/web/config")]);
+        assert_eq!(status, 403, "{body}");
+        let (status, _) = curl_dashboard(&jar, &["-d", "key=X&value=1&csrf=nonsense", &format!("{base}/apps/web/config")]);
+        assert_eq!(status, 403);
+        assert!(!server.berth_ok(&["config", "web"]).contains("X="));
+        // With the token the form is taken; destroying still needs the app's name.
+        let (status, page) = curl_dashboard(&jar, &[&format!("{base}/apps/web")]);
+        assert_eq!(status, 200);
+        let form = format!("csrf={}&name=nope", csrf_in(&page));
+        let (status, _) = curl_dashboard(&jar, &["-d", &form, &format!("{base}/apps/web/destroy")]);
+        assert_eq!(status, 303);
+        assert!(server.berth_ok(&["apps"]).contains("web"));
+
+        // Log out; a user without access to the app sees neither it nor its page.
+        submit(&browser, "form[action='/logout'] button", false).await;
+        assert!(browser.current_url().await.unwrap().path() == "/login");
+        fill(&browser, "#user", "eve").await;
+        fill(&browser, "#password", &eve).await;
+        submit(&browser, "button[type=submit]", false).await;
+        let html = wait_page(&browser, 10, "eve's apps", |h| h.contains("No apps yet")).await;
+        assert!(!html.contains("web.localhost"), "{html}");
+        browser.goto(&format!("{base}/apps/web")).await.unwrap();
+        let html = browser.source().await.unwrap();
+        assert!(html.contains("Not allowed"), "{html}");
+        assert!(!html.contains("GREETING") && !html.contains("git remote"), "{html}");
+        screenshot(&browser, "forbidden").await;
+        let (status, _) = curl_dashboard(&jar, &[&format!("{base}/apps/web")]);
+        assert_eq!(status, 303, "a logged-out session must be gone");
+        browser.close().await.unwrap();
+
+        // The dashboard answers through the proxy at berth.<domain> too.
+        let mut stream = TcpStream::connect(server.http).unwrap();
+        write!(
+            stream,
+            "GET /login HTTP/1.1\r\nHost: berth.localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("Log in to berth"), "{answer}");
+        let head = answer.to_ascii_lowercase();
+        for header in [
+            "content-security-policy: default-src 'self'",
+            "x-frame-options: deny",
+            "cache-control: no-store",
+            "set-cookie: berth_session=",
+        ] {
+            assert!(head.contains(header), "{answer}");
+        }
+
+        // Failed logins are limited: after five, a sixth try gets 429, even with the right password.
+        let jar = server.dir.path().join("jar2");
+        let login = |password: &str| {
+            let (_, page) = curl_dashboard(&jar, &[&format!("{base}/login")]);
+            let form = format!("csrf={}&user=eve&password={password}", csrf_in(&page));
+            curl_dashboard(&jar, &["-d", &form, &format!("{base}/login")])
+        };
+        for _ in 0..4 {
+            // (one failure was the browser's)
+            assert_eq!(login("wrong").0, 401);
+        }
+        let (status, body) = login(&eve);
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("Too many failed logins"), "{body}");
+    });
+}

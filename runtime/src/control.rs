@@ -239,6 +239,14 @@ impl Runtime {
         rootfs::take_upper(&dir, to, users)
     }
 
+    /// What container `id` uses now (memory, CPU time), from its cgroup.
+    pub fn usage(&self, id: &str) -> crate::spec::Usage {
+        match valid_id(id) {
+            true => crate::spec::usage(id),
+            false => crate::spec::Usage::default(),
+        }
+    }
+
     /// Stops container `id`: SIGTERM to its shim, which forwards it and sends SIGKILL after the
     /// grace period. Blocks until the shim has cleaned up and exited. Returns the exit code, or
     /// `None` if there is no such container or its code was lost.

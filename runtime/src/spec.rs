@@ -57,6 +57,40 @@ pub fn oom_kills(id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What a container uses now, read from its cgroup; None when its cgroup is gone (or has no
+/// such file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Memory charged to it, in bytes (v1 `memory.usage_in_bytes`, v2 `memory.current`; page
+    /// cache included).
+    pub memory: Option<u64>,
+    /// CPU time used so far, in microseconds (v1 `cpuacct.usage`, v2 `cpu.stat`'s `usage_usec`).
+    pub cpu_usec: Option<u64>,
+}
+
+/// What container `id` uses now (cgroup v1 or v2).
+pub fn usage(id: &str) -> Usage {
+    let dirs = cgroup_dirs(id);
+    let read = |file: &str| {
+        dirs.iter()
+            .find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
+    };
+    let number = |text: String| text.trim().parse::<u64>().ok();
+    let memory = read("memory.usage_in_bytes")
+        .or_else(|| read("memory.current"))
+        .and_then(number);
+    let cpu_usec = read("cpuacct.usage")
+        .and_then(number)
+        .map(|ns| ns / 1000)
+        .or_else(|| {
+            read("cpu.stat").and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("usage_usec ")?.trim().parse().ok())
+            })
+        });
+    Usage { memory, cpu_usec }
+}
+
 /// Container `id`'s cgroup directories: one per controller on cgroup v1, one on v2.
 fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
     let cgroup = cgroup_path(id);

@@ -422,6 +422,10 @@ fn detached_logs_and_stop_with_sigterm() {
         let log = std::fs::read_to_string(fx.log_path()).unwrap_or_default();
         (log.lines().count() >= 3).then_some(log)
     });
+    // What it uses, from its cgroup (v1 or v2).
+    let usage = fx.runtime.usage(&spec.id);
+    assert!(usage.memory.is_some_and(|m| m > 0), "{usage:?}");
+    assert!(usage.cpu_usec.is_some(), "{usage:?}");
     let lines: Vec<&str> = log.lines().collect();
     for (line, text) in lines.iter().zip(["one", "two", "no newline"]) {
         let (stamp, rest) = line.split_once(' ').unwrap();
@@ -450,6 +454,7 @@ fn detached_logs_and_stop_with_sigterm() {
         "stop is idempotent"
     );
     fx.runtime.remove(&spec.id).unwrap();
+    assert_eq!(fx.runtime.usage(&spec.id), Default::default());
     fx.assert_clean(&spec.id);
 }
 

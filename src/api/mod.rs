@@ -787,8 +787,34 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
+    until(
+        shutdown,
+        std::future::IntoFuture::into_future(axum::serve(listener, app)),
+    )
+    .await
+}
+
+/// [`serve`] on TCP, with each request's peer address (`ConnectInfo<SocketAddr>`, which the
+/// dashboard's login rate limit needs).
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    until(
+        shutdown,
+        std::future::IntoFuture::into_future(axum::serve(listener, app)),
+    )
+    .await
+}
+
+async fn until(
+    shutdown: tokio_util::sync::CancellationToken,
+    served: impl std::future::Future<Output = std::io::Result<()>>,
+) {
     tokio::select! {
-        served = axum::serve(listener, app) => {
+        served = served => {
             if let Err(err) = served {
                 tracing::warn!(%err, "an API listener stopped");
             }

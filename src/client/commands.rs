@@ -1569,7 +1569,7 @@ fn formation_text(formation: &Formation) -> String {
 }
 
 /// "5s", "3m", "2h", "4d": how long ago `since` (RFC 3339) was.
-fn age(since: &str) -> String {
+pub(crate) fn age(since: &str) -> String {
     let Ok(t) = chrono::DateTime::parse_from_rfc3339(since) else {
         return String::new();
     };

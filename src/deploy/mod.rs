@@ -742,6 +742,11 @@ impl Deployer {
     }
 
     /// What `ps` shows as a container's state.
+    /// What container `c` uses now (memory, CPU time), from its cgroup.
+    pub fn container_usage(&self, c: &ContainerRow) -> berth_runtime::spec::Usage {
+        self.runtime.usage(&c.id)
+    }
+
     pub fn container_state(&self, c: &ContainerRow) -> String {
         use crate::store::ContainerState;
         match (c.state, container::exit_code(self, &c.id)) {

@@ -287,4 +287,15 @@ impl Deployer {
         hosts.extend(self.store.domains(app).await?);
         Ok(hosts)
     }
+
+    /// The proxy's request counters of all the app's hosts, added up (since the server started).
+    pub async fn traffic(&self, app: &str) -> Result<crate::proxy::HostStats, DeployError> {
+        let mut total = crate::proxy::HostStats::default();
+        for host in self.hosts(app).await? {
+            if let Some(stats) = self.routes.stats(&host) {
+                total += stats;
+            }
+        }
+        Ok(total)
+    }
 }

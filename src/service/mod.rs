@@ -30,7 +30,7 @@ pub use domains::{AutoCert, CertInfo, Domains, NewCert};
 pub use images::{ExportTarget, ImageRow, ImageUser, Imported, Info, StackImages, Upload};
 pub use limits::{BuildLimits, LimitsPatch, NetworkInfo, NetworkSet, TypeLimits};
 pub use logs::{LogLine, LogQuery};
-pub use ps::{PsEntry, Scaled};
+pub use ps::{PsEntry, Scaled, Traffic};
 pub use push::Deploy;
 pub use users::{CreatedToken, NewPassword, NewUser, TOKEN_PREFIX};
 

@@ -19,6 +19,13 @@ pub enum PsEntry {
         status: String,
         /// The limits of its process type now, as people read them.
         limits: String,
+        /// The memory it uses now, in bytes (from its cgroup; page cache included); null
+        /// when it does not run.
+        memory: Option<u64>,
+        /// The CPU time it used so far, in seconds; null when it does not run.
+        cpu_secs: Option<f64>,
+        /// Its memory limit now, in bytes.
+        memory_limit: u64,
     },
     Run {
         #[serde(flatten)]
@@ -27,6 +34,22 @@ pub enum PsEntry {
         status: String,
         limits: String,
     },
+}
+
+/// Requests the proxy answered for an app since the server started, by status class.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Traffic {
+    pub requests: u64,
+    /// 1xx (WebSocket upgrades are 101).
+    pub informational: u64,
+    /// 2xx.
+    pub success: u64,
+    /// 3xx.
+    pub redirection: u64,
+    /// 4xx.
+    pub client_error: u64,
+    /// 5xx, berth's own 502, 503 and 504 included.
+    pub server_error: u64,
 }
 
 /// What scaling made.
@@ -40,19 +63,26 @@ impl Service {
     pub async fn ps(&self, who: &Caller, app: &str) -> Result<Vec<PsEntry>> {
         self.app(who, app).await?;
         let set = self.store.resources(app).await?;
-        let limits = |t: &str| Limits::for_app(&set, t).describe();
+        let limits = |t: &str| Limits::for_app(&set, t);
         let containers = self.store.containers(Some(app)).await?;
         let runs = self.deployer.runs(app);
         Ok(containers
             .into_iter()
-            .map(|c| PsEntry::Container {
-                status: self.deployer.container_state(&c),
-                limits: limits(&c.process_type),
-                container: c,
+            .map(|c| {
+                let usage = self.deployer.container_usage(&c);
+                let limits = limits(&c.process_type);
+                PsEntry::Container {
+                    status: self.deployer.container_state(&c),
+                    limits: limits.describe(),
+                    memory_limit: limits.memory,
+                    memory: usage.memory,
+                    cpu_secs: usage.cpu_usec.map(|us| us as f64 / 1e6),
+                    container: c,
+                }
             })
             .chain(runs.into_iter().map(|r| PsEntry::Run {
                 status: self.deployer.run_status(&r).to_string(),
-                limits: limits(run::PROCESS_TYPE),
+                limits: limits(run::PROCESS_TYPE).describe(),
                 run: r,
             }))
             .collect())
@@ -90,6 +120,21 @@ impl Service {
         self.app(who, app).await?;
         self.deployer.restart(app, process_type, out).await?;
         Ok(())
+    }
+
+    /// The requests the proxy answered for the app (all its hosts) since the server started,
+    /// by status class.
+    pub async fn traffic(&self, who: &Caller, app: &str) -> Result<Traffic> {
+        self.app(who, app).await?;
+        let stats = self.deployer.traffic(app).await?;
+        Ok(Traffic {
+            requests: stats.requests,
+            informational: stats.informational,
+            success: stats.success,
+            redirection: stats.redirection,
+            client_error: stats.client_error,
+            server_error: stats.server_error,
+        })
     }
 
     /// The app's releases, newest first.
