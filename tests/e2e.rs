@@ -2463,7 +2463,15 @@ fn slow_buildpack_apps_django_express_static_go_and_release_phase() {
     let broken = std::fs::read_to_string(&compile).unwrap() + "echo not v1; exit 3\n";
     std::fs::write(&compile, broken).unwrap();
     for args in [
-        &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "broken"][..],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qam",
+            "broken",
+        ][..],
         &["push", "-q", "origin", "main"],
     ] {
         let out = run(Command::new("git").current_dir(&work).args(args));

@@ -17,8 +17,17 @@ use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteM
 
 use crate::Error;
 
-/// Creates the bridge `name` if missing, gives it `gateway/prefix_len` and sets it up.
-/// Idempotent.
+/// The bridge's own MAC address, fixed (locally administered, from its gateway address): a
+/// bridge left to itself takes the lowest MAC of its ports, so it changed whenever a
+/// container's veth came or went, and a container that had learned the old one sent its
+/// replies nowhere until its ARP entry expired (requests to a new release hung for seconds).
+pub fn bridge_mac(gateway: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = gateway.octets();
+    [0x02, 0x62, a, b, c, d]
+}
+
+/// Creates the bridge `name` if missing, gives it `gateway/prefix_len` and a fixed MAC
+/// ([`bridge_mac`]) and sets it up. Idempotent.
 pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
     let handle = connect()?;
     if link_index(&handle, name).await?.is_none() {
@@ -44,6 +53,18 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> Res
         .await
         .map_err(Error::netlink(format!(
             "giving bridge {name} the address {gateway}/{prefix_len}"
+        )))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(bridge_mac(gateway).to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(Error::netlink(format!(
+            "giving bridge {name} its MAC address"
         )))?;
     set_up(&handle, index, name).await
 }

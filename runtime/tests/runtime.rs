@@ -1146,6 +1146,14 @@ fn network_http_over_bridge() {
     });
     spec.netns = Some(netns);
     fx.runtime.start(&spec).unwrap();
+    // The bridge's MAC is its own, not its lowest port's: it stays put as ports come and go.
+    let mac = || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
+    let fixed = network::bridge_mac(gateway)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!(mac().trim(), fixed);
 
     let addr = SocketAddr::from((ip, 80));
     let body = wait_for(Duration::from_secs(10), "httpd to answer", || {
@@ -1181,6 +1189,11 @@ fn network_http_over_bridge() {
     fx.runtime.remove(&peer.id).unwrap();
     rt.block_on(network::delete_netns(&netns_dir, &peer.id))
         .unwrap();
+    assert_eq!(
+        mac().trim(),
+        fixed,
+        "a port that went changed the bridge's MAC"
+    );
 
     fx.runtime.stop(&spec.id).unwrap();
     fx.runtime.remove(&spec.id).unwrap();

@@ -238,6 +238,8 @@ pub struct Deployer {
     ended: Mutex<HashMap<String, Instant>>,
     /// What each deploy printed: live while it runs, kept with its release.
     journals: journal::Journals,
+    /// A background collection waits to start ([`Deployer::collect_later`]).
+    collection_queued: std::sync::atomic::AtomicBool,
 }
 
 impl Deployer {
@@ -267,6 +269,7 @@ impl Deployer {
             pending: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
             journals,
+            collection_queued: false.into(),
         })
     }
 
