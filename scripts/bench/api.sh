@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# API benchmark: latency of `GET /api/v1/apps` (and, once it exists, the dashboard's apps page)
-# with 200 apps, and how much the server's memory grows under that load. Prints ONE table.
+# API benchmark: latency of `GET /api/v1/apps` and of the dashboard's apps page (`GET /`,
+# logged in) with 200 apps, and how much the server's memory grows under that load. Prints ONE
+# table.
 # Goals (issue 5): p99 ≤ 20 ms, RSS growth ≤ 10 MB. No peer is named for this goal; the
 # ratio column is berth's number over the goal.
 #
@@ -39,6 +40,17 @@ start_server "$berth_bin" "$dir" "bapi$$" 10.197.0.0/16
 
 for i in $(seq "$APPS"); do berth apps:create "app-$i" >/dev/null; done
 token=$(berth tokens:create bench 2>/dev/null)
+# A dashboard session: the login form's CSRF token, then the admin's new password.
+password=$(berth users:passwd admin | awk '{print $NF}')
+jar=$dir/cookies
+csrf=$(curl -sf -c "$jar" "http://$api/login" | sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p' | head -n 1)
+curl -sf -b "$jar" -c "$jar" -o /dev/null --data-urlencode "csrf=$csrf" --data-urlencode "user=admin" \
+    --data-urlencode "password=$password" "http://$api/login"
+cookie=$(awk '{sub(/^#HttpOnly_/, "")} $0 !~ /^#/ && NF >= 7 {printf "%s=%s", $6, $7}' "$jar")
+curl -sf -H "Cookie: $cookie" "http://$api/" | grep -q "app-$APPS" || {
+    echo "error: could not log in to the dashboard — see $dir/server.log" >&2
+    exit 1
+}
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$server/status"; }
 
 # wrk's latency percentile in ms from its --latency output.
@@ -69,6 +81,7 @@ measure() {
 
 before=$(rss_kib)
 read -r api_p50 api_p99 api_rate < <(measure /api/v1/apps "Authorization: Bearer $token")
+read -r page_p50 page_p99 page_rate < <(measure / "Cookie: $cookie")
 after=$(rss_kib)
 growth_mb=$(awk -v a="$after" -v b="$before" 'BEGIN {printf "%.1f", (a - b) / 1024}')
 
@@ -77,5 +90,8 @@ row() { printf '%-32s %10s %10s %8s\n' "$1" "$2" "$3" "$(awk -v a="$2" -v b="$3"
 row "GET /api/v1/apps p50 (ms)" "$api_p50" "20"
 row "GET /api/v1/apps p99 (ms)" "$api_p99" "20"
 printf '%-32s %10s %10s %8s\n' "GET /api/v1/apps requests/s" "$api_rate" "-" "-"
+row "dashboard apps page p50 (ms)" "$page_p50" "20"
+row "dashboard apps page p99 (ms)" "$page_p99" "20"
+printf '%-32s %10s %10s %8s\n' "dashboard apps page requests/s" "$page_rate" "-" "-"
 row "server RSS growth (MB)" "$growth_mb" "10"
 printf '%-32s %10s %10s %8s\n' "server RSS after (MB)" "$(awk -v a="$after" 'BEGIN {printf "%.1f", a / 1024}')" "-" "-"

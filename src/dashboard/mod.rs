@@ -469,7 +469,7 @@ async fn logout(State(d): D, headers: HeaderMap, Form(form): Form<CsrfForm>) -> 
 struct AppRow {
     name: String,
     /// running, deploying, crashed, failed, idle (scaled to nothing) or new (never deployed).
-    state: &'static str,
+    state: String,
     release: Option<i64>,
     url: String,
     containers: usize,
@@ -479,31 +479,7 @@ struct AppRow {
 
 /// An app's state from its releases (newest first) and its containers' states.
 fn app_state(releases: &[Release], container_states: &[String]) -> &'static str {
-    let live = releases.iter().any(|r| r.status == ReleaseStatus::Live);
-    if releases
-        .iter()
-        .any(|r| r.status == ReleaseStatus::Deploying)
-    {
-        "deploying"
-    } else if container_states.iter().any(|s| s.starts_with("crashed")) {
-        "crashed"
-    } else if releases
-        .first()
-        .is_some_and(|r| r.status == ReleaseStatus::Failed)
-    {
-        "failed"
-    } else if !live {
-        "new"
-    } else if running(container_states) == 0 {
-        "idle"
-    } else {
-        "running"
-    }
-}
-
-/// How many containers run or start (not those draining away).
-fn running(states: &[String]) -> usize {
-    states.iter().filter(|s| *s != "draining").count()
+    svc::app_state(&svc::ReleaseFacts::of(releases), container_states)
 }
 
 fn container_states(ps: &[PsEntry]) -> Vec<String> {
@@ -515,53 +491,26 @@ fn container_states(ps: &[PsEntry]) -> Vec<String> {
         .collect()
 }
 
-async fn app_row(s: &Service, who: &Caller, name: String) -> svc::Result<AppRow> {
-    let (info, releases, ps) = tokio::try_join!(
-        s.app_info(who, &name),
-        s.releases(who, &name),
-        s.ps(who, &name)
-    )?;
-    let states = container_states(&ps);
-    let last = releases
-        .first()
-        .map(|r| r.created_at.clone())
-        .unwrap_or_default();
-    Ok(AppRow {
-        state: app_state(&releases, &states),
-        release: info.release,
-        url: info.url,
-        containers: running(&states),
-        last_deploy_age: crate::client::commands::age(&last),
-        last_deploy: last,
-        name,
-    })
-}
-
 async fn overview(State(d): D, headers: HeaderMap) -> Response {
     let (session, who) = match logged_in(&d, &headers).await {
         Ok(ok) => ok,
         Err(response) => return response,
     };
-    let apps = match d.service.apps(&who).await {
-        Ok(apps) => apps,
+    let rows: Vec<AppRow> = match d.service.overview(&who).await {
+        Ok(apps) => apps
+            .into_iter()
+            .map(|a| AppRow {
+                last_deploy_age: crate::client::commands::age(&a.last_deploy),
+                name: a.name,
+                state: a.state,
+                release: a.release,
+                url: a.url,
+                containers: a.containers,
+                last_deploy: a.last_deploy,
+            })
+            .collect(),
         Err(err) => return error_page(&d, &err),
     };
-    // A few apps at a time (each is a handful of queries), in their order.
-    use futures::StreamExt;
-    let loaded: Vec<_> = futures::stream::iter(apps)
-        .map(|app| app_row(&d.service, &who, app.name))
-        .buffered(8)
-        .collect()
-        .await;
-    let mut rows = Vec::with_capacity(loaded.len());
-    for row in loaded {
-        match row {
-            Ok(row) => rows.push(row),
-            // Destroyed between the list and now.
-            Err(err) if err.kind == Kind::NotFound => {}
-            Err(err) => return error_page(&d, &err),
-        }
-    }
     let mut ctx = tera::Context::new();
     ctx.insert("frame", &frame(&d, &session, &who));
     ctx.insert("apps", &rows);
@@ -773,7 +722,7 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
     ctx.insert("frame", &frame(&d, &session, &who));
     ctx.insert("app", &info);
     ctx.insert("state", state);
-    ctx.insert("running", &running(&states));
+    ctx.insert("running", &svc::running(&states));
     ctx.insert("processes", &processes);
     ctx.insert("releases", &rows);
     ctx.insert("config", &config);

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Caller, Error, Kind, Result, Service};
-use crate::store::ContainerRow;
+use crate::store::{ContainerRow, ReleaseStatus};
 use crate::{app, git};
 
 /// An app as `apps` lists it.
@@ -24,6 +24,70 @@ pub struct AppInfo {
     pub containers: Vec<ContainerRow>,
     /// The users (other than admins) who may use it.
     pub users: Vec<String>,
+}
+
+/// An app at a glance (the dashboard's overview).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppOverview {
+    pub name: String,
+    /// running, deploying, crashed, failed (its newest release), idle (scaled to nothing) or
+    /// new (never deployed).
+    pub state: String,
+    /// The live release's version.
+    pub release: Option<i64>,
+    pub url: String,
+    /// Containers running or starting (not those draining away).
+    pub containers: usize,
+    /// When its newest release was made; empty before the first.
+    pub last_deploy: String,
+}
+
+/// What an app's releases say about its state.
+pub struct ReleaseFacts {
+    /// A release is being deployed.
+    pub deploying: bool,
+    /// The newest release failed.
+    pub newest_failed: bool,
+    /// A release is live.
+    pub live: bool,
+}
+
+impl ReleaseFacts {
+    /// From an app's releases, newest first.
+    pub fn of(releases: &[crate::store::Release]) -> Self {
+        Self {
+            deploying: releases
+                .iter()
+                .any(|r| r.status == ReleaseStatus::Deploying),
+            newest_failed: releases
+                .first()
+                .is_some_and(|r| r.status == ReleaseStatus::Failed),
+            live: releases.iter().any(|r| r.status == ReleaseStatus::Live),
+        }
+    }
+}
+
+/// An app's state at a glance: deploying, crashed, failed (its newest release), new (never
+/// live), idle (nothing running) or running; from its releases and its containers' states.
+pub fn app_state(releases: &ReleaseFacts, container_states: &[String]) -> &'static str {
+    if releases.deploying {
+        "deploying"
+    } else if container_states.iter().any(|s| s.starts_with("crashed")) {
+        "crashed"
+    } else if releases.newest_failed {
+        "failed"
+    } else if !releases.live {
+        "new"
+    } else if running(container_states) == 0 {
+        "idle"
+    } else {
+        "running"
+    }
+}
+
+/// How many containers run or start (not those draining away).
+pub fn running(container_states: &[String]) -> usize {
+    container_states.iter().filter(|s| *s != "draining").count()
 }
 
 /// What `apps:destroy` did.
@@ -48,6 +112,46 @@ impl Service {
             .map(|a| AppSummary {
                 name: a.name,
                 created_at: a.created_at,
+            })
+            .collect())
+    }
+
+    /// Every app `who` may see, at a glance, from a handful of queries whatever their number.
+    pub async fn overview(&self, who: &Caller) -> Result<Vec<AppOverview>> {
+        use std::collections::HashMap;
+        let apps = self.apps(who).await?;
+        let mut releases: HashMap<String, crate::store::ReleaseSummary> = self
+            .store
+            .release_summaries()
+            .await?
+            .into_iter()
+            .map(|r| (r.app.clone(), r))
+            .collect();
+        let mut states: HashMap<String, Vec<String>> = HashMap::new();
+        for c in self.store.containers(None).await? {
+            let state = self.deployer.container_state(&c);
+            states.entry(c.app).or_default().push(state);
+        }
+        Ok(apps
+            .into_iter()
+            .map(|a| {
+                let summary = releases.remove(&a.name);
+                let states = states.remove(&a.name).unwrap_or_default();
+                let facts = ReleaseFacts {
+                    deploying: summary.as_ref().is_some_and(|r| r.deploying),
+                    newest_failed: summary
+                        .as_ref()
+                        .is_some_and(|r| r.newest_status == ReleaseStatus::Failed),
+                    live: summary.as_ref().is_some_and(|r| r.live.is_some()),
+                };
+                AppOverview {
+                    url: self.deployer.app_url(&a.name),
+                    state: app_state(&facts, &states).to_string(),
+                    release: summary.as_ref().and_then(|r| r.live),
+                    containers: running(&states),
+                    last_deploy: summary.map(|r| r.newest_at).unwrap_or_default(),
+                    name: a.name,
+                }
             })
             .collect())
     }

@@ -24,7 +24,7 @@ mod ps;
 mod push;
 mod users;
 
-pub use apps::{AppInfo, AppSummary, Destroyed};
+pub use apps::{app_state, running, AppInfo, AppOverview, AppSummary, Destroyed, ReleaseFacts};
 pub use config::{ConfigChange, ConfigPatch};
 pub use domains::{AutoCert, CertInfo, Domains, NewCert};
 pub use images::{ExportTarget, ImageRow, ImageUser, Imported, Info, StackImages, Upload};

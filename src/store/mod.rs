@@ -131,6 +131,20 @@ pub struct KeyRow {
     pub user: String,
 }
 
+/// An app's releases in brief.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReleaseSummary {
+    pub app: String,
+    /// The live release's version.
+    pub live: Option<i64>,
+    /// Whether a release is being deployed.
+    pub deploying: bool,
+    /// The newest release's status.
+    pub newest_status: ReleaseStatus,
+    /// When the newest release was made.
+    pub newest_at: String,
+}
+
 /// A user: keys and tokens belong to one.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct UserRow {
@@ -481,6 +495,21 @@ impl Store {
     }
 
     /// The keys of `user`, or everyone's.
+    /// Each app's releases in brief, in one query (the dashboard's overview).
+    pub async fn release_summaries(&self) -> Result<Vec<ReleaseSummary>> {
+        Ok(sqlx::query_as(
+            "SELECT app,
+                MAX(CASE WHEN status = 'live' THEN version END) AS live,
+                MAX(status = 'deploying') AS deploying,
+                (SELECT status FROM releases AS n WHERE n.app = r.app
+                    ORDER BY version DESC LIMIT 1) AS newest_status,
+                MAX(created_at) AS newest_at
+             FROM releases AS r GROUP BY app",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn keys(&self, user: Option<&str>) -> Result<Vec<KeyRow>> {
         Ok(sqlx::query_as(
             "SELECT name, fingerprint, created_at, user FROM keys
