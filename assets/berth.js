@@ -26,6 +26,30 @@ document.addEventListener("DOMContentLoaded", () => {
     check();
   }
 
+  // A deploy in progress: the stream sends the lines the page does not show yet, each new
+  // one, then `end`.
+  const deploy = document.getElementById("deploy-output");
+  if (deploy && deploy.dataset.stream && window.EventSource) {
+    const source = new EventSource(deploy.dataset.stream);
+    let opened = false;
+    source.addEventListener("open", () => { opened = true; });
+    source.addEventListener("message", (event) => {
+      deploy.append(event.data + "\n");
+      deploy.scrollTop = deploy.scrollHeight;
+    });
+    source.addEventListener("end", () => {
+      source.close();
+      window.location.reload();
+    });
+    // No deploy any more (it ended before the stream opened): show what it made.
+    source.addEventListener("error", () => {
+      if (!opened) {
+        source.close();
+        window.location.reload();
+      }
+    });
+  }
+
   // Live logs: the stream sends the last lines, then each new one.
   const log = document.getElementById("log");
   if (log && log.dataset.stream && window.EventSource) {

@@ -4272,6 +4272,39 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         wait_page(&browser, 60, "the rollback", |h| h.contains("release v5 is live")).await;
         server.assert_serves("web.localhost", &format!("{evil}\n"));
 
+        // What a deploy printed is kept with its release.
+        browser.goto(&format!("{base}/apps/web/releases/1")).await.unwrap();
+        let output = text_of(&browser, "#release-output").await;
+        assert!(output.contains("Starting v1"), "{output}");
+        // A deploy in progress shows on the app's page as it goes (this one takes 3 s to answer
+        // its check); the page reloads itself when it is over.
+        laptop.write("Procfile", "web: sh -c 'sleep 3; exec python3 -u app.py'\n");
+        laptop.commit("slow start");
+        let remote = format!("ssh://git@127.0.0.1:{}/web", server.ssh.port());
+        let mut push = laptop.git_command(&["push", &remote, "main"]).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            browser.goto(&format!("{base}/apps/web")).await.unwrap();
+            if browser.source().await.unwrap().contains(r#"id="deploy-output""#) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the deploy never showed on the page");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Its output so far, and what it prints next, arriving on the open page.
+        wait_page(&browser, 30, "the deploy's output", |h| {
+            h.contains("Building web") && h.contains("Waiting for web.1")
+        })
+        .await;
+        screenshot(&browser, "app-deploying").await;
+        wait_page(&browser, 60, "the page reloaded after the deploy", |h| {
+            !h.contains(r#"id="deploy-output""#)
+        })
+        .await;
+        assert!(push.wait().unwrap().success());
+        browser.goto(&format!("{base}/apps/web")).await.unwrap();
+        assert_eq!(text_of(&browser, "#live-release").await, "v6");
+
         // Live logs: a request's line arrives on the open page, as text.
         browser.goto(&format!("{base}/apps/web#logs")).await.unwrap();
         wait_page(&browser, 10, "the log stream", |h| h.contains(r#"id="log-status">live"#)).await;
@@ -4310,7 +4343,7 @@ fn slow_dashboard_login_deploy_config_scale_rollback_logs() {
         // The apps overview at a glance.
         browser.goto(&format!("{base}/")).await.unwrap();
         let row = text_of(&browser, "table.apps tbody tr").await;
-        for part in ["web", "running", "v5", "http://web.localhost", "2"] {
+        for part in ["web", "running", "v6", "http://web.localhost", "2"] {
             assert!(row.contains(part), "{row}");
         }
         screenshot(&browser, "apps").await;

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -77,6 +77,8 @@ pub fn router(service: Arc<Service>, shutdown: tokio_util::sync::CancellationTok
         .route("/apps/{app}/domains", post(add_domain))
         .route("/apps/{app}/domains/remove", post(remove_domain))
         .route("/apps/{app}/logs", get(logs))
+        .route("/apps/{app}/releases/{version}", get(release_output))
+        .route("/apps/{app}/deploy", get(deploy_events))
         .route("/assets/{file}", get(asset))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
         .layer(axum::middleware::map_response(safety_headers))
@@ -117,6 +119,7 @@ fn templates() -> tera::Tera {
         ("apps.html", include_str!("../../templates/apps.html")),
         ("app.html", include_str!("../../templates/app.html")),
         ("message.html", include_str!("../../templates/message.html")),
+        ("output.html", include_str!("../../templates/output.html")),
     ])
     .expect("the dashboard's templates parse");
     tera
@@ -725,6 +728,11 @@ async fn app_page(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> R
     ctx.insert("running", &svc::running(&states));
     ctx.insert("processes", &processes);
     ctx.insert("releases", &rows);
+    // A deploy in progress: its output so far (the page's script follows the rest).
+    if let Ok((so_far, _)) = s.watch_deploy(&who, &app).await {
+        ctx.insert("deploy_lines", &so_far.lines().count());
+        ctx.insert("deploy_output", &so_far);
+    }
     ctx.insert("config", &config);
     ctx.insert("domains", &domains);
     ctx.insert("formation", &formation);
@@ -1006,6 +1014,76 @@ async fn logs(State(d): D, Path(app): Path<String>, headers: HeaderMap) -> Respo
         Some((Ok::<_, std::convert::Infallible>(event), rx))
     });
     Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// What the deploy that made a release printed.
+async fn release_output(
+    State(d): D,
+    Path((app, version)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, who) = match logged_in(&d, &headers).await {
+        Ok(ok) => ok,
+        Err(response) => return response,
+    };
+    let output = match d.service.release_output(&who, &app, version).await {
+        Ok(output) => output,
+        Err(err) => return error_page(&d, &err),
+    };
+    let mut ctx = tera::Context::new();
+    ctx.insert("frame", &frame(&d, &session, &who));
+    ctx.insert("app", &app);
+    ctx.insert("version", &version);
+    ctx.insert("output", &output);
+    render(&d, "output.html", &ctx)
+}
+
+/// How many lines of a deploy's output the page already shows.
+#[derive(Deserialize)]
+struct Shown {
+    #[serde(default)]
+    from: usize,
+}
+
+/// The deploy of the app in progress as server-sent events: its output so far (past the lines
+/// the page shows) and each line it prints, then an `end` event when it is over (the page's
+/// script then reloads).
+async fn deploy_events(
+    State(d): D,
+    Path(app): Path<String>,
+    Query(shown): Query<Shown>,
+    headers: HeaderMap,
+) -> Response {
+    let (_, who) = match logged_in(&d, &headers).await {
+        Ok(ok) => ok,
+        Err(response) => return response,
+    };
+    let (so_far, next) = match d.service.watch_deploy(&who, &app).await {
+        Ok(watch) => watch,
+        Err(err) => return error_page(&d, &err),
+    };
+    use futures::StreamExt;
+    let first: Vec<_> = so_far
+        .lines()
+        .skip(shown.from)
+        .map(|line| Ok::<_, std::convert::Infallible>(Event::default().data(line)))
+        .collect();
+    let rest = futures::stream::unfold(Some(next), |next| async move {
+        let mut next = next?;
+        let event = match next.recv().await {
+            Ok(Some(line)) => Event::default().data(line),
+            Ok(None) | Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                return Some((Ok(Event::default().event("end").data("over")), None));
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Event::default().data(format!("… ({n} lines skipped)"))
+            }
+        };
+        Some((Ok(event), Some(next)))
+    });
+    Sse::new(futures::stream::iter(first).chain(rest))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
