@@ -720,10 +720,7 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             change_config(client, term, &name, vars, no_restart).await?;
         }
         Command::Keys { user, json } => {
-            let path = match &user {
-                Some(user) => format!("/keys?user={}", encode(user)),
-                None => "/keys".to_string(),
-            };
+            let path = of_user("/keys", user.as_deref());
             let keys: Vec<KeyRow> = get(client, &path).await?;
             if json {
                 return print_json(term, &keys).await;
@@ -809,10 +806,7 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             .await;
         }
         Command::Tokens { user, json } => {
-            let path = match &user {
-                Some(user) => format!("/tokens?user={}", encode(user)),
-                None => "/tokens".to_string(),
-            };
+            let path = of_user("/tokens", user.as_deref());
             let tokens: Vec<TokenRow> = get(client, &path).await?;
             if json {
                 return print_json(term, &tokens).await;
@@ -846,15 +840,8 @@ async fn run(client: &Client, command: Command, term: &Terminal, files: Files) -
             term.line(created.token).await;
         }
         Command::TokensRevoke { name, user } => {
-            let query = user
-                .map(|u| format!("?user={}", encode(&u)))
-                .unwrap_or_default();
-            act(
-                client,
-                Method::DELETE,
-                &format!("/tokens/{}{query}", encode(&name)),
-            )
-            .await?;
+            let path = of_user(&format!("/tokens/{}", encode(&name)), user.as_deref());
+            act(client, Method::DELETE, &path).await?;
             term.line(format!("Revoked token {name}")).await;
         }
         Command::Releases { name, json } => {
@@ -1534,6 +1521,14 @@ fn on_off(on: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// `path`, for `user`'s things when one is named.
+fn of_user(path: &str, user: Option<&str>) -> String {
+    match user {
+        Some(user) => format!("{path}?user={}", encode(user)),
+        None => path.to_string(),
     }
 }
 
