@@ -144,6 +144,18 @@ impl Server {
         self.api = field("api");
     }
 
+    /// Stops the server and requires that nothing of it is left: processes, mounts, netns
+    /// files, the bridge and its table, cgroups.
+    fn stop_leaving_nothing(&mut self) {
+        self.stop();
+        let left = self.leftovers();
+        assert!(
+            left.is_empty(),
+            "left behind after stop: {left:#?}\n--- server log:\n{}",
+            self.log()
+        );
+    }
+
     /// Kills the server with SIGKILL, as a crash would: its containers keep running.
     fn kill(&mut self) {
         let mut child = self.child.take().expect("server running");
@@ -900,13 +912,7 @@ fn slow_push_deploy_config_and_bad_input() {
     assert_eq!(scratch, 0, "build scratch was left behind");
 
     // A clean stop leaves nothing behind.
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// A stdlib-only Python web app (the `procfile` buildpack: no pip, quick builds; also what
@@ -1741,13 +1747,7 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
         404,
         "a destroyed app's domains are unrouted"
     );
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// A free TCP port on 127.0.0.1 (for peers that cannot be told to pick one themselves).
@@ -2670,13 +2670,7 @@ fn slow_dockerfile_multi_stage_cache_and_bad_dockerfile() {
     let (_, body) = server.get("dock.localhost");
     assert!(body.contains(" | second notes | "), "{body}");
 
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// A Dockerfile `FROM` an image in a registry on loopback (Debian's docker-registry, with a
@@ -2831,13 +2825,7 @@ fn slow_dockerfile_from_registry() {
     assert_eq!(body, "second version");
 
     drop(registry);
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// Runs `command` with `input` on its stdin; returns its output.
@@ -3037,13 +3025,7 @@ fn slow_run_one_off_commands() {
     );
     assert!(logs.contains("berth[run.1]: exited with code 4"), "{logs}");
 
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// Images and disk on a server keeping one release's images: an app built from an imported
@@ -3237,13 +3219,7 @@ fn slow_images_export_gc_and_info() {
     );
     assert!(info["logs_bytes"].as_u64().unwrap() > 0, "{info}");
 
-    server.stop();
-    let left = server.leftovers();
-    assert!(
-        left.is_empty(),
-        "left behind after stop: {left:#?}\n--- server log:\n{}",
-        server.log()
-    );
+    server.stop_leaving_nothing();
 }
 
 /// One API request with curl: (status, body). `token` None sends no Authorization header.
