@@ -115,8 +115,8 @@ fn call(data: &Path, path: &str, body: &impl serde::Serialize) -> anyhow::Result
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let done: serde_json::Value = client
-            .call_streamed(
+        client
+            .call_streamed::<serde_json::Value>(
                 hyper::Method::POST,
                 path,
                 Some(body),
@@ -126,7 +126,6 @@ fn call(data: &Path, path: &str, body: &impl serde::Serialize) -> anyhow::Result
                 },
             )
             .await?;
-        let _ = done;
         Ok(0)
     })
 }

@@ -82,9 +82,4 @@ impl Progress {
             let _ = tx.send(line).await;
         }
     }
-
-    /// Whether the listener has gone (ends endless streams such as `logs -f`).
-    pub fn is_closed(&self) -> bool {
-        self.tx.as_ref().is_none_or(|tx| tx.is_closed())
-    }
 }

@@ -32,7 +32,7 @@ pub use limits::{BuildLimits, LimitsPatch, NetworkInfo, NetworkSet, TypeLimits};
 pub use logs::{LogLine, LogQuery};
 pub use ps::{PsEntry, Scaled, Traffic};
 pub use push::Deploy;
-pub use users::{CreatedToken, NewPassword, NewUser, TOKEN_PREFIX};
+pub use users::{CreatedToken, NewPassword, NewUser};
 
 /// Everything the operations use. Built once by `server`.
 pub struct Service {
