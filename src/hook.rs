@@ -115,17 +115,25 @@ fn call(data: &Path, path: &str, body: &impl serde::Serialize) -> anyhow::Result
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        client
-            .call_streamed::<serde_json::Value>(
-                hyper::Method::POST,
-                path,
-                Some(body),
-                |text, warning| match warning {
-                    true => eprintln!("{text}"),
-                    false => println!("{text}"),
-                },
-            )
-            .await?;
+        use crate::progress::{Line, Progress};
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Line>(256);
+        // git shows both to the pusher.
+        let printer = async {
+            while let Some(line) = rx.recv().await {
+                match line {
+                    Line::Out(text) => println!("{text}"),
+                    Line::Warn(text) => eprintln!("{text}"),
+                }
+            }
+        };
+        let call = async move {
+            let out = Progress::new(tx);
+            let method = hyper::Method::POST;
+            let called = client.call_streamed::<serde_json::Value>(method, path, Some(body), &out);
+            called.await
+        };
+        let (called, ()) = tokio::join!(call, printer);
+        called?;
         Ok(0)
     })
 }

@@ -536,24 +536,19 @@ async fn streamed<T: DeserializeOwned>(
     body: &(impl Serialize + ?Sized),
     term: &Terminal,
 ) -> Result<T, CallError> {
-    let (tx, mut rx) = mpsc::channel::<(String, bool)>(256);
+    use crate::progress::{Line, Progress};
+    let (tx, mut rx) = mpsc::channel::<Line>(256);
     let printer = async {
-        while let Some((text, warning)) = rx.recv().await {
-            match warning {
-                true => term.warn(text).await,
-                false => term.line(text).await,
+        while let Some(line) = rx.recv().await {
+            match line {
+                Line::Out(text) => term.line(text).await,
+                Line::Warn(text) => term.warn(text).await,
             }
         }
     };
     let call = async move {
-        let result = client
-            .call_streamed(method, path, Some(body), |text, warning| {
-                // The printer drains the channel while the call runs.
-                let _ = tx.try_send((text, warning));
-            })
-            .await;
-        drop(tx);
-        result
+        let out = Progress::new(tx);
+        client.call_streamed(method, path, Some(body), &out).await
     };
     let (result, ()) = tokio::join!(call, printer);
     result

@@ -204,14 +204,14 @@ impl Client {
             .map_err(|e| CallError::transport(format!("the server's answer is not what this berth expects ({e}) — are the client and server the same version?")))
     }
 
-    /// A call whose progress streams: `on_line(text, is_warning)` for each line; returns the
-    /// result.
+    /// A call whose progress streams: each line goes to `out` (waiting for it, so none is lost);
+    /// returns the result.
     pub async fn call_streamed<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
-        mut on_line: impl FnMut(String, bool),
+        out: &crate::progress::Progress,
     ) -> CallResult<T> {
         let response = self
             .send(method, path, &json_headers(NDJSON), json_body(body))
@@ -227,8 +227,8 @@ impl Client {
                 CallError::transport(format!("the server sent something unexpected ({e})"))
             })?;
             match event {
-                Event::Out(text) => on_line(text, false),
-                Event::Err(text) => on_line(text, true),
+                Event::Out(text) => out.line(text).await,
+                Event::Err(text) => out.warn(text).await,
                 Event::Done(value) => {
                     return serde_json::from_value(value).map_err(|e| {
                         CallError::transport(format!(
