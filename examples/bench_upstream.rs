@@ -174,7 +174,7 @@ impl Bench {
         if let Err(err) = self.runtime.remove(&self.id) {
             eprintln!("bench_upstream: removing the container: {err}");
         }
-        berth_runtime::spec::remove_cgroup_parent();
+        berth_runtime::cgroup::remove_parent();
         if let Err(err) = network::delete_netns(&self.workdir.join("netns"), &self.id).await {
             eprintln!("bench_upstream: removing the netns: {err}");
         }

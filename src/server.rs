@@ -321,7 +321,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     deployer.end_runs().await;
     if args.ephemeral {
         deployer.stop_everything().await;
-        berth_runtime::spec::remove_cgroup_parent();
+        berth_runtime::cgroup::remove_parent();
         if let Err(err) = berth_runtime::network::remove_bridge(&args.bridge).await {
             warn!(%err, "removing the bridge failed");
         }

@@ -351,7 +351,7 @@ impl Server {
             .args(["link", "del", &self.bridge])
             .output();
         let _ = berth_runtime::firewall::remove(&self.bridge);
-        berth_runtime::spec::remove_cgroup_parent();
+        berth_runtime::cgroup::remove_parent();
         for id in self.container_ids() {
             for controller in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
                 let _ = std::fs::remove_dir(controller.path().join("berth").join(&id));

@@ -1,6 +1,6 @@
 //! The daemon side of the runtime: [`Runtime`] starts shims (`exe shim DIR/<id>`), reads their
 //! state from the container directory, asks them to stop and removes what they leave. It never
-//! calls libcontainer and never mounts anything, so it is safe in the multithreaded daemon.
+//! clones a container and never mounts anything, so it is safe in the multithreaded daemon.
 
 use std::fs;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -240,10 +240,10 @@ impl Runtime {
     }
 
     /// What container `id` uses now (memory, CPU time), from its cgroup.
-    pub fn usage(&self, id: &str) -> crate::spec::Usage {
+    pub fn usage(&self, id: &str) -> crate::cgroup::Usage {
         match valid_id(id) {
-            true => crate::spec::usage(id),
-            false => crate::spec::Usage::default(),
+            true => crate::cgroup::usage(id),
+            false => crate::cgroup::Usage::default(),
         }
     }
 
@@ -277,7 +277,7 @@ impl Runtime {
                 id,
                 "the container's shim is gone; killing what it left running"
             );
-            crate::spec::kill_cgroup(id, STOP_SLACK);
+            crate::cgroup::kill_cgroup(id, STOP_SLACK);
             layout::write(&dir, layout::EXIT, &(128 + 9).to_string())?;
         }
         Ok(layout::read_i32(&dir, layout::EXIT))

@@ -37,11 +37,11 @@ pub enum Error {
     StopTimeout { id: String, secs: u64 },
     #[error("{0} is still mounted: unmount it before removing the container")]
     StillMounted(PathBuf),
-    #[error("libcontainer: {context}: {reason}")]
-    Libcontainer {
-        context: &'static str,
-        reason: String,
-    },
+    /// Why the container's init could not set it up or exec its command.
+    #[error("{0}")]
+    Init(String),
+    #[error("the seccomp profile: {0}")]
+    Seccomp(String),
     #[error("invalid OCI runtime config: {0}")]
     Spec(String),
     #[error("nftables: {context}: {source} — berth needs root and the `nft` binary (apt-get install nftables); nft's own message is in the server log")]

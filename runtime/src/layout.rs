@@ -10,7 +10,6 @@
 //! DIR/error       why the container could not start
 //! DIR/config.json the OCI config (DIR is the bundle); DIR/rootfs (or /run/berth/rootfs/ID with a
 //!                 user namespace), upper, work, l/: the overlay
-//! DIR/state/      libcontainer's state directory
 //! ```
 
 use std::fs;
@@ -24,7 +23,6 @@ pub const PID: &str = "pid";
 pub const EXIT: &str = "exit";
 pub const OOM: &str = "oom";
 pub const ERROR: &str = "error";
-pub const STATE: &str = "state";
 
 /// Writes `DIR/name` atomically so a reader never sees half of it.
 pub fn write(dir: &Path, name: &str, contents: &str) -> Result<(), Error> {

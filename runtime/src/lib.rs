@@ -6,10 +6,10 @@
 //! calls [`network`].
 //!
 //! Every container runs under its own single-threaded **shim** ([`shim`]): the `berth` binary
-//! re-executed as `berth shim DIR`. The shim owns the container (rootfs, libcontainer, logs,
-//! exit code) and outlives the daemon, which finds its containers again with [`Runtime::list`]
-//! and [`Runtime::state`]. libcontainer is only ever called inside a shim, never in the
-//! multithreaded daemon (it deadlocks in malloc there).
+//! re-executed as `berth shim DIR`. The shim owns the container (rootfs, init, logs, exit
+//! code) and outlives the daemon, which finds its containers again with [`Runtime::list`] and
+//! [`Runtime::state`]. Containers are cloned only from a shim, never from the multithreaded
+//! daemon (a clone of a multithreaded process may find malloc's locks held).
 //!
 //! - [`Runtime`] (daemon side): start, run attached ([`Io`]: output, pipes or a terminal),
 //!   state, stop, remove, list.
@@ -17,7 +17,10 @@
 //! - [`rootfs`]: the overlay root filesystem of a container (id-mapped layers with `users`),
 //!   and the bind sources of a container with `users`, made reachable (and id-mapped).
 //! - [`ids`]: re-owning a tree between a container's ids and its range's host ids.
-//! - [`spec`]: the OCI runtime config written for libcontainer.
+//! - [`spec`]: the OCI runtime config of a container.
+//! - [`container`]: starting a container's init from that config (namespaces, mounts, pivot,
+//!   user, capabilities, seccomp, exec): berth's own runtime core.
+//! - [`cgroup`]: a container's cgroup (v1 or v2): limits, usage, OOM kills, removal.
 //! - [`seccomp`]: the default seccomp profile of every container.
 //! - [`terminal`]: a container's pseudo-terminal, handed from its shim to the daemon; its size.
 //! - [`network`]: bridge, per-container network namespaces and veth pairs (netlink).
@@ -27,6 +30,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub mod cgroup;
+mod container;
 mod control;
 mod error;
 pub mod firewall;
@@ -46,7 +51,7 @@ pub use error::Error;
 /// Everything needed to run one container. The daemon writes it as `DIR/shim.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSpec {
-    /// `[a-z0-9-]{1,64}`; also the libcontainer id and the cgroup name (`/berth/<id>`).
+    /// `[a-z0-9-]{1,64}`; also the cgroup name (`/berth/<id>`).
     pub id: String,
     /// Extracted image layer directories, top-most first (overlay lowerdir order).
     pub layers: Vec<PathBuf>,

@@ -14,7 +14,7 @@
 //! Either way the mounts live in the shim's private mount namespace and go with it.
 //!
 //! Such a container's root cannot reach a bind source inside the data dir (`0700`), and
-//! libcontainer looks sources up as it: [`bind_sources`] clones each one (id-mapped when the
+//! the init binds them as that root: [`bind_sources`] clones each one (id-mapped when the
 //! bind asks for it) to `USERNS_BINDS/<id>/<n>`, which it can reach, and the container binds
 //! those. [`take_upper`] hands a finished container's upper dir over with the container's own
 //! ids (a build step's layer).
@@ -23,10 +23,9 @@ use std::fs;
 use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 
-use libcontainer::syscall::linux::{LinuxSyscall, MountAttr};
-use libcontainer::syscall::Syscall;
 use nix::libc;
 use nix::mount::{umount2, MntFlags, MsFlags};
 
@@ -106,7 +105,12 @@ pub fn mount(dir: &Path, layers: &[PathBuf], users: Option<IdMap>) -> Result<Pat
         }
         lower.push(format!("l/{n}"));
     }
-    let options = format!("lowerdir={},upperdir=upper,workdir=work", lower.join(":"));
+    // volatile: no sync of the upper dir's filesystem at unmount (a journal commit, milliseconds
+    // on every container exit); an upper dir never outlives a crash of its container.
+    let options = format!(
+        "lowerdir={},upperdir=upper,workdir=work,volatile",
+        lower.join(":")
+    );
     let previous = std::env::current_dir().map_err(Error::io("reading the current directory"))?;
     std::env::set_current_dir(dir).map_err(Error::io(format!("entering {}", dir.display())))?;
     let mounted = nix::mount::mount(
@@ -131,9 +135,9 @@ pub fn mount(dir: &Path, layers: &[PathBuf], users: Option<IdMap>) -> Result<Pat
 
 /// Mounts a read-only sysfs at `ROOTFS/sys` for a container with a user namespace: the kernel
 /// lets only a user namespace that owns the current network namespace mount sysfs, and a
-/// container's netns stays the host's, so libcontainer (inside the user namespace) cannot; the
+/// container's netns stays the host's, so the container's init (inside the user namespace) cannot; the
 /// shim, in the container's netns already, can. It shows that netns's links, as a container's
-/// own sysfs would; libcontainer's recursive bind of the rootfs carries it over.
+/// own sysfs would; the init's copy of the shim's mounts carries it over.
 fn mount_sysfs(rootfs: &Path) -> Result<(), Error> {
     let sys = rootfs.join("sys");
     fs::create_dir_all(&sys).map_err(Error::io(format!("creating {}", sys.display())))?;
@@ -198,61 +202,71 @@ pub fn take_upper(dir: &Path, to: &Path, users: Option<IdMap>) -> Result<(), Err
 }
 
 /// Bind-mounts `source` at `target`: recursively, or (not recursively) with the id mapping of
-/// the user namespace `idmap`.
+/// the user namespace `idmap` (`open_tree` + `mount_setattr` + `move_mount`).
 fn clone_mount(source: &Path, target: &Path, idmap: Option<&OwnedFd>) -> Result<(), Error> {
-    let failed = |context: &'static str| {
-        move |err: libcontainer::syscall::SyscallError| {
-            let hint = match idmap {
-                Some(_) => "; id-mapped mounts need Linux 5.12+ and a filesystem that supports them, such as ext4, xfs or btrfs",
-                None => "",
-            };
-            Error::Libcontainer {
-                context,
-                reason: format!("{err} ({}{hint})", source.display()),
-            }
+    let failed = |context: &str| {
+        let hint = match idmap {
+            Some(_) => "; id-mapped mounts need Linux 5.12+ and a filesystem that supports them, such as ext4, xfs or btrfs",
+            None => "",
+        };
+        let context = format!("{context} {}{hint}", source.display());
+        move |err: nix::Error| Error::Sys {
+            context,
+            source: err,
         }
     };
-    let syscall = LinuxSyscall;
+    let path = std::ffi::CString::new(source.as_os_str().as_bytes())
+        .map_err(|_| Error::MissingLayer(source.to_path_buf()))?;
     let recursive = match idmap {
         Some(_) => 0,
-        None => libc::AT_RECURSIVE as u32,
+        None => libc::AT_RECURSIVE as libc::c_uint,
     };
-    let tree = syscall
-        .open_tree(
-            libc::AT_FDCWD,
-            source.to_str(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | recursive,
-        )
-        .map_err(failed("cloning a mount"))?;
+    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | recursive;
+    // SAFETY: open_tree with a NUL-terminated path; returns a new fd or -1.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    let tree = nix::errno::Errno::result(tree).map_err(failed("cloning the mount of"))?;
+    // SAFETY: open_tree just returned this new fd.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
     if let Some(userns) = idmap {
-        let attr = MountAttr {
+        let attr = libc::mount_attr {
             attr_set: libc::MOUNT_ATTR_IDMAP,
             attr_clr: 0,
             propagation: 0,
             userns_fd: userns.as_raw_fd() as u64,
         };
-        syscall
-            .mount_setattr(
-                tree.as_fd(),
-                Path::new(""),
-                libc::AT_EMPTY_PATH as u32,
-                &attr,
-                std::mem::size_of::<MountAttr>(),
+        let empty = c"";
+        // SAFETY: mount_setattr on the tree's fd with a valid mount_attr of the given size.
+        let set = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &attr as *const libc::mount_attr,
+                std::mem::size_of::<libc::mount_attr>(),
             )
-            .map_err(failed("id-mapping a mount"))?;
+        };
+        nix::errno::Errno::result(set).map_err(failed("id-mapping the mount of"))?;
     }
     let parent = fs::File::open(target.parent().unwrap_or(Path::new("/")))
         .map_err(Error::io(format!("opening {}", target.display())))?;
-    let name = target.file_name().and_then(|name| name.to_str());
-    syscall
-        .move_mount(
-            tree.as_fd(),
-            None,
-            parent.as_fd(),
-            name,
+    let name = std::ffi::CString::new(target.file_name().unwrap_or_default().as_bytes())
+        .map_err(|_| Error::MissingLayer(target.to_path_buf()))?;
+    let empty = c"";
+    // SAFETY: move_mount of the detached tree onto NAME in the open parent directory.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            parent.as_raw_fd(),
+            name.as_ptr(),
             libc::MOVE_MOUNT_F_EMPTY_PATH,
         )
-        .map_err(failed("mounting a cloned mount"))
+    };
+    nix::errno::Errno::result(moved)
+        .map(drop)
+        .map_err(failed("mounting the cloned mount of"))
 }
 
 /// Unmounts the rootfs of the container in `dir` (and removes its mount point outside `dir`);

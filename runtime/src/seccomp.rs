@@ -19,16 +19,18 @@
 //! governs.
 //!
 //! Names that this libseccomp does not know (a syscall newer than the library) are skipped by
-//! libcontainer with a warning (`ScmpSyscall::from_name` fails, the name is passed over), so
-//! the list can name syscalls of newer kernels without breaking container start. Names of
-//! 32-bit-only syscalls (`vm86`, `stime`, …) apply to the compat architectures. The filter is
-//! loaded right before the container's `execve`, after `no_new_privileges` is set and the
-//! capabilities are dropped, and libcontainer needs its `libseccomp` feature (on by default)
-//! to load it at all: without the feature a seccomp section is silently ignored.
+//! [`compile`], so the list can name syscalls of newer kernels without breaking container
+//! start. Names of 32-bit-only syscalls (`vm86`, `stime`, …) apply to the compat
+//! architectures. The filter is loaded right before the container's `execve`, after
+//! `no_new_privileges` is set and the capabilities are dropped ([`crate::container`]).
 
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
     LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
+};
+
+use libseccomp::{
+    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
 };
 
 use crate::Error;
@@ -131,7 +133,7 @@ const ARCHITECTURES: &[Arch] = &[Arch::ScmpArchNative];
 /// [`NAMESPACE_FLAGS`], `ENOSYS` for `clone3` (so glibc uses `clone`).
 pub fn default_profile() -> Result<LinuxSeccomp, Error> {
     let denied = errno_rule(LinuxSyscallBuilder::default().names(names(DENIED)))?;
-    // One comparison per flag on the same argument: libcontainer adds each as its own rule,
+    // One comparison per flag on the same argument: `compile` adds each as its own rule,
     // so any one flag is enough to deny.
     let args = NAMESPACE_FLAGS
         .iter()
@@ -162,6 +164,88 @@ pub fn default_profile() -> Result<LinuxSeccomp, Error> {
         .syscalls(vec![denied, clone, clone3])
         .build()
         .map_err(invalid)
+}
+
+/// The filter of an OCI seccomp profile, for libseccomp to load. Each argument comparison of
+/// a syscall becomes a rule of its own (any one matching applies the action), as runc and
+/// youki read the OCI format.
+pub fn compile(profile: &LinuxSeccomp) -> Result<ScmpFilterContext, Error> {
+    let failed = |what: String| {
+        move |err: libseccomp::error::SeccompError| Error::Seccomp(format!("{what}: {err}"))
+    };
+    let mut filter = ScmpFilterContext::new(action(
+        profile.default_action(),
+        profile.default_errno_ret(),
+    )?)
+    .map_err(failed("creating the filter".into()))?;
+    for arch in profile.architectures().iter().flatten() {
+        filter
+            .add_arch(architecture(*arch)?)
+            .map_err(failed(format!("adding {arch:?}")))?;
+    }
+    for rule in profile.syscalls().iter().flatten() {
+        let act = action(rule.action(), rule.errno_ret())?;
+        for name in rule.names() {
+            // Unknown to this libseccomp: a syscall newer than the library, so none can make it.
+            let Ok(syscall) = ScmpSyscall::from_name(name) else {
+                continue;
+            };
+            let args = rule.args().clone().unwrap_or_default();
+            if args.is_empty() {
+                filter
+                    .add_rule(act, syscall)
+                    .map_err(failed(format!("adding {name}")))?;
+            }
+            for arg in args {
+                // OCI: `value` is the mask of a masked comparison, `valueTwo` what it must equal.
+                let (op, datum) = match arg.op() {
+                    LinuxSeccompOperator::ScmpCmpMaskedEq => (
+                        ScmpCompareOp::MaskedEqual(arg.value()),
+                        arg.value_two().unwrap_or(0),
+                    ),
+                    LinuxSeccompOperator::ScmpCmpEq => (ScmpCompareOp::Equal, arg.value()),
+                    LinuxSeccompOperator::ScmpCmpNe => (ScmpCompareOp::NotEqual, arg.value()),
+                    other => {
+                        return Err(Error::Seccomp(format!(
+                            "the comparison {other:?} is not supported"
+                        )))
+                    }
+                };
+                let compare = ScmpArgCompare::new(arg.index() as u32, op, datum);
+                filter
+                    .add_rule_conditional(act, syscall, &[compare])
+                    .map_err(failed(format!("adding {name}")))?;
+            }
+        }
+    }
+    Ok(filter)
+}
+
+fn action(action: LinuxSeccompAction, errno: Option<u32>) -> Result<ScmpAction, Error> {
+    match action {
+        LinuxSeccompAction::ScmpActAllow => Ok(ScmpAction::Allow),
+        LinuxSeccompAction::ScmpActErrno => Ok(ScmpAction::Errno(
+            errno.unwrap_or(nix::libc::EPERM as u32) as i32,
+        )),
+        LinuxSeccompAction::ScmpActKillProcess => Ok(ScmpAction::KillProcess),
+        other => Err(Error::Seccomp(format!(
+            "the action {other:?} is not supported"
+        ))),
+    }
+}
+
+fn architecture(arch: Arch) -> Result<ScmpArch, Error> {
+    match arch {
+        Arch::ScmpArchX86_64 => Ok(ScmpArch::X8664),
+        Arch::ScmpArchX86 => Ok(ScmpArch::X86),
+        Arch::ScmpArchX32 => Ok(ScmpArch::X32),
+        Arch::ScmpArchAarch64 => Ok(ScmpArch::Aarch64),
+        Arch::ScmpArchArm => Ok(ScmpArch::Arm),
+        Arch::ScmpArchNative => Ok(ScmpArch::Native),
+        other => Err(Error::Seccomp(format!(
+            "the architecture {other:?} is not supported"
+        ))),
+    }
 }
 
 fn errno_rule(rule: LinuxSyscallBuilder) -> Result<LinuxSyscall, Error> {

@@ -1,13 +1,14 @@
 //! The shim: `berth shim DIR`, one single-threaded process per container (like containerd-shim
 //! or conmon). It reads `DIR/shim.json`, joins the container's network namespace, mounts the
-//! rootfs (id-mapped for a container with a user namespace), creates and starts the container
-//! with libcontainer, writes its pid, copies its output to the log, forwards SIGTERM/SIGINT to
-//! it (SIGKILL after the grace period), waits for it, cleans up (libcontainer state, cgroup,
+//! rootfs (id-mapped for a container with a user namespace), starts the container
+//! ([`container`]), writes its pid, copies its output to the log, forwards SIGTERM/SIGINT to
+//! it (SIGKILL after the grace period), waits for it, cleans up (cgroup,
 //! mount) and finally writes `DIR/exit` and exits with the container's code. Asked for a
 //! terminal ([`terminal::TERMINAL_FD_VAR`]), it runs the container with one and hands the
 //! terminal's master to the daemon ([`terminal`]).
 //!
-//! It never starts a thread: libcontainer deadlocks in multithreaded processes. Its mounts are
+//! It never starts a thread: it clones the container's init, and a clone of a multithreaded
+//! process may find malloc's locks held. Its mounts are
 //! made in a private mount namespace of its own, so they vanish with it even if it is killed.
 //! If the container cannot start, the reason goes to `DIR/error` (and stderr), the exit code is
 //! [`START_FAILED`], and nothing is left mounted or in the cgroup tree.
@@ -20,9 +21,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -32,7 +30,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::{layout, rootfs, spec, terminal, ContainerSpec, Error, LogTarget};
+use crate::{cgroup, container, layout, rootfs, spec, terminal, ContainerSpec, Error, LogTarget};
 
 /// Exit code of a shim whose container could not start.
 pub const START_FAILED: i32 = 125;
@@ -154,21 +152,13 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
         },
         None => spec,
     };
-    let mut container = match start(dir, &spec, &root, container_out, seccomp) {
-        Ok(container) => container,
+    let init = match start(dir, &spec, &root, container_out, seccomp) {
+        Ok(init) => init,
         Err(err) => {
             let _ = rootfs::unmount(dir, spec.users.is_some());
             return Err(err);
         }
     };
-    // libcontainer uses an older nix; its Pid is a different type.
-    let init = container
-        .pid()
-        .map(|pid| Pid::from_raw(pid.as_raw()))
-        .ok_or(Error::Libcontainer {
-            context: "starting the container",
-            reason: "libcontainer reported no pid".into(),
-        })?;
     layout::write(dir, layout::PID, &init.to_string())?;
     signal_ready();
     tracing::info!(id = spec.id, pid = init.as_raw(), "container started");
@@ -181,21 +171,18 @@ fn run(dir: &Path, seccomp: bool) -> Result<i32, Error> {
         grace: Duration::from_secs(spec.stop_grace_secs),
     };
     let code = supervise(init, log, stop)?;
-    let oom_kills = spec::oom_kills(&spec.id);
+    let oom_kills = cgroup::oom_kills(&spec.id);
     if oom_kills > 0 {
         layout::write(dir, layout::OOM, &oom_kills.to_string())?;
     }
-
-    if let Err(err) = container.delete(true) {
-        tracing::warn!(id = spec.id, "deleting the container: {}", chain(&err));
-    }
+    container::delete(&spec.id);
     rootfs::unmount(dir, spec.users.is_some())?;
     layout::write(dir, layout::EXIT, &code.to_string())?;
     Ok(code)
 }
 
-/// Joins the network namespace at `path` before libcontainer runs, so the container inherits
-/// it: libcontainer would join it only from inside the container's user namespace, where a
+/// Joins the network namespace at `path` before the init is cloned, so the container inherits
+/// it: the init could join it only from inside the container's user namespace, where a
 /// namespace owned by the host's user namespace cannot be joined. The netns stays the host's to
 /// configure (the container has no say over its links). With a user namespace, ports below
 /// 1024 need no capability in it (`ip_unprivileged_port_start` is 0, as Docker sets it).
@@ -227,81 +214,35 @@ fn install_stop_handler() -> Result<(), Error> {
     Ok(())
 }
 
-/// Writes config.json and creates + starts the container. On failure nothing is left behind
-/// but the rootfs mount, which the caller removes.
+/// Writes config.json and starts the container ([`container::start`]); with a terminal, hands
+/// its master to the daemon. On failure nothing is left behind but the rootfs mount, which the
+/// caller removes.
 fn start(
     dir: &Path,
     spec: &ContainerSpec,
     root: &Path,
     out: Option<OwnedFd>,
     seccomp: bool,
-) -> Result<Container, Error> {
+) -> Result<Pid, Error> {
     let mut oci = spec::build(spec, root)?;
-    if !seccomp {
-        if let Some(linux) = oci.linux_mut() {
-            linux.set_seccomp(None);
-        }
-    }
     // Run with a terminal when the daemon asked for one (it waits on TERMINAL_FD for it).
-    let console = match std::env::var_os(terminal::TERMINAL_FD_VAR) {
-        Some(_) => {
-            if let Some(process) = oci.process_mut() {
-                process.set_terminal(Some(true));
-            }
-            Some(terminal::ConsoleSocket::bind(dir)?)
-        }
-        None => None,
-    };
+    let terminal = std::env::var_os(terminal::TERMINAL_FD_VAR).is_some();
+    if let Some(process) = oci.process_mut() {
+        process.set_terminal(Some(terminal));
+    }
     let config = dir.join("config.json");
     oci.save(&config)
         .map_err(|err| Error::Spec(format!("writing {}: {err}", config.display())))?;
-    let state = dir.join(layout::STATE);
-    std::fs::create_dir_all(&state).map_err(Error::io(format!("creating {}", state.display())))?;
-
-    let mut builder = ContainerBuilder::new(spec.id.clone(), SyscallType::default())
-        .with_root_path(&state)
-        .map_err(lc("setting the state directory"))?;
-    if let Some(out) = out {
-        let err = out
-            .try_clone()
-            .map_err(Error::io("duplicating the log pipe"))?;
-        builder = builder.with_stdout(out).with_stderr(err);
-    }
-    if let Some(console) = &console {
-        builder = builder.with_console_socket(Some(console.path()));
-    }
-    let created = builder
-        .as_init(dir)
-        .with_systemd(false)
-        .with_detach(true)
-        .build();
-    let mut container = match created {
-        Ok(container) => container,
-        Err(err) => {
-            discard(&state, &spec.id);
-            return Err(lc("creating the container")(err));
-        }
-    };
-    if let Some(console) = console {
-        if let Err(err) = console.hand_over() {
-            let _ = container.delete(true);
+    let started = container::start(&oci, &spec.id, out, terminal, seccomp)?;
+    if let Some(master) = started.terminal {
+        if let Err(err) = terminal::hand_over(master) {
+            let _ = kill(started.pid, Signal::SIGKILL);
+            let _ = waitpid(started.pid, None);
+            container::delete(&spec.id);
             return Err(err);
         }
     }
-    if let Err(err) = container.start() {
-        let _ = container.delete(true);
-        return Err(lc("starting the container")(err));
-    }
-    Ok(container)
-}
-
-/// Deletes a half-created container (kills its init, removes its cgroup and state).
-fn discard(state: &Path, id: &str) {
-    if let Ok(mut container) = Container::load(state.join(id)) {
-        if let Err(err) = container.delete(true) {
-            tracing::warn!(id, "removing a half-created container: {}", chain(&err));
-        }
-    }
+    Ok(started.pid)
 }
 
 /// Waits for the container's init to exit while copying its output to the log and turning
@@ -478,26 +419,4 @@ impl LogPump {
             tracing::warn!("writing the log: {err}");
         }
     }
-}
-
-/// Maps a libcontainer error with its whole cause chain.
-fn lc(context: &'static str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Error {
-    move |err| Error::Libcontainer {
-        context,
-        reason: chain(&err),
-    }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

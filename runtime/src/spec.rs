@@ -1,8 +1,8 @@
-//! The OCI runtime config (`config.json`) libcontainer runs a [`ContainerSpec`] with: the
+//! The OCI runtime config (`config.json`) a [`ContainerSpec`] runs with ([`crate::container`]): the
 //! default mounts (/proc, /dev, /dev/pts, /dev/shm, /dev/mqueue, /sys read-only, cgroups
 //! read-only), pid/mount/uts/ipc/cgroup namespaces plus, with `users`, a user namespace with
-//! that id mapping (the network namespace is not in it: the shim joins it before libcontainer
-//! runs), cgroup `/berth/<id>`, Docker's default capability set (held in the user namespace),
+//! that id mapping (the network namespace is not in it: the shim joins it before the init is
+//! cloned), cgroup `/berth/<id>`, Docker's default capability set (held in the user namespace),
 //! `no_new_privileges`, the default seccomp profile ([`crate::seccomp`]), the binds as `rbind`
 //! mounts, and the caller's hard open-files limit. Touches nothing on the host.
 
@@ -21,14 +21,6 @@ use crate::{ContainerSpec, Error};
 /// `PATH` given to containers whose env does not set one.
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The cgroup (in every controller) that holds the containers' cgroups.
-pub const CGROUP_PARENT: &str = "berth";
-
-/// The cgroup path of container `id`.
-pub fn cgroup_path(id: &str) -> String {
-    format!("/{CGROUP_PARENT}/{id}")
-}
-
 /// The init containers with `init` run as PID 1: Debian's statically linked tini (package
 /// `tini`), bind-mounted read-only, so it works on any image, `scratch` ones included.
 pub const INIT_BINARY: &str = "/usr/bin/tini-static";
@@ -38,127 +30,9 @@ const INIT_IN_CONTAINER: &str = "/.berth-init";
 /// The CFS period CPU limits are a quota of, in microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 
-/// Whether the host runs the unified cgroup v2 hierarchy only (no v1 controllers).
-fn cgroup_v2_only() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-}
-
-/// How many times the kernel's OOM killer killed a process in container `id`'s cgroup, read
-/// while the cgroup still exists (v1: `memory.oom_control`, v2: `memory.events`).
-pub fn oom_kills(id: &str) -> u64 {
-    cgroup_dirs(id)
-        .iter()
-        .flat_map(|dir| ["memory.oom_control", "memory.events"].map(|file| dir.join(file)))
-        .find_map(|file| std::fs::read_to_string(file).ok())
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// What a container uses now, read from its cgroup; None when its cgroup is gone (or has no
-/// such file).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Memory charged to it, in bytes (v1 `memory.usage_in_bytes`, v2 `memory.current`; page
-    /// cache included).
-    pub memory: Option<u64>,
-    /// CPU time used so far, in microseconds (v1 `cpuacct.usage`, v2 `cpu.stat`'s `usage_usec`).
-    pub cpu_usec: Option<u64>,
-}
-
-/// What container `id` uses now (cgroup v1 or v2).
-pub fn usage(id: &str) -> Usage {
-    let dirs = cgroup_dirs(id);
-    let read = |file: &str| {
-        dirs.iter()
-            .find_map(|dir| std::fs::read_to_string(dir.join(file)).ok())
-    };
-    let number = |text: String| text.trim().parse::<u64>().ok();
-    let memory = read("memory.usage_in_bytes")
-        .or_else(|| read("memory.current"))
-        .and_then(number);
-    let cpu_usec = read("cpuacct.usage")
-        .and_then(number)
-        .map(|ns| ns / 1000)
-        .or_else(|| {
-            read("cpu.stat").and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("usage_usec ")?.trim().parse().ok())
-            })
-        });
-    Usage { memory, cpu_usec }
-}
-
-/// Container `id`'s cgroup directories: one per controller on cgroup v1, one on v2.
-fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
-    let cgroup = cgroup_path(id);
-    if cgroup_v2_only() {
-        return vec![Path::new("/sys/fs/cgroup").join(cgroup.trim_start_matches('/'))];
-    }
-    std::fs::read_dir("/sys/fs/cgroup")
-        .map(|controllers| {
-            controllers
-                .flatten()
-                .map(|c| c.path().join(cgroup.trim_start_matches('/')))
-                .filter(|dir| dir.is_dir())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Kills every process left in container `id`'s cgroup (its shim died without cleaning up)
-/// and removes the cgroup. Returns once they are gone, or after `within`.
-pub fn kill_cgroup(id: &str, within: std::time::Duration) {
-    let deadline = std::time::Instant::now() + within;
-    let dirs = cgroup_dirs(id);
-    loop {
-        let pids: HashSet<i32> = dirs
-            .iter()
-            .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
-            .flat_map(|text| {
-                text.lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect::<Vec<i32>>()
-            })
-            .collect();
-        if pids.is_empty() || std::time::Instant::now() >= deadline {
-            break;
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    for dir in dirs {
-        let _ = std::fs::remove_dir(dir);
-    }
-}
-
-/// Removes the parent cgroup from every controller where it is empty (the last container of
-/// every server on this machine is gone); where containers still run it stays. For servers
-/// that shut down for good (`--ephemeral`) and tests.
-pub fn remove_cgroup_parent() {
-    // rmdir(2) refuses a cgroup with children or processes: exactly the ones to keep.
-    if cgroup_v2_only() {
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(CGROUP_PARENT));
-        return;
-    }
-    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
-        return;
-    };
-    for controller in controllers.flatten() {
-        let _ = std::fs::remove_dir(controller.path().join(CGROUP_PARENT));
-    }
-}
-
 /// Docker's (containerd's) default capabilities but `NET_RAW` (raw sockets would let a container
 /// forge packets on the bridge): enough for package managers in builds.
-const CAPABILITIES: [Capability; 13] = [
+pub(crate) const CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
@@ -310,7 +184,7 @@ pub fn build(spec: &ContainerSpec, rootfs: &Path) -> Result<Spec, Error> {
     let defaults = oci_spec::runtime::Linux::default();
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
-        .cgroups_path(cgroup_path(&spec.id))
+        .cgroups_path(crate::cgroup::path(&spec.id))
         .resources(resources)
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())

@@ -1,20 +1,18 @@
 //! The pseudo-terminal of a container run with one ([`crate::Io::Terminal`]), like `docker run
-//! -t`: the pty is made by libcontainer's init inside the container's own `/dev/pts` (so `tty`
-//! there prints `/dev/pts/0`), never one of the host's. The init sends the pty's master over a
-//! console socket the shim listens on (`DIR/console.sock`); the shim hands the master on, over
-//! a socket the daemon gave it as fd [`TERMINAL_FD`], to the daemon, which reads and writes it
-//! ([`Master`], async) and sets its window size ([`resize`]).
+//! -t`: the pty is made by the container's init inside the container's own `/dev/pts` (so
+//! `tty` there prints `/dev/pts/0`), never one of the host's ([`crate::container`]). The init
+//! sends the pty's master to the shim over a socket pair; the shim hands it on ([`hand_over`]),
+//! over a socket the daemon gave it as fd [`TERMINAL_FD`], to the daemon, which reads and writes
+//! it ([`Master`], async) and sets its window size ([`resize`]).
 //!
 //! Owns that handover, async access to the master and the window size; must not decide what
 //! flows through the terminal.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::socket::{
@@ -30,13 +28,6 @@ pub const TERMINAL_FD_VAR: &str = "BERTH_SHIM_TERMINAL_FD";
 pub const TERMINAL_FD: RawFd = 4;
 /// The terminal's first size, `ROWSxCOLS`, set before the container's command starts.
 pub const TERMINAL_SIZE_VAR: &str = "BERTH_SHIM_TERMINAL_SIZE";
-
-/// The console socket's name in the container directory.
-const CONSOLE_SOCKET: &str = "console.sock";
-
-/// How long the shim waits for the init's message on the console socket once the container
-/// is created (it was sent before the create finished, so this is only a safety net).
-const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A terminal's size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -205,87 +196,31 @@ impl tokio::io::AsyncWrite for Master {
     }
 }
 
-/// Shim side: the console socket libcontainer's init sends the terminal's master to.
-pub(crate) struct ConsoleSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleSocket {
-    /// Listens on `DIR/console.sock`. Bound by its name inside `dir` (the shim is
-    /// single-threaded, so changing its directory for a moment is safe): the full path may be
-    /// longer than a socket address holds.
-    pub(crate) fn bind(dir: &Path) -> Result<Self, Error> {
-        let here = std::env::current_dir().map_err(Error::io("reading the shim's directory"))?;
-        std::env::set_current_dir(dir).map_err(Error::io(format!("entering {}", dir.display())))?;
-        let bound = UnixListener::bind(CONSOLE_SOCKET);
-        let _ = std::env::set_current_dir(here);
-        let listener = bound.map_err(Error::io("creating the console socket"))?;
-        Ok(ConsoleSocket {
-            listener,
-            path: dir.join(CONSOLE_SOCKET),
-        })
+/// Shim side: gives the terminal's `master` (which the container's init sent) its first size
+/// ([`TERMINAL_SIZE_VAR`]) and hands it on to the daemon over [`TERMINAL_FD`], which is then
+/// closed.
+pub(crate) fn hand_over(master: OwnedFd) -> Result<(), Error> {
+    let size = std::env::var(TERMINAL_SIZE_VAR).ok();
+    if let Some(size) = size.and_then(|size| size.parse().ok()) {
+        resize(&master, size)?;
     }
-
-    /// The socket's path, for libcontainer.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Takes the master the init sent (call once the container is created), gives it its
-    /// first size ([`TERMINAL_SIZE_VAR`]) and hands it on to the daemon over [`TERMINAL_FD`],
-    /// which is then closed.
-    pub(crate) fn hand_over(self) -> Result<(), Error> {
-        let master = self.receive()?;
-        let size = std::env::var(TERMINAL_SIZE_VAR).ok();
-        if let Some(size) = size.and_then(|size| size.parse().ok()) {
-            resize(&master, size)?;
-        }
-        // SAFETY: the daemon handed this fd over for exactly this; it is closed here once.
-        let daemon = unsafe { OwnedFd::from_raw_fd(TERMINAL_FD) };
-        let iov = [IoSlice::new(b"t")];
-        let fds = [master.as_raw_fd()];
-        sendmsg::<()>(
-            daemon.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .map_err(Error::sys("handing the terminal to the daemon"))?;
-        Ok(())
-    }
-
-    fn receive(&self) -> Result<OwnedFd, Error> {
-        self.listener
-            .set_nonblocking(true)
-            .map_err(Error::io("setting up the console socket"))?;
-        let (stream, _) = self
-            .listener
-            .accept()
-            .map_err(Error::io("accepting the container's console connection"))?;
-        let _ = std::fs::remove_file(&self.path);
-        set_blocking_with_timeout(&stream)?;
-        match receive_fd(stream.as_raw_fd()) {
-            Ok(Some(master)) => Ok(master),
-            Ok(None) => Err(Error::Libcontainer {
-                context: "setting up the terminal",
-                reason: "the container's init sent no terminal".into(),
-            }),
-            Err(err) => Err(Error::sys("receiving the container's terminal")(err)),
-        }
-    }
-}
-
-fn set_blocking_with_timeout(stream: &UnixStream) -> Result<(), Error> {
-    stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(CONSOLE_TIMEOUT)))
-        .map_err(Error::io("setting up the console connection"))
+    // SAFETY: the daemon handed this fd over for exactly this; it is closed here once.
+    let daemon = unsafe { OwnedFd::from_raw_fd(TERMINAL_FD) };
+    let iov = [IoSlice::new(b"t")];
+    let fds = [master.as_raw_fd()];
+    sendmsg::<()>(
+        daemon.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(Error::sys("handing the terminal to the daemon"))?;
+    Ok(())
 }
 
 /// Receives one message on `socket` and the first fd passed with it (close-on-exec).
-fn receive_fd(socket: RawFd) -> Result<Option<OwnedFd>, nix::Error> {
+pub(crate) fn receive_fd(socket: RawFd) -> Result<Option<OwnedFd>, nix::Error> {
     let mut byte = [0u8; 64];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; 1]);

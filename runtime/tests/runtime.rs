@@ -27,7 +27,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
         let dir = args.get(2).expect("usage: runtime shim DIR");
-        // BERTH_SHIM_LOG=debug shows libcontainer's own logs on the shim's stderr.
+        // BERTH_SHIM_LOG=debug shows the runtime's own logs on the shim's stderr.
         if let Ok(filter) = std::env::var("BERTH_SHIM_LOG") {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
@@ -156,7 +156,7 @@ fn main() {
     }
     // The tests' containers are gone; so goes the parent cgroup they made (if no other berth
     // on this machine has containers in it).
-    berth_runtime::spec::remove_cgroup_parent();
+    berth_runtime::cgroup::remove_parent();
     if !failed.is_empty() {
         println!("\nfailures:\n    {}", failed.join("\n    "));
     }
@@ -697,7 +697,8 @@ fn binds_and_env() {
             "sh",
             "-c",
             "cat /mnt/data/hello.txt; touch /mnt/data/new 2>/dev/null && echo writable; \
-             echo $GREETING; hostname; grep CapBnd /proc/self/status",
+             echo $GREETING; hostname; grep CapBnd /proc/self/status; \
+             echo home=$HOME; grep SigIgn /proc/self/status; ls /sys/fs/cgroup/memory",
         ],
     );
     spec.binds.push(Bind {
@@ -719,6 +720,17 @@ fn binds_and_env() {
     let bounding = u64::from_str_radix(lines[3].trim_start_matches("CapBnd:").trim(), 16).unwrap();
     assert_eq!(bounding & (1 << 13), 0, "CAP_NET_RAW is left out: {out}");
     assert_ne!(bounding & 1, 0, "CAP_CHOWN stays: {out}");
+    // No HOME in the env and no /etc/passwd in the image: `/`, as Docker gives.
+    assert_eq!(lines[4], "home=/", "{out}");
+    // SIGPIPE, which the shim (Rust) ignores, is not ignored in the container.
+    let ignored = u64::from_str_radix(lines[5].trim_start_matches("SigIgn:").trim(), 16).unwrap();
+    assert_eq!(ignored & (1 << (nix::libc::SIGPIPE - 1)), 0, "{out}");
+    if !berth_runtime::cgroup::v2_only() {
+        assert!(
+            out.contains("memory.limit_in_bytes"),
+            "its own memory cgroup at /sys/fs/cgroup/memory: {out}"
+        );
+    }
     assert!(!data.join("new").exists());
     fx.runtime.remove(&spec.id).unwrap();
     fx.assert_clean(&spec.id);

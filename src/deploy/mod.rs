@@ -746,7 +746,7 @@ impl Deployer {
 
     /// What `ps` shows as a container's state.
     /// What container `c` uses now (memory, CPU time), from its cgroup.
-    pub fn container_usage(&self, c: &ContainerRow) -> berth_runtime::spec::Usage {
+    pub fn container_usage(&self, c: &ContainerRow) -> berth_runtime::cgroup::Usage {
         self.runtime.usage(&c.id)
     }
 
