@@ -18,9 +18,8 @@ use berth_runtime::{ContainerSpec, Io, LogTarget, Runtime};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        let dir = args.get(2).context("usage: bench_start shim DIR")?;
-        std::process::exit(berth_runtime::shim::main(Path::new(dir)));
+    if let Some(code) = berth_runtime::shim::dispatch(&args) {
+        std::process::exit(code);
     }
     let [_, bundle, rounds, workdir] = &args[..] else {
         bail!("usage: bench_start BUNDLE ROUNDS WORKDIR");

@@ -39,10 +39,9 @@ http {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        // Before any thread exists: libcontainer must not run in a multithreaded process.
-        let dir = args.get(2).context("usage: bench_upstream shim DIR")?;
-        std::process::exit(berth_runtime::shim::main(Path::new(dir)));
+    // Before any thread exists: shims clone, and must not be multithreaded.
+    if let Some(code) = berth_runtime::shim::dispatch(&args) {
+        std::process::exit(code);
     }
     let [_, workdir] = &args[..] else {
         bail!("usage: bench_upstream WORKDIR");

@@ -38,6 +38,13 @@ pub enum TopCommand {
         /// The container's directory, holding its `shim.json`.
         dir: PathBuf,
     },
+    /// Internal: fork the shims of detached containers (started by the daemon).
+    #[command(hide = true, name = "shim-launcher")]
+    ShimLauncher {
+        /// Spaces that each shim overwrites with its own command line.
+        #[arg(hide = true)]
+        room: Option<String>,
+    },
     /// Internal: git hooks (installed into each app's repo).
     #[command(hide = true)]
     Hook {
@@ -117,6 +124,9 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         TopCommand::Server(args) => crate::server::main(cli.data, args),
         TopCommand::Shim { dir } => return berth_runtime::shim::main(&dir),
+        TopCommand::ShimLauncher { .. } => {
+            return berth_runtime::launcher::main(berth_runtime::shim::main)
+        }
         TopCommand::Hook {
             hook: HookCommand::PreReceive,
         } => crate::hook::pre_receive(&cli.data),

@@ -1,4 +1,5 @@
-//! The daemon side of the runtime: [`Runtime`] starts shims (`exe shim DIR/<id>`), reads their
+//! The daemon side of the runtime: [`Runtime`] starts shims (forked by the shim launcher for a
+//! detached container, `exe shim DIR/<id>` for an attached run), reads their
 //! state from the container directory, asks them to stop and removes what they leave. It never
 //! clones a container and never mounts anything, so it is safe in the multithreaded daemon.
 
@@ -7,13 +8,14 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::launcher::Launcher;
 use crate::{layout, rootfs, terminal, valid_id, ContainerSpec, Error};
 
 /// How long [`Runtime::start`] waits for the shim to report the container running.
@@ -66,6 +68,8 @@ pub enum State {
 pub struct Runtime {
     dir: PathBuf,
     exe: PathBuf,
+    /// Forks the shims of detached containers ([`crate::launcher`]); started on first use.
+    launcher: Arc<Mutex<Option<Launcher>>>,
 }
 
 impl Runtime {
@@ -75,7 +79,11 @@ impl Runtime {
         // Absolute, so the shims' command lines name their directory the same way whatever
         // the working directory of a later daemon.
         let dir = std::path::absolute(&dir).unwrap_or(dir);
-        Runtime { dir, exe }
+        Runtime {
+            dir,
+            exe,
+            launcher: Arc::default(),
+        }
     }
 
     /// The directory of container `id`.
@@ -86,37 +94,38 @@ impl Runtime {
     /// Starts a detached shim for `spec` and returns once the container's process runs, or with
     /// the reason it could not start (then its directory is gone again).
     pub fn start(&self, spec: &ContainerSpec) -> Result<(), Error> {
-        reap_exited();
         let dir = self.prepare(spec)?;
-        let mut command = self.shim_command(&dir);
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .env(crate::shim::READY_FD_VAR, crate::shim::READY_FD.to_string());
         // The shim writes to this pipe once the container runs or could not start, so the
         // start waits on it instead of polling the container's files.
         let (ready, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|err| Error::io("creating the shim's ready pipe")(err.into()))?;
-        let ready_w_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
-        // SAFETY: setsid, dup2 and fcntl are async-signal-safe. setsid detaches the shim from
-        // our session so it survives us and our terminal; it gets the pipe as READY_FD.
-        unsafe {
-            command.pre_exec(move || {
-                nix::unistd::setsid()?;
-                inherit_as(ready_w_fd, crate::shim::READY_FD)
-            });
-        }
-        let spawned = self.spawn(&mut command, &dir, &spec.id);
+        let launched = self.launch(&dir, &ready_w).and_then(|shim| {
+            layout::write(&dir, layout::SHIM_PID, &shim.to_string())
+                .inspect_err(|_| {
+                    let _ = kill(Pid::from_raw(shim), Signal::SIGKILL);
+                })
+                .map(|()| shim)
+        });
         drop(ready_w);
-        let mut child = spawned?;
+        let shim = match launched {
+            Ok(shim) => shim,
+            Err(err) => {
+                self.discard(&dir);
+                return Err(Error::StartFailed {
+                    id: spec.id.clone(),
+                    reason: err.to_string(),
+                });
+            }
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             // Readable once the shim said so, or at end of file when it died without a word.
             wait_readable(&ready, deadline.saturating_duration_since(Instant::now()));
-            let exited = child.try_wait().ok().flatten();
             if let Some(reason) = layout::read(&dir, layout::ERROR) {
-                let _ = child.wait();
+                // It cleans up before it writes the error; let it finish exiting.
+                if let Ok(Some(pidfd)) = pidfd_open(shim) {
+                    wait_readable(&pidfd, STOP_SLACK);
+                }
                 self.discard(&dir);
                 return Err(Error::StartFailed {
                     id: spec.id.clone(),
@@ -124,21 +133,17 @@ impl Runtime {
                 });
             }
             if dir.join(layout::PID).exists() {
-                if exited.is_none() {
-                    reap_later(child);
-                }
                 tracing::debug!(id = spec.id, "container started");
                 return Ok(());
             }
-            if let Some(status) = exited {
+            if !alive(shim) {
                 self.discard(&dir);
                 return Err(Error::StartFailed {
                     id: spec.id.clone(),
-                    reason: format!("its shim exited ({status}) without saying why"),
+                    reason: "its shim exited without saying why".into(),
                 });
             }
             if Instant::now() >= deadline {
-                reap_later(child);
                 return Err(Error::StartTimeout {
                     id: spec.id.clone(),
                     secs: START_TIMEOUT.as_secs(),
@@ -147,6 +152,23 @@ impl Runtime {
             // Readable but no file yet: the pipe closed before the shim's exit shows; look again.
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Has the launcher fork a shim for the container in `dir` (starting the launcher first,
+    /// or again if it died); returns the shim's pid.
+    fn launch(&self, dir: &Path, ready: &OwnedFd) -> Result<i32, Error> {
+        let mut launcher = self.launcher.lock().expect("the shim launcher");
+        if let Some(running) = launcher.as_ref() {
+            match running.launch(dir, ready) {
+                Ok(shim) => return Ok(shim),
+                Err(err) => tracing::warn!("the shim launcher failed ({err}); starting it again"),
+            }
+        }
+        *launcher = None;
+        let fresh = Launcher::spawn(&self.exe)?;
+        let shim = fresh.launch(dir, ready)?;
+        *launcher = Some(fresh);
+        Ok(shim)
     }
 
     /// Runs `spec` under a shim connected to the caller as `io` says. The shim's exit code is
@@ -264,7 +286,6 @@ impl Runtime {
             if let Some(pidfd) = pidfd {
                 wait_readable(&pidfd, limit);
             }
-            reap_exited();
             if shim_pid(&dir).is_some() {
                 return Err(Error::StopTimeout {
                     id: id.to_string(),
@@ -301,7 +322,6 @@ impl Runtime {
         }
         .map_err(|err| Error::io(format!("watching the shim of {id}"))(err.into_parts().1))?;
         let _ = fd.readable().await;
-        reap_exited();
         Ok(())
     }
 
@@ -422,7 +442,7 @@ impl Runtime {
 
 /// Between fork and exec: makes `fd` the child's fd `to`, kept open across exec. (dup2 onto
 /// itself would keep its close-on-exec flag, so that case clears the flag instead.)
-fn inherit_as(fd: RawFd, to: RawFd) -> std::io::Result<()> {
+pub(crate) fn inherit_as(fd: RawFd, to: RawFd) -> std::io::Result<()> {
     // SAFETY: plain fcntl/dup2 calls on fd numbers; async-signal-safe.
     let done = unsafe {
         match fd == to {
@@ -495,24 +515,6 @@ fn wait_readable(fd: &OwnedFd, limit: Duration) {
             _ => return,
         }
     }
-}
-
-/// The detached shims this process started and has not reaped yet. Each is reaped by the first
-/// [`reap_exited`] after it exited: [`Runtime::wait_exit`] and [`Runtime::stop`] call it once a
-/// shim is gone, [`Runtime::start`] for any it missed. No thread waits per shim, and a shim stays
-/// a zombie of the daemon only until then.
-static UNREAPED: Mutex<Vec<Child>> = Mutex::new(Vec::new());
-
-fn reap_later(child: Child) {
-    UNREAPED.lock().expect("unreaped shims").push(child);
-}
-
-/// Reaps the detached shims that have exited (one `waitpid(WNOHANG)` each).
-fn reap_exited() {
-    UNREAPED
-        .lock()
-        .expect("unreaped shims")
-        .retain_mut(|child| matches!(child.try_wait(), Ok(None)));
 }
 
 #[cfg(test)]

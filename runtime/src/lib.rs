@@ -5,8 +5,9 @@
 //! container with a [`ContainerSpec`] and drives it through [`Runtime`]; for networking it
 //! calls [`network`].
 //!
-//! Every container runs under its own single-threaded **shim** ([`shim`]): the `berth` binary
-//! re-executed as `berth shim DIR`. The shim owns the container (rootfs, init, logs, exit
+//! Every container runs under its own single-threaded **shim** ([`shim`]): for a detached
+//! container a fork of the shim launcher ([`launcher`]), for an attached run the `berth` binary
+//! re-executed; either way its command line reads `berth shim DIR`. The shim owns the container (rootfs, init, logs, exit
 //! code) and outlives the daemon, which finds its containers again with [`Runtime::list`] and
 //! [`Runtime::state`]. Containers are cloned only from a shim, never from the multithreaded
 //! daemon (a clone of a multithreaded process may find malloc's locks held).
@@ -14,6 +15,8 @@
 //! - [`Runtime`] (daemon side): start, run attached ([`Io`]: output, pipes or a terminal),
 //!   state, stop, remove, list.
 //! - [`shim`]: the process that owns one container.
+//! - [`launcher`]: the process that forks the shims of detached containers (they share its
+//!   pages, so each costs little memory).
 //! - [`rootfs`]: the overlay root filesystem of a container (id-mapped layers with `users`),
 //!   and the bind sources of a container with `users`, made reachable (and id-mapped).
 //! - [`ids`]: re-owning a tree between a container's ids and its range's host ids.
@@ -36,6 +39,7 @@ mod control;
 mod error;
 pub mod firewall;
 pub mod ids;
+pub mod launcher;
 mod layout;
 pub mod network;
 pub mod rootfs;

@@ -64,6 +64,17 @@ extern "C" fn on_stop_signal(_: nix::libc::c_int) {
     STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
 
+/// For programs that double as the shim (berth's examples and tests): runs the shim for
+/// `PROGRAM shim DIR` or the launcher for `PROGRAM shim-launcher` and returns the exit code;
+/// `None` for any other command line.
+pub fn dispatch(args: &[String]) -> Option<i32> {
+    match (args.get(1).map(String::as_str), args.get(2)) {
+        (Some("shim"), Some(dir)) => Some(main(Path::new(dir))),
+        (Some("shim-launcher"), _) => Some(crate::launcher::main(main)),
+        _ => None,
+    }
+}
+
 /// Runs the container described by `DIR/shim.json`; returns the process exit code.
 pub fn main(dir: &Path) -> i32 {
     main_with(dir, true)

@@ -25,8 +25,8 @@ const UNCONFINED_SHIM: &str = "shim-without-seccomp";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("shim") {
-        let dir = args.get(2).expect("usage: runtime shim DIR");
+    let role = args.get(1).map(String::as_str);
+    if role == Some("shim") || role == Some("shim-launcher") {
         // BERTH_SHIM_LOG=debug shows the runtime's own logs on the shim's stderr.
         if let Ok(filter) = std::env::var("BERTH_SHIM_LOG") {
             tracing_subscriber::fmt()
@@ -40,7 +40,10 @@ fn main() {
         } else {
             berth_runtime::shim::main
         };
-        std::process::exit(main(Path::new(dir)));
+        std::process::exit(match args.get(2) {
+            Some(dir) if role == Some("shim") => main(Path::new(dir)),
+            _ => berth_runtime::launcher::main(main),
+        });
     }
     if args.get(1).map(String::as_str) == Some("start-helper") {
         // A short-lived "daemon": starts one container and exits, like a daemon that dies.
