@@ -1,7 +1,10 @@
 //! The start-to-exit half of `scripts/bench/runtime.sh`: runs `true` in one OCI bundle ROUNDS
-//! times under each of berth's embedded runtime (a shim per container, as `berth server` starts
-//! them: `run_attached`, then `remove`), `crun run` and `runc run`, rotating which runtime goes
-//! first each round, and prints one line per runtime: `NAME MEDIAN_MS MIN_MS MAX_MS`. berth takes
+//! times under each of berth's embedded runtime, `crun run` and `runc run`, rotating which
+//! runtime goes first each round, and prints one line per runtime: `NAME MEDIAN_MS MIN_MS
+//! MAX_MS`. berth runs it two ways: `berth` as `berth server` starts an app's containers (a
+//! detached start, the shim forked by the shim launcher, then waiting for the exit and
+//! `remove`), and `berth-attached` as it runs builds and one-off commands (`run_attached`:
+//! the shim executed, its exit waited for, then `remove`). berth takes
 //! the bundle's `rootfs` as its one (read-only) layer; crun and runc take the bundle as it is.
 //! Every container is removed before the next starts (crun and runc `run` delete their own);
 //! WORKDIR holds berth's container directories and is removed at the end.
@@ -46,11 +49,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const RUNTIMES: [&str; 3] = ["berth", "crun", "runc"];
+const RUNTIMES: [&str; 4] = ["berth", "berth-attached", "crun", "runc"];
 
 fn measure(bundle: &Path, rounds: usize, workdir: &Path) -> anyhow::Result<Vec<Vec<Duration>>> {
     let runtime = Runtime::new(workdir.join("containers"), std::env::current_exe()?);
     let pid = std::process::id();
+    // For waiting on a detached container's exit (a pidfd); one thread, as the shims are
+    // forked by the launcher process, not by this one.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
     let mut times = vec![Vec::new(); RUNTIMES.len()];
     for round in 0..rounds {
         for turn in 0..RUNTIMES.len() {
@@ -58,7 +66,8 @@ fn measure(bundle: &Path, rounds: usize, workdir: &Path) -> anyhow::Result<Vec<V
             let id = format!("bench-start-{pid}-{round}");
             let t = Instant::now();
             match RUNTIMES[which] {
-                "berth" => run_berth(&runtime, bundle, &id)?,
+                "berth" => start_berth(&runtime, &rt, bundle, &workdir.join("log"), &id)?,
+                "berth-attached" => run_berth(&runtime, bundle, &id)?,
                 peer => run_peer(peer, bundle, &id)?,
             }
             times[which].push(t.elapsed());
@@ -67,8 +76,31 @@ fn measure(bundle: &Path, rounds: usize, workdir: &Path) -> anyhow::Result<Vec<V
     Ok(times)
 }
 
-fn run_berth(runtime: &Runtime, bundle: &Path, id: &str) -> anyhow::Result<()> {
-    let spec = ContainerSpec {
+/// A detached start, as `berth server` starts an app's containers; returns once it exited
+/// and was removed.
+fn start_berth(
+    runtime: &Runtime,
+    rt: &tokio::runtime::Runtime,
+    bundle: &Path,
+    log: &Path,
+    id: &str,
+) -> anyhow::Result<()> {
+    let log = LogTarget::File {
+        path: log.to_path_buf(),
+        prefix: "bench".into(),
+    };
+    runtime.start(&spec(bundle, id, log))?;
+    rt.block_on(runtime.wait_exit(id))?;
+    let state = runtime.state(id);
+    runtime.remove(id)?;
+    if state != (berth_runtime::State::Exited { code: 0 }) {
+        bail!("berth's detached `true` ended as {state:?}");
+    }
+    Ok(())
+}
+
+fn spec(bundle: &Path, id: &str, log: LogTarget) -> ContainerSpec {
+    ContainerSpec {
         id: id.to_string(),
         layers: vec![bundle.join("rootfs")],
         args: vec!["true".into()],
@@ -77,14 +109,18 @@ fn run_berth(runtime: &Runtime, bundle: &Path, id: &str) -> anyhow::Result<()> {
         hostname: "bench".into(),
         binds: Vec::new(),
         netns: None,
-        log: LogTarget::Inherit,
+        log,
         stop_grace_secs: 1,
         limits: Default::default(),
         init: false,
         user: None,
         users: None,
         stop_signal: None,
-    };
+    }
+}
+
+fn run_berth(runtime: &Runtime, bundle: &Path, id: &str) -> anyhow::Result<()> {
+    let spec = spec(bundle, id, LogTarget::Inherit);
     // `true` prints nothing, so the output pipe never needs reading.
     let mut attached = runtime.run_attached(&spec, Io::Output)?;
     let status = attached.shim.wait()?;

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::LinuxResources;
@@ -25,14 +26,24 @@ pub fn path(id: &str) -> String {
     format!("/{PARENT}/{id}")
 }
 
-/// Whether the host runs the unified cgroup v2 hierarchy only (no v1 controllers).
+/// Whether the host runs the unified cgroup v2 hierarchy only (no v1 controllers). Read once:
+/// hierarchies are mounted at boot.
 pub fn v2_only() -> bool {
-    Path::new(ROOT).join("cgroup.controllers").exists()
+    static V2_ONLY: OnceLock<bool> = OnceLock::new();
+    *V2_ONLY.get_or_init(|| Path::new(ROOT).join("cgroup.controllers").exists())
 }
 
-/// The v1 hierarchies that have controllers, by mount point (named ones such as
-/// `name=systemd` and the hybrid's controller-less v2 mount are left alone).
-fn v1_hierarchies() -> Vec<PathBuf> {
+/// The v1 controllers berth limits or reads: a container gets a cgroup in the hierarchies that
+/// hold them, and stays in its shim's in the others (cpuset, blkio, freezer, …).
+const USED_V1: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "devices"];
+
+/// The v1 hierarchies that hold a controller berth uses ([`USED_V1`]), by mount point.
+fn v1_hierarchies() -> &'static [PathBuf] {
+    static HIERARCHIES: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    HIERARCHIES.get_or_init(read_v1_hierarchies)
+}
+
+fn read_v1_hierarchies() -> Vec<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
@@ -41,12 +52,8 @@ fn v1_hierarchies() -> Vec<PathBuf> {
             let mut fs = fs.split(' ');
             let (kind, _, options) = (fs.next()?, fs.next()?, fs.next()?);
             let point = mount.split(' ').nth(4)?;
-            let controllers = options.split(',').any(|o| {
-                !matches!(o, "rw" | "ro" | "xattr" | "clone_children" | "noprefix")
-                    && !o.starts_with("name=")
-                    && !o.starts_with("release_agent=")
-            });
-            (kind == "cgroup" && controllers).then(|| PathBuf::from(point))
+            let used = options.split(',').any(|o| USED_V1.contains(&o));
+            (kind == "cgroup" && used).then(|| PathBuf::from(point))
         })
         .collect()
 }
@@ -58,7 +65,7 @@ fn dirs_of(id: &str) -> Vec<PathBuf> {
     match v2_only() {
         true => vec![Path::new(ROOT).join(relative)],
         false => v1_hierarchies()
-            .into_iter()
+            .iter()
             .map(|hierarchy| hierarchy.join(&relative))
             .collect(),
     }
@@ -109,13 +116,6 @@ impl Cgroup {
         for dir in &self.dirs {
             fs::create_dir_all(dir)
                 .map_err(Error::io(format!("creating the cgroup {}", dir.display())))?;
-            if !v2 && dir.parent().is_some_and(|p| p.join("cpuset.cpus").exists()) {
-                // A new v1 cpuset has no CPUs or memory nodes; it gets its parent's.
-                if let Some(parent) = dir.parent() {
-                    inherit_cpuset(parent)?;
-                    inherit_cpuset(dir)?;
-                }
-            }
         }
         let memory = resources
             .and_then(|r| r.memory().as_ref())
@@ -214,22 +214,6 @@ impl Cgroup {
     fn remove(&self) {
         remove_dirs(&self.dirs, Duration::ZERO);
     }
-}
-
-/// Copies `cpuset.cpus` and `cpuset.mems` from the parent of `dir` where `dir`'s are empty.
-fn inherit_cpuset(dir: &Path) -> Result<(), Error> {
-    let Some(parent) = dir.parent() else {
-        return Ok(());
-    };
-    for file in ["cpuset.cpus", "cpuset.mems"] {
-        let own = fs::read_to_string(dir.join(file)).unwrap_or_default();
-        if own.trim().is_empty() {
-            let inherited = fs::read_to_string(parent.join(file)).unwrap_or_default();
-            fs::write(dir.join(file), inherited.trim())
-                .map_err(Error::io(format!("writing {}", dir.join(file).display())))?;
-        }
-    }
-    Ok(())
 }
 
 /// Removes container `id`'s cgroup once its processes are gone (retrying for up to `within`

@@ -2,8 +2,9 @@
 # Runtime benchmark, ONE table from one run:
 #  1. start-to-exit latency of `true` (median of ROUNDS=50, rotating which runtime goes first)
 #     in one OCI bundle (static busybox rootfs, no network namespace) under berth's embedded
-#     runtime (examples/bench_start.rs: a shim per container, as the server runs them), crun
-#     and runc. This host is a cgroup v1/v2 hybrid with the hugetlb controller on v2, which
+#     runtime (examples/bench_start.rs: a shim per container, forked by the shim launcher as
+#     the server starts app containers, and executed as it runs builds and one-off commands),
+#     crun and runc. This host is a cgroup v1/v2 hybrid with the hugetlb controller on v2, which
 #     crun 1.8 refuses ("cgroups in hybrid mode not supported"): all three run in a private
 #     mount namespace with /sys/fs/cgroup/unified unmounted, so each sees a plain cgroup v1
 #     host (nothing outside that namespace changes);
@@ -182,6 +183,7 @@ host_kib=$(((avail_before - avail_after) / N))
 
 # --- the table ------------------------------------------------------------------------------
 crun_ms=$(latency crun) runc_ms=$(latency runc) berth_ms=$(latency berth)
+attached_ms=$(latency berth-attached)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 row() { printf '| %-58s | %-16s | %-22s | %-10s |\n' "$@"; }
@@ -189,6 +191,7 @@ row "measure" "berth" "peer" "berth/peer"
 row "---" "---" "---" "---"
 row "start-to-exit of \`true\`, median of $ROUNDS (ms)" "$berth_ms" "crun $crun_ms" "$(ratio "$berth_ms" "$crun_ms")"
 row "" "" "runc $runc_ms" "$(ratio "$berth_ms" "$runc_ms")"
+row "  the same as an attached run (builds, \`run\`: shim executed)" "$attached_ms" "crun $crun_ms" "$(ratio "$attached_ms" "$crun_ms")"
 row "containers up (of $N, $apps apps × $PER_APP)" "$up" "-" "-"
 row "daemon RSS with $N containers (goal ≤ 50 MiB)" "$(mib "$rss")" "-" "-"
 row "daemon RSS with $PER_APP containers" "$(mib "$first_rss")" "-" "-"
