@@ -1,11 +1,11 @@
 //! The container network berth manages: one bridge with a private subnet, and the addresses in it.
 //! [`Network::attach`] gives a container (an app's or a build's) its own network namespace with
 //! the lowest free address and the resolv.conf naming berth's DNS stub on the gateway (`dns`
-//! writes it and answers there); [`Network::detach`] takes address and namespace back. The OS work (netlink, namespace
-//! files, the firewall) is the runtime crate's; this module owns only the bridge's name, the
-//! subnet, which addresses are taken and which of them may not open connections out of the
-//! bridge (their egress is off: the firewall's `no-egress` set, written before such a container
-//! starts and whenever it changes).
+//! writes it and answers there); [`Network::detach`] takes address and namespace back. The OS
+//! work (netlink, namespace files, the firewall) is the runtime crate's; this module owns only
+//! the bridge's name, the subnet, which addresses are taken and which of them may not open
+//! connections out of the bridge (their egress is off: the firewall's `no-egress` set, written
+//! before such a container starts and whenever it changes).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

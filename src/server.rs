@@ -150,6 +150,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
 
     let (gateway, prefix) = parse_subnet(&args.subnet)?;
+    let dns_upstreams = args.dns.as_deref().map(dns::parse_upstreams).transpose()?;
     let store = Store::open(&paths.database()).await?;
     let images = Arc::new(ImageStore::open(&paths.images())?);
     build::buildpacks::install(&paths.buildpacks())?;
@@ -160,10 +161,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set up the firewall of bridge {}", args.bridge))?;
     // Before any container starts: each one binds the resolv.conf naming the stub.
     let host_resolv = dns::HostResolvConf::read(Path::new(dns::HOST_RESOLV_CONF))?;
-    let upstreams = match &args.dns {
-        Some(list) => dns::parse_upstreams(list)?,
-        None => host_resolv.upstreams(),
-    };
+    let upstreams = dns_upstreams.unwrap_or_else(|| host_resolv.upstreams());
     dns::write_resolv_conf(&paths.resolv_conf(), gateway, &host_resolv)?;
     let dns_stub = dns::Forwarder::bind(
         (gateway, dns::PORT).into(),
