@@ -668,7 +668,7 @@ mod tests {
     #[tokio::test]
     async fn relays_to_the_next_upstream_on_failure_and_timeout() {
         let limits = Limits {
-            timeout: Duration::from_millis(300),
+            timeout: Duration::from_millis(500),
             ..Limits::default()
         };
         let (silent, refusing) = (upstream(None).await, closed_port().await);
@@ -680,7 +680,7 @@ mod tests {
         assert_eq!(ask_over_udp(addr, &q).await, tagged(&q, b"answered"));
         let took = started.elapsed();
         assert!(
-            took >= limits.timeout && took < limits.timeout * 3,
+            took >= limits.timeout && took < limits.timeout * 2,
             "the silent upstream had its timeout, the refusing one none: {took:?}"
         );
         let mut stream = TcpStream::connect(addr).await.unwrap();
