@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// The host's resolver configuration.
 pub const HOST_RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -224,12 +224,17 @@ impl Forwarder {
 
     /// Answers queries until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        info!(addr = %self.addr(), upstreams = ?self.upstreams, "DNS stub listening");
-        tokio::select! {
-            () = serve_udp(self.udp, self.upstreams.clone(), self.limits) => {}
-            () = serve_tcp(self.tcp, self.upstreams, self.limits) => {}
-            () = shutdown.cancelled() => {}
+        let span = info_span!("dns", addr = %self.addr());
+        async move {
+            info!(upstreams = ?self.upstreams, "DNS stub listening");
+            tokio::select! {
+                () = serve_udp(self.udp, self.upstreams.clone(), self.limits) => {}
+                () = serve_tcp(self.tcp, self.upstreams, self.limits) => {}
+                () = shutdown.cancelled() => {}
+            }
         }
+        .instrument(span)
+        .await
     }
 }
 
@@ -255,16 +260,19 @@ async fn serve_udp(socket: Arc<UdpSocket>, upstreams: Arc<[SocketAddr]>, limits:
         };
         let query = buf[..len].to_vec();
         let (socket, upstreams) = (socket.clone(), upstreams.clone());
-        tokio::spawn(async move {
-            let answer = relay(&query, &upstreams, false, limits.timeout).await;
-            // Sending does not wait: the query is no longer in flight.
-            drop(permit);
-            if let Some(answer) = answer {
-                if let Err(err) = socket.send_to(&answer, client).await {
-                    debug!(%client, %err, "sending a DNS answer");
+        tokio::spawn(
+            async move {
+                let answer = relay(&query, &upstreams, false, limits.timeout).await;
+                // Sending does not wait: the query is no longer in flight.
+                drop(permit);
+                if let Some(answer) = answer {
+                    if let Err(err) = socket.send_to(&answer, client).await {
+                        debug!(%client, %err, "sending a DNS answer");
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -285,12 +293,15 @@ async fn serve_tcp(listener: TcpListener, upstreams: Arc<[SocketAddr]>, limits: 
             continue;
         };
         let upstreams = upstreams.clone();
-        tokio::spawn(async move {
-            if let Err(err) = converse(stream, &upstreams, limits).await {
-                debug!(%client, %err, "DNS connection ended");
+        tokio::spawn(
+            async move {
+                if let Err(err) = converse(stream, &upstreams, limits).await {
+                    debug!(%client, %err, "DNS connection ended");
+                }
+                drop(permit);
             }
-            drop(permit);
-        });
+            .in_current_span(),
+        );
     }
 }
 
