@@ -97,6 +97,11 @@ pub struct ServerArgs {
     /// Private /16 subnet berth owns for containers (the bridge takes .0.1).
     #[arg(long, default_value = "10.219.0.0/16")]
     pub subnet: String,
+    /// DNS servers that berth's DNS stub (on the bridge's address, port 53, which every
+    /// container's /etc/resolv.conf names) relays containers' queries to, comma-separated;
+    /// the `nameserver` lines of the host's /etc/resolv.conf when not given.
+    #[arg(long, value_name = "ADDR[:PORT],...")]
+    pub dns: Option<String>,
     /// Host CA bundle passed read-only to builds (pip/npm behind TLS-intercepting proxies);
     /// empty to disable.
     #[arg(

@@ -30,6 +30,8 @@
 //! - [`locks`]: one async lock per app name.
 //! - [`logs`]: the per-app log file.
 //! - [`network`]: the container bridge's subnet and addresses; a netns per container.
+//! - [`dns`]: the containers' resolv.conf and the DNS stub on the bridge that relays their
+//!   queries to the host's resolvers.
 //! - [`acme`]: automatic certificates (`certs:auto`) by ACME HTTP-01, and their renewal.
 //! - [`tls`]: certificates (PEM parsing, host coverage) and the SNI table of `--https`.
 //! - [`paths`]: the layout of the data directory.
@@ -52,6 +54,7 @@ pub mod config;
 pub mod dashboard;
 pub mod deploy;
 pub mod disk;
+pub mod dns;
 pub mod domain;
 pub mod git;
 pub mod hook;

@@ -1,16 +1,18 @@
 //! The container network berth manages: one bridge with a private subnet, and the addresses in it.
 //! [`Network::attach`] gives a container (an app's or a build's) its own network namespace with
-//! the lowest free address; [`Network::detach`] takes both back. The OS work (netlink, namespace
-//! files, the firewall) is the runtime crate's; this module owns only the bridge's name, the
-//! subnet, which addresses are taken and which of them may not open connections out of the
-//! bridge (their egress is off: the firewall's `no-egress` set, written before such a container
-//! starts and whenever it changes).
+//! the lowest free address and the resolv.conf naming berth's DNS stub on the gateway (`dns`
+//! writes it and answers there); [`Network::detach`] takes address and namespace back. The OS
+//! work (netlink, namespace files, the firewall) is the runtime crate's; this module owns only
+//! the bridge's name, the subnet, which addresses are taken and which of them may not open
+//! connections out of the bridge (their egress is off: the firewall's `no-egress` set, written
+//! before such a container starts and whenever it changes).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use berth_runtime::Bind;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -29,6 +31,8 @@ pub struct Network {
     pub prefix: u8,
     /// Where the named network namespaces live (`DATA/netns`).
     netns_dir: PathBuf,
+    /// The resolv.conf every container gets (`DATA/resolv.conf`).
+    resolv_conf: PathBuf,
     used: Mutex<Used>,
     /// Held while the firewall's set is written, so the last write has seen every change.
     firewall: tokio::sync::Mutex<()>,
@@ -46,27 +50,38 @@ struct Used {
     no_egress: BTreeSet<Ipv4Addr>,
 }
 
+/// A container's place on the network, as [`Network::attach`] gives it.
+pub struct Attachment {
+    pub ip: Ipv4Addr,
+    /// Its network namespace.
+    pub netns: PathBuf,
+    /// Its `/etc/resolv.conf`, read-only: berth's DNS stub on the gateway.
+    pub resolv_conf: Bind,
+}
+
 impl Network {
-    pub fn new(bridge: String, gateway: Ipv4Addr, prefix: u8, netns_dir: PathBuf) -> Self {
+    pub fn new(
+        bridge: String,
+        gateway: Ipv4Addr,
+        prefix: u8,
+        netns_dir: PathBuf,
+        resolv_conf: PathBuf,
+    ) -> Self {
         Self {
             bridge,
             gateway,
             prefix,
             netns_dir,
+            resolv_conf,
             used: Mutex::new(Used::default()),
             firewall: tokio::sync::Mutex::new(()),
         }
     }
 
     /// A new network namespace for container `id` on the bridge, with the lowest free address;
-    /// unless `egress`, the firewall keeps it from opening connections out of the bridge from
-    /// its first packet on. Returns the address and the namespace's path. On failure nothing is
-    /// left taken.
-    pub async fn attach(
-        &self,
-        id: &str,
-        egress: bool,
-    ) -> Result<(Ipv4Addr, PathBuf), NetworkError> {
+    /// unless `egress`, the firewall keeps it from opening connections out of the bridge (and
+    /// from asking the DNS stub) from its first packet on. On failure nothing is left taken.
+    pub async fn attach(&self, id: &str, egress: bool) -> Result<Attachment, NetworkError> {
         let ip = self.allocate()?;
         if !egress {
             if let Err(err) = self.set_egress(&[ip], false).await {
@@ -84,7 +99,16 @@ impl Network {
         )
         .await
         {
-            Ok(netns) => Ok((ip, netns)),
+            Ok(netns) => Ok(Attachment {
+                ip,
+                netns,
+                resolv_conf: Bind {
+                    source: self.resolv_conf.clone(),
+                    destination: "/etc/resolv.conf".into(),
+                    readonly: true,
+                    idmapped: false,
+                },
+            }),
             Err(err) => {
                 self.release(ip).await;
                 Err(err.into())
@@ -186,6 +210,7 @@ mod tests {
             Ipv4Addr::new(10, 9, 9, 1),
             29, // .2 … .6 usable
             PathBuf::from("/nonexistent"),
+            PathBuf::from("/nonexistent/resolv.conf"),
         );
         let ip = |last| Ipv4Addr::new(10, 9, 9, last);
         assert_eq!(n.allocate().unwrap(), ip(2));

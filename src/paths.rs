@@ -104,24 +104,35 @@ impl Paths {
     pub fn log(&self, app: &str) -> PathBuf {
         self.logs().join(format!("{app}.log"))
     }
+    /// The `/etc/resolv.conf` every container gets (`dns`), written at start.
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.root.join("resolv.conf")
+    }
     /// The built-in buildpacks, written out of the binary at start.
     pub fn buildpacks(&self) -> PathBuf {
         self.root.join("buildpacks")
     }
 }
 
-/// Writes a secret (a key) to `path` with mode 0600: into a temporary file beside it, synced,
-/// then renamed over it, so a crash never leaves half of it behind.
+/// Writes a secret (a key) to `path` with mode 0600 ([`write_atomic`]).
 pub fn write_secret(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, contents, 0o600)
+}
+
+/// Writes `contents` to `path` with `mode`: into a temporary file beside it (never readable
+/// beyond `mode`), synced, then renamed over it, so a crash never leaves half of it behind.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)?;
+    // Exactly `mode`, whatever the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     file.write_all(contents)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)

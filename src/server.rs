@@ -26,7 +26,7 @@ use crate::proxy::Routes;
 use crate::service::{Kind, Service};
 use crate::store::Store;
 use crate::tls::Certs;
-use crate::{api, build, dashboard, ssh};
+use crate::{api, build, dashboard, dns, ssh};
 
 /// Lets the SSH server ask the service who a key belongs to and what they may do, tell the
 /// deployer a push ended, and run one-off commands and berth commands for the key's owner.
@@ -150,6 +150,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
 
     let (gateway, prefix) = parse_subnet(&args.subnet)?;
+    let dns_upstreams = args.dns.as_deref().map(dns::parse_upstreams).transpose()?;
     let store = Store::open(&paths.database()).await?;
     let images = Arc::new(ImageStore::open(&paths.images())?);
     build::buildpacks::install(&paths.buildpacks())?;
@@ -158,6 +159,16 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set up the container bridge {}", args.bridge))?;
     berth_runtime::firewall::ensure(&args.bridge, gateway, prefix)
         .with_context(|| format!("cannot set up the firewall of bridge {}", args.bridge))?;
+    // Before any container starts: each one binds the resolv.conf naming the stub.
+    let host_resolv = dns::HostResolvConf::read(Path::new(dns::HOST_RESOLV_CONF))?;
+    let upstreams = dns_upstreams.unwrap_or_else(|| host_resolv.upstreams());
+    dns::write_resolv_conf(&paths.resolv_conf(), gateway, &host_resolv)?;
+    let dns_stub = dns::Forwarder::bind(
+        (gateway, dns::PORT).into(),
+        upstreams,
+        dns::Limits::default(),
+    )
+    .await?;
 
     let http = TcpListener::bind(&args.http).await.with_context(|| {
         format!(
@@ -194,6 +205,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
         gateway,
         prefix,
         paths.netns(),
+        paths.resolv_conf(),
     ));
     let routes = Arc::new(Routes::default());
     let certs = Arc::new(Certs::default());
@@ -268,6 +280,7 @@ async fn serve(data: PathBuf, args: ServerArgs) -> anyhow::Result<()> {
     let mut tasks = vec![
         supervisor,
         tokio::spawn(acme.run(shutdown.clone())),
+        tokio::spawn(dns_stub.run(shutdown.clone())),
         tokio::spawn(crate::proxy::run(
             http,
             routes.clone(),

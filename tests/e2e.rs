@@ -3028,6 +3028,177 @@ fn slow_run_one_off_commands() {
     server.stop_leaving_nothing();
 }
 
+/// A DNS server of the test's own on 127.0.0.1 (UDP, a free port): `db.berth-test.internal`
+/// has the A record 192.0.2.10 and no AAAA record; every other name does not exist. Records
+/// the names it was asked for; stops when dropped.
+struct TestDns {
+    addr: SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const TEST_NAME: &str = "db.berth-test.internal";
+const TEST_ADDRESS: [u8; 4] = [192, 0, 2, 10];
+
+impl TestDns {
+    fn start() -> TestDns {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (asked, stop) = (asked.clone(), stop.clone());
+            move || {
+                let mut buf = [0; 4096];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if let Some((name, answer)) = TestDns::answer(&buf[..len]) {
+                        asked.lock().unwrap().push(name);
+                        let _ = socket.send_to(&answer, from);
+                    }
+                }
+            }
+        });
+        TestDns {
+            addr,
+            asked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The name a query asks for and the answer to it (None for what is no query).
+    fn answer(query: &[u8]) -> Option<(String, Vec<u8>)> {
+        let (mut at, mut labels) = (12, Vec::new());
+        loop {
+            let len = usize::from(*query.get(at)?);
+            at += 1;
+            if len == 0 {
+                break;
+            }
+            labels.push(String::from_utf8_lossy(query.get(at..at + len)?).to_lowercase());
+            at += len;
+        }
+        let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+        let question = query.get(12..at + 4)?;
+        let name = labels.join(".");
+        let known = name == TEST_NAME;
+        let records: u16 = (known && qtype == 1).into();
+        let mut answer = query[..2].to_vec();
+        // QR, RD as asked, RA; NXDOMAIN for unknown names.
+        answer.extend([0x80 | (query[2] & 0x01), if known { 0x80 } else { 0x83 }]);
+        answer.extend([0, 1]);
+        answer.extend(records.to_be_bytes());
+        answer.extend([0, 0, 0, 0]);
+        answer.extend(question);
+        if records == 1 {
+            // The name (a pointer to the question's), A, IN, TTL 60, 4 bytes.
+            answer.extend([0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            answer.extend(TEST_ADDRESS);
+        }
+        Some((name, answer))
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Apps resolve names through their /etc/resolv.conf, which names berth's DNS stub on the
+/// bridge's gateway; the stub relays to the server's `--dns`, here a DNS server of this test on
+/// 127.0.0.1 (a loopback resolver, which containers cannot reach themselves). The host's
+/// search and options lines are kept. An app with egress off cannot use the stub either (no
+/// way out by DNS), and its lookups fail at once instead of timing out.
+#[test]
+fn slow_apps_resolve_names_through_berths_dns_stub() {
+    if !prerequisites_met(&[]) {
+        return;
+    }
+    let dns = TestDns::start();
+    let mut server = Server::start_with(&["--dns", &dns.addr.to_string()]);
+    let laptop = Laptop::new(server.dir.path(), "laptop");
+    server.berth_ok(&[
+        "keys:add",
+        "laptop",
+        laptop.key.with_extension("pub").to_str().unwrap(),
+    ]);
+    server.berth_ok(&["apps:create", "names"]);
+    laptop.write("app.py", STDLIB_APP_PY);
+    laptop.write("version.txt", "v1");
+    laptop.write("Procfile", "web: python3 app.py\n");
+    laptop.commit("a web app");
+    push_app(&server, &laptop, "names");
+    let in_app = |command: &str| {
+        let out = server.berth(&["run", "names", "--", command]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text(&out),
+        )
+    };
+
+    let gateway = server.subnet.replace(".0.0/16", ".0.1");
+    let (code, resolv_conf, all) = in_app("cat /etc/resolv.conf");
+    assert_eq!(code, Some(0), "{all}");
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let kept = host.lines().map(str::trim).filter(|line| {
+        ["search", "domain", "options"].contains(&line.split_whitespace().next().unwrap_or(""))
+    });
+    let expected: Vec<String> = std::iter::once(format!("nameserver {gateway}"))
+        .chain(kept.map(String::from))
+        .collect();
+    let lines: Vec<String> = resolv_conf
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(String::from)
+        .collect();
+    assert_eq!(lines, expected, "the container's /etc/resolv.conf");
+
+    let (code, found, all) = in_app(&format!("getent hosts {TEST_NAME}"));
+    assert_eq!(code, Some(0), "{all}\n--- server log:\n{}", server.log());
+    assert_eq!(
+        found.split_whitespace().collect::<Vec<_>>(),
+        ["192.0.2.10", TEST_NAME],
+        "{all}"
+    );
+    assert!(dns.asked().iter().any(|name| name == TEST_NAME));
+    let (code, _, all) = in_app("getent hosts nope.berth-test.internal");
+    assert_eq!(code, Some(2), "a name that does not exist: {all}");
+
+    server.berth_ok(&["network:set", "names", "--egress", "off"]);
+    let asked = dns.asked().len();
+    let started = Instant::now();
+    let (code, _, all) = in_app(&format!("getent hosts {TEST_NAME}"));
+    let took = started.elapsed();
+    assert_eq!(code, Some(2), "egress off, yet: {all}");
+    // glibc waits 5 s for a dropped query; a refused one fails at once.
+    assert!(
+        took < Duration::from_secs(4),
+        "a lookup without egress should fail at once, not time out ({took:?})"
+    );
+    assert_eq!(
+        dns.asked().len(),
+        asked,
+        "a query without egress reached the DNS server"
+    );
+    server.stop_leaving_nothing();
+}
+
 /// Images and disk on a server keeping one release's images: an app built from an imported
 /// busybox image; `images` lists its image with size and the release using it; the exported
 /// image is a docker-archive and an OCI archive skopeo reads and copies, and berth imports to

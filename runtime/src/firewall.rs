@@ -2,12 +2,13 @@
 //! two servers with different bridges never touch each other's rules, and nothing else on the
 //! host is touched. Containers (apps and builds) reach the outside by masquerade; they cannot
 //! open connections to the host itself (berth's SSH and admin ports, anything listening on
-//! 0.0.0.0 answers on the gateway address) nor send to 127.0.0.0/8, while replies to
+//! 0.0.0.0 answers on the gateway address) but for DNS (port 53, UDP and TCP) on the gateway
+//! address, where berth's DNS stub answers, nor send to 127.0.0.0/8, while replies to
 //! connections the host opened into them (the proxy, health checks) pass. Traffic between
 //! containers on the bridge is left as it is. Containers whose address is in the table's set
-//! `no-egress` ([`set_no_egress`]) open no connection out of the bridge at all: it is rejected
-//! (TCP by a reset, the rest by an ICMP error), so a connect or a DNS query fails at once instead
-//! of hanging.
+//! `no-egress` ([`set_no_egress`]) open no connection out of the bridge at all, nor ask the DNS
+//! stub (which would carry their queries out): it is rejected (TCP by a reset, the rest by an
+//! ICMP error), so a connect or a DNS query fails at once instead of hanging.
 //!
 //! Driven through the `nft` binary (Debian's `nftables` package) with typed JSON from the
 //! `nftables` crate. [`ensure`] replaces the table atomically in one transaction, so it is
@@ -17,7 +18,9 @@ use std::borrow::Cow;
 use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{
+    Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+};
 use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject, Rule, Set, SetType, SetTypeValue, Table,
 };
@@ -30,6 +33,9 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// The set of container addresses that may not leave the bridge.
 const NO_EGRESS: &str = "no-egress";
+/// The port of berth's DNS stub on the gateway address, the one port of the host containers
+/// reach.
+const DNS_PORT: u16 = 53;
 
 /// The name of the table holding `bridge`'s rules.
 pub fn table_name(bridge: &str) -> String {
@@ -154,6 +160,54 @@ fn rules(
     };
     let accept = || Statement::Accept(None);
     let drop = || Statement::Drop(None);
+    let l4proto = || {
+        Expression::Named(NamedExpression::Meta(Meta {
+            key: MetaKey::L4proto,
+        }))
+    };
+    let tcp = || matching(l4proto(), Expression::String("tcp".into()), Operator::EQ);
+    // Without egress: TCP by a reset, the rest by an ICMP error.
+    let reset = || Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None)));
+    let prohibited = || {
+        Statement::Reject(Some(Reject::new(
+            Some(RejectType::ICMPX),
+            Some(RejectCode::AdminProhibited),
+        )))
+    };
+    // `iifname BRIDGE ip daddr GATEWAY meta l4proto { tcp, udp } th dport 53 THEN…`: a query
+    // to berth's DNS stub.
+    let to_dns = |then: Vec<Statement<'static>>| {
+        [
+            vec![
+                from_bridge(),
+                matching(
+                    ip_field("daddr"),
+                    Expression::String(gateway.to_string().into()),
+                    Operator::EQ,
+                ),
+                matching(
+                    l4proto(),
+                    Expression::Named(NamedExpression::Set(vec![
+                        SetItem::Element(Expression::String("tcp".into())),
+                        SetItem::Element(Expression::String("udp".into())),
+                    ])),
+                    Operator::EQ,
+                ),
+                matching(
+                    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                        PayloadField {
+                            protocol: "th".into(),
+                            field: "dport".into(),
+                        },
+                    ))),
+                    Expression::Number(DNS_PORT.into()),
+                    Operator::EQ,
+                ),
+            ],
+            then,
+        ]
+        .concat()
+    };
     vec![
         // Loopback addresses never come from the bridge (the kernel drops them too, as long as
         // route_localnet is off; this holds even if someone turns it on).
@@ -165,8 +219,12 @@ fn rules(
                 drop(),
             ],
         ),
-        // To the host itself: only replies to what the host opened (proxy, health checks).
+        // To the host itself: only replies to what the host opened (proxy, health checks), and
+        // DNS queries to the stub from containers with egress.
         ("input", vec![from_bridge(), established(), accept()]),
+        ("input", to_dns(vec![without_egress(), tcp(), reset()])),
+        ("input", to_dns(vec![without_egress(), prohibited()])),
+        ("input", to_dns(vec![accept()])),
         ("input", vec![from_bridge(), drop()]),
         // Out of the bridge: nothing from containers without egress (rejected, so a connect or
         // a DNS query fails at once: TCP by a reset, the rest by an ICMP error), anything from
@@ -177,14 +235,8 @@ fn rules(
                 from_bridge(),
                 not_to_bridge(),
                 without_egress(),
-                matching(
-                    Expression::Named(NamedExpression::Meta(Meta {
-                        key: MetaKey::L4proto,
-                    })),
-                    Expression::String("tcp".into()),
-                    Operator::EQ,
-                ),
-                Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+                tcp(),
+                reset(),
             ],
         ),
         (
@@ -193,10 +245,7 @@ fn rules(
                 from_bridge(),
                 not_to_bridge(),
                 without_egress(),
-                Statement::Reject(Some(Reject::new(
-                    Some(RejectType::ICMPX),
-                    Some(RejectCode::AdminProhibited),
-                ))),
+                prohibited(),
             ],
         ),
         ("forward", vec![from_bridge(), not_to_bridge(), accept()]),

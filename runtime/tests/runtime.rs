@@ -1225,8 +1225,9 @@ fn network_http_over_bridge() {
 
 /// The bridge's firewall: a container opens no connection to the host, neither to a port on the
 /// host's 127.0.0.1 (routed there as a container with CAP_NET_RAW could send it) nor to a port on
-/// 0.0.0.0 through the gateway address; the host still connects into the container (its replies
-/// pass). The kernel's own guard for the first, route_localnet, is off and must stay off.
+/// 0.0.0.0 through the gateway address, but for DNS on the gateway's port 53 (berth's DNS stub),
+/// over UDP and TCP; the host still connects into the container (its replies pass). The
+/// kernel's own guard for the first, route_localnet, is off and must stay off.
 fn firewall_shields_the_host() {
     let mut fx = Fixture::new("fw");
     let pid = std::process::id();
@@ -1283,7 +1284,7 @@ fn firewall_shields_the_host() {
         .status()
         .unwrap();
     assert!(routed.success(), "routing 127.0.0.1 out of the namespace");
-    spec.netns = Some(netns);
+    spec.netns = Some(netns.clone());
     fx.runtime.start(&spec).unwrap();
 
     let log = wait_for(Duration::from_secs(30), "both connection attempts", || {
@@ -1304,6 +1305,30 @@ fn firewall_shields_the_host() {
     });
     assert!(body.ends_with("hello from berth\n"), "{body}");
 
+    let dns = DnsStandIn::on(gateway);
+    let in_netns = |script: &str| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["sh", "-c"])
+            .arg(format!("/bin/busybox {script} 2>&1"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = in_netns(&format!(
+        "timeout 10 /bin/busybox nslookup x.test {gateway}"
+    ));
+    assert!(
+        out.contains("NXDOMAIN"),
+        "DNS over UDP to the gateway: {out}"
+    );
+    assert!(dns.udp_queries() > 0);
+    in_netns(&format!(
+        "timeout 3 /bin/busybox nc {gateway} 53 </dev/null"
+    ));
+    assert!(dns.tcp_connected(), "DNS over TCP to the gateway");
+    drop(dns);
+
     fx.runtime.stop(&spec.id).unwrap();
     fx.runtime.remove(&spec.id).unwrap();
     rt.block_on(async {
@@ -1322,9 +1347,10 @@ fn firewall_shields_the_host() {
 
 /// A container whose address is in the firewall's no-egress set opens no connection out of the
 /// bridge: to a server on another network of this host (a second bridge standing for the
-/// outside, with a container of its own) it is rejected at once, TCP and DNS alike, while
-/// the host still reaches the container (the proxy, health checks). Taken out of the set, the
-/// same connection works again, and it worked before: the path out is real.
+/// outside, with a container of its own) it is rejected at once, TCP and DNS alike, and so are
+/// its queries to berth's DNS stub on the gateway (which would carry them out), while the host
+/// still reaches the container (the proxy, health checks). Taken out of the set, the same
+/// connection works again, and it worked before: the path out is real.
 fn egress_off_rejects_connections_out_of_the_bridge() {
     let mut fx = Fixture::new("egress");
     let pid = std::process::id();
@@ -1396,6 +1422,13 @@ fn egress_off_rejects_connections_out_of_the_bridge() {
         out.contains("hello from berth").then_some(out)
     });
     println!("    egress on: {}", reached.lines().next().unwrap_or(""));
+    let dns = DnsStandIn::on(gateway);
+    let ask_stub = format!("timeout 10 /bin/busybox nslookup x.test {gateway}");
+    let (out, _) = probe(&ask_stub);
+    assert!(
+        out.contains("NXDOMAIN"),
+        "the DNS stub with egress on: {out}"
+    );
 
     firewall::set_no_egress(&bridge, &[ip]).unwrap();
     let (out, took) = probe(&get);
@@ -1416,6 +1449,25 @@ fn egress_off_rejects_connections_out_of_the_bridge() {
         "    DNS with egress off: {} ({took:?})",
         out.replace('\n', " | ")
     );
+    let asked = dns.udp_queries();
+    let (out, took) = probe(&ask_stub);
+    assert!(
+        !out.contains("NXDOMAIN") && took < Duration::from_secs(2),
+        "the DNS stub with egress off should refuse at once ({took:?}): {out}"
+    );
+    let (out, took) = probe(&format!(
+        "timeout 5 /bin/busybox nc {gateway} 53 </dev/null"
+    ));
+    assert!(
+        took < Duration::from_millis(500),
+        "DNS over TCP with egress off should fail at once ({took:?}): {out}"
+    );
+    assert_eq!(dns.udp_queries(), asked, "a query reached the stub");
+    assert!(!dns.tcp_connected(), "a connection reached the stub");
+    println!(
+        "    the DNS stub with egress off: {} ({took:?})",
+        out.trim()
+    );
     let body = wait_for(
         Duration::from_secs(10),
         "the host to reach the container",
@@ -1426,6 +1478,12 @@ fn egress_off_rejects_connections_out_of_the_bridge() {
     firewall::set_no_egress(&bridge, &[]).unwrap();
     let (out, _) = probe(&get);
     assert!(out.contains("hello from berth"), "egress back on: {out}");
+    let (out, _) = probe(&ask_stub);
+    assert!(
+        out.contains("NXDOMAIN"),
+        "the DNS stub with egress back on: {out}"
+    );
+    drop(dns);
 
     for spec in [&client, &server] {
         fx.runtime.stop(&spec.id).unwrap();
@@ -1590,6 +1648,71 @@ fn start_to_exit_timing() {
         "    start-to-exit of `true` (spawn shim .. shim exited): min {:?}, median {:?}, max {:?}",
         times[0], times[2], times[4]
     );
+}
+
+/// What listens where berth's DNS stub would, on a gateway's port 53: over UDP it answers every
+/// query NXDOMAIN; over TCP it only accepts. Counts what reached it. Stops when dropped.
+struct DnsStandIn {
+    udp_queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tcp: TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsStandIn {
+    fn on(gateway: Ipv4Addr) -> DnsStandIn {
+        use std::sync::atomic::Ordering;
+        let udp = std::net::UdpSocket::bind((gateway, 53)).expect("UDP port 53 on the gateway");
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let tcp = TcpListener::bind((gateway, 53)).expect("TCP port 53 on the gateway");
+        tcp.set_nonblocking(true).unwrap();
+        let udp_queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (queries, stop) = (udp_queries.clone(), stop.clone());
+            move || {
+                let mut buf = [0; 512];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((len, from)) = udp.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if len < 12 {
+                        continue;
+                    }
+                    queries.fetch_add(1, Ordering::Relaxed);
+                    // QR and RD set, RA set, NXDOMAIN.
+                    buf[2] |= 0x80;
+                    buf[3] = 0x83;
+                    let _ = udp.send_to(&buf[..len], from);
+                }
+            }
+        });
+        DnsStandIn {
+            udp_queries,
+            tcp,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn udp_queries(&self) -> usize {
+        self.udp_queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a TCP connection is waiting to be accepted (and takes it).
+    fn tcp_connected(&self) -> bool {
+        self.tcp.accept().is_ok()
+    }
+}
+
+impl Drop for DnsStandIn {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// One `GET /` over HTTP/1.0; the whole answer, or None when nothing answered.

@@ -219,7 +219,6 @@ async fn run_build(
         bind(&env_dir, "/env", true),
         idmapped(bind(&out_dir, "/out", false)),
         bind(&d.paths.buildpacks(), "/buildpacks", true),
-        bind(Path::new("/etc/resolv.conf"), "/etc/resolv.conf", true),
     ];
     if let Some(ca) = &d.ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
@@ -229,7 +228,8 @@ async fn run_build(
     }
     let suffix: u32 = rand::thread_rng().gen();
     let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
-    let (ip, netns) = d.network.attach(&id, true).await?;
+    let net = d.network.attach(&id, true).await?;
+    binds.push(net.resolv_conf);
     let spec = ContainerSpec {
         id: id.clone(),
         layers: stack_build.layer_dirs(),
@@ -247,7 +247,7 @@ async fn run_build(
         cwd: "/app".into(),
         hostname: "build".into(),
         binds,
-        netns: Some(netns),
+        netns: Some(net.netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
         limits: limits.limits.runtime(),
@@ -266,7 +266,7 @@ async fn run_build(
         keep_upper: None,
     };
     let ran = container::run(&d.runtime, job, container::Io::Lines { out, indent: "" }).await;
-    d.network.detach(&id, Some(ip)).await;
+    d.network.detach(&id, Some(net.ip)).await;
     info!(
         ms = started.elapsed().as_millis() as u64,
         ended = ?ran.as_ref().ok(),

@@ -3,15 +3,15 @@
 //! crash never leaves a container nobody knows of). The runtime crate does the OS work.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 
-use berth_runtime::{Bind, ContainerSpec, IdMap, LogTarget, State};
+use berth_runtime::{ContainerSpec, IdMap, LogTarget, State};
 use rand::Rng;
 use tracing::{info, warn};
 
 use super::{DeployError, Deployer};
 use crate::image::Image;
 use crate::limits::Limits;
+use crate::network::Attachment;
 use crate::store::{ContainerRow, ContainerState, Release, Store};
 
 /// The port every container's app listens on, inside its own netns, unless its image exposes
@@ -95,17 +95,6 @@ impl std::fmt::Display for Dyno {
     }
 }
 
-/// What an app's containers get from the host: its resolvers (reached by NAT like any outside
-/// address).
-fn binds() -> Vec<Bind> {
-    vec![Bind {
-        source: "/etc/resolv.conf".into(),
-        destination: "/etc/resolv.conf".into(),
-        readonly: true,
-        idmapped: false,
-    }]
-}
-
 /// The limits the containers of `app`'s `process_type` start with.
 pub async fn limits(d: &Deployer, app: &str, process_type: &str) -> Result<Limits, DeployError> {
     let set = d.store.resources(app).await?;
@@ -176,7 +165,8 @@ pub async fn start(
     let id = container_id(&release.app, process_type, number);
     let confinement = confinement(d, &release.app, process_type).await?;
     let port = image.config.port().unwrap_or(PORT);
-    let (ip, netns) = d.network.attach(&id, confinement.egress).await?;
+    let net = d.network.attach(&id, confinement.egress).await?;
+    let ip = net.ip;
     let row = ContainerRow {
         id: id.clone(),
         app: release.app.clone(),
@@ -200,7 +190,7 @@ pub async fn start(
             path: d.paths.log(&release.app),
             prefix: format!("app[{dyno}]"),
         },
-        ..spec(&id, command, release, image, dyno, netns, &confinement)
+        ..spec(&id, command, release, image, dyno, net, &confinement)
     };
     let runtime = d.runtime.clone();
     let started = tokio::task::spawn_blocking(move || runtime.start(&spec))
@@ -215,14 +205,15 @@ pub async fn start(
 }
 
 /// The spec of container `id` of `release` (whose image is `image`) running `command` as
-/// `dyno` in `netns`: its output goes to the shim's own stdout (callers set `log` otherwise).
+/// `dyno` on the network as `net` (its namespace and resolv.conf): its output goes to the
+/// shim's own stdout (callers set `log` otherwise).
 pub(super) fn spec(
     id: &str,
     command: &str,
     release: &Release,
     image: &Image,
     dyno: &Dyno,
-    netns: PathBuf,
+    net: Attachment,
     confinement: &Confinement,
 ) -> ContainerSpec {
     ContainerSpec {
@@ -232,8 +223,8 @@ pub(super) fn spec(
         env: env(release, image, dyno),
         cwd: cwd(image),
         hostname: id.chars().take(63).collect(),
-        binds: binds(),
-        netns: Some(netns),
+        binds: vec![net.resolv_conf],
+        netns: Some(net.netns),
         log: LogTarget::Inherit,
         stop_grace_secs: STOP_GRACE_SECS,
         limits: confinement.limits.runtime(),

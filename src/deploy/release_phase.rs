@@ -39,9 +39,10 @@ pub(super) async fn run(
     let app = &release.app;
     let id = format!("{}-release-{suffix:08x}", &app[..app.len().min(40)]);
     let confinement = container::confinement(d, app, PROCESS_TYPE).await?;
-    let (ip, netns) = d.network.attach(&id, confinement.egress).await?;
+    let net = d.network.attach(&id, confinement.egress).await?;
+    let ip = net.ip;
     let dyno = Dyno::new(PROCESS_TYPE, 1);
-    let spec = container::spec(&id, command, release, image, &dyno, netns, &confinement);
+    let spec = container::spec(&id, command, release, image, &dyno, net, &confinement);
     let job = OneOff {
         spec,
         deadline: DEADLINE,

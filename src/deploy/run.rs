@@ -134,10 +134,11 @@ impl Deployer {
                 let log = d.paths.log(&row.app);
                 let source = format!("berth[{dyno}]");
                 let attached = async {
-                    let (ip, netns) = d.network.attach(&id, confinement.egress).await?;
+                    let net = d.network.attach(&id, confinement.egress).await?;
+                    let ip = net.ip;
                     let spec = ContainerSpec {
                         args: container::run_launcher(&row.command),
-                        ..container::spec(&id, &row.command, &live, &image, &dyno, netns, &confinement)
+                        ..container::spec(&id, &row.command, &live, &image, &dyno, net, &confinement)
                     };
                     let job = OneOff {
                         spec,

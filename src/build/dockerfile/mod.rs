@@ -820,11 +820,12 @@ async fn run(
         }
         .into());
     }
-    let mut binds = vec![bind(
-        Path::new("/etc/resolv.conf"),
-        "/etc/resolv.conf",
-        true,
-    )];
+    let user = user_of(stage)?;
+    let suffix: u32 = rand::thread_rng().gen();
+    let app = budget.app;
+    let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
+    let net = d.network.attach(&id, true).await?;
+    let mut binds = vec![net.resolv_conf];
     if let Some(ca) = &d.ca_bundle {
         binds.push(bind(ca, CA_BUNDLE_IN_BUILD, true));
         for var in CA_VARS {
@@ -846,10 +847,6 @@ async fn run(
     } else {
         stage.config.working_dir.clone()
     };
-    let suffix: u32 = rand::thread_rng().gen();
-    let app = budget.app;
-    let id = format!("build-{}-{suffix:08x}", &app[..app.len().min(40)]);
-    let (ip, netns) = d.network.attach(&id, true).await?;
     let spec = ContainerSpec {
         id: id.clone(),
         layers: dirs,
@@ -858,12 +855,12 @@ async fn run(
         cwd,
         hostname: "build".into(),
         binds,
-        netns: Some(netns),
+        netns: Some(net.netns),
         log: LogTarget::Inherit,
         stop_grace_secs: 5,
         limits: budget.limits.limits.runtime(),
         init: true,
-        user: user_of(stage)?,
+        user,
         users: Some(budget.users),
         stop_signal: None,
     };
@@ -882,7 +879,7 @@ async fn run(
         },
     )
     .await;
-    d.network.detach(&id, Some(ip)).await;
+    d.network.detach(&id, Some(net.ip)).await;
     match ended? {
         Ended::Exited(0) => {}
         Ended::Exited(code) => return Err(DockerfileError::RunFailed { line, code }.into()),
