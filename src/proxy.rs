@@ -738,7 +738,20 @@ impl Proxy {
             .get(header::HOST)
             .cloned()
             .or_else(|| HeaderValue::from_str(&host).ok());
+        // A client that takes trailers gets the upstream's, so the upstream may send them.
+        let takes_trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
         strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        if takes_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         // berth's server side answers `Expect: 100-continue` itself (as it reads the body); an
         // upstream's early 100 would read as an answer before the whole body.
         parts.headers.remove(header::EXPECT);
@@ -989,15 +1002,15 @@ const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port")
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// non-standard ones proxies commonly drop.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// non-standard ones proxies commonly drop. (`Trailer`, which names a message's trailer
+/// fields, goes on: berth forwards trailers.)
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -1326,7 +1339,7 @@ mod tests {
                     ("content-type", "text/plain"),
                 ],
                 false,
-                &["content-type"],
+                &["content-type", "trailer"],
             ),
             (
                 &[("connection", "Upgrade"), ("upgrade", "websocket")],

@@ -392,6 +392,60 @@ async fn chunked_request_bodies_are_forwarded() {
     assert!(answer.contains("x-coding: chunked"), "{answer}");
 }
 
+/// Trailer fields go through both ways: a chunked request's to the upstream (told by `TE:
+/// trailers` that its own will be passed on), the upstream's to a client that asked for them
+/// with `TE: trailers`, as the response's `Trailer` header announces.
+#[tokio::test]
+async fn trailers_are_forwarded_both_ways() {
+    let proxy = start_proxy(config()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    proxy
+        .routes
+        .set("app.localhost", vec![listener.local_addr().unwrap()]);
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let request = read_until(&mut stream, "0\r\nx-request-sum: 5\r\n\r\n").await;
+        stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\ntrailer: x-checksum\r\ntransfer-encoding: chunked\r\n\r\n\
+                  2\r\nok\r\n0\r\nx-checksum: abc\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        request.to_ascii_lowercase()
+    });
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(
+            b"POST /t HTTP/1.1\r\nHost: app.localhost\r\nTE: trailers\r\nTrailer: x-request-sum\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-request-sum: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until(&mut client, "x-checksum: abc\r\n\r\n").await;
+    let request = upstream.await.unwrap();
+    assert!(request.contains("\r\nte: trailers\r\n"), "{request}");
+    assert!(
+        request.contains("\r\ntrailer: x-request-sum\r\n"),
+        "{request}"
+    );
+    assert!(
+        request.contains("hello\r\n0\r\nx-request-sum: 5\r\n\r\n"),
+        "{request}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\ntrailer: x-checksum\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("ok\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn plain_http_is_redirected_to_https_when_asked() {
     let proxy = start_proxy(config()).await;
@@ -465,7 +519,7 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     client
         .write_all(
             b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: keep-alive, X-Hop\r\n\
-              X-Hop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+              X-Hop: secret\r\nKeep-Alive: timeout=5\r\nTE: deflate, trailers\r\n\
               Proxy-Authorization: Basic eA==\r\nX-End: kept\r\n\r\n",
         )
         .await
@@ -477,12 +531,14 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     for gone in [
         "x-hop",
         "keep-alive",
-        "\nte:",
+        "deflate",
         "proxy-authorization",
         "\nconnection:",
     ] {
         assert!(!answer.contains(gone), "{gone:?} in\n{answer}");
     }
+    // TE is the client's word to berth; berth tells the upstream it passes trailers on.
+    assert!(answer.contains("\nte: trailers\n"), "{answer}");
 
     // An upstream's `Connection: close` and what it names stay between berth and the upstream.
     let raw = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -119,6 +119,7 @@ pub(super) async fn send(
                     conn: Some(conn),
                     framing,
                     reuse,
+                    trailers: HeaderMap::new(),
                 });
                 *response.status_mut() = status;
                 *response.headers_mut() = headers;
@@ -203,9 +204,14 @@ async fn write_body(
     body: &mut UpstreamBody,
     chunked: bool,
 ) -> Result<(), Failure> {
+    let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(Failure::Body)?.into_data() else {
-            continue; // trailers are not forwarded
+        let data = match frame.map_err(Failure::Body)?.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
         };
         if data.is_empty() {
             continue; // as a chunk, it would end the body
@@ -220,8 +226,18 @@ async fn write_body(
             to.write_all(&data).await.map_err(Failure::write)?;
         }
     }
+    // Trailers go after the last chunk; a body sent by length has no room for them.
     if chunked {
-        to.write_all(b"0\r\n\r\n").await.map_err(Failure::write)?;
+        out.clear();
+        out.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.iter().flatten() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        to.write_all(out).await.map_err(Failure::write)?;
     }
     Ok(())
 }
@@ -381,6 +397,8 @@ pub(super) struct ResponseBody {
     framing: Framing,
     /// Where the connection goes once the body was read whole; None: it is closed then.
     reuse: Option<(Weak<Pool>, SocketAddr)>,
+    /// The trailer fields of a chunked body read so far (at most [`MAX_HEADERS`]).
+    trailers: HeaderMap,
 }
 
 impl ResponseBody {
@@ -489,14 +507,29 @@ impl ResponseBody {
                     return Ok(Step::End);
                 };
                 match conn.read.windows(2).position(|w| w == b"\r\n") {
-                    // The empty line: the body is complete.
+                    // The empty line: the body is complete, its trailers (if any) follow it.
                     Some(0) => {
                         conn.read.advance(2);
-                        Ok(Step::End)
+                        Ok(match self.trailers.is_empty() {
+                            true => Step::End,
+                            false => Step::Trailers(std::mem::take(&mut self.trailers)),
+                        })
                     }
-                    // A trailer field: not forwarded.
+                    // A trailer field, kept for the client (hyper sends on those the
+                    // response's `Trailer` header names, to a client that said `TE: trailers`).
                     Some(end) => {
-                        conn.read.advance(end + 2);
+                        let line = conn.read.split_to(end + 2);
+                        let field = line[..end].split(|&b| b == b':').collect::<Vec<_>>();
+                        if let [name, value @ ..] = &field[..] {
+                            let value = value.join(&b':');
+                            let name = HeaderName::from_bytes(name.trim_ascii());
+                            let value = HeaderValue::from_bytes(value.trim_ascii());
+                            if let (Ok(name), Ok(value)) = (name, value) {
+                                if self.trailers.len() < MAX_HEADERS {
+                                    self.trailers.append(name, value);
+                                }
+                            }
+                        }
                         Ok(Step::Again)
                     }
                     None if buffered < MAX_LINE => Ok(Step::Fill { eof_ends: false }),
@@ -518,6 +551,8 @@ impl Drop for ResponseBody {
 
 enum Step {
     Data(Bytes),
+    /// The trailer fields after the last chunk: the body's last frame.
+    Trailers(HeaderMap),
     /// Needs more bytes; whether the upstream closing then ends the body cleanly.
     Fill {
         eof_ends: bool,
@@ -552,6 +587,10 @@ impl Body for ResponseBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Step::Again => {}
+                Step::Trailers(trailers) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
                 Step::End => {
                     if this.framing != Framing::Upgraded {
                         this.finish();
