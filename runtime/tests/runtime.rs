@@ -116,6 +116,10 @@ fn main() {
             "detached_shims_cost_no_thread_and_are_reaped",
             detached_shims_cost_no_thread_and_are_reaped,
         ),
+        (
+            "shims_are_forked_by_one_launcher_that_comes_back",
+            shims_are_forked_by_one_launcher_that_comes_back,
+        ),
         ("missing_layer_is_refused", missing_layer_is_refused),
         ("missing_binary_fails_cleanly", missing_binary_fails_cleanly),
         (
@@ -1546,6 +1550,84 @@ fn detached_shims_cost_no_thread_and_are_reaped() {
     }
     for spec in &specs {
         fx.runtime.remove(&spec.id).unwrap();
+        fx.assert_clean(&spec.id);
+    }
+}
+
+/// The shims of detached containers are forks of one launcher (a child of the starting
+/// process), each reading `… shim DIR` as its command line; a launcher killed with SIGKILL
+/// leaves its shims running, and the next start brings up a new one.
+fn shims_are_forked_by_one_launcher_that_comes_back() {
+    let mut fx = Fixture::new("launcher");
+    let field = |pid: i32, key: &str| -> i32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let start = |fx: &mut Fixture, name: &str| {
+        let mut spec = fx.spec(name, &["sleep", "1000"]);
+        spec.init = true; // stops at once: the init passes SIGTERM on
+        fx.runtime.start(&spec).unwrap();
+        let dir = fx.runtime.container_dir(&spec.id);
+        let shim: i32 = std::fs::read_to_string(dir.join("shim.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let cmdline = std::fs::read(format!("/proc/{shim}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        assert!(
+            args.windows(2)
+                .any(|pair| pair[0] == b"shim" && pair[1] == dir.as_os_str().as_encoded_bytes()),
+            "shim {shim}'s command line: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        (spec, shim, field(shim, "PPid:"))
+    };
+    let (first, first_shim, launcher) = start(&mut fx, "launcher1");
+    let (second, _, same) = start(&mut fx, "launcher2");
+    assert_eq!(same, launcher, "both shims are forks of one launcher");
+    assert_eq!(
+        field(launcher, "PPid:"),
+        std::process::id() as i32,
+        "the launcher is the starting process's child"
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{launcher}/cmdline")).unwrap();
+    assert!(comm.contains("shim-launcher"), "{comm:?}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launcher),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the killed launcher to exit",
+        || {
+            let state =
+                std::fs::read_to_string(format!("/proc/{launcher}/stat")).unwrap_or_default();
+            (state.is_empty() || state.contains(") Z")).then_some(())
+        },
+    );
+    assert!(
+        matches!(fx.runtime.state(&first.id), State::Running { .. }),
+        "its shims live on"
+    );
+    let (third, _, new_launcher) = start(&mut fx, "launcher3");
+    assert_ne!(
+        new_launcher, launcher,
+        "a new launcher forked the next shim"
+    );
+    assert!(Path::new(&format!("/proc/{first_shim}")).exists());
+    for spec in [&first, &second, &third] {
+        fx.runtime.remove(&spec.id).unwrap();
+    }
+    for spec in [&first, &second, &third] {
         fx.assert_clean(&spec.id);
     }
 }
