@@ -776,14 +776,20 @@ fn pipes_carry_stdin_and_stderr() {
 /// /dev/pts (not the host's), the caller gets its master, and a resize reaches the container.
 fn a_terminal_of_its_own_and_resizing() {
     let mut fx = Fixture::new("tty");
-    let spec = fx.spec(
+    let mut spec = fx.spec(
         "tty",
         &[
             "sh",
             "-c",
-            "tty; stty size; read word; stty size; echo typed $word; exit 6",
+            "tty; busybox stat -c %u:%g $(tty); stty size; read word; stty size; \
+             echo typed $word; exit 6",
         ],
     );
+    // A user of the image owns its terminal, as on a login.
+    spec.user = Some(berth_runtime::User {
+        uid: 1000,
+        gid: 1000,
+    });
     let size = terminal::WindowSize {
         rows: 33,
         cols: 101,
@@ -816,7 +822,7 @@ fn a_terminal_of_its_own_and_resizing() {
         }
     };
     // Its size from the start, then a new one while it runs.
-    read_until("/dev/pts/0\n33 101\n");
+    read_until("/dev/pts/0\n1000:1000\n33 101\n");
     terminal::resize(
         &master,
         terminal::WindowSize {
