@@ -1,11 +1,12 @@
-//! The firewall of berth's bridge, in nftables: one table per bridge (`inet berth-<bridge>`), so
-//! two servers with different bridges never touch each other's rules, and nothing else on the
-//! host is touched. Containers (apps and builds) reach the outside by masquerade; they cannot
-//! open connections to the host itself (berth's SSH and admin ports, anything listening on
-//! 0.0.0.0 answers on the gateway address) but for DNS (port 53, UDP and TCP) on the gateway
-//! address, where berth's DNS stub answers, nor send to 127.0.0.0/8, while replies to
-//! connections the host opened into them (the proxy, health checks) pass. Traffic between
-//! containers on the bridge is left as it is. Containers whose address is in the table's set
+//! The firewall of berth's containers, in nftables: one table per server's bridge (`inet
+//! berth-<bridge>`), so two servers with different bridges and subnets never touch each
+//! other's rules, and nothing else on the host is touched. Containers are routed (see
+//! [`crate::network`]), so the rules tell them by their subnet. Containers (apps and builds)
+//! reach the outside by masquerade; they cannot open connections to the host itself (berth's
+//! SSH and admin ports, anything listening on 0.0.0.0 answers on the gateway address) but for
+//! DNS (port 53, UDP and TCP) on the gateway address, where berth's DNS stub answers, nor send
+//! to 127.0.0.0/8, nor reach one another, while replies to connections the host opened into
+//! them (the proxy, health checks) pass. Containers whose address is in the table's set
 //! `no-egress` ([`set_no_egress`]) open no connection out of the bridge at all, nor ask the DNS
 //! stub (which would carry their queries out): it is rejected (TCP by a reset, the rest by an
 //! ICMP error), so a connect or a DNS query fails at once instead of hanging.
@@ -72,7 +73,7 @@ pub fn ensure(bridge: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Err
             ..Chain::default()
         }));
     }
-    for (chain, statements) in rules(bridge, gateway, prefix_len) {
+    for (chain, statements) in rules(gateway, prefix_len) {
         batch.add(NfListObject::Rule(Rule {
             family: NfFamily::INet,
             table: table_name(bridge).into(),
@@ -141,16 +142,20 @@ fn table(bridge: &str) -> Table<'static> {
 }
 
 /// The rules, chain by chain, in order.
-fn rules(
-    bridge: &str,
-    gateway: Ipv4Addr,
-    prefix_len: u8,
-) -> Vec<(&'static str, Vec<Statement<'static>>)> {
-    let from_bridge = || meta(MetaKey::Iifname, Operator::EQ, bridge);
-    let not_from_bridge = || meta(MetaKey::Iifname, Operator::NEQ, bridge);
-    let to_bridge = || meta(MetaKey::Oifname, Operator::EQ, bridge);
-    let not_to_bridge = || meta(MetaKey::Oifname, Operator::NEQ, bridge);
-    let subnet = u32::from(gateway) & (u32::MAX << (32 - prefix_len));
+fn rules(gateway: Ipv4Addr, prefix_len: u8) -> Vec<(&'static str, Vec<Statement<'static>>)> {
+    let subnet = Ipv4Addr::from(u32::from(gateway) & (u32::MAX << (32 - prefix_len)));
+    // Containers are routed (see `network`): what comes from one has its address as source and
+    // does not come from the host itself (whose own packets to the gateway address come in
+    // on `lo`, from the gateway address).
+    let from_containers = || {
+        vec![
+            meta(MetaKey::Iifname, Operator::NEQ, "lo"),
+            ip_in("saddr", subnet, prefix_len, Operator::EQ),
+        ]
+    };
+    let not_from_containers = || vec![ip_in("saddr", subnet, prefix_len, Operator::NEQ)];
+    let to_containers = || vec![ip_in("daddr", subnet, prefix_len, Operator::EQ)];
+    let not_to_containers = || vec![ip_in("daddr", subnet, prefix_len, Operator::NEQ)];
     let without_egress = || {
         matching(
             ip_field("saddr"),
@@ -178,8 +183,8 @@ fn rules(
     // to berth's DNS stub.
     let to_dns = |then: Vec<Statement<'static>>| {
         [
+            from_containers(),
             vec![
-                from_bridge(),
                 matching(
                     ip_field("daddr"),
                     Expression::String(gateway.to_string().into()),
@@ -209,58 +214,74 @@ fn rules(
         .concat()
     };
     vec![
-        // Loopback addresses never come from the bridge (the kernel drops them too, as long as
+        // Loopback addresses never come from a container (the kernel drops them too, as long as
         // route_localnet is off; this holds even if someone turns it on).
         (
             "prerouting",
-            vec![
-                from_bridge(),
-                ip_in("daddr", Ipv4Addr::new(127, 0, 0, 0), 8),
-                drop(),
-            ],
+            [
+                from_containers(),
+                vec![
+                    ip_in("daddr", Ipv4Addr::new(127, 0, 0, 0), 8, Operator::EQ),
+                    drop(),
+                ],
+            ]
+            .concat(),
         ),
         // To the host itself: only replies to what the host opened (proxy, health checks), and
         // DNS queries to the stub from containers with egress.
-        ("input", vec![from_bridge(), established(), accept()]),
+        (
+            "input",
+            [from_containers(), vec![established(), accept()]].concat(),
+        ),
         ("input", to_dns(vec![without_egress(), tcp(), reset()])),
         ("input", to_dns(vec![without_egress(), prohibited()])),
         ("input", to_dns(vec![accept()])),
-        ("input", vec![from_bridge(), drop()]),
-        // Out of the bridge: nothing from containers without egress (rejected, so a connect or
-        // a DNS query fails at once: TCP by a reset, the rest by an ICMP error), anything from
-        // the others; into it from elsewhere: only replies.
+        ("input", [from_containers(), vec![drop()]].concat()),
+        // Out to elsewhere: nothing from containers without egress (rejected, so a connect or a
+        // DNS query fails at once: TCP by a reset, the rest by an ICMP error), anything from
+        // the others; from one container to another: nothing; into containers from elsewhere:
+        // only replies.
         (
             "forward",
-            vec![
-                from_bridge(),
-                not_to_bridge(),
-                without_egress(),
-                tcp(),
-                reset(),
-            ],
+            [
+                from_containers(),
+                not_to_containers(),
+                vec![without_egress(), tcp(), reset()],
+            ]
+            .concat(),
         ),
         (
             "forward",
-            vec![
-                from_bridge(),
-                not_to_bridge(),
-                without_egress(),
-                prohibited(),
-            ],
+            [
+                from_containers(),
+                not_to_containers(),
+                vec![without_egress(), prohibited()],
+            ]
+            .concat(),
         ),
-        ("forward", vec![from_bridge(), not_to_bridge(), accept()]),
         (
             "forward",
-            vec![to_bridge(), not_from_bridge(), established(), accept()],
+            [from_containers(), not_to_containers(), vec![accept()]].concat(),
         ),
-        ("forward", vec![to_bridge(), not_from_bridge(), drop()]),
+        ("forward", [from_containers(), vec![drop()]].concat()),
+        (
+            "forward",
+            [
+                to_containers(),
+                not_from_containers(),
+                vec![established(), accept()],
+            ]
+            .concat(),
+        ),
+        ("forward", [to_containers(), vec![drop()]].concat()),
         (
             "postrouting",
-            vec![
-                ip_in("saddr", Ipv4Addr::from(subnet), prefix_len),
-                not_to_bridge(),
-                Statement::Masquerade(None),
-            ],
+            [
+                vec![ip_in("saddr", subnet, prefix_len, Operator::EQ)],
+                not_to_containers(),
+                vec![Statement::Masquerade(None)],
+            ]
+            .concat(),
         ),
     ]
 }
@@ -284,15 +305,15 @@ fn ip_field(field: &'static str) -> Expression<'static> {
     )))
 }
 
-/// `ip FIELD addr/len`.
-fn ip_in(field: &'static str, addr: Ipv4Addr, len: u8) -> Statement<'static> {
+/// `ip FIELD OP addr/len`.
+fn ip_in(field: &'static str, addr: Ipv4Addr, len: u8, op: Operator) -> Statement<'static> {
     matching(
         ip_field(field),
         Expression::Named(NamedExpression::Prefix(Prefix {
             addr: Box::new(Expression::String(addr.to_string().into())),
             len: len.into(),
         })),
-        Operator::EQ,
+        op,
     )
 }
 

@@ -1,7 +1,15 @@
-//! Container networking over netlink (rtnetlink; never shells out to `ip`): the host bridge,
-//! one named network namespace per container (a file under `netns_dir`, bind-mounted from
-//! the namespace) and the veth pair joining the two, with `eth0`, `lo` and the default route
-//! set up inside. Switching namespaces happens only on dedicated std threads, never on a tokio
+//! Container networking over netlink (rtnetlink; never shells out to `ip`): the host's
+//! gateway device, one named network namespace per container (a file under `netns_dir`,
+//! bind-mounted from the namespace) and the veth pair joining it to the host, with `eth0`,
+//! `lo` and the default route set up inside.
+//!
+//! Containers are **routed**, not bridged: the host side of each veth has no address and no
+//! bridge; the host reaches the container by a `/32` route through its veth (from the gateway
+//! address), and the container reaches the host, its gateway, through its default route. The
+//! "bridge" device only holds the gateway address (it has no ports). A Linux bridge takes at
+//! most 1024 ports, which would cap a server near 1000 containers; routes have no such cap,
+//! and containers share no layer-2 segment (no ARP between them: they cannot reach each
+//! other, nor spoof one another's address to the host). Each container costs one route. Switching namespaces happens only on dedicated std threads, never on a tokio
 //! worker. Touches only the links, addresses and namespaces it is named.
 
 use std::fs::File;
@@ -13,21 +21,13 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::Error;
 
-/// The bridge's own MAC address, fixed (locally administered, from its gateway address): a
-/// bridge left to itself takes the lowest MAC of its ports, so it changed whenever a
-/// container's veth came or went, and a container that had learned the old one sent its
-/// replies nowhere until its ARP entry expired (requests to a new release hung for seconds).
-pub fn bridge_mac(gateway: Ipv4Addr) -> [u8; 6] {
-    let [a, b, c, d] = gateway.octets();
-    [0x02, 0x62, a, b, c, d]
-}
-
-/// Creates the bridge `name` if missing, gives it `gateway/prefix_len` and a fixed MAC
-/// ([`bridge_mac`]) and sets it up. Idempotent.
+/// Creates the gateway device `name` (a bridge without ports) if missing, gives it
+/// `gateway/prefix_len` and sets it up. Idempotent.
 pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
     let handle = connect()?;
     if link_index(&handle, name).await?.is_none() {
@@ -53,18 +53,6 @@ pub async fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> Res
         .await
         .map_err(Error::netlink(format!(
             "giving bridge {name} the address {gateway}/{prefix_len}"
-        )))?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .address(bridge_mac(gateway).to_vec())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(Error::netlink(format!(
-            "giving bridge {name} its MAC address"
         )))?;
     set_up(&handle, index, name).await
 }
@@ -129,8 +117,8 @@ pub fn veth_names(id: &str) -> (String, String) {
     (format!("vb{short:012x}"), format!("vp{short:012x}"))
 }
 
-/// The veth pair: host side on the bridge and up, peer moved into the namespace and set up
-/// there.
+/// The veth pair: host side up with a route to the container through it, peer moved into
+/// the namespace and set up there.
 async fn wire(
     path: &Path,
     id: &str,
@@ -140,11 +128,11 @@ async fn wire(
     gateway: Ipv4Addr,
 ) -> Result<(), Error> {
     let handle = connect()?;
-    let bridge_index = link_index(&handle, bridge).await?.ok_or_else(|| {
-        missing(format!(
-            "bridge {bridge} does not exist: call ensure_bridge first"
-        ))
-    })?;
+    if link_index(&handle, bridge).await?.is_none() {
+        return Err(missing(format!(
+            "bridge {bridge} (the gateway device) does not exist: call ensure_bridge first"
+        )));
+    }
     let (host, peer) = veth_names(id);
     delete_link(&handle, &host).await?;
     handle
@@ -173,25 +161,21 @@ async fn wire(
     let host_index = link_index(&handle, &host)
         .await?
         .ok_or_else(|| missing(format!("veth {host} vanished after it was created")))?;
+    set_up(&handle, host_index, &host).await?;
+    // The host reaches the container through its veth, from the gateway address.
     handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(host_index)
-                .controller(bridge_index)
+        .route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(ip, 32)
+                .output_interface(host_index)
+                .pref_source(gateway)
+                .scope(RouteScope::Link)
                 .build(),
         )
         .execute()
         .await
-        .map_err(Error::netlink(format!("attaching {host} to {bridge}")))?;
-    // An isolated port reaches the bridge itself (the host: NAT, the proxy's connections in)
-    // but no other isolated port: containers cannot talk to each other directly.
-    handle
-        .link()
-        .set_port(LinkBridgePort::new(host_index).isolated(true).build())
-        .execute()
-        .await
-        .map_err(Error::netlink(format!("isolating {host} on {bridge}")))?;
-    set_up(&handle, host_index, &host).await?;
+        .map_err(Error::netlink(format!("routing {ip} through {host}")))?;
     let path = path.to_path_buf();
     on_thread(move || in_netns(&path, configure_inside(peer, ip, prefix_len, gateway))).await
 }

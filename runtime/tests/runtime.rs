@@ -106,7 +106,7 @@ fn main() {
             "limits_hold_and_oom_kills_are_reported",
             limits_hold_and_oom_kills_are_reported,
         ),
-        ("network_http_over_bridge", network_http_over_bridge),
+        ("network_http_routed_and_isolated", network_http_routed_and_isolated),
         ("firewall_shields_the_host", firewall_shields_the_host),
         (
             "egress_off_rejects_connections_out_of_the_bridge",
@@ -1143,9 +1143,9 @@ fn limits_hold_and_oom_kills_are_reported() {
     fx.assert_clean(&hog.id);
 }
 
-/// A container on the bridge answers HTTP from the host (here in a user namespace, on port 80
-/// all the same) and is out of reach of another container on the bridge.
-fn network_http_over_bridge() {
+/// A routed container answers HTTP from the host (here in a user namespace, on port 80
+/// all the same) and is out of reach of another container.
+fn network_http_routed_and_isolated() {
     let mut fx = Fixture::new("net");
     let pid = std::process::id();
     let bridge = format!("bt{pid}");
@@ -1171,14 +1171,22 @@ fn network_http_over_bridge() {
     });
     spec.netns = Some(netns);
     fx.runtime.start(&spec).unwrap();
-    // The bridge's MAC is its own, not its lowest port's: it stays put as ports come and go.
-    let mac = || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
-    let fixed = network::bridge_mac(gateway)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    assert_eq!(mac().trim(), fixed);
+    // Routed, not bridged: its veth is no bridge port, and the host reaches it by a /32 route
+    // through that veth.
+    let veth = network::veth_names(&spec.id).0;
+    assert!(
+        !Path::new(&format!("/sys/class/net/{veth}/master")).exists(),
+        "{veth} is a bridge port"
+    );
+    let route = std::process::Command::new("ip")
+        .args(["-4", "route", "show", &format!("{ip}/32")])
+        .output()
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.contains(&format!("dev {veth}")) && route.contains(&format!("src {gateway}")),
+        "the host's route to {ip}: {route:?}"
+    );
 
     let addr = SocketAddr::from((ip, 80));
     let body = wait_for(Duration::from_secs(10), "httpd to answer", || {
@@ -1190,7 +1198,8 @@ fn network_http_over_bridge() {
     );
     assert!(body.ends_with("hello from berth\n"), "{body}");
 
-    // Another container on the bridge cannot reach it: containers are isolated from each other.
+    // Another container cannot reach it: containers share no link, and the host drops what
+    // one sends to another.
     let mut peer = fx.spec(
         "net-peer",
         &[
@@ -1214,10 +1223,16 @@ fn network_http_over_bridge() {
     fx.runtime.remove(&peer.id).unwrap();
     rt.block_on(network::delete_netns(&netns_dir, &peer.id))
         .unwrap();
-    assert_eq!(
-        mac().trim(),
-        fixed,
-        "a port that went changed the bridge's MAC"
+    assert!(
+        !String::from_utf8_lossy(
+            &std::process::Command::new("ip")
+                .args(["-4", "route", "show", &format!("{peer_ip}/32")])
+                .output()
+                .unwrap()
+                .stdout
+        )
+        .contains("dev"),
+        "the route to a removed container stays"
     );
 
     fx.runtime.stop(&spec.id).unwrap();
