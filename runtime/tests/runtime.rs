@@ -106,7 +106,10 @@ fn main() {
             "limits_hold_and_oom_kills_are_reported",
             limits_hold_and_oom_kills_are_reported,
         ),
-        ("network_http_routed_and_isolated", network_http_routed_and_isolated),
+        (
+            "network_http_routed_and_isolated",
+            network_http_routed_and_isolated,
+        ),
         ("firewall_shields_the_host", firewall_shields_the_host),
         (
             "egress_off_rejects_connections_out_of_the_bridge",
