@@ -739,13 +739,8 @@ impl Proxy {
             .cloned()
             .or_else(|| HeaderValue::from_str(&host).ok());
         // A client that takes trailers gets the upstream's, so the upstream may send them.
-        let takes_trailers = parts
-            .headers
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
+        let takes_trailers =
+            tokens(&parts.headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
         strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
         if takes_trailers {
             parts
@@ -1033,12 +1028,13 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
 /// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// The comma-separated tokens of every `name` header (`Connection`, `TE`).
+fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
@@ -1053,7 +1049,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection_tokens(headers)
+        let named: Vec<HeaderName> = tokens(headers, header::CONNECTION)
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {

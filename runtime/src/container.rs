@@ -105,7 +105,7 @@ fn invalid(what: &str) -> Error {
 struct Plan<'a> {
     oci: &'a Spec,
     root: PathBuf,
-    userns: bool,
+    /// The uid and gid maps of the container's user namespace, when it has one.
     maps: Option<(String, String)>,
     args: Vec<CString>,
     env: Vec<CString>,
@@ -171,7 +171,6 @@ impl<'a> Plan<'a> {
         Ok(Plan {
             oci,
             root,
-            userns,
             maps,
             args,
             env: cstrings(&env_list)?,
@@ -217,7 +216,7 @@ impl<'a> Plan<'a> {
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC;
-        if self.userns {
+        if self.maps.is_some() {
             flags |= CloneFlags::CLONE_NEWUSER;
         }
         match clone(flags).map_err(Error::sys("creating the container's init"))? {
@@ -295,7 +294,7 @@ impl<'a> Plan<'a> {
         }
         drop(go);
         let step = |what: &'static str| move |err: nix::Error| format!("{what}: {err}");
-        if self.userns {
+        if self.maps.is_some() {
             // Still the host's root, unmapped in the new namespace: become its mapped root.
             let root = (Uid::from_raw(0), Gid::from_raw(0));
             nix::unistd::setresgid(root.1, root.1, root.1)
@@ -699,11 +698,17 @@ fn ensure(root: &OwnedFd, path: &Path, dir: bool) -> Result<OwnedFd, String> {
             _ => None,
         })
         .collect();
+    if let Ok(found) = open_in(root, path) {
+        return Ok(found);
+    }
+    // Each prefix is resolved from `root` again (a link in it leads inside the rootfs, not
+    // beside its parent); what is missing is made in the parent just opened.
     let mut at = PathBuf::from(".");
+    let mut parent = open_in(root, &at)?;
     for (n, part) in parts.iter().enumerate() {
-        let parent = open_in(root, &at)?;
         at.push(part);
-        if open_in(root, &at).is_ok() {
+        if let Ok(found) = open_in(root, &at) {
+            parent = found;
             continue;
         }
         let last = n + 1 == parts.len();
@@ -722,8 +727,9 @@ fn ensure(root: &OwnedFd, path: &Path, dir: bool) -> Result<OwnedFd, String> {
             .map(drop),
         };
         made.map_err(|err| format!("creating {}: {err}", at.display()))?;
+        parent = open_in(root, &at)?;
     }
-    open_in(root, &at)
+    Ok(parent)
 }
 
 /// An `O_PATH` fd of `path` resolved inside `root`.

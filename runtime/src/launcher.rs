@@ -47,8 +47,8 @@ pub fn main(shim: fn(&Path) -> i32) -> i32 {
     let exe = std::env::args_os().next().unwrap_or_default();
     // SAFETY: fd LAUNCHER_FD was handed over by the daemon for this loop alone.
     let socket = unsafe { OwnedFd::from_raw_fd(LAUNCHER_FD) };
+    let mut buf = vec![0u8; MAX_DIR];
     loop {
-        let mut buf = vec![0u8; MAX_DIR];
         let mut space = nix::cmsg_space!([RawFd; 1]);
         let (len, ready) = {
             let mut iov = [IoSliceMut::new(&mut buf)];

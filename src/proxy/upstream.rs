@@ -313,7 +313,7 @@ async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8),
 
 /// Whether the `Connection` header names `token`.
 fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    super::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+    super::tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// How the body of a response to `method` with `status` and `headers` ends (RFC 9112 §6.3),
