@@ -29,7 +29,7 @@ use bytes::Bytes;
 use http_body_util::{Either, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, PathAndQuery};
+use hyper::http::uri::PathAndQuery;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
@@ -155,7 +155,8 @@ struct Route {
 impl Route {
     /// The next upstream in turn that is in the rotation, other than `avoid`; one out of the
     /// rotation when all are; `None` when there is no upstream besides `avoid`.
-    fn pick(&self, now_ms: u64, avoid: Option<SocketAddr>) -> Option<&Upstream> {
+    /// `now_ms` is asked only when an upstream was taken out of the rotation.
+    fn pick(&self, now_ms: impl Fn() -> u64, avoid: Option<SocketAddr>) -> Option<&Upstream> {
         let len = self.upstreams.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut fallback = None;
@@ -163,7 +164,8 @@ impl Route {
             if Some(upstream.addr) == avoid {
                 continue;
             }
-            if upstream.down_until.load(Ordering::Relaxed) <= now_ms {
+            let down_until = upstream.down_until.load(Ordering::Relaxed);
+            if down_until == 0 || down_until <= now_ms() {
                 return Some(upstream);
             }
             fallback.get_or_insert(upstream);
@@ -724,7 +726,8 @@ impl Proxy {
             }
         }
         let route = if route.upstreams.is_empty() {
-            self.route_with_upstreams(&host, exchange).await?
+            // Boxed: a rare path kept out of every request's future.
+            Box::pin(self.route_with_upstreams(&host, exchange)).await?
         } else {
             route
         };
@@ -761,13 +764,7 @@ impl Proxy {
             &exchange.request_id,
         );
         let retry = is_idempotent(&parts.method) && body.is_end_stream();
-        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let head = RequestHead {
-            method: &parts.method,
-            target,
-            headers: &parts.headers,
-        };
-        let body = if body.is_end_stream() {
+        let mut body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
             Either::Left(Box::pin(TimeoutBody::new(
@@ -775,23 +772,32 @@ impl Proxy {
                 Limited::new(body, self.config.max_body),
             )))
         };
-        let Some(first) = route.pick(self.routes.now_ms(), None) else {
-            return Err(ProxyError::NoUpstream(host));
-        };
-        let sent = self.send(&host, first, &head, body, exchange).await;
-        let mut response = match sent {
-            Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. })) if retry => {
-                match route.pick(self.routes.now_ms(), Some(first.addr)) {
-                    Some(second) => {
-                        debug!(error = %err, upstream = %first.addr, "retrying on another upstream");
-                        let body = Either::Right(Empty::new());
-                        self.send(&host, second, &head, body, exchange).await
-                    }
-                    None => Err(err),
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let head = RequestHead::new(&parts.method, target, &parts.headers, &body);
+        // Encoded: the request's header map takes the response's headers, so no map is
+        // allocated per request.
+        let mut headers = parts.headers;
+        headers.clear();
+        let mut tried = None;
+        let mut response = loop {
+            let Some(upstream) = route.pick(|| self.routes.now_ms(), tried) else {
+                return Err(ProxyError::NoUpstream(host));
+            };
+            let headers = std::mem::take(&mut headers);
+            let body = std::mem::replace(&mut body, Either::Right(Empty::new()));
+            match self
+                .send(&host, upstream, &head, body, headers, exchange)
+                .await
+            {
+                Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. }))
+                    if retry && tried.is_none() && route.upstreams.len() > 1 =>
+                {
+                    debug!(error = %err, upstream = %upstream.addr, "retrying on another upstream");
+                    tried = Some(upstream.addr);
                 }
+                sent => break sent?,
             }
-            sent => sent,
-        }?;
+        };
         let switched =
             client_upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(response.headers_mut(), switched);
@@ -836,16 +842,19 @@ impl Proxy {
         &self,
         host: &str,
         upstream: &Upstream,
-        head: &RequestHead<'_>,
+        head: &RequestHead,
         body: UpstreamBody,
+        headers: HeaderMap,
         exchange: &mut Exchange,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
-        let sent = upstream::send(&self.pool, upstream.addr, head, body);
+        let sent = upstream::send(&self.pool, upstream.addr, head, body, headers);
         match tokio::time::timeout(self.config.upstream_timeout, sent).await {
             Ok(Ok(response)) => {
-                upstream.down_until.store(0, Ordering::Relaxed);
+                if upstream.down_until.load(Ordering::Relaxed) != 0 {
+                    upstream.down_until.store(0, Ordering::Relaxed);
+                }
                 Ok(response)
             }
             Ok(Err(source)) => {
@@ -1011,18 +1020,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// The Host a request is for, lowercased, without a port: from an absolute-form target, else
-/// the Host header.
+/// the Host header (`host [":" port]`, RFC 9110 §7.2; None when malformed).
 fn request_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
-    let authority = match uri.authority() {
-        Some(authority) => authority.clone(),
-        None => headers
-            .get(header::HOST)?
-            .to_str()
-            .ok()?
-            .parse::<Authority>()
-            .ok()?,
+    let host = match uri.authority() {
+        Some(authority) => authority.host(),
+        None => {
+            let value = headers.get(header::HOST)?.to_str().ok()?;
+            let (host, port) = match value.strip_prefix('[') {
+                Some(rest) => {
+                    let (inside, port) = rest.split_once(']')?;
+                    let ip = inside
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b));
+                    (ip.then_some(&value[..inside.len() + 2])?, port)
+                }
+                None => value.split_at(value.find(':').unwrap_or(value.len())),
+            };
+            let port_ok = port.is_empty()
+                || port
+                    .strip_prefix(':')
+                    .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+            let name_ok = host.starts_with('[')
+                || host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+            (port_ok && name_ok).then_some(host)?
+        }
     };
-    Some(authority.host().to_ascii_lowercase()).filter(|host| !host.is_empty())
+    Some(host.to_ascii_lowercase()).filter(|host| !host.is_empty())
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade` and an `Upgrade`).
@@ -1045,6 +1070,10 @@ fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop headers and those the `Connection` header names. With `upgrade`,
 /// keeps the `Upgrade` protocol and sends `Connection: upgrade` on.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup for each.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let protocol = upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
@@ -1152,7 +1181,7 @@ mod tests {
 
     fn pick(routes: &Routes, host: &str) -> Option<SocketAddr> {
         let route = routes.route(host)?;
-        let addr = route.pick(routes.now_ms(), None)?.addr;
+        let addr = route.pick(|| routes.now_ms(), None)?.addr;
         Some(addr)
     }
 
@@ -1201,9 +1230,9 @@ mod tests {
         route.upstreams[1]
             .down_until
             .store(u64::MAX, Ordering::Relaxed);
-        assert!(route.pick(routes.now_ms(), None).is_some());
+        assert!(route.pick(|| routes.now_ms(), None).is_some());
         assert_eq!(
-            route.pick(routes.now_ms(), Some(a)).map(|u| u.addr),
+            route.pick(|| routes.now_ms(), Some(a)).map(|u| u.addr),
             Some(b)
         );
         routes.set("app.localhost", vec![a, b]);
@@ -1259,12 +1288,18 @@ mod tests {
 
     #[test]
     fn request_host_table() {
-        let cases: [(&str, Option<&str>, Option<&str>); 6] = [
+        let cases: [(&str, Option<&str>, Option<&str>); 12] = [
             ("/", Some("App.Localhost"), Some("app.localhost")),
             ("/", Some("app.localhost:8080"), Some("app.localhost")),
             ("/", Some("[::1]:8080"), Some("[::1]")),
+            ("/", Some("[::1]"), Some("[::1]")),
             ("/", None, None),
             ("/", Some("bad host"), None),
+            ("/", Some(":8080"), None),
+            ("/", Some("app.localhost:80x"), None),
+            ("/", Some("a:1:2"), None),
+            ("/", Some("[::1"), None),
+            ("/", Some("[::1]x"), None),
             (
                 "http://Other.localhost/x",
                 Some("app.localhost"),

@@ -12,6 +12,10 @@
 # (examples/proxy_bench.rs, `proxy::run` with berth's default settings; `berth server` itself
 # runs one tokio worker per core) — keeps upstream connections alive and writes no access log
 # (berth's `berth::access` lines go nowhere without a subscriber). wrk runs one thread.
+# Every proxy does the per-request work berth does (the work a PaaS's nginx config does, as
+# Dokku's): it sends the upstream Host, X-Forwarded-For (appended), X-Real-IP,
+# X-Forwarded-Proto/-Host/-Port and an X-Request-Id (the client's, else a new random one; haproxy:
+# always a new one), drops a client's `Forwarded`, and returns the X-Request-Id to the client.
 # Everything runs on this machine, so wrk, the proxies and the upstream share its cores; the
 # load average at the start and end is printed under the table. On exit, Ctrl-C included, the
 # upstream removes its container, netns, bridge, nftables table and files.
@@ -76,8 +80,12 @@ http {
 CONF
 }
 nginx_conf nginx $NGINX "proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
-    proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;" \
-    "upstream app { server $UP; keepalive 256; }"
+    proxy_set_header Host \$http_host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Real-IP \$remote_addr; proxy_set_header X-Forwarded-Proto \$scheme;
+    proxy_set_header X-Forwarded-Host \$http_host; proxy_set_header X-Forwarded-Port \$server_port;
+    proxy_set_header X-Request-Id \$rid; proxy_set_header Forwarded \"\"; add_header X-Request-Id \$rid always;" \
+    "upstream app { server $UP; keepalive 256; }
+    map \$http_x_request_id \$rid { default \$http_x_request_id; \"\" \$request_id; }"
 cat >"$dir/haproxy.cfg" <<CONF
 global
     nbthread 1
@@ -92,6 +100,14 @@ defaults
 frontend web
     bind 127.0.0.1:$HAPROXY
     option forwardfor
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-Id
+    http-request del-header Forwarded
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Forwarded-Port %[dst_port]
+    http-after-response set-header X-Request-Id %[unique-id]
     default_backend app
 backend app
     server up $UP

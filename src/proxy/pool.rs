@@ -21,7 +21,7 @@ use tracing::debug;
 pub(super) struct Connection {
     pub(super) stream: TcpStream,
     pub(super) read: BytesMut,
-    /// Where the next request's head is written; kept to reuse its allocation.
+    /// Where a request body's chunks are framed; kept to reuse its allocation.
     pub(super) write: Vec<u8>,
 }
 

@@ -85,35 +85,72 @@ pub(super) enum ExchangeError {
     Chunked,
 }
 
-/// The request head as it goes to the upstream.
-pub(super) struct RequestHead<'a> {
-    pub(super) method: &'a Method,
-    /// The origin-form target: path and query.
-    pub(super) target: &'a str,
-    pub(super) headers: &'a HeaderMap,
+/// A request head encoded as the upstream gets it, once: sent again as it is when a kept
+/// connection turns out closed, or to another upstream.
+pub(super) struct RequestHead {
+    bytes: Vec<u8>,
+    method: Method,
+    /// The body goes chunked (it has no length, and is not empty).
+    chunked: bool,
+}
+
+impl RequestHead {
+    /// `target` is the origin-form target (path and query); `headers` are the ones the
+    /// upstream should see.
+    pub(super) fn new(
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &UpstreamBody,
+    ) -> Self {
+        let chunked = !body.is_end_stream() && !headers.contains_key(header::CONTENT_LENGTH);
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(method.as_str().as_bytes());
+        bytes.push(b' ');
+        bytes.extend_from_slice(target.as_bytes());
+        bytes.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            bytes.extend_from_slice(name.as_str().as_bytes());
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(value.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        if chunked {
+            bytes.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        Self {
+            bytes,
+            method: method.clone(),
+            chunked,
+        }
+    }
 }
 
 /// Sends `head` and `body` to `addr` on an idle pooled connection, or a new one when there is
 /// none or the idle one turns out closed before anything was answered (and the body can be
-/// sent again), and reads the response head.
+/// sent again), and reads the response head into `headers` (an empty map whose allocation it
+/// reuses: the request's, once encoded).
 pub(super) async fn send(
     pool: &Arc<Pool>,
     addr: SocketAddr,
-    head: &RequestHead<'_>,
+    head: &RequestHead,
     mut body: UpstreamBody,
+    mut headers: HeaderMap,
 ) -> Result<Response<ResponseBody>, SendError> {
     loop {
         let (mut conn, reused) = match pool.take_idle(addr) {
             Some(conn) => (conn, true),
             None => {
-                let conn = (pool.connect(addr).await)
+                // Boxed, as the body below: a rare path kept out of every request's future.
+                let conn = (Box::pin(pool.connect(addr)).await)
                     .map_err(|source| SendError::Connect { addr, source })?;
                 (conn, false)
             }
         };
         let resendable = body.is_end_stream();
-        match exchange(&mut conn, head, &mut body).await {
-            Ok((status, headers, framing, keep_alive)) => {
+        match exchange(&mut conn, head, &mut body, &mut headers).await {
+            Ok((status, framing, keep_alive)) => {
                 let reuse = keep_alive.then(|| (Arc::downgrade(pool), addr));
                 let mut response = Response::new(ResponseBody {
                     conn: Some(conn),
@@ -151,49 +188,52 @@ impl Failure {
     }
 }
 
-/// Writes the request, then reads the response head: status, headers, how its body is framed
-/// and whether the connection can carry another request afterwards.
+/// Writes the request, then reads the response head: status, `headers`, how its body is
+/// framed and whether the connection can carry another request afterwards.
 async fn exchange(
     conn: &mut Connection,
-    head: &RequestHead<'_>,
+    head: &RequestHead,
     body: &mut UpstreamBody,
-) -> Result<(StatusCode, HeaderMap, Framing, bool), Failure> {
-    let chunked = !body.is_end_stream() && !head.headers.contains_key(header::CONTENT_LENGTH);
-    let out = &mut conn.write;
-    out.clear();
-    encode_head(out, head, chunked);
-    conn.stream.write_all(out).await.map_err(Failure::write)?;
+    headers: &mut HeaderMap,
+) -> Result<(StatusCode, Framing, bool), Failure> {
+    conn.stream
+        .write_all(&head.bytes)
+        .await
+        .map_err(Failure::write)?;
     // Whether the upstream took the whole body. One that answers before it has (a 413, a 401)
     // and stops reading gets its answer forwarded, and its connection is not reused.
     let mut whole = true;
     if !body.is_end_stream() {
         let (mut read, mut write) = conn.stream.split();
         let mut probe = [0u8; 1];
-        whole = tokio::select! {
-            biased;
-            sent = write_body(&mut write, &mut conn.write, body, chunked) => match sent {
-                Ok(()) => true,
-                // It stopped reading: it may have answered already.
-                Err(Failure::Upstream(ExchangeError::Write(_))) => false,
-                Err(err) => return Err(err),
-            },
-            // Bytes (or its close) before the whole body: read the answer, if any.
-            _ = read.peek(&mut probe) => false,
-        };
+        whole = Box::pin(async {
+            tokio::select! {
+                biased;
+                sent = write_body(&mut write, &mut conn.write, body, head.chunked) => match sent {
+                    Ok(()) => Ok(true),
+                    // It stopped reading: it may have answered already.
+                    Err(Failure::Upstream(ExchangeError::Write(_))) => Ok(false),
+                    Err(err) => Err(err),
+                },
+                // Bytes (or its close) before the whole body: read the answer, if any.
+                _ = read.peek(&mut probe) => Ok(false),
+            }
+        })
+        .await?;
     }
     loop {
-        let (status, headers, version) = read_head(conn).await?;
+        let (status, version) = read_head(conn, headers).await?;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             continue; // 100 Continue and the like: the final answer follows
         }
-        let close = has_token(&headers, "close");
+        let close = has_token(headers, "close");
         let keep_alive = if version == 1 {
             !close
         } else {
-            !close && has_token(&headers, "keep-alive")
+            !close && has_token(headers, "keep-alive")
         };
-        let (framing, keep_alive) = framing(head.method, status, &headers, keep_alive && whole)?;
-        return Ok((status, headers, framing, keep_alive));
+        let (framing, keep_alive) = framing(&head.method, status, headers, keep_alive && whole)?;
+        return Ok((status, framing, keep_alive));
     }
 }
 
@@ -242,25 +282,12 @@ async fn write_body(
     Ok(())
 }
 
-fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, chunked: bool) {
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(head.target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in head.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Reads one response head: its status, headers (sharing the bytes read) and minor version.
-async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8), ExchangeError> {
+/// Reads one response head into `map` (header values share the bytes read); returns its status
+/// and minor version.
+async fn read_head(
+    conn: &mut Connection,
+    map: &mut HeaderMap,
+) -> Result<(StatusCode, u8), ExchangeError> {
     let len = loop {
         if !conn.read.is_empty() {
             let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
@@ -300,7 +327,8 @@ async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8),
     let status = (response.code)
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(ExchangeError::InvalidHead)?;
-    let mut map = HeaderMap::with_capacity(response.headers.len());
+    map.clear();
+    map.reserve(response.headers.len());
     for header in response.headers.iter() {
         let name = HeaderName::from_bytes(header.name.as_bytes())
             .map_err(|_| ExchangeError::InvalidHead)?;
@@ -308,7 +336,7 @@ async fn read_head(conn: &mut Connection) -> Result<(StatusCode, HeaderMap, u8),
             .map_err(|_| ExchangeError::InvalidHead)?;
         map.append(name, value);
     }
-    Ok((status, map, response.version.unwrap_or(1)))
+    Ok((status, response.version.unwrap_or(1)))
 }
 
 /// Whether the `Connection` header names `token`.
