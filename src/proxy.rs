@@ -16,6 +16,7 @@ mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -495,6 +496,10 @@ struct Conn {
     local_port: HeaderValue,
     /// The client came over TLS (the HTTPS listener).
     https: bool,
+    /// The upstream timeout's timer, kept for the connection's next request: moving a pending
+    /// timer's deadline later is one atomic step, registering and removing one per request
+    /// is timer-wheel work under the runtime's lock.
+    upstream_timer: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 impl Conn {
@@ -504,7 +509,35 @@ impl Conn {
                 .expect("an IP address is a valid header value"),
             local_port: HeaderValue::from(local_port),
             https,
+            upstream_timer: Mutex::default(),
         }
+    }
+
+    /// `work`'s output, or None when it took longer than `limit`.
+    async fn within<F: Future>(&self, limit: Duration, work: F) -> Option<F::Output> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let kept = self.lock_timer().take();
+        let mut timer = match kept {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let output = tokio::select! {
+            biased;
+            output = work => output,
+            () = timer.as_mut() => return None,
+        };
+        *self.lock_timer() = Some(timer);
+        Some(output)
+    }
+
+    fn lock_timer(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<tokio::time::Sleep>>>> {
+        // Only ever swapped whole: consistent even if a holder panicked.
+        self.upstream_timer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -551,7 +584,10 @@ async fn serve(
     );
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout);
+        .header_read_timeout(config.header_timeout)
+        // Each response goes out in one buffer and one write, its body copied in behind its
+        // head, instead of a write of both pieces: cheaper for the common small answer.
+        .writev(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let proxy = Arc::new(Proxy {
         routes,
@@ -786,7 +822,7 @@ impl Proxy {
             let headers = std::mem::take(&mut headers);
             let body = std::mem::replace(&mut body, Either::Right(Empty::new()));
             match self
-                .send(&host, upstream, &head, body, headers, exchange)
+                .send(conn, upstream, &head, body, headers, exchange)
                 .await
             {
                 Err(err @ (ProxyError::Refused { .. } | ProxyError::Failed { .. }))
@@ -837,10 +873,11 @@ impl Proxy {
         }
     }
 
-    /// One try of a request against `upstream`, counted in flight from here on.
+    /// One try of a request (for `exchange.host`) against `upstream`, counted in flight from
+    /// here on.
     async fn send(
         &self,
-        host: &str,
+        conn: &Conn,
         upstream: &Upstream,
         head: &RequestHead,
         body: UpstreamBody,
@@ -850,23 +887,23 @@ impl Proxy {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
         let sent = upstream::send(&self.pool, upstream.addr, head, body, headers);
-        match tokio::time::timeout(self.config.upstream_timeout, sent).await {
-            Ok(Ok(response)) => {
+        match conn.within(self.config.upstream_timeout, sent).await {
+            Some(Ok(response)) => {
                 if upstream.down_until.load(Ordering::Relaxed) != 0 {
                     upstream.down_until.store(0, Ordering::Relaxed);
                 }
                 Ok(response)
             }
-            Ok(Err(source)) => {
-                let err = ProxyError::from_send(host, self.config.max_body, source);
+            Some(Err(source)) => {
+                let err = ProxyError::from_send(&exchange.host, self.config.max_body, source);
                 if matches!(err, ProxyError::Refused { .. }) {
                     let until = self.routes.now_ms() + self.config.down_for.as_millis() as u64;
                     upstream.down_until.store(until, Ordering::Relaxed);
                 }
                 Err(err)
             }
-            Err(_) => Err(ProxyError::Timeout {
-                host: host.to_owned(),
+            None => Err(ProxyError::Timeout {
+                host: exchange.host.clone(),
                 after: self.config.upstream_timeout,
             }),
         }
@@ -978,7 +1015,7 @@ impl Body for Tracked {
             && this
                 .gone
                 .as_mut()
-                .is_some_and(|g| std::future::Future::poll(g.as_mut(), cx).is_ready())
+                .is_some_and(|g| g.as_mut().poll(cx).is_ready())
         {
             frame = Poll::Ready(None);
         }
