@@ -513,8 +513,9 @@ impl Conn {
         }
     }
 
-    /// `work`'s output, or None when it took longer than `limit`.
-    async fn within<F: Future>(&self, limit: Duration, work: F) -> Option<F::Output> {
+    /// `work`'s output, or None when it took longer than `limit`. (`work` is pinned by the
+    /// caller: a future taken by value would be stored twice in this one.)
+    async fn within<F: Future>(&self, limit: Duration, work: Pin<&mut F>) -> Option<F::Output> {
         let deadline = tokio::time::Instant::now() + limit;
         let kept = self.lock_timer().take();
         let mut timer = match kept {
@@ -887,6 +888,7 @@ impl Proxy {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
         let sent = upstream::send(&self.pool, upstream.addr, head, body, headers);
+        tokio::pin!(sent);
         match conn.within(self.config.upstream_timeout, sent).await {
             Some(Ok(response)) => {
                 if upstream.down_until.load(Ordering::Relaxed) != 0 {
