@@ -482,6 +482,18 @@ fn text_response(status: StatusCode, body: String) -> Response<ProxyBody> {
     );
     response
 }
+/// A request [`Proxy::prepare`]d for its upstreams.
+struct Forward {
+    route: Arc<Route>,
+    head: RequestHead,
+    body: UpstreamBody,
+    /// Empty, for the response's headers.
+    headers: HeaderMap,
+    /// It may be sent again to another upstream: idempotent, without a body.
+    retry: bool,
+    client_upgrade: Option<OnUpgrade>,
+}
+
 /// A request body on its way to an upstream: limited in size and in pauses, or none.
 type UpstreamBody = Either<Pin<Box<TimeoutBody<Limited<Incoming>>>>, Empty<Bytes>>;
 /// A response body on its way to the client: the upstream's, or berth's own one line.
@@ -671,8 +683,10 @@ where
 {
     let conn = Arc::new(conn);
     let service = service_fn(move |req| {
+        let mut exchange = Exchange::start(&req);
+        let prepared = proxy.prepare(&conn, req, &mut exchange);
         let (proxy, conn) = (proxy.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(proxy.handle(&conn, req).await) }
+        async move { Ok::<_, Infallible>(proxy.answer(&conn, exchange, prepared).await) }
     });
     let connection = http
         .serve_connection(TokioIo::new(io), service)
@@ -689,14 +703,111 @@ where
 }
 
 impl Proxy {
-    async fn handle(&self, conn: &Conn, req: Request<Incoming>) -> Response<Tracked> {
-        let mut exchange = Exchange::start(&req);
-        let acme = (!conn.https)
-            .then(|| self.routes.acme_answer(req.uri().path()))
-            .flatten();
-        let (mut response, upgrade) = match acme {
-            Some(answer) => (text_response(StatusCode::OK, answer), None),
-            None => match self.forward(conn, req, &mut exchange).await {
+    /// Everything about `req` that needs no waiting, done in hyper's call of the service:
+    /// `exchange` filled in, the route looked up, the upstream request head encoded. What
+    /// is returned holds nothing of the request's head, which shares the client connection's
+    /// read buffer: hyper reads on while the request is answered (to see a client that
+    /// leaves), and a buffer still shared would have to be allocated anew for each such read.
+    /// Err is berth's own answer (boxed: it is the rare case).
+    fn prepare(
+        &self,
+        conn: &Conn,
+        mut req: Request<Incoming>,
+        exchange: &mut Exchange,
+    ) -> Result<Forward, Box<Response<ProxyBody>>> {
+        if !conn.https {
+            if let Some(answer) = self.routes.acme_answer(req.uri().path()) {
+                return Err(Box::new(text_response(StatusCode::OK, answer)));
+            }
+        }
+        let fail = |err: ProxyError| Box::new(err.into_response());
+        let host =
+            request_host(req.uri(), req.headers()).ok_or_else(|| fail(ProxyError::NoHost))?;
+        exchange.host.clone_from(&host);
+        let route = (self.routes.route(&host))
+            .ok_or_else(|| fail(ProxyError::UnknownHost(host.clone())))?;
+        exchange.host_state = Some(route.state.clone());
+        if !conn.https {
+            let redirect = route.state.redirect_https.load(Ordering::Relaxed);
+            if redirect != 0 {
+                let port = if redirect == 443 {
+                    String::new()
+                } else {
+                    format!(":{redirect}")
+                };
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return Err(fail(ProxyError::RedirectHttps(format!(
+                    "https://{host}{port}{target}"
+                ))));
+            }
+        }
+        if req.body().size_hint().lower() > self.config.max_body as u64 {
+            return Err(fail(ProxyError::TooLarge(self.config.max_body)));
+        }
+        let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let forwarded_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&host).ok());
+        // A client that takes trailers gets the upstream's, so the upstream may send them.
+        let takes_trailers =
+            tokens(&parts.headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+        strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
+        if takes_trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        // berth's server side answers `Expect: 100-continue` itself (as it reads the body); an
+        // upstream's early 100 would read as an answer before the whole body.
+        parts.headers.remove(header::EXPECT);
+        if let (None, Some(value)) = (parts.headers.get(header::HOST), &forwarded_host) {
+            // An absolute-form request may come without Host; the upstream needs one.
+            parts.headers.insert(header::HOST, value.clone());
+        }
+        set_forwarding(
+            &mut parts.headers,
+            conn,
+            forwarded_host,
+            &exchange.request_id,
+        );
+        let retry = is_idempotent(&parts.method) && body.is_end_stream();
+        let body = if body.is_end_stream() {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(Box::pin(TimeoutBody::new(
+                self.config.body_timeout,
+                Limited::new(body, self.config.max_body),
+            )))
+        };
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let head = RequestHead::new(&parts.method, target, &parts.headers, &body);
+        // Encoded: the request's header map takes the response's headers, so no map is
+        // allocated per request.
+        let mut headers = parts.headers;
+        headers.clear();
+        Ok(Forward {
+            route,
+            head,
+            body,
+            headers,
+            retry,
+            client_upgrade,
+        })
+    }
+
+    /// The answer to a request [`prepare`](Self::prepare)d, counted and logged by `exchange`.
+    async fn answer(
+        &self,
+        conn: &Conn,
+        mut exchange: Exchange,
+        prepared: Result<Forward, Box<Response<ProxyBody>>>,
+    ) -> Response<Tracked> {
+        let (mut response, upgrade) = match prepared {
+            Err(response) => (*response, None),
+            Ok(forward) => match self.forward(conn, forward, &mut exchange).await {
                 Ok((mut response, client_upgrade)) => {
                     let upstream = response.body_mut().take_upgraded();
                     let upgrade = client_upgrade.zip(upstream);
@@ -732,93 +843,33 @@ impl Proxy {
         })
     }
 
-    /// Sends `req` to one of its host's upstreams (and, for an idempotent request without a
-    /// body whose upstream failed, once more to another). Returns the upstream's response and,
-    /// when it switched protocols, the client side of the upgrade.
+    /// Sends a request to one of its host's upstreams (and, for an idempotent request without
+    /// a body whose upstream failed, once more to another). Returns the upstream's response
+    /// and, when it switched protocols, the client side of the upgrade.
     async fn forward(
         &self,
         conn: &Conn,
-        mut req: Request<Incoming>,
+        forward: Forward,
         exchange: &mut Exchange,
     ) -> Result<(Response<ResponseBody>, Option<OnUpgrade>), ProxyError> {
-        let host = request_host(req.uri(), req.headers()).ok_or(ProxyError::NoHost)?;
-        exchange.host.clone_from(&host);
-        let route = self
-            .routes
-            .route(&host)
-            .ok_or_else(|| ProxyError::UnknownHost(host.clone()))?;
-        exchange.host_state = Some(route.state.clone());
-        if !conn.https {
-            let redirect = route.state.redirect_https.load(Ordering::Relaxed);
-            if redirect != 0 {
-                let port = if redirect == 443 {
-                    String::new()
-                } else {
-                    format!(":{redirect}")
-                };
-                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                return Err(ProxyError::RedirectHttps(format!(
-                    "https://{host}{port}{target}"
-                )));
-            }
-        }
+        let Forward {
+            route,
+            head,
+            mut body,
+            mut headers,
+            retry,
+            client_upgrade,
+        } = forward;
         let route = if route.upstreams.is_empty() {
             // Boxed: a rare path kept out of every request's future.
-            Box::pin(self.route_with_upstreams(&host, exchange)).await?
+            Box::pin(self.route_with_upstreams(exchange)).await?
         } else {
             route
         };
-        if req.body().size_hint().lower() > self.config.max_body as u64 {
-            return Err(ProxyError::TooLarge(self.config.max_body));
-        }
-        let client_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let forwarded_host = parts
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| HeaderValue::from_str(&host).ok());
-        // A client that takes trailers gets the upstream's, so the upstream may send them.
-        let takes_trailers =
-            tokens(&parts.headers, header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
-        strip_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
-        if takes_trailers {
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        // berth's server side answers `Expect: 100-continue` itself (as it reads the body); an
-        // upstream's early 100 would read as an answer before the whole body.
-        parts.headers.remove(header::EXPECT);
-        if let (None, Some(value)) = (parts.headers.get(header::HOST), &forwarded_host) {
-            // An absolute-form request may come without Host; the upstream needs one.
-            parts.headers.insert(header::HOST, value.clone());
-        }
-        set_forwarding(
-            &mut parts.headers,
-            conn,
-            forwarded_host,
-            &exchange.request_id,
-        );
-        let retry = is_idempotent(&parts.method) && body.is_end_stream();
-        let mut body = if body.is_end_stream() {
-            Either::Right(Empty::new())
-        } else {
-            Either::Left(Box::pin(TimeoutBody::new(
-                self.config.body_timeout,
-                Limited::new(body, self.config.max_body),
-            )))
-        };
-        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        let head = RequestHead::new(&parts.method, target, &parts.headers, &body);
-        // Encoded: the request's header map takes the response's headers, so no map is
-        // allocated per request.
-        let mut headers = parts.headers;
-        headers.clear();
         let mut tried = None;
         let mut response = loop {
             let Some(upstream) = route.pick(|| self.routes.now_ms(), tried) else {
-                return Err(ProxyError::NoUpstream(host));
+                return Err(ProxyError::NoUpstream(exchange.host.clone()));
             };
             let headers = std::mem::take(&mut headers);
             let body = std::mem::replace(&mut body, Either::Right(Empty::new()));
@@ -841,12 +892,13 @@ impl Proxy {
         Ok((response, client_upgrade.filter(|_| switched)))
     }
 
-    /// The route of `host` once it has an upstream, waiting up to `upstream_wait` for one.
+    /// The route of `exchange.host` once it has an upstream, waiting up to `upstream_wait`
+    /// for one.
     async fn route_with_upstreams(
         &self,
-        host: &str,
         exchange: &mut Exchange,
     ) -> Result<Arc<Route>, ProxyError> {
+        let host = &exchange.host.clone();
         let deadline = tokio::time::Instant::now() + self.config.upstream_wait;
         loop {
             let route = self
@@ -954,7 +1006,7 @@ const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
 struct Exchange {
     started: Instant,
     method: Method,
-    uri: Uri,
+    path: String,
     request_id: HeaderValue,
     host: String,
     host_state: Option<Arc<HostState>>,
@@ -964,11 +1016,12 @@ struct Exchange {
 }
 
 impl Exchange {
+    /// Keeps copies of what it needs of `req` (see [`Proxy::prepare`]).
     fn start(req: &Request<Incoming>) -> Self {
         Self {
             started: Instant::now(),
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            path: req.uri().path().to_owned(),
             request_id: request_id(req.headers()),
             host: String::new(),
             host_state: None,
@@ -985,7 +1038,7 @@ impl Drop for Exchange {
             target: "berth::access",
             host = %self.host,
             method = %self.method,
-            path = self.uri.path(),
+            path = self.path,
             status = self.status.as_u16(),
             ms = self.started.elapsed().as_millis() as u64,
             upstream = %self.upstream.map_or_else(|| "-".to_owned(), |addr| addr.to_string()),
@@ -1183,7 +1236,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
         .filter(|value| is_valid_request_id(value.as_bytes()))
-        .cloned()
+        .and_then(|value| HeaderValue::from_bytes(value.as_bytes()).ok()) // a copy: see prepare
         .unwrap_or_else(|| {
             let mut id = [0; 32];
             hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut id)
