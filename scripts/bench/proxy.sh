@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks berth's reverse proxy against Debian's nginx and haproxy, in front of one fast upstream,
 # and prints ONE table: req/s, p50 and p99 with wrk at 50 and 200 connections, medians of ROUNDS runs
-# (default 3) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
+# (default 5) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
 # the serving process used per request, which other load on the machine disturbs less than req/s.
 #
 # The upstream, the same for every row, is Debian's nginx answering `200 ok` to every request inside a
@@ -20,11 +20,11 @@
 # load average at the start and end is printed under the table. On exit, Ctrl-C included, the
 # upstream removes its container, netns, bridge, nftables table and files.
 #
-# Usage: scripts/bench/proxy.sh   (as root; env ROUNDS=3 DURATION=5s)
+# Usage: scripts/bench/proxy.sh   (as root; env ROUNDS=5 DURATION=5s)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5s}
 BERTH=18081 NGINX=18082 HAPROXY=18083
 
