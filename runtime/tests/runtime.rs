@@ -373,6 +373,18 @@ fn wait_for<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T
     }
 }
 
+/// Runs busybox `script` (an applet and its arguments) in the network namespace at `netns`,
+/// as a container's processes see the network; its output, stderr included.
+fn busybox_in(netns: &Path, script: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["sh", "-c"])
+        .arg(format!("/bin/busybox {script} 2>&1"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn run_attached(fx: &Fixture, spec: &ContainerSpec) -> (String, i32) {
     run_attached_with(&fx.runtime, spec)
 }
@@ -1334,15 +1346,7 @@ fn firewall_shields_the_host() {
     assert!(body.ends_with("hello from berth\n"), "{body}");
 
     let dns = DnsStandIn::on(gateway);
-    let in_netns = |script: &str| {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args(["sh", "-c"])
-            .arg(format!("/bin/busybox {script} 2>&1"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let in_netns = |script: &str| busybox_in(&netns, script);
     let out = in_netns(&format!(
         "timeout 10 /bin/busybox nslookup x.test {gateway}"
     ));
@@ -1431,16 +1435,7 @@ fn egress_off_rejects_connections_out_of_the_bridge() {
     // nslookup against the outside server; output and how long it took.
     let probe = |args: &str| {
         let t = Instant::now();
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", client_ns.display()))
-            .args(["sh", "-c"])
-            .arg(format!("/bin/busybox {args} 2>&1"))
-            .output()
-            .unwrap();
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            t.elapsed(),
-        )
+        (busybox_in(&client_ns, args), t.elapsed())
     };
     let get = format!(
         "sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox timeout 5 /bin/busybox nc {server_ip} 8080\""
