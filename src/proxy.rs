@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use std::pin::Pin;
@@ -206,7 +206,7 @@ impl Routes {
     /// known with no live container: requests wait a moment for one, then get 503.
     pub fn set(&self, host: &str, addrs: Vec<SocketAddr>) {
         let host = host.to_ascii_lowercase();
-        let mut gauges = self.lock_gauges();
+        let mut gauges = lock(&self.gauges);
         let mut table = HashMap::clone(&self.table.load());
         let state = table
             .get(&host)
@@ -247,7 +247,7 @@ impl Routes {
     /// Forgets `host` and its counters: its requests get 404.
     pub fn remove(&self, host: &str) {
         let host = host.to_ascii_lowercase();
-        let mut gauges = self.lock_gauges();
+        let mut gauges = lock(&self.gauges);
         let mut table = HashMap::clone(&self.table.load());
         let removed = table.remove(&host);
         self.table.store(Arc::new(table));
@@ -274,14 +274,14 @@ impl Routes {
     /// body was sent or the client went away; an open WebSocket or event stream counts until it
     /// closes.
     pub fn in_flight(&self, addr: SocketAddr) -> usize {
-        self.lock_gauges()
+        lock(&self.gauges)
             .get(&addr)
             .map_or(0, |gauge| gauge.count.load(Ordering::Acquire))
     }
 
     /// Waits until no request is in flight to `addr`, at most `deadline`; true if it became idle.
     pub async fn wait_idle(&self, addr: SocketAddr, deadline: Duration) -> bool {
-        let gauge = self.lock_gauges().entry(addr).or_default().clone();
+        let gauge = lock(&self.gauges).entry(addr).or_default().clone();
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let idle = gauge.idle.notified();
@@ -299,7 +299,7 @@ impl Routes {
     /// Answers the ACME HTTP-01 challenge `token` with `key_authorization` on plain HTTP, for
     /// every host and before any redirect, or stops answering it with None.
     pub fn answer_acme(&self, token: &str, key_authorization: Option<String>) {
-        let mut answers = self.acme.lock().unwrap_or_else(|p| p.into_inner());
+        let mut answers = lock(&self.acme);
         match key_authorization {
             Some(answer) => answers.insert(token.to_string(), answer),
             None => answers.remove(token),
@@ -309,7 +309,7 @@ impl Routes {
     /// berth's own answer to a plain-HTTP request for `path`, when it is an ACME challenge.
     fn acme_answer(&self, path: &str) -> Option<String> {
         let token = path.strip_prefix(ACME_CHALLENGE_PATH)?;
-        let answers = self.acme.lock().unwrap_or_else(|p| p.into_inner());
+        let answers = lock(&self.acme);
         answers.get(token).cloned()
     }
 
@@ -325,17 +325,17 @@ impl Routes {
     /// gone (its container stopped): their clients see the connection close even when the
     /// upstream's own close never arrived. Later requests to `addr` count afresh.
     pub fn disconnect(&self, addr: SocketAddr) {
-        if let Some(gauge) = self.lock_gauges().remove(&addr) {
+        if let Some(gauge) = lock(&self.gauges).remove(&addr) {
             gauge.gone.cancel();
         }
     }
+}
 
-    fn lock_gauges(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<Gauge>>> {
-        // The map stays consistent even if a holder panicked: every change is one insert/remove.
-        self.gauges
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// Locks `mutex`, also after a holder panicked: what the proxy keeps behind a lock (routes'
+/// gauges, ACME answers, idle connections, a connection's timer) is changed by whole inserts,
+/// removes and swaps, so a panic never leaves it half-changed.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Drops the gauges nothing refers to any more (no route, no request, no waiter). Under the
@@ -529,7 +529,7 @@ impl Conn {
     /// caller: a future taken by value would be stored twice in this one.)
     async fn within<F: Future>(&self, limit: Duration, work: Pin<&mut F>) -> Option<F::Output> {
         let deadline = tokio::time::Instant::now() + limit;
-        let kept = self.lock_timer().take();
+        let kept = lock(&self.upstream_timer).take();
         let mut timer = match kept {
             Some(mut timer) => {
                 timer.as_mut().reset(deadline);
@@ -542,15 +542,8 @@ impl Conn {
             output = work => output,
             () = timer.as_mut() => return None,
         };
-        *self.lock_timer() = Some(timer);
+        *lock(&self.upstream_timer) = Some(timer);
         Some(output)
-    }
-
-    fn lock_timer(&self) -> std::sync::MutexGuard<'_, Option<Pin<Box<tokio::time::Sleep>>>> {
-        // Only ever swapped whole: consistent even if a holder panicked.
-        self.upstream_timer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -64,7 +64,7 @@ impl Pool {
 
     /// The most recently used idle connection to `addr` that is still open.
     pub(super) fn take_idle(&self, addr: SocketAddr) -> Option<Connection> {
-        let mut idle = self.lock();
+        let mut idle = super::lock(&self.idle);
         let list = idle.get_mut(&addr)?;
         while let Some(idle) = list.pop() {
             if idle.conn.is_open() {
@@ -79,7 +79,7 @@ impl Pool {
         if !conn.read.is_empty() {
             return;
         }
-        let mut idle = self.lock();
+        let mut idle = super::lock(&self.idle);
         let list = idle.entry(addr).or_default();
         if list.len() < self.max_idle {
             list.push(Idle {
@@ -103,13 +103,6 @@ impl Pool {
             write: Vec::new(),
         })
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Vec<Idle>>> {
-        // Every change is one push or pop: the map stays consistent even if a holder panicked.
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// Closes the connections idle for longer than the idle timeout, until the pool is gone.
@@ -123,7 +116,7 @@ async fn sweep(pool: Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        pool.lock().retain(|_, list| {
+        super::lock(&pool.idle).retain(|_, list| {
             list.retain(|idle| idle.since.elapsed() < pool.idle_timeout);
             !list.is_empty()
         });
