@@ -109,12 +109,7 @@ impl RequestHead {
         bytes.push(b' ');
         bytes.extend_from_slice(target.as_bytes());
         bytes.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in headers {
-            bytes.extend_from_slice(name.as_str().as_bytes());
-            bytes.extend_from_slice(b": ");
-            bytes.extend_from_slice(value.as_bytes());
-            bytes.extend_from_slice(b"\r\n");
-        }
+        put_fields(&mut bytes, headers);
         if chunked {
             bytes.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
@@ -270,16 +265,23 @@ async fn write_body(
     if chunked {
         out.clear();
         out.extend_from_slice(b"0\r\n");
-        for (name, value) in trailers.iter().flatten() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        if let Some(trailers) = &trailers {
+            put_fields(out, trailers);
         }
         out.extend_from_slice(b"\r\n");
         to.write_all(out).await.map_err(Failure::write)?;
     }
     Ok(())
+}
+
+/// Writes `fields` as header (or trailer) lines.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Reads one response head into `map` (header values share the bytes read); returns its status
@@ -547,15 +549,18 @@ impl ResponseBody {
                     // response's `Trailer` header names, to a client that said `TE: trailers`).
                     Some(end) => {
                         let line = conn.read.split_to(end + 2);
-                        let field = line[..end].split(|&b| b == b':').collect::<Vec<_>>();
-                        if let [name, value @ ..] = &field[..] {
-                            let value = value.join(&b':');
-                            let name = HeaderName::from_bytes(name.trim_ascii());
-                            let value = HeaderValue::from_bytes(value.trim_ascii());
-                            if let (Ok(name), Ok(value)) = (name, value) {
-                                if self.trailers.len() < MAX_HEADERS {
-                                    self.trailers.append(name, value);
-                                }
+                        let field = &line[..end];
+                        // Name and value split at the first colon (a line without one is a
+                        // name with an empty value).
+                        let (name, value) = match field.iter().position(|&b| b == b':') {
+                            Some(colon) => (&field[..colon], &field[colon + 1..]),
+                            None => (field, &[][..]),
+                        };
+                        let name = HeaderName::from_bytes(name.trim_ascii());
+                        let value = HeaderValue::from_bytes(value.trim_ascii());
+                        if let (Ok(name), Ok(value)) = (name, value) {
+                            if self.trailers.len() < MAX_HEADERS {
+                                self.trailers.append(name, value);
                             }
                         }
                         Ok(Step::Again)
