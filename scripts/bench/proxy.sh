@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks berth's reverse proxy against Debian's nginx and haproxy, in front of one fast upstream,
 # and prints ONE table: req/s, p50 and p99 with wrk at 50 and 200 connections, medians of ROUNDS runs
-# (default 5) whose order of targets alternates, plus berth/nginx as ratios. It also gives the CPU time
-# the serving process used per request, which other load on the machine disturbs less than req/s.
+# (default 5) whose order of targets alternates, plus berth/nginx: the median of the rounds' ratios
+# (berth and nginx run back to back in each round) and the lowest and highest round. It also gives
+# the CPU time the serving process used per request, which other load disturbs less than req/s.
 #
 # The upstream, the same for every row, is Debian's nginx answering `200 ok` to every request inside a
 # container that berth's embedded runtime runs in its own network namespace on a bridge of its own
@@ -174,10 +175,18 @@ for c in 50 200; do
         printf '%-22s %6s %12s %10s %10s %12s\n' "$label" "$c" "$(median "$dir/$name-$c" 1)" \
             "$(median "$dir/$name-$c" 2)" "$(median "$dir/$name-$c" 3)" "$(median "$dir/$name-$c" 4)"
     done
-    awk -v c="$c" -v br="$(median "$dir/berth-$c" 1)" -v nr="$(median "$dir/nginx-$c" 1)" \
-        -v bp="$(median "$dir/berth-$c" 3)" -v np="$(median "$dir/nginx-$c" 3)" \
-        -v bc="$(median "$dir/berth-$c" 4)" -v nc="$(median "$dir/nginx-$c" 4)" \
-        'BEGIN { printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, br / nr, "", bp / np, bc / nc }'
+    # berth and nginx run back to back in each round, so a round's ratio leaves out the slow
+    # drift of a shared machine; the median round and the lowest and highest are printed.
+    paste -d' ' "$dir/berth-$c" "$dir/nginx-$c" | awk -v c="$c" '
+        function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t } }
+        { n++; rps[n] = $1 / $5; p99[n] = $3 / $7; cpu[n] = $4 / $8 }
+        END {
+            sort(rps, n); sort(p99, n); sort(cpu, n); m = int((n + 1) / 2)
+            printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, rps[m], "", p99[m], cpu[m]
+            printf "%-22s %6s %12s %10s %10s %12s\n", "  lowest-highest round", c,
+                sprintf("%.2f-%.2f", rps[1], rps[n]), "", sprintf("%.2f-%.2f", p99[1], p99[n]),
+                sprintf("%.2f-%.2f", cpu[1], cpu[n])
+        }'
 done
-echo "(medians of $ROUNDS runs of $DURATION each; upstream: nginx returning 200 ok in a berth container at $UP)"
+echo "(medians of $ROUNDS runs of $DURATION each, berth/nginx the median of the rounds' ratios; upstream: nginx returning 200 ok in a berth container at $UP)"
 echo "(load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores)"
