@@ -85,6 +85,9 @@ def memory_limit():
 
 
 ThreadingHTTPServer.daemon_threads = True
+# socketserver's listen backlog is 5: the proxy's first connections to a new container overflowed
+# it, and each dropped SYN was retried a second later.
+ThreadingHTTPServer.request_queue_size = 128
 server = ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print("listening", flush=True)
