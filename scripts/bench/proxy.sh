@@ -162,8 +162,14 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
+column() { # FILE COLUMN: that column's values, ascending
+    sort -n -k"$2" "$1" | awk -v col="$2" '{ print $col }'
+}
 median() { # FILE COLUMN
-    sort -n -k"$2" "$1" | awk -v col="$2" '{ v[NR] = $col } END { print v[int((NR + 1) / 2)] }'
+    column "$1" "$2" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+range() { # FILE COLUMN: lowest-highest
+    column "$1" "$2" | awk '{ v[NR] = $1 } END { printf "%.2f-%.2f", v[1], v[NR] }'
 }
 printf '%-22s %6s %12s %10s %10s %12s\n' target conns 'req/s' 'p50 ms' 'p99 ms' 'CPU us/req'
 for c in 50 200; do
@@ -177,16 +183,13 @@ for c in 50 200; do
     done
     # berth and nginx run back to back in each round, so a round's ratio leaves out the slow
     # drift of a shared machine; the median round and the lowest and highest are printed.
-    paste -d' ' "$dir/berth-$c" "$dir/nginx-$c" | awk -v c="$c" '
-        function sort(a, n,   i, j, t) { for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t } }
-        { n++; rps[n] = $1 / $5; p99[n] = $3 / $7; cpu[n] = $4 / $8 }
-        END {
-            sort(rps, n); sort(p99, n); sort(cpu, n); m = int((n + 1) / 2)
-            printf "%-22s %6s %12.2f %10s %10.2f %12.2f\n", "berth/nginx", c, rps[m], "", p99[m], cpu[m]
-            printf "%-22s %6s %12s %10s %10s %12s\n", "  lowest-highest round", c,
-                sprintf("%.2f-%.2f", rps[1], rps[n]), "", sprintf("%.2f-%.2f", p99[1], p99[n]),
-                sprintf("%.2f-%.2f", cpu[1], cpu[n])
-        }'
+    ratios=$dir/berth-nginx-$c
+    paste -d' ' "$dir/berth-$c" "$dir/nginx-$c" |
+        awk '{ printf "%.4f %.4f %.4f\n", $1 / $5, $3 / $7, $4 / $8 }' >"$ratios"
+    printf '%-22s %6s %12.2f %10s %10.2f %12.2f\n' berth/nginx "$c" "$(median "$ratios" 1)" '' \
+        "$(median "$ratios" 2)" "$(median "$ratios" 3)"
+    printf '%-22s %6s %12s %10s %10s %12s\n' '  lowest-highest round' "$c" "$(range "$ratios" 1)" '' \
+        "$(range "$ratios" 2)" "$(range "$ratios" 3)"
 done
 echo "(medians of $ROUNDS runs of $DURATION each, berth/nginx the median of the rounds' ratios; upstream: nginx returning 200 ok in a berth container at $UP)"
 echo "(load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg), on $(nproc) cores)"
