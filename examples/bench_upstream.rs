@@ -114,7 +114,7 @@ impl Bench {
                 readonly: true,
                 idmapped: false,
             }],
-            netns: Some(netns),
+            netns: Some(netns.clone()),
             log: LogTarget::File {
                 path: self.workdir.join("upstream.log"),
                 prefix: "nginx".into(),
@@ -138,7 +138,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        println!("{addr}");
+        println!("{addr} {}", netns.display());
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}

@@ -116,6 +116,11 @@ impl Network {
         }
     }
 
+    /// Container `id`'s network namespace file (while it is attached).
+    pub fn netns(&self, id: &str) -> PathBuf {
+        berth_runtime::network::netns_path(&self.netns_dir, id)
+    }
+
     /// Removes container `id`'s network namespace and frees `ip` (when it had one). Errors are
     /// logged: taking things down must always make progress.
     pub async fn detach(&self, id: &str, ip: Option<Ipv4Addr>) {

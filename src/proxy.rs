@@ -8,8 +8,9 @@
 //! headers, request ids, retries, WebSocket bridging and one access-log line per request
 //! (target `berth::access`), and the ACME HTTP-01 answers `acme` hands it.
 //!
-//! Must not touch the store or the runtime: `deploy` tells it what to route. Upstream
-//! connections are [`pool`]'s, HTTP/1.1 on them [`upstream`]'s.
+//! Must not touch the store or the containers: `deploy` tells it what to route (addresses, and
+//! the namespace to connect from). Upstream connections are [`pool`]'s, HTTP/1.1 on them
+//! [`upstream`]'s.
 
 mod pool;
 mod upstream;
@@ -18,6 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -137,9 +139,27 @@ impl Drop for InFlight {
     }
 }
 
+/// Where the proxy reaches one upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// The network namespace to connect from: a container's own, so the connection to its
+    /// address goes over that namespace's loopback instead of the host's route and the
+    /// container's veth (less work per packet; the app sees its own address as the peer).
+    /// `None`: from the proxy's namespace.
+    pub netns: Option<PathBuf>,
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Self { addr, netns: None }
+    }
+}
+
 /// One upstream of a route.
 struct Upstream {
     addr: SocketAddr,
+    netns: Option<PathBuf>,
     gauge: Arc<Gauge>,
     /// Milliseconds since [`Routes::epoch`] until which the upstream is skipped after it
     /// refused a connection; 0 while it is in the rotation.
@@ -202,9 +222,9 @@ impl Default for Routes {
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 impl Routes {
-    /// Points `host` at `addrs`, replacing what it pointed at. An empty `addrs` keeps the host
+    /// Points `host` at `targets`, replacing what it pointed at. No targets keeps the host
     /// known with no live container: requests wait a moment for one, then get 503.
-    pub fn set(&self, host: &str, addrs: Vec<SocketAddr>) {
+    pub fn set<T: Into<Target>>(&self, host: &str, targets: impl IntoIterator<Item = T>) {
         let host = host.to_ascii_lowercase();
         let mut gauges = lock(&self.gauges);
         let mut table = HashMap::clone(&self.table.load());
@@ -212,12 +232,16 @@ impl Routes {
             .get(&host)
             .map(|route| route.state.clone())
             .unwrap_or_default();
-        let upstreams = addrs
+        let upstreams = targets
             .into_iter()
-            .map(|addr| Upstream {
-                addr,
-                gauge: gauges.entry(addr).or_default().clone(),
-                down_until: AtomicU64::new(0),
+            .map(|target| {
+                let Target { addr, netns } = target.into();
+                Upstream {
+                    addr,
+                    netns,
+                    gauge: gauges.entry(addr).or_default().clone(),
+                    down_until: AtomicU64::new(0),
+                }
             })
             .collect();
         table.insert(
@@ -932,7 +956,14 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         exchange.upstream = Some(upstream.addr);
         exchange.in_flight = Some(InFlight::new(&upstream.gauge));
-        let sent = upstream::send(&self.pool, upstream.addr, head, body, headers);
+        let sent = upstream::send(
+            &self.pool,
+            upstream.addr,
+            upstream.netns.as_deref(),
+            head,
+            body,
+            headers,
+        );
         tokio::pin!(sent);
         match conn.within(self.config.upstream_timeout, sent).await {
             Some(Ok(response)) => {
@@ -1290,7 +1321,7 @@ mod tests {
         routes.set("hello.localhost", vec![b]);
         assert_eq!(routes.get("HELLO.localhost"), vec![b]);
         // Empty keeps the host known (503, not 404).
-        routes.set("hello.localhost", vec![]);
+        routes.set("hello.localhost", Vec::<Target>::new());
         assert!(routes.route("hello.localhost").is_some());
         assert_eq!(pick(&routes, "hello.localhost"), None);
         routes.remove("hello.localhost");
@@ -1336,7 +1367,7 @@ mod tests {
             state.record(StatusCode::from_u16(status).unwrap());
         }
         routes.set("app.localhost", vec![addr("10.0.0.3:5000")]);
-        routes.set("app.localhost", vec![]);
+        routes.set("app.localhost", Vec::<Target>::new());
         let expected = HostStats {
             requests: 6,
             informational: 1,

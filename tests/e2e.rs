@@ -1216,6 +1216,14 @@ fn slow_zero_downtime_changes_crashes_and_restarts() {
     );
     push("c1");
     server.assert_serves(host, "c1/hello\n");
+    // The proxy connects from inside the container's network namespace: the app sees its own
+    // address as the peer, not the gateway the host's connections come from.
+    let (status, peer) = http_get_path(server.http, host, "/peer");
+    let (from, to) = peer.trim().split_once(' ').unwrap_or_default();
+    assert!(
+        status == 200 && !from.is_empty() && from == to,
+        "{status} {peer}"
+    );
 
     // 20 changes in a row under a steady stream of requests, with one long stream open across
     // a change: no request fails, and every answer comes from a release that was live.

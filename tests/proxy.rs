@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::get;
 use axum::Router;
-use berth::proxy::{self, ProxyConfig, Routes};
+use berth::proxy::{self, ProxyConfig, Routes, Target};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
@@ -160,14 +160,22 @@ async fn unknown_host_404_no_upstream_503_refused_502_slow_504() {
         }),
     ))
     .await;
-    proxy.routes.set("empty.localhost", vec![]);
+    proxy.routes.set("empty.localhost", Vec::<Target>::new());
     proxy.routes.set("refused.localhost", vec![refused().await]);
     proxy.routes.set("slow.localhost", vec![slow]);
+    // An upstream to connect to from a network namespace that is gone (its container was
+    // removed) is as unreachable as one that refuses.
+    let gone = Target {
+        addr: echo("gone").await,
+        netns: Some("/run/berth-test-no-such-netns".into()),
+    };
+    proxy.routes.set("gone.localhost", [gone]);
 
     let cases = [
         ("nobody.localhost", StatusCode::NOT_FOUND),
         ("empty.localhost", StatusCode::SERVICE_UNAVAILABLE),
         ("refused.localhost", StatusCode::BAD_GATEWAY),
+        ("gone.localhost", StatusCode::BAD_GATEWAY),
         ("slow.localhost", StatusCode::GATEWAY_TIMEOUT),
     ];
     for (host, expected) in cases {
@@ -197,7 +205,7 @@ async fn a_request_waits_for_an_upstream_to_be_set() {
         ..config()
     })
     .await;
-    proxy.routes.set("app.localhost", vec![]);
+    proxy.routes.set("app.localhost", Vec::<Target>::new());
     let waiting = tokio::spawn(get_from(proxy.addr, "app.localhost"));
     let up = echo("up").await;
     proxy.routes.set("app.localhost", vec![up]);
@@ -724,7 +732,7 @@ async fn disconnecting_an_upstream_closes_its_websockets() {
     .await;
     proxy.routes.set("ws.localhost", vec![upstream]);
     let mut ws = websocket_client(proxy.addr, "hi").await;
-    proxy.routes.set("ws.localhost", vec![]);
+    proxy.routes.set("ws.localhost", Vec::<Target>::new());
     proxy.routes.disconnect(upstream);
     websocket_ends(&mut ws, "its upstream was disconnected").await;
     tokio::time::timeout(WAIT, closed_rx)
@@ -819,7 +827,7 @@ async fn wait_idle_returns_once_a_slow_request_finished() {
     let release = arrived.recv().await.unwrap();
     assert_eq!(proxy.routes.in_flight(upstream), 1);
     // A deploy swaps the route away, then drains the old upstream.
-    proxy.routes.set("app.localhost", vec![]);
+    proxy.routes.set("app.localhost", Vec::<Target>::new());
     assert!(
         !proxy
             .routes

@@ -9,20 +9,28 @@
 //! "bridge" device only holds the gateway address (it has no ports). A Linux bridge takes at
 //! most 1024 ports, which would cap a server near 1000 containers; routes have no such cap,
 //! and containers share no layer-2 segment (no ARP between them: they cannot reach each
-//! other, nor spoof one another's address to the host). Each container costs one route. Switching namespaces happens only on dedicated std threads, never on a tokio
-//! worker. Touches only the links, addresses and namespaces it is named.
+//! other, nor spoof one another's address to the host). Each container costs one route.
+//!
+//! [`NetnsSockets`] makes TCP sockets inside a container's namespace, for the host's proxy: a
+//! connection from such a socket to the container's own address never leaves the namespace.
+//!
+//! Switching namespaces happens only on dedicated std threads, never on a tokio worker.
+//! Touches only the links, addresses and namespaces it is named.
 
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex, PoisonError};
 
 use futures::TryStreamExt;
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tokio::net::TcpSocket;
+use tokio::sync::oneshot;
 
 use crate::Error;
 
@@ -76,7 +84,7 @@ pub async fn create_netns(
 ) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(netns_dir)
         .map_err(Error::io(format!("creating {}", netns_dir.display())))?;
-    let path = netns_dir.join(id);
+    let path = netns_path(netns_dir, id);
     let ns_path = path.clone();
     on_thread(move || new_netns(&ns_path)).await?;
     let wired = wire(&path, id, bridge, ip, prefix_len, gateway).await;
@@ -89,11 +97,16 @@ pub async fn create_netns(
     Ok(path)
 }
 
+/// Where [`create_netns`] puts container `id`'s namespace file.
+pub fn netns_path(netns_dir: &Path, id: &str) -> PathBuf {
+    netns_dir.join(id)
+}
+
 /// Deletes container `id`'s veth pair and network namespace file. Idempotent.
 pub async fn delete_netns(netns_dir: &Path, id: &str) -> Result<(), Error> {
     let handle = connect()?;
     delete_link(&handle, &veth_names(id).0).await?;
-    let path = netns_dir.join(id);
+    let path = netns_path(netns_dir, id);
     match umount2(&path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
         Err(err) => return Err(Error::sys(format!("unmounting {}", path.display()))(err)),
@@ -257,6 +270,85 @@ fn in_netns(path: &Path, work: impl Future<Output = Result<(), Error>>) -> Resul
         .build()
         .map_err(Error::io("starting a runtime inside the namespace"))?
         .block_on(work)
+}
+
+/// Makes TCP sockets inside network namespaces other than the caller's. A socket stays in the
+/// namespace it was made in wherever it is used, so a connection from one made in a container's
+/// namespace to the container's own address goes over that namespace's loopback: no veth, no
+/// host route or firewall on the way, and the container sees its own address as the peer.
+///
+/// The switching happens on one thread of its own, started on first use, which does nothing
+/// else: it enters the namespace, makes the socket and goes back before it takes the next job.
+/// Should it ever fail to go back, it ends, and the next call starts a new one.
+#[derive(Default)]
+pub struct NetnsSockets {
+    jobs: Mutex<Option<mpsc::Sender<SocketJob>>>,
+}
+
+struct SocketJob {
+    netns: PathBuf,
+    ipv6: bool,
+    made: oneshot::Sender<std::io::Result<TcpSocket>>,
+}
+
+impl NetnsSockets {
+    /// A new TCP socket (non-blocking, close-on-exec) inside the network namespace at `netns`
+    /// (a namespace file such as [`create_netns`] makes), IPv6 when `ipv6`, to be connected or
+    /// bound from any thread.
+    pub async fn tcp(&self, netns: &Path, ipv6: bool) -> std::io::Result<TcpSocket> {
+        let (made, socket) = oneshot::channel();
+        self.submit(SocketJob {
+            netns: netns.to_path_buf(),
+            ipv6,
+            made,
+        })?;
+        socket.await.unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread making sockets in network namespaces ended",
+            ))
+        })
+    }
+
+    /// Hands `job` to the thread, starting one if there is none or the last one ended.
+    fn submit(&self, job: SocketJob) -> std::io::Result<()> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let job = match jobs.as_ref() {
+            Some(sender) => match sender.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (sender, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns-sockets".into())
+            .spawn(move || make_sockets(receiver))?;
+        // A new thread ends only after a job it took, so this one is still there.
+        let _ = sender.send(job);
+        *jobs = Some(sender);
+        Ok(())
+    }
+}
+
+/// The body of [`NetnsSockets`]' thread: one socket per job, each made inside the job's
+/// namespace, the thread back in its own one before the next job.
+fn make_sockets(jobs: mpsc::Receiver<SocketJob>) {
+    let Ok(home) = File::open("/proc/thread-self/ns/net") else {
+        return; // the job's caller is told that the thread ended
+    };
+    for job in jobs {
+        let made = File::open(&job.netns)
+            .and_then(|ns| Ok(nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?))
+            .and_then(|()| match job.ipv6 {
+                true => TcpSocket::new_v6(),
+                false => TcpSocket::new_v4(),
+            });
+        let back = nix::sched::setns(&home, CloneFlags::CLONE_NEWNET);
+        let _ = job.made.send(made);
+        if back.is_err() {
+            return; // never make another socket in a namespace it did not mean
+        }
+    }
 }
 
 /// Runs `work` on a new std thread (whose namespaces it may change) and awaits its result.

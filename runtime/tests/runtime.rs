@@ -1184,7 +1184,7 @@ fn network_http_routed_and_isolated() {
             .await
             .unwrap()
     });
-    spec.netns = Some(netns);
+    spec.netns = Some(netns.clone());
     fx.runtime.start(&spec).unwrap();
     // Routed, not bridged: its veth is no bridge port, and the host reaches it by a /32 route
     // through that veth.
@@ -1212,6 +1212,32 @@ fn network_http_routed_and_isolated() {
         "{body}"
     );
     assert!(body.ends_with("hello from berth\n"), "{body}");
+
+    // A socket made in its namespace reaches it there, from its own address; the host's
+    // connections come from the gateway. A namespace that is not there is an error, and the
+    // sockets' thread goes on.
+    let sockets = network::NetnsSockets::default();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let missing = sockets.tcp(&netns_dir.join("none"), false).await;
+        assert!(
+            missing.is_err(),
+            "a socket in a namespace that is not there"
+        );
+        for _ in 0..2 {
+            let socket = sockets.tcp(&netns, false).await.unwrap();
+            let mut stream = socket.connect(addr).await.unwrap();
+            assert_eq!(stream.local_addr().unwrap().ip(), ip);
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.ends_with("hello from berth\n"), "{answer}");
+        }
+    });
+    assert_eq!(
+        TcpStream::connect(addr).unwrap().local_addr().unwrap().ip(),
+        gateway
+    );
 
     // Another container cannot reach it: containers share no link, and the host drops what
     // one sends to another.

@@ -7,8 +7,12 @@
 #
 # The upstream, the same for every row, is Debian's nginx answering `200 ok` to every request inside a
 # container that berth's embedded runtime runs in its own network namespace on a bridge of its own
-# (examples/bench_upstream.rs), as `berth server` runs an app: wrk, berth, nginx and haproxy all
-# reach it over the bridge. What each side gets: every proxy runs ONE worker thread — nginx
+# (examples/bench_upstream.rs), as `berth server` runs an app. wrk, nginx and haproxy reach it
+# from the host, over the host's route and the container's veth (as Dokku's nginx reaches a
+# container over Docker's bridge); berth, as `berth server` does, connects from inside the
+# container's network namespace, where the connection to its address stays on that namespace's
+# loopback. A second berth row, "berth over the veth", connects from the host like the others,
+# to show what that path is worth. What each side gets: every proxy runs ONE worker thread — nginx
 # `worker_processes 1`, haproxy `nbthread 1`, berth a current-thread tokio runtime
 # (examples/proxy_bench.rs, `proxy::run` with berth's default settings; `berth server` itself
 # runs one tokio worker per core) — keeps upstream connections alive and writes no access log
@@ -27,7 +31,7 @@ cd "$(dirname "$0")/../.."
 
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5s}
-BERTH=18081 NGINX=18082 HAPROXY=18083
+BERTH=18081 NGINX=18082 HAPROXY=18083 BERTH_VETH=18084
 
 missing=()
 for tool in nginx haproxy wrk; do command -v "$tool" >/dev/null || missing+=("$tool"); done
@@ -49,14 +53,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 
-# The upstream container; it prints its address once nginx in it answers.
+# The upstream container; it prints its address and its netns once nginx in it answers.
 target/release/examples/bench_upstream "$dir/upstream" >"$dir/upstream.addr" 2>"$dir/upstream.err" &
 pids+=($!)
 for _ in $(seq 200); do
     [ -s "$dir/upstream.addr" ] || ! kill -0 "${pids[0]}" 2>/dev/null && break
     sleep 0.1
 done
-UP=$(cat "$dir/upstream.addr")
+read -r UP NETNS <"$dir/upstream.addr" || true
 [ -n "$UP" ] || { echo "error: the upstream container did not start: $(cat "$dir/upstream.err")" >&2; exit 1; }
 
 nginx_conf() { # NAME PORT SERVER_BLOCK_BODY [HTTP_EXTRA]
@@ -118,11 +122,15 @@ declare -A worker # the process that serves each target, whose CPU time is measu
 nginx -e "$dir/nginx.err" -c "$dir/nginx.conf" & pids+=($!)
 haproxy -f "$dir/haproxy.cfg" 2>"$dir/haproxy.err" & pids+=($!)
 worker[haproxy]=$!
-target/release/examples/proxy_bench 127.0.0.1:$BERTH "$UP" & pids+=($!)
+target/release/examples/proxy_bench 127.0.0.1:$BERTH "$UP" "$NETNS" & pids+=($!)
 worker[berth]=$!
+target/release/examples/proxy_bench 127.0.0.1:$BERTH_VETH "$UP" & pids+=($!)
+worker[berth-veth]=$!
 declare -A url=([direct]="http://$UP/" [berth]="http://127.0.0.1:$BERTH/"
-    [nginx]="http://127.0.0.1:$NGINX/" [haproxy]="http://127.0.0.1:$HAPROXY/")
-for name in direct berth nginx haproxy; do
+    [nginx]="http://127.0.0.1:$NGINX/" [haproxy]="http://127.0.0.1:$HAPROXY/"
+    [berth-veth]="http://127.0.0.1:$BERTH_VETH/")
+names=(direct berth nginx haproxy berth-veth)
+for name in "${names[@]}"; do
     for _ in $(seq 100); do
         curl -fs -H 'Host: bench.localhost' "${url[$name]}" >/dev/null && break
         sleep 0.1
@@ -150,10 +158,9 @@ measure() { # NAME CONNECTIONS
 }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-names=(direct berth nginx haproxy)
 for round in $(seq "$ROUNDS"); do
     order=("${names[@]}")
-    ((round % 2 == 0)) && order=(haproxy nginx berth direct)
+    ((round % 2 == 0)) && order=(berth-veth haproxy nginx berth direct)
     for c in 50 200; do
         for name in "${order[@]}"; do
             echo "round $round: $name c=$c" >&2
@@ -174,10 +181,12 @@ range() { # FILE COLUMN: lowest-highest
 printf '%-22s %6s %12s %10s %10s %12s\n' target conns 'req/s' 'p50 ms' 'p99 ms' 'CPU us/req'
 for c in 50 200; do
     for name in "${names[@]}"; do
-        label=$name
-        [ "$name" = direct ] && label='upstream direct'
-        [ "$name" = berth ] || [ "$name" = direct ] || label="$name (1 worker)"
-        [ "$name" = berth ] && label='berth (1 thread)'
+        case $name in
+        direct) label='upstream direct' ;;
+        berth) label='berth (1 thread)' ;;
+        berth-veth) label='berth over the veth' ;;
+        *) label="$name (1 worker)" ;;
+        esac
         printf '%-22s %6s %12s %10s %10s %12s\n' "$label" "$c" "$(median "$dir/$name-$c" 1)" \
             "$(median "$dir/$name-$c" 2)" "$(median "$dir/$name-$c" 3)" "$(median "$dir/$name-$c" 4)"
     done

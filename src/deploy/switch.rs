@@ -12,6 +12,7 @@ use super::container::{self, Dyno};
 use super::{health, DeployError, Deployer, DRAIN_DEADLINE, START_DEADLINE};
 use crate::logs;
 use crate::progress::Progress;
+use crate::proxy::Target;
 use crate::store::{ContainerRow, ContainerState, Release};
 
 /// How long a non-web container must keep running to count as up.
@@ -259,7 +260,7 @@ impl Deployer {
             hosts.iter().for_each(|host| self.routes.remove(host));
             return Ok(());
         };
-        let addrs: Vec<_> = self
+        let targets: Vec<_> = self
             .store
             .containers(Some(app))
             .await?
@@ -270,10 +271,13 @@ impl Deployer {
                     && c.process_type == "web"
                     && container::exit_code(self, &c.id).is_none()
             })
-            .map(ContainerRow::addr)
+            .map(|c| Target {
+                addr: c.addr(),
+                netns: Some(self.network.netns(&c.id)),
+            })
             .collect();
         for host in &hosts {
-            self.routes.set(host, addrs.clone());
+            self.routes.set(host, targets.clone());
             let redirect = covering(host).is_some_and(|c| c.redirect_https);
             self.routes
                 .redirect_https(host, self.https_port.filter(|_| redirect));

@@ -1,19 +1,23 @@
 //! Keep-alive TCP connections to upstreams, pooled per address.
 //!
-//! Owns: connecting to an upstream (connect timeout, TCP_NODELAY) and the idle connections kept
-//! per address (at most `max_idle`, closed after `idle_timeout`, and never handed out again once
-//! the upstream closed them or sent bytes nobody asked for). A connection is lent out whole,
-//! with its read buffer, and comes back through [`Pool::put_back`]; HTTP on it is
-//! [`super::upstream`]'s. Must not know about routes, hosts, headers or HTTP.
+//! Owns: connecting to an upstream (connect timeout, TCP_NODELAY; from inside the upstream's
+//! network namespace when it has one, with a socket the runtime's [`NetnsSockets`] makes there)
+//! and the idle connections kept per address (at most `max_idle`, closed after `idle_timeout`,
+//! and never handed out again once the upstream closed them or sent bytes nobody asked for). A
+//! connection is lent out whole, with its read buffer, and comes back through
+//! [`Pool::put_back`]; HTTP on it is [`super::upstream`]'s. Must not know about routes, hosts,
+//! headers or HTTP.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use berth_runtime::network::NetnsSockets;
 use bytes::BytesMut;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -39,6 +43,7 @@ pub(super) struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
+    netns_sockets: NetnsSockets,
 }
 
 struct Idle {
@@ -57,6 +62,7 @@ impl Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
+            netns_sockets: NetnsSockets::default(),
         });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
@@ -89,9 +95,21 @@ impl Pool {
         }
     }
 
-    /// A new connection to `addr`, within the connect timeout.
-    pub(super) async fn connect(&self, addr: SocketAddr) -> io::Result<Connection> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+    /// A new connection to `addr`, from inside `netns` when given, within the connect timeout.
+    pub(super) async fn connect(
+        &self,
+        addr: SocketAddr,
+        netns: Option<&Path>,
+    ) -> io::Result<Connection> {
+        let connect = async {
+            let socket = match netns {
+                Some(netns) => self.netns_sockets.tcp(netns, addr.is_ipv6()).await?,
+                None if addr.is_ipv6() => TcpSocket::new_v6()?,
+                None => TcpSocket::new_v4()?,
+            };
+            socket.connect(addr).await
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if let Err(err) = stream.set_nodelay(true) {

@@ -15,6 +15,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
@@ -122,13 +123,14 @@ impl RequestHead {
     }
 }
 
-/// Sends `head` and `body` to `addr` on an idle pooled connection, or a new one when there is
-/// none or the idle one turns out closed before anything was answered (and the body can be
+/// Sends `head` and `body` to `addr` on an idle pooled connection, or a new one (made in
+/// `netns` when given) when there is none or the idle one turns out closed before anything was answered (and the body can be
 /// sent again), and reads the response head into `headers` (an empty map whose allocation it
 /// reuses: the request's, once encoded).
 pub(super) async fn send(
     pool: &Arc<Pool>,
     addr: SocketAddr,
+    netns: Option<&Path>,
     head: &RequestHead,
     mut body: UpstreamBody,
     mut headers: HeaderMap,
@@ -138,7 +140,7 @@ pub(super) async fn send(
             Some(conn) => (conn, true),
             None => {
                 // Boxed, as the body below: a rare path kept out of every request's future.
-                let conn = (Box::pin(pool.connect(addr)).await)
+                let conn = (Box::pin(pool.connect(addr, netns)).await)
                     .map_err(|source| SendError::Connect { addr, source })?;
                 (conn, false)
             }

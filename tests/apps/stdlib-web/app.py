@@ -33,6 +33,9 @@ class Handler(BaseHTTPRequestHandler):
             status, body = 200, b"%d bytes\n" % len(hog)
         elif os.environ.get("FAIL"):
             status, body = 500, b"broken\n"
+        elif self.path == "/peer":
+            # Who connected, and to which of the container's addresses.
+            status, body = 200, ("%s %s\n" % (self.client_address[0], self.connection.getsockname()[0])).encode()
         elif self.path == "/health":
             status, body = 200, b"healthy\n"
         else:
