@@ -323,7 +323,8 @@ impl NetnsSockets {
         std::thread::Builder::new()
             .name("netns-sockets".into())
             .spawn(move || make_sockets(receiver))?;
-        // A new thread ends only after a job it took, so this one is still there.
+        // Should the new thread have ended already (it could not open its own namespace), the
+        // send fails and drops the job, which tells the caller.
         let _ = sender.send(job);
         *jobs = Some(sender);
         Ok(())

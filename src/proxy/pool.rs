@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use berth_runtime::network::NetnsSockets;
 use bytes::BytesMut;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -102,12 +102,13 @@ impl Pool {
         netns: Option<&Path>,
     ) -> io::Result<Connection> {
         let connect = async {
-            let socket = match netns {
-                Some(netns) => self.netns_sockets.tcp(netns, addr.is_ipv6()).await?,
-                None if addr.is_ipv6() => TcpSocket::new_v6()?,
-                None => TcpSocket::new_v4()?,
-            };
-            socket.connect(addr).await
+            match netns {
+                Some(netns) => {
+                    let socket = self.netns_sockets.tcp(netns, addr.is_ipv6()).await?;
+                    socket.connect(addr).await
+                }
+                None => TcpStream::connect(addr).await,
+            }
         };
         let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await

@@ -124,9 +124,9 @@ impl RequestHead {
 }
 
 /// Sends `head` and `body` to `addr` on an idle pooled connection, or a new one (made in
-/// `netns` when given) when there is none or the idle one turns out closed before anything was answered (and the body can be
-/// sent again), and reads the response head into `headers` (an empty map whose allocation it
-/// reuses: the request's, once encoded).
+/// `netns` when given) when there is none or the idle one turns out closed before anything was
+/// answered (and the body can be sent again), and reads the response head into `headers` (an
+/// empty map whose allocation it reuses: the request's, once encoded).
 pub(super) async fn send(
     pool: &Arc<Pool>,
     addr: SocketAddr,
